@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.checkpoint_every_steps = 10_000
   training.keep_checkpoints = 3
   training.async_checkpointing = True
+  training.cond_drop_prob = 0.0        # Labels dropped to the null class (classifier-free guidance).
 
   # ---------------------------------------------------------------- sampling
   config.sample = sample = ml_collections.ConfigDict()

@@ -1,0 +1,27 @@
+"""A tiny config for tests and debugging: trains and samples in seconds on one CPU core.
+
+  python main.py --config=configs/tiny.py --workdir=/tmp/tiny
+"""
+
+from configs import digits
+
+
+def get_config():
+  config = digits.get_config()
+  config.model.ch = 16
+  config.model.num_groups = 8
+  config.model.ch_mult = (1, 2)
+  config.model.attn_resolutions = (4,)
+  config.diffusion.num_timesteps = 100
+  config.optim.warmup_steps = 10
+  config.training.batch_size = 16
+  config.training.num_train_steps = 6
+  config.training.log_every_steps = 2
+  config.training.sample_every_steps = 3
+  config.training.checkpoint_every_steps = 3
+  config.training.num_grid_samples = 16
+  config.training.async_checkpointing = False
+  config.sample.steps = 5
+  config.sample.num_samples = 24
+  config.sample.batch_size = 16
+  return config

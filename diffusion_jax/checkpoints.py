@@ -1,0 +1,72 @@
+"""Checkpoints with orbax: save the whole train state every N steps, keep K, restore the newest.
+
+Checkpoints live in `<workdir>/checkpoints/<step>/` (the workdir may be a gs:// path). Saving is
+asynchronous: training continues while the arrays are written, and a checkpoint only appears
+under its final name once it is complete. Restoring places each array straight onto the
+sharding of the abstract state it is given, so a run can resume on another device count.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+PyTree = Any
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / 'checkpoints'
+
+
+def latest_step_on_disk(workdir: str) -> int:
+  """The newest finished checkpoint step in `workdir` (0 if none), read without orbax or writes."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return 0
+  return max([int(p.name) for p in directory.iterdir() if p.name.isdigit()], default=0)
+
+
+def create_manager(workdir: str, keep: int = 3, async_save: bool = True,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """An orbax CheckpointManager over `<workdir>/checkpoints` keeping the newest `keep`."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree) -> None:
+  """Starts saving `state` as checkpoint `step` (returns before the write ends if async)."""
+  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def abstract_like(state: PyTree) -> PyTree:
+  """ShapeDtypeStructs with the shardings of `state`: the target layout of a restore."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      if isinstance(x, jax.Array) else x, state)
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: PyTree
+                   ) -> Tuple[Optional[PyTree], Optional[int]]:
+  """Restores the newest readable checkpoint onto `target`'s shapes and shardings.
+
+  `target` is a state or its `abstract_like`. Returns (state, step), or (None, None) when
+  there is no checkpoint. A newest checkpoint that cannot be read (corrupt, half-written) is
+  skipped with a warning and the one before it is used.
+  """
+  abstract = abstract_like(target)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint %d in %s cannot be restored (%s: %s); trying an older one.',
+                      step, manager.directory, type(e).__name__, e)
+  if manager.all_steps():
+    raise ValueError(f'No checkpoint in {manager.directory} could be restored; see the warnings '
+                     'above. Move the directory away to start over.')
+  return None, None

@@ -1,0 +1,238 @@
+"""The diffusion math: noise schedules, the forward process, posteriors and the training loss.
+
+Everything here is a pure function over a `Schedule` pytree and never touches the network, so it
+can be tested against closed forms and reused by every sampler. All schedule quantities are
+computed in float64 with NumPy and stored as float32, and every function casts its inputs to
+float32, whatever dtype the network computes in.
+
+Notation (Ho et al. 2020): beta_t, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, with
+t = 0 .. T-1 indexing the arrays (index 0 is the first noising step).
+
+  q(x_t | x_0)       = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+  q(x_{t-1} | x_t, x_0) = N(c1_t x_0 + c2_t x_t, beta~_t I),
+      c1_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t),  c2_t = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t),
+      beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t),  with abar_{-1} = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BETA_SCHEDULES = ('linear', 'cosine', 'scaled_linear', 'sigmoid')
+PREDICTION_TYPES = ('epsilon', 'x0', 'v')
+LOSS_WEIGHTINGS = ('simple', 'min_snr')
+
+
+@flax.struct.dataclass
+class Schedule:
+  """Per-timestep constants of a discrete diffusion process; every field is float32 [T]."""
+  betas: jax.Array
+  alphas_cumprod: jax.Array
+  alphas_cumprod_prev: jax.Array
+  sqrt_alphas_cumprod: jax.Array
+  sqrt_one_minus_alphas_cumprod: jax.Array
+  posterior_variance: jax.Array
+  posterior_log_variance_clipped: jax.Array
+  posterior_mean_coef1: jax.Array
+  posterior_mean_coef2: jax.Array
+
+  @property
+  def num_timesteps(self) -> int:
+    return self.betas.shape[0]
+
+
+def beta_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4,
+                  beta_end: float = 0.02) -> np.ndarray:
+  """Returns float64 betas [T] of a named schedule.
+
+  linear: Ho et al.; scaled_linear: linear in sqrt(beta) (Stable Diffusion);
+  cosine: Nichol & Dhariwal, abar(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008, betas <= 0.999;
+  sigmoid: beta_start + (beta_end - beta_start) * sigmoid(linspace(-6, 6, T)).
+  """
+  if name == 'linear':
+    return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+  if name == 'scaled_linear':
+    return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64)**2
+  if name == 'cosine':
+    return cosine_betas(num_timesteps)
+  if name == 'sigmoid':
+    x = np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)
+    return beta_start + (beta_end - beta_start) / (1.0 + np.exp(-x))
+  raise ValueError(f'diffusion.beta_schedule={name!r} is unknown; use one of {BETA_SCHEDULES}.')
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+  """Betas of the cosine schedule: beta_i = min(1 - abar((i+1)/T) / abar(i/T), max_beta)."""
+  def abar(u):
+    return math.cos((u + s) / (1 + s) * math.pi / 2)**2
+  return np.array([
+      min(1.0 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), max_beta)
+      for i in range(num_timesteps)
+  ], dtype=np.float64)
+
+
+def schedule_from_betas(betas: np.ndarray) -> Schedule:
+  """Builds a `Schedule` from betas [T] (computed in float64, stored as float32)."""
+  betas = np.asarray(betas, dtype=np.float64)
+  if betas.ndim != 1 or np.any(betas <= 0) or np.any(betas >= 1):
+    raise ValueError('betas must be a 1-D array with every value in (0, 1).')
+  alphas = 1.0 - betas
+  abar = np.cumprod(alphas)
+  abar_prev = np.append(1.0, abar[:-1])
+  post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+  # beta~_0 = 0; the log uses beta~_1 there, as guided-diffusion does, to stay finite.
+  post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(betas)
+  f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
+  return Schedule(
+      betas=f32(betas),
+      alphas_cumprod=f32(abar),
+      alphas_cumprod_prev=f32(abar_prev),
+      sqrt_alphas_cumprod=f32(np.sqrt(abar)),
+      sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - abar)),
+      posterior_variance=f32(post_var),
+      posterior_log_variance_clipped=f32(post_log_var),
+      posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
+      posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)),
+  )
+
+
+def make_schedule(diffusion_config) -> Schedule:
+  """The schedule described by `config.diffusion`."""
+  return schedule_from_betas(beta_schedule(
+      diffusion_config.beta_schedule, diffusion_config.num_timesteps,
+      diffusion_config.beta_start, diffusion_config.beta_end))
+
+
+def extract(values: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+  """values[t] for a scalar or per-example t [B], shaped to broadcast against a rank-`ndim` batch."""
+  out = jnp.take(values, jnp.asarray(t, jnp.int32))
+  return out.reshape(out.shape + (1,) * (ndim - out.ndim))
+
+
+def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array
+                   ) -> Tuple[jax.Array, jax.Array]:
+  """Mean and variance of q(x_t | x_0)."""
+  x0 = x0.astype(jnp.float32)
+  mean = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
+  var = extract(1.0 - schedule.alphas_cumprod, t, x0.ndim)
+  return mean, jnp.broadcast_to(var, x0.shape)
+
+
+def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+  """Draws x_t ~ q(x_t | x_0) given standard normal `noise`: sqrt(abar) x0 + sqrt(1-abar) noise."""
+  x0 = x0.astype(jnp.float32)
+  return (extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0 +
+          extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise.astype(jnp.float32))
+
+
+def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array
+               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+  x0, x_t = x0.astype(jnp.float32), x_t.astype(jnp.float32)
+  mean = (extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x0 +
+          extract(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t)
+  var = jnp.broadcast_to(extract(schedule.posterior_variance, t, x_t.ndim), x_t.shape)
+  log_var = jnp.broadcast_to(
+      extract(schedule.posterior_log_variance_clipped, t, x_t.ndim), x_t.shape)
+  return mean, var, log_var
+
+
+def x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+  """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
+  return ((x_t - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * eps) /
+          extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim))
+
+
+def eps_from_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
+  """eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+  return ((x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x0) /
+          extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim))
+
+
+def v_from_x0_eps(schedule: Schedule, t: jax.Array, x0: jax.Array, eps: jax.Array) -> jax.Array:
+  """The velocity target of Salimans & Ho: v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+  return (extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * eps -
+          extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
+
+def x0_eps_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array
+                 ) -> Tuple[jax.Array, jax.Array]:
+  """Inverts v: x0 = sqrt(abar) x_t - sqrt(1-abar) v, eps = sqrt(1-abar) x_t + sqrt(abar) v."""
+  a = extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim)
+  s = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+  return a * x_t - s * v, s * x_t + a * v
+
+
+def x0_eps_from_output(schedule: Schedule, output: jax.Array, x_t: jax.Array, t: jax.Array,
+                       prediction_type: str) -> Tuple[jax.Array, jax.Array]:
+  """Converts a network output of `prediction_type` to the implied (x0, eps)."""
+  output, x_t = output.astype(jnp.float32), x_t.astype(jnp.float32)
+  if prediction_type == 'epsilon':
+    return x0_from_eps(schedule, x_t, t, output), output
+  if prediction_type == 'x0':
+    return output, eps_from_x0(schedule, x_t, t, output)
+  if prediction_type == 'v':
+    return x0_eps_from_v(schedule, x_t, t, output)
+  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+                   f'use one of {PREDICTION_TYPES}.')
+
+
+def training_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
+                    prediction_type: str) -> jax.Array:
+  """What the network is regressed onto for `prediction_type`."""
+  if prediction_type == 'epsilon':
+    return noise
+  if prediction_type == 'x0':
+    return x0
+  if prediction_type == 'v':
+    return v_from_x0_eps(schedule, t, x0, noise)
+  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+                   f'use one of {PREDICTION_TYPES}.')
+
+
+def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+  """Signal-to-noise ratio abar_t / (1 - abar_t)."""
+  abar = jnp.take(schedule.alphas_cumprod, t)
+  return abar / (1.0 - abar)
+
+
+def loss_weight(schedule: Schedule, t: jax.Array, weighting: str, prediction_type: str,
+                min_snr_gamma: float = 5.0) -> jax.Array:
+  """Per-example weight [B] of the MSE on the `prediction_type` target.
+
+  simple: 1 (Ho et al.). min_snr (Hang et al. 2023): the weight that makes the loss equal to
+  min(SNR, gamma) * ||x0 - x0_hat||^2, i.e. min(SNR, gamma) / SNR for epsilon,
+  min(SNR, gamma) for x0 and min(SNR, gamma) / (SNR + 1) for v.
+  """
+  if weighting == 'simple':
+    return jnp.ones(jnp.shape(t), jnp.float32)
+  if weighting != 'min_snr':
+    raise ValueError(f'diffusion.loss_weighting={weighting!r} is unknown; '
+                     f'use one of {LOSS_WEIGHTINGS}.')
+  s = snr(schedule, t)
+  clipped = jnp.minimum(s, min_snr_gamma)
+  if prediction_type == 'epsilon':
+    return clipped / s
+  if prediction_type == 'x0':
+    return clipped
+  if prediction_type == 'v':
+    return clipped / (s + 1.0)
+  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+                   f'use one of {PREDICTION_TYPES}.')
+
+
+def diffusion_loss(schedule: Schedule, output: jax.Array, x0: jax.Array, noise: jax.Array,
+                   t: jax.Array, prediction_type: str, weighting: str = 'simple',
+                   min_snr_gamma: float = 5.0) -> jax.Array:
+  """Per-example weighted mean squared error [B] between `output` and the training target."""
+  target = training_target(schedule, x0.astype(jnp.float32), noise.astype(jnp.float32), t,
+                           prediction_type)
+  mse = jnp.mean(jnp.square(output.astype(jnp.float32) - target),
+                 axis=tuple(range(1, target.ndim)))
+  return loss_weight(schedule, t, weighting, prediction_type, min_snr_gamma) * mse

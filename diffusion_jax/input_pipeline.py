@@ -1,0 +1,473 @@
+"""Input pipeline: tf.data streams of images in [-1, 1], one disjoint part per host.
+
+Three sources are supported, picked by `config.data.dataset`:
+
+* 'digits': scikit-learn's 8x8 handwritten digits (ships with scikit-learn, so it
+  works offline; good for smoke tests and tiny experiments).
+* 'folder': PNG/JPEG files under `config.data.folder` (local or gs://), labelled
+  by the sorted name of their top-level sub-folder when `data.label_key` is set.
+* any other name: a tensorflow-datasets dataset already prepared in
+  `config.data.data_dir`.
+
+Every host reads its own part of the data, builds per-host batches, and
+`global_batches` assembles them into globally sharded `jax.Array`s. TensorFlow is
+only used here (and for summaries), and it is kept off the accelerators.
+"""
+
+from collections.abc import Iterator, Mapping
+import math
+import posixpath
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# TensorFlow only feeds the input pipeline; keep it away from accelerator memory,
+# which belongs to JAX.
+for _device_type in ('GPU', 'TPU'):
+  try:
+    tf.config.set_visible_devices([], _device_type)
+  except (RuntimeError, ValueError):  # Already initialised, or unknown type.
+    pass
+
+_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+_DIGITS_NUM_CLASSES = 10
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _dataset_name(data_config) -> str:
+  return str(data_config.dataset)
+
+
+def _not_prepared_message(data_config) -> str:
+  name = _dataset_name(data_config)
+  data_dir = data_config.get('data_dir', None)
+  dir_flag = f' --data_dir={data_dir}' if data_dir else ''
+  dir_arg = f', data_dir={data_dir!r}' if data_dir else ''
+  return (
+      f'tensorflow-datasets dataset data.dataset={name!r} is not prepared in '
+      f'data.data_dir={data_dir!r}. Prepare it once (needs network access), '
+      f'e.g. `tfds build {name}{dir_flag}` or `python -c "import '
+      f"tensorflow_datasets as tfds; tfds.builder('{name}'{dir_arg})"
+      '.download_and_prepare()"`, or point data.data_dir at a directory '
+      'that holds it.'
+  )
+
+
+def _tfds_builder(data_config) -> tfds.core.DatasetBuilder:
+  """Returns the tfds builder of `data.dataset`, with a clear error if unknown."""
+  try:
+    return tfds.builder(
+        _dataset_name(data_config), data_dir=data_config.get('data_dir', None)
+    )
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(
+        f'Unknown data.dataset={_dataset_name(data_config)!r}: use "digits", '
+        f'"folder" or a tensorflow-datasets name. ({e})'
+    ) from e
+
+
+def _folder_root(data_config) -> str:
+  """Returns `data.folder` after checking that it exists."""
+  root = str(data_config.get('folder', '') or '')
+  if not root:
+    raise ValueError("data.dataset='folder' needs data.folder to be set.")
+  if not tf.io.gfile.isdir(root):
+    raise ValueError(f'data.folder={root!r} does not exist or is not a folder.')
+  return root.rstrip('/') or '/'
+
+
+def _folder_classes(root: str) -> list[str]:
+  """Returns the sorted names of the immediate sub-folders of `root`."""
+  return sorted(
+      name.rstrip('/')
+      for name in tf.io.gfile.listdir(root)
+      if tf.io.gfile.isdir(posixpath.join(root, name.rstrip('/')))
+  )
+
+
+def _folder_examples(data_config) -> tuple[list[str], list[int] | None]:
+  """Lists the image files under `data.folder` (sorted) and their class labels."""
+  root = _folder_root(data_config)
+  paths = []
+  for dirpath, _, filenames in tf.io.gfile.walk(root):
+    for filename in filenames:
+      if filename.lower().endswith(_IMAGE_EXTENSIONS):
+        paths.append(posixpath.join(dirpath, filename))
+  paths.sort()
+  if not paths:
+    raise ValueError(
+        f'data.folder={root!r} holds no images (*.png, *.jpg, *.jpeg).'
+    )
+  if not has_labels(data_config):
+    return paths, None
+  index = {name: i for i, name in enumerate(_folder_classes(root))}
+  labels = []
+  for path in paths:
+    relative = path[len(root):].lstrip('/')
+    top = relative.split('/', 1)[0]
+    if '/' not in relative or top not in index:
+      raise ValueError(
+          f'{path!r} is not inside a class sub-folder of data.folder={root!r}; '
+          "labelled folders (data.label_key != '') need root/<class>/<image>."
+      )
+    labels.append(index[top])
+  return paths, labels
+
+
+def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+  """Converts a float [H, W, C] image to `channels` (1 or 3) channels."""
+  have = image.shape[-1]
+  if have is None:
+    raise ValueError('Images need a static channel count.')
+  if have in (2, 4):  # Drop the alpha channel.
+    image = image[..., : have - 1]
+    have -= 1
+  if have == channels:
+    return image
+  if have == 1 and channels == 3:
+    return tf.tile(image, [1, 1, 3])
+  if have == 3 and channels == 1:
+    return tf.image.rgb_to_grayscale(image)
+  raise ValueError(f'Cannot convert {have}-channel images to {channels}.')
+
+
+def _center_crop_resize(image: tf.Tensor, resolution: int) -> tf.Tensor:
+  """Center-crops a float [H, W, C] image to a square and resizes it.
+
+  Downsampling averages pixel areas (no aliasing, no ringing); upsampling is
+  bilinear. An image already at the target size passes through unchanged.
+  """
+  height, width, channels = image.shape
+  if height is None or width is None:
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+  side = tf.minimum(height, width) if tf.is_tensor(height) or tf.is_tensor(
+      width) else min(height, width)
+  top = (height - side) // 2
+  left = (width - side) // 2
+  image = image[top:top + side, left:left + side]
+
+  size = [resolution, resolution]
+  if isinstance(side, int):  # Static shape: decide while tracing.
+    if side != resolution:
+      method = 'bilinear'
+      image = tf.image.resize(image, size, method)
+  else:  # Area resizing to the same size is the identity.
+    image = tf.cond(
+        side >= resolution,
+        lambda: tf.image.resize(image, size, 'bilinear', antialias=True),
+        lambda: tf.image.resize(image, size, 'bilinear'),
+    )
+  return tf.ensure_shape(image, size + [channels])
+
+
+def _preprocess(image: tf.Tensor, resolution: int, channels: int) -> tf.Tensor:
+  """Returns a float32 [resolution, resolution, channels] image in [0, 255]."""
+  image = tf.cast(image, tf.float32)
+  image = _to_channels(image, channels)
+  image = _center_crop_resize(image, resolution)
+  return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _num_parallel_calls() -> int:
+  return tf.data.AUTOTUNE
+
+
+# ---------------------------------------------------------------- sources
+
+
+def has_labels(data_config) -> bool:
+  """Whether batches carry a 'label' key (digits always; else data.label_key)."""
+  if _dataset_name(data_config) == 'digits':
+    return True
+  return bool(data_config.get('label_key', ''))
+
+
+def num_classes_of(data_config) -> int:
+  """Number of classes of the configured data (0 when it is unlabelled).
+
+  For tfds datasets this reads the builder's metadata (no download); for a
+  folder it counts the class sub-folders.
+  """
+  name = _dataset_name(data_config)
+  if name == 'digits':
+    return _DIGITS_NUM_CLASSES
+  if not has_labels(data_config):
+    return 0
+  if name == 'folder':
+    return len(_folder_classes(_folder_root(data_config)))
+  label_key = data_config.label_key
+  features = _tfds_builder(data_config).info.features
+  if label_key not in features:
+    raise ValueError(
+        f'data.label_key={label_key!r} is not a feature of '
+        f'data.dataset={name!r} (features: {sorted(features.keys())}).'
+    )
+  num_classes = getattr(features[label_key], 'num_classes', None)
+  if num_classes is None:
+    raise ValueError(
+        f'Feature data.label_key={label_key!r} of data.dataset={name!r} is not '
+        'a ClassLabel, so its number of classes is unknown.'
+    )
+  return int(num_classes)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """Returns scikit-learn's digits: uint8 images [1797, 8, 8, 1], int32 labels.
+
+  The 0..16 intensities are rescaled to 0..255 so the digits look like any
+  other 8-bit image dataset to the rest of the pipeline.
+  """
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
+  digits = datasets.load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  return images[..., None], digits.target.astype(np.int32)
+
+
+def _digits_source(process_index: int, process_count: int):
+  """Returns (per-host dataset of {'image', 'label'}, total size)."""
+  images, labels = load_digits()
+  ds = tf.data.Dataset.from_tensor_slices({
+      'image': images[process_index::process_count],
+      'label': labels[process_index::process_count],
+  })
+  return ds, len(images)
+
+
+def _folder_source(data_config, process_index: int, process_count: int):
+  """Returns (per-host dataset of decoded {'image'[, 'label']}, total size)."""
+  paths, labels = _folder_examples(data_config)
+  columns = {'path': paths[process_index::process_count]}
+  if labels is not None:
+    columns['label'] = np.asarray(
+        labels[process_index::process_count], np.int32
+    )
+  # A host may get no file when there are fewer files than hosts; keep dtypes.
+  ds = tf.data.Dataset.from_tensor_slices({
+      k: tf.constant(v, tf.string if k == 'path' else tf.int32)
+      for k, v in columns.items()
+  })
+
+  def decode(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = tf.io.decode_image(
+        tf.io.read_file(example['path']), channels=3, expand_animations=False
+    )
+    out = {'image': tf.ensure_shape(image, [None, None, 3])}
+    if 'label' in example:
+      out['label'] = example['label']
+    return out
+
+  ds = ds.map(decode, num_parallel_calls=_num_parallel_calls(),
+              deterministic=True)
+  return ds, len(paths)
+
+
+def _tfds_source(data_config, *, split: str, seed: int, process_index: int,
+                 process_count: int, train: bool):
+  """Returns (per-host tfds dataset of {'image'[, 'label']}, total size or None).
+
+  Raises a ValueError with the command that fixes it when the dataset is not
+  prepared in `data.data_dir` (nothing is downloaded here).
+  """
+  builder = _tfds_builder(data_config)
+  image_key = data_config.get('image_key', 'image')
+  label_key = data_config.get('label_key', '')
+  options = tf.data.Options()
+  options.deterministic = True
+  read_config = tfds.ReadConfig(
+      shuffle_seed=seed, options=options, try_autocache=False)
+  host_split = tfds.split_for_jax_process(
+      split, process_index=process_index, process_count=process_count)
+  try:
+    ds = builder.as_dataset(
+        split=host_split, shuffle_files=train, read_config=read_config)
+  except AssertionError as e:  # tfds' "could not find data in data_dir".
+    raise ValueError(_not_prepared_message(data_config)) from e
+
+  features = builder.info.features
+  for field, key in (('image_key', image_key), ('label_key', label_key)):
+    if key and key not in features:
+      raise ValueError(
+          f'data.{field}={key!r} is not a feature of data.dataset='
+          f'{_dataset_name(data_config)!r} (features: '
+          f'{sorted(features.keys())}).'
+      )
+
+  def select(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    out = {'image': example[image_key]}
+    if label_key:
+      out['label'] = tf.cast(example[label_key], tf.int32)
+    return out
+
+  ds = ds.map(select, num_parallel_calls=_num_parallel_calls(),
+              deterministic=True)
+  try:
+    total = int(builder.info.splits[split].num_examples)
+  except Exception:  # pylint: disable=broad-except  # Unknown split sizes.
+    total = None
+  return ds, total
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def create_dataset(
+    data_config,
+    per_host_batch_size: int,
+    *,
+    split: str,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    train: bool = True,
+) -> tf.data.Dataset:
+  """Returns this host's batches of {'image', ['label'], ['mask']}.
+
+  'image' is float32 [B, H, W, C] in [-1, 1] with H = W = data.resolution and
+  C = data.channels; 'label' is int32 [B] when `has_labels(data_config)`.
+
+  train=True: an endless, shuffled stream, reproducible for a fixed seed
+  (random flips are drawn from stateless ops keyed by seed, host and stream
+  position). train=False: one ordered pass, no augmentation; the last batch is
+  padded to full size and a float32 'mask' [B] marks real examples (1) versus
+  padding (0). Every host yields the same number of equally shaped batches,
+  which multi-host collectives require.
+  """
+  if per_host_batch_size <= 0:
+    raise ValueError(f'per_host_batch_size must be > 0, got {per_host_batch_size}.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f'process_index={process_index} not in [0, {process_count}).')
+  resolution = int(data_config.resolution)
+  channels = int(data_config.channels)
+  if resolution <= 0:
+    raise ValueError(f'data.resolution must be > 0, got {resolution}.')
+  if channels not in (1, 3):
+    raise ValueError(f'data.channels must be 1 or 3, got {channels}.')
+
+  name = _dataset_name(data_config)
+  if name == 'digits':
+    ds, total = _digits_source(process_index, process_count)
+  elif name == 'folder':
+    ds, total = _folder_source(data_config, process_index, process_count)
+  else:
+    ds, total = _tfds_source(
+        data_config, split=split, seed=seed, process_index=process_index,
+        process_count=process_count, train=train)
+  labelled = has_labels(data_config)
+
+  def preprocess(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    out = {'image': _preprocess(example['image'], resolution, channels)}
+    if labelled:
+      out['label'] = tf.cast(example['label'], tf.int32)
+    return out
+
+  ds = ds.map(preprocess, num_parallel_calls=_num_parallel_calls(),
+              deterministic=True)
+  if data_config.get('cache', False):
+    ds = ds.cache()
+
+  if train:
+    ds = _train_stream(ds, data_config, seed=seed, process_index=process_index)
+    ds = ds.batch(per_host_batch_size, drop_remainder=True)
+  else:
+    ds = _eval_pass(ds, labelled, resolution, channels, per_host_batch_size,
+                    total=total, process_count=process_count)
+
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.with_options(options)
+  prefetch = int(data_config.get('prefetch', 2))
+  return ds.prefetch(prefetch) if prefetch > 0 else ds
+
+
+def _train_stream(ds: tf.data.Dataset, data_config, *, seed: int,
+                  process_index: int) -> tf.data.Dataset:
+  """Shuffles, repeats, flips and scales: an endless reproducible stream."""
+  buffer_size = max(int(data_config.get('shuffle_buffer', 1)), 1)
+  ds = ds.shuffle(buffer_size, seed=seed + process_index,
+                  reshuffle_each_iteration=True)
+  ds = ds.repeat()
+  random_flip = bool(data_config.get('random_flip', False))
+  base_seed = tf.constant([seed, process_index], tf.int64)
+
+  def augment(index: tf.Tensor, example: Mapping[str, tf.Tensor]):
+    image = example['image']
+    if random_flip:
+      # Keyed by the position in the stream, so every epoch draws new flips and
+      # the stream does not depend on tf.data's threading.
+      key = tf.random.experimental.stateless_fold_in(base_seed, index)
+      flip = tf.random.stateless_uniform([], seed=key) < 0.5
+      image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]),
+                      lambda: image)
+    return {**example, 'image': image / 127.5 - 1.0}
+
+  return ds.enumerate().map(augment, num_parallel_calls=_num_parallel_calls(),
+                            deterministic=True)
+
+
+def _eval_pass(ds: tf.data.Dataset, labelled: bool, resolution: int,
+               channels: int, batch_size: int, *, total: int | None,
+               process_count: int) -> tf.data.Dataset:
+  """One ordered pass, padded so all hosts yield the same number of batches."""
+  if total is not None:
+    # Host parts differ by at most one example (strided or tfds even splits).
+    per_host = math.ceil(total / process_count)
+  else:  # Split sizes unknown to tfds (e.g. mocked data): count this host.
+    per_host = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  num_batches = max(math.ceil(per_host / batch_size), 1)
+
+  def real(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return {**example, 'image': example['image'] / 127.5 - 1.0,
+            'mask': tf.constant(1.0, tf.float32)}
+
+  pad = {'image': tf.zeros([resolution, resolution, channels], tf.float32),
+         'mask': tf.constant(0.0, tf.float32)}
+  if labelled:
+    pad['label'] = tf.constant(0, tf.int32)
+  padding = tf.data.Dataset.from_tensors(pad).repeat()
+  ds = ds.map(real).concatenate(padding).take(num_batches * batch_size)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+# ---------------------------------------------------------------- to JAX
+
+
+def _sharding_for(sharding: jax.sharding.Sharding,
+                  ndim: int) -> jax.sharding.Sharding:
+  """Trims a NamedSharding's spec to `ndim` dims so one sharding fits all keys."""
+  if isinstance(sharding, jax.sharding.NamedSharding) and len(
+      sharding.spec) > ndim:
+    return jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[:ndim]))
+  return sharding
+
+
+def global_batches(
+    dataset: tf.data.Dataset, sharding: jax.sharding.Sharding
+) -> Iterator[dict[str, jax.Array]]:
+  """Yields global `jax.Array` batches assembled from every host's local batch.
+
+  `sharding` splits dim 0 over the data axis (usually NamedSharding(mesh,
+  P('data'))); each host contributes its per-host batch as its slice.
+  """
+  for batch in dataset.as_numpy_iterator():
+    yield {
+        key: jax.make_array_from_process_local_data(
+            _sharding_for(sharding, np.ndim(value)), value)
+        for key, value in batch.items()
+    }
+
+
+__all__ = [
+    'create_dataset',
+    'global_batches',
+    'has_labels',
+    'load_digits',
+    'num_classes_of',
+]

@@ -1,0 +1,479 @@
+"""Tests of diffusion_jax.input_pipeline: sources, preprocessing, host splits, sharding."""
+
+import math
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+from sklearn import datasets as sk_datasets
+import tensorflow_datasets as tfds
+
+from configs import default
+from diffusion_jax import input_pipeline
+
+
+def _data_config(**overrides):
+  config = default.get_config().data
+  config.update(overrides)
+  return config
+
+
+def _digits_config(**overrides):
+  kwargs = dict(dataset='digits', resolution=8, channels=1, random_flip=False,
+                shuffle_buffer=2000, prefetch=1)
+  kwargs.update(overrides)
+  return _data_config(**kwargs)
+
+
+def _eval_examples(config, batch_size, *, process_index=0, process_count=1,
+                   split='train'):
+  """Runs one eval pass; returns stacked real examples and the batch list."""
+  ds = input_pipeline.create_dataset(
+      config, batch_size, split=split, seed=0, process_index=process_index,
+      process_count=process_count, train=False)
+  batches = list(ds.as_numpy_iterator())
+  real = {}
+  for key in batches[0]:
+    values = np.concatenate([b[key] for b in batches])
+    mask = np.concatenate([b['mask'] for b in batches]) == 1
+    real[key] = values[mask]
+  return real, batches
+
+
+def _train_examples(config, batch_size, num_examples, *, seed=0,
+                    process_index=0, process_count=1):
+  """Returns the first `num_examples` examples of the training stream."""
+  ds = input_pipeline.create_dataset(
+      config, batch_size, split='train', seed=seed,
+      process_index=process_index, process_count=process_count, train=True)
+  batches = list(ds.take(math.ceil(num_examples / batch_size))
+                 .as_numpy_iterator())
+  return {k: np.concatenate([b[k] for b in batches])[:num_examples]
+          for k in batches[0]}
+
+
+def _rows(images, labels=None):
+  """Sorted byte rows: compares example multisets regardless of order."""
+  images = np.ascontiguousarray(images)
+  rows = [images[i].tobytes() + (b'' if labels is None else
+                                 np.int32(labels[i]).tobytes())
+          for i in range(len(images))]
+  return sorted(rows)
+
+
+@pytest.fixture(scope='module')
+def digits():
+  return input_pipeline.load_digits()
+
+
+def _scaled(uint8_images):
+  return uint8_images.astype(np.float32) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------- digits
+
+
+def test_load_digits_matches_sklearn(digits):
+  images, labels = digits
+  ref = sk_datasets.load_digits()
+  assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8
+  assert labels.shape == (1797,) and labels.dtype == np.int32
+  np.testing.assert_array_equal(
+      images[..., 0], np.round(ref.images * 255 / 16).astype(np.uint8))
+  np.testing.assert_array_equal(labels, ref.target)
+  assert images.max() == 255 and images.min() == 0
+
+
+def test_digits_metadata():
+  config = _digits_config(label_key='')
+  assert input_pipeline.has_labels(config)
+  assert input_pipeline.num_classes_of(config) == 10
+
+
+def test_digits_train_epoch_is_shuffled_dataset(digits):
+  images, labels = digits
+  config = _digits_config()
+  # Shuffling comes before repeat, so the first 1797 examples are one epoch.
+  got = _train_examples(config, 599, 1797)
+  assert got['image'].dtype == np.float32 and got['label'].dtype == np.int32
+  assert got['image'].shape == (1797, 8, 8, 1)
+  assert got['image'].min() == -1.0 and got['image'].max() == 1.0
+  expected = _scaled(images)
+  assert _rows(got['image'], got['label']) == _rows(expected, labels)
+  assert not np.array_equal(got['label'], labels)  # Really shuffled.
+
+
+def test_train_order_is_reproducible(digits):
+  del digits
+  config = _digits_config(shuffle_buffer=500)
+  a = _train_examples(config, 50, 200, seed=3)
+  b = _train_examples(config, 50, 200, seed=3)
+  c = _train_examples(config, 50, 200, seed=4)
+  np.testing.assert_array_equal(a['image'], b['image'])
+  np.testing.assert_array_equal(a['label'], b['label'])
+  assert not np.array_equal(a['label'], c['label'])
+
+
+@pytest.mark.parametrize('process_count', [2, 3])
+def test_digits_hosts_read_disjoint_parts(digits, process_count):
+  images, labels = digits
+  expected = _scaled(images)
+  shapes, counts = set(), []
+  for p in range(process_count):
+    # Eval keeps the order: host p reads examples p, p + P, p + 2P, ...
+    real, batches = _eval_examples(
+        _digits_config(), 128, process_index=p, process_count=process_count)
+    np.testing.assert_array_equal(real['image'], expected[p::process_count])
+    np.testing.assert_array_equal(real['label'], labels[p::process_count])
+    shapes.add((len(batches),
+                tuple(sorted((k, v.shape) for k, v in batches[0].items()))))
+    counts.append(len(real['label']))
+    # Training: one host epoch is exactly the host's part, shuffled.
+    n = len(labels[p::process_count])
+    got = _train_examples(_digits_config(), 97, n, process_index=p,
+                          process_count=process_count)
+    assert got['image'].shape == (n, 8, 8, 1)
+    assert _rows(got['image'], got['label']) == _rows(
+        expected[p::process_count], labels[p::process_count])
+  assert sum(counts) == 1797
+  assert len(shapes) == 1  # Same number and shape of batches on every host.
+
+
+def test_random_flip(digits):
+  images, _ = digits
+  expected = _scaled(images)
+  config = _digits_config(random_flip=True, shuffle_buffer=1)  # Keeps order.
+  n = 2 * 1797
+  got = _train_examples(config, 599, n, seed=7)['image']
+  ref = np.concatenate([expected, expected])
+  mirrored = ref[:, :, ::-1]
+  same = np.all(got == ref, axis=(1, 2, 3))
+  flipped = np.all(got == mirrored, axis=(1, 2, 3))
+  assert np.all(same | flipped)  # Each image is either itself or mirrored.
+  asymmetric = ~np.all(ref == mirrored, axis=(1, 2, 3))
+  fraction = flipped[asymmetric].mean()
+  assert 0.45 < fraction < 0.55, fraction
+  # Flips are redrawn every epoch, not fixed per example.
+  assert not np.array_equal(flipped[:1797], flipped[1797:])
+  again = _train_examples(config, 599, n, seed=7)['image']
+  np.testing.assert_array_equal(got, again)
+  other = _train_examples(config, 599, n, seed=8)['image']
+  assert not np.array_equal(got, other)
+
+
+def test_no_flip_when_disabled(digits):
+  images, _ = digits
+  got = _train_examples(_digits_config(shuffle_buffer=1), 599, 1797)['image']
+  np.testing.assert_array_equal(got, _scaled(images))
+
+
+def test_eval_padding_and_mask(digits):
+  images, labels = digits
+  real, batches = _eval_examples(_digits_config(), 64)
+  assert len(batches) == math.ceil(1797 / 64)
+  for b in batches:
+    assert b['image'].shape == (64, 8, 8, 1) and b['mask'].shape == (64,)
+    assert b['mask'].dtype == np.float32
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == 1797
+  np.testing.assert_array_equal(mask[:1797], 1.0)
+  np.testing.assert_array_equal(mask[1797:], 0.0)
+  np.testing.assert_array_equal(batches[-1]['image'][1797 % 64:], 0.0)
+  np.testing.assert_array_equal(real['image'], _scaled(images))
+  np.testing.assert_array_equal(real['label'], labels)
+
+
+def test_eval_hosts_get_equal_batch_counts(digits):
+  del digits
+  # 1797 = 899 + 898: both hosts need ceil(899 / 100) = 9 batches.
+  results = [_eval_examples(_digits_config(), 100, process_index=p,
+                            process_count=2) for p in range(2)]
+  assert [len(b) for _, b in results] == [9, 9]
+  assert [len(r['label']) for r, _ in results] == [899, 898]
+
+
+# ---------------------------------------------------------------- folder
+
+
+def _area_matrix(n, r):
+  """Rows average the input pixels each output pixel covers (area resize)."""
+  m = np.zeros((r, n))
+  for i in range(r):
+    lo, hi = i * n / r, (i + 1) * n / r
+    for j in range(n):
+      m[i, j] = max(0.0, min(hi, j + 1) - max(lo, j))
+  return m / m.sum(1, keepdims=True)
+
+
+def _bilinear_matrix(n, r):
+  """Half-pixel-centred linear interpolation weights (upsampling)."""
+  m = np.zeros((r, n))
+  for i in range(r):
+    x = min(max((i + 0.5) * n / r - 0.5, 0.0), n - 1)
+    j = int(np.floor(x))
+    k = min(j + 1, n - 1)
+    m[i, j] += 1 - (x - j)
+    m[i, k] += x - j
+  return m
+
+
+def _reference(array, resolution, channels):
+  """Independent crop/resize/channel conversion of an HWC uint8 image."""
+  h, w = array.shape[:2]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  crop = array[top:top + side, left:left + side].astype(np.float64)
+  if channels == 1 and crop.shape[-1] == 3:
+    crop = crop @ np.array([0.2989, 0.5870, 0.1140])[:, None]
+  if side == resolution:
+    m = np.eye(side)
+  elif side > resolution:
+    m = _area_matrix(side, resolution)
+  else:
+    m = _bilinear_matrix(side, resolution)
+  out = np.einsum('ij,jkc,lk->ilc', m, crop, m)
+  return np.clip(out, 0, 255) / 127.5 - 1.0
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+  """Two class folders of PNG/JPEG files with known content and odd sizes."""
+  root = tmp_path_factory.mktemp('images')
+  rng = np.random.default_rng(0)
+  files = {  # relative path -> (PIL mode, height, width)
+      'cats/a_wide.png': ('RGB', 12, 20),
+      'cats/b_tall_gray.png': ('L', 18, 10),
+      'cats/c_small.PNG': ('RGB', 5, 7),
+      'cats/nested/d_exact.png': ('RGB', 8, 8),
+      'dogs/e_photo.jpg': ('RGB', 16, 16),
+      'dogs/f_gray.jpeg': ('L', 9, 13),
+      'dogs/g_rgba.png': ('RGBA', 11, 11),
+  }
+  arrays = {}
+  for name, (mode, h, w) in sorted(files.items()):
+    channels = {'L': 1, 'RGB': 3, 'RGBA': 4}[mode]
+    # Smooth content keeps JPEG error small; random on top for the PNGs.
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([20 + yy * 6 + xx * 4 + 30 * c
+                     for c in range(channels)], -1)
+    if not name.endswith(('jpg', 'jpeg')):
+      base = base + rng.integers(0, 40, base.shape)
+    data = np.clip(base, 0, 255).astype(np.uint8)
+    if channels == 4:
+      data[..., 3] = 128  # Alpha is dropped, not blended.
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(data[..., 0] if channels == 1 else data, mode).save(
+        path, **({'quality': 95, 'subsampling': 0}
+                 if name.endswith(('jpg', 'jpeg')) else {}))
+    # The reference reads the file back, so JPEG loss is in both.
+    arrays[name] = np.asarray(Image.open(path).convert('RGB'))
+  (root / 'dogs' / 'notes.txt').write_text('not an image')
+  return root, arrays
+
+
+def _folder_config(root, **overrides):
+  kwargs = dict(dataset='folder', folder=str(root), label_key='label',
+                random_flip=False, shuffle_buffer=100, prefetch=1)
+  kwargs.update(overrides)
+  return _data_config(**kwargs)
+
+
+@pytest.mark.parametrize('resolution,channels', [(8, 3), (8, 1), (10, 3)])
+def test_folder_preprocessing(image_folder, resolution, channels):
+  root, arrays = image_folder
+  config = _folder_config(root, resolution=resolution, channels=channels)
+  real, _ = _eval_examples(config, 4)
+  names = sorted(arrays)  # Files are read in sorted path order.
+  assert real['image'].shape == (len(names), resolution, resolution, channels)
+  for image, name in zip(real['image'], names):
+    tol = 3.0 / 127.5 if name.endswith(('jpg', 'jpeg')) else 1e-4
+    np.testing.assert_allclose(
+        image, _reference(arrays[name], resolution, channels), atol=tol,
+        err_msg=name)
+  np.testing.assert_array_equal(real['label'], [0, 0, 0, 0, 1, 1, 1])
+
+
+def test_folder_grayscale_matches_pil(image_folder):
+  root, arrays = image_folder
+  config = _folder_config(root, resolution=8, channels=1)
+  real, _ = _eval_examples(config, 8)
+  name = 'cats/nested/d_exact.png'  # Lossless and already 8x8.
+  pil_gray = np.asarray(Image.fromarray(arrays[name]).convert('L'), np.float32)
+  np.testing.assert_allclose(real['image'][sorted(arrays).index(name), ..., 0],
+                             pil_gray / 127.5 - 1.0, atol=1.01 / 127.5)
+
+
+def test_folder_labels_and_metadata(image_folder):
+  root, _ = image_folder
+  assert input_pipeline.has_labels(_folder_config(root))
+  assert input_pipeline.num_classes_of(_folder_config(root)) == 2
+  unlabelled = _folder_config(root, label_key='')
+  assert not input_pipeline.has_labels(unlabelled)
+  real, batches = _eval_examples(unlabelled, 4)
+  assert set(batches[0]) == {'image', 'mask'}
+  assert len(real['image']) == 7
+
+
+@pytest.mark.parametrize('process_count', [2, 3])
+def test_folder_hosts_read_disjoint_parts(image_folder, process_count):
+  root, arrays = image_folder
+  config = _folder_config(root, resolution=8, channels=3)
+  full, _ = _eval_examples(config, 4)
+  parts, shapes = [], set()
+  for p in range(process_count):
+    real, batches = _eval_examples(config, 2, process_index=p,
+                                   process_count=process_count)
+    np.testing.assert_array_equal(real['image'], full['image'][p::process_count])
+    np.testing.assert_array_equal(real['label'], full['label'][p::process_count])
+    parts.append(real)
+    shapes.add(tuple((len(batches),) + b['image'].shape for b in batches))
+    train = input_pipeline.create_dataset(
+        config, 2, split='train', seed=0, process_index=p,
+        process_count=process_count)
+    assert next(train.as_numpy_iterator())['image'].shape == (2, 8, 8, 3)
+  assert len(shapes) == 1
+  union = np.concatenate([r['image'] for r in parts])
+  assert _rows(union) == _rows(full['image'])
+  assert len(union) == len(arrays)
+
+
+def test_folder_errors(tmp_path):
+  missing = _folder_config(tmp_path / 'nope')
+  with pytest.raises(ValueError, match='data.folder'):
+    input_pipeline.create_dataset(missing, 2, split='train', seed=0,
+                                  process_index=0, process_count=1)
+  (tmp_path / 'empty' / 'sub').mkdir(parents=True)
+  (tmp_path / 'empty' / 'sub' / 'readme.txt').write_text('x')
+  with pytest.raises(ValueError, match='data.folder'):
+    input_pipeline.create_dataset(_folder_config(tmp_path / 'empty'), 2,
+                                  split='train', seed=0, process_index=0,
+                                  process_count=1)
+
+
+# ---------------------------------------------------------------- tfds
+
+
+def test_tfds_cifar10_mocked():
+  config = _data_config(dataset='cifar10', label_key='label', resolution=32,
+                        channels=3, random_flip=False, shuffle_buffer=64)
+  with tfds.testing.mock_data(num_examples=24):
+    assert input_pipeline.num_classes_of(config) == 10
+    raw = list(tfds.load('cifar10', split='test').as_numpy_iterator())
+    real, batches = _eval_examples(config, 10, split='test')
+    train = input_pipeline.create_dataset(
+        config, 8, split='train', seed=0, process_index=0, process_count=1)
+    batch = next(train.as_numpy_iterator())
+  assert batch['image'].shape == (8, 32, 32, 3)
+  assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
+  assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
+  assert batch['image'].std() > 0.3  # Random uint8 data, not constant.
+  assert len(batches) == 3 and batches[-1]['mask'].sum() == 4
+  np.testing.assert_allclose(
+      real['image'], _scaled(np.stack([r['image'] for r in raw])), atol=1e-6)
+  np.testing.assert_array_equal(real['label'], [r['label'] for r in raw])
+
+
+def test_tfds_mnist_mocked_upsampled():
+  config = _data_config(dataset='mnist', label_key='label', resolution=32,
+                        channels=1, random_flip=False)
+  with tfds.testing.mock_data(num_examples=6):
+    raw = list(tfds.load('mnist', split='train').as_numpy_iterator())
+    real, _ = _eval_examples(config, 6)
+  assert real['image'].shape == (6, 32, 32, 1)
+  for image, example in zip(real['image'], raw):
+    assert example['image'].shape == (28, 28, 1)
+    np.testing.assert_allclose(image, _reference(example['image'], 32, 1),
+                               atol=1e-4)
+
+
+class InputPipelineTestImages(tfds.core.GeneratorBasedBuilder):
+  """11 prepared examples whose pixel value encodes their index."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(6, 10, 3)),
+            'label': tfds.features.ClassLabel(num_classes=5),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(11)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {'image': np.full((6, 10, 3), 20 * i, np.uint8),
+                'label': i % 5}
+
+
+@pytest.fixture(scope='module')
+def prepared_tfds_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  tfds.builder('input_pipeline_test_images', data_dir=data_dir)\
+      .download_and_prepare(download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return data_dir
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3])
+def test_tfds_hosts_read_disjoint_parts(prepared_tfds_dir, process_count):
+  config = _data_config(dataset='input_pipeline_test_images',
+                        data_dir=prepared_tfds_dir, label_key='label',
+                        resolution=4, channels=3, random_flip=False)
+  assert input_pipeline.num_classes_of(config) == 5
+  indices, num_batches = [], set()
+  for p in range(process_count):
+    real, batches = _eval_examples(config, 2, process_index=p,
+                                   process_count=process_count)
+    num_batches.add(len(batches))
+    index = np.round((real['image'][:, 0, 0, 0] + 1) * 127.5 / 20).astype(int)
+    np.testing.assert_array_equal(real['label'], index % 5)
+    indices.append(index)
+  assert len(num_batches) == 1
+  union = np.concatenate(indices)
+  assert sorted(union) == list(range(11))  # Disjoint and complete.
+
+
+def test_tfds_missing_dataset_raises(tmp_path):
+  config = _data_config(dataset='cifar10', data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match='data.dataset') as error:
+    input_pipeline.create_dataset(config, 2, split='train', seed=0,
+                                  process_index=0, process_count=1)
+  assert 'tfds build cifar10' in str(error.value)
+  assert str(tmp_path) in str(error.value)
+  assert not os.listdir(tmp_path)  # Nothing was downloaded or written.
+
+
+# ---------------------------------------------------------------- to JAX
+
+
+def test_global_batches_sharded_over_devices(digits):
+  images, labels = digits
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  assert mesh.size == 8
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  ds = input_pipeline.create_dataset(_digits_config(), 16, split='train',
+                                     seed=0, process_index=0, process_count=1,
+                                     train=False)
+  local = next(ds.as_numpy_iterator())
+  batch = next(input_pipeline.global_batches(ds, sharding))
+  assert set(batch) == {'image', 'label', 'mask'}
+  for key, value in batch.items():
+    assert isinstance(value, jax.Array)
+    assert value.shape == local[key].shape
+    assert value.sharding.is_equivalent_to(sharding, value.ndim)
+    assert len(value.addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(value), local[key])
+    for shard in value.addressable_shards:
+      assert shard.data.shape[0] == 2
+      np.testing.assert_array_equal(np.asarray(shard.data),
+                                    local[key][shard.index])
+  np.testing.assert_array_equal(np.asarray(batch['image']),
+                                _scaled(images[:16]))
+  np.testing.assert_array_equal(np.asarray(batch['label']), labels[:16])
