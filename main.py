@@ -13,6 +13,7 @@ import logging
 import os
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -25,6 +26,13 @@ config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections confi
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietCheckpointLogs(logging.Filter):
+  """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings still show."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
 def _wants_distributed() -> bool:
   if FLAGS.distributed is not None:
     return FLAGS.distributed
@@ -35,6 +43,7 @@ def _wants_distributed() -> bool:
 def main(argv):
   del argv
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  absl_logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   import jax  # pylint: disable=g-import-not-at-top
   if _wants_distributed():
     jax.distributed.initialize()

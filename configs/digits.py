@@ -18,21 +18,21 @@ def get_config():
   config.data.shuffle_buffer = 2048
   config.data.cache = True
 
-  config.model.ch = 64
-  config.model.ch_mult = (1, 2)
+  config.model.ch = 32                 # 0.7M parameters: ~7 train steps/s on 2 CPU cores.
+  config.model.ch_mult = (1, 2)        # Feature maps 8x8 and 4x4.
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (4,)
-  config.model.num_groups = 16
+  config.model.num_groups = 8
   config.model.dropout = 0.0
 
   config.optim.learning_rate = 1e-3
-  config.optim.warmup_steps = 200
+  config.optim.warmup_steps = 100
   config.optim.lr_schedule = 'cosine'
-  config.optim.ema_decay = 0.999
+  config.optim.ema_decay = 0.998
   config.optim.ema_warmup = True
 
-  config.training.batch_size = 128
-  config.training.num_train_steps = 4000
+  config.training.batch_size = 64
+  config.training.num_train_steps = 3000
   config.training.log_every_steps = 100
   config.training.sample_every_steps = 1000
   config.training.checkpoint_every_steps = 1000

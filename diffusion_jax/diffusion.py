@@ -17,7 +17,7 @@ t = 0 .. T-1 indexing the arrays (index 0 is the first noising step).
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax
 import jax
@@ -31,7 +31,11 @@ LOSS_WEIGHTINGS = ('simple', 'min_snr')
 
 @flax.struct.dataclass
 class Schedule:
-  """Per-timestep constants of a discrete diffusion process; every field is float32 [T]."""
+  """Per-timestep constants of a discrete diffusion process; float32 [T] except `timesteps`.
+
+  `timesteps` (int32 [T]) is the network's timestep input for each index: arange(T) for the
+  training schedule, the kept original steps for a respaced one.
+  """
   betas: jax.Array
   alphas_cumprod: jax.Array
   alphas_cumprod_prev: jax.Array
@@ -41,6 +45,7 @@ class Schedule:
   posterior_log_variance_clipped: jax.Array
   posterior_mean_coef1: jax.Array
   posterior_mean_coef2: jax.Array
+  timesteps: jax.Array
 
   @property
   def num_timesteps(self) -> int:
@@ -77,8 +82,11 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
   ], dtype=np.float64)
 
 
-def schedule_from_betas(betas: np.ndarray) -> Schedule:
-  """Builds a `Schedule` from betas [T] (computed in float64, stored as float32)."""
+def schedule_from_betas(betas: np.ndarray, timesteps: Optional[np.ndarray] = None) -> Schedule:
+  """Builds a `Schedule` from betas [T] (computed in float64, stored as float32).
+
+  `timesteps` are the network inputs of the T steps (default arange(T)).
+  """
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or np.any(betas <= 0) or np.any(betas >= 1):
     raise ValueError('betas must be a 1-D array with every value in (0, 1).')
@@ -99,6 +107,7 @@ def schedule_from_betas(betas: np.ndarray) -> Schedule:
       posterior_log_variance_clipped=f32(post_log_var),
       posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
       posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)),
+      timesteps=jnp.asarray(np.arange(len(betas)) if timesteps is None else timesteps, jnp.int32),
   )
 
 

@@ -23,13 +23,18 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-# TensorFlow only feeds the input pipeline; keep it away from accelerator memory,
-# which belongs to JAX.
-for _device_type in ('GPU', 'TPU'):
-  try:
-    tf.config.set_visible_devices([], _device_type)
-  except (RuntimeError, ValueError):  # Already initialised, or unknown type.
-    pass
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+  """Keeps TensorFlow (which only feeds data) off GPU/TPU memory owned by JAX."""
+  for device_type in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], device_type)
+    except (RuntimeError, ValueError):  # Already initialised, or unknown type.
+      pass
+
+
+_hide_accelerators_from_tensorflow()
 
 _IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 _DIGITS_NUM_CLASSES = 10
@@ -141,12 +146,14 @@ def _center_crop_resize(image: tf.Tensor, resolution: int) -> tf.Tensor:
   Downsampling averages pixel areas (no aliasing, no ringing); upsampling is
   bilinear. An image already at the target size passes through unchanged.
   """
-  height, width, channels = image.shape
-  if height is None or width is None:
+  static_height, static_width, channels = image.shape
+  if static_height is not None and static_width is not None:
+    height, width = static_height, static_width
+    side = min(height, width)
+  else:
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
-  side = tf.minimum(height, width) if tf.is_tensor(height) or tf.is_tensor(
-      width) else min(height, width)
+    side = tf.minimum(height, width)
   top = (height - side) // 2
   left = (width - side) // 2
   image = image[top:top + side, left:left + side]
@@ -154,12 +161,12 @@ def _center_crop_resize(image: tf.Tensor, resolution: int) -> tf.Tensor:
   size = [resolution, resolution]
   if isinstance(side, int):  # Static shape: decide while tracing.
     if side != resolution:
-      method = 'bilinear'
+      method = 'area' if side > resolution else 'bilinear'
       image = tf.image.resize(image, size, method)
   else:  # Area resizing to the same size is the identity.
     image = tf.cond(
         side >= resolution,
-        lambda: tf.image.resize(image, size, 'bilinear', antialias=True),
+        lambda: tf.image.resize(image, size, 'area'),
         lambda: tf.image.resize(image, size, 'bilinear'),
     )
   return tf.ensure_shape(image, size + [channels])
@@ -171,10 +178,6 @@ def _preprocess(image: tf.Tensor, resolution: int, channels: int) -> tf.Tensor:
   image = _to_channels(image, channels)
   image = _center_crop_resize(image, resolution)
   return tf.clip_by_value(image, 0.0, 255.0)
-
-
-def _num_parallel_calls() -> int:
-  return tf.data.AUTOTUNE
 
 
 # ---------------------------------------------------------------- sources
@@ -262,7 +265,7 @@ def _folder_source(data_config, process_index: int, process_count: int):
       out['label'] = example['label']
     return out
 
-  ds = ds.map(decode, num_parallel_calls=_num_parallel_calls(),
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   return ds, len(paths)
 
@@ -304,7 +307,7 @@ def _tfds_source(data_config, *, split: str, seed: int, process_index: int,
       out['label'] = tf.cast(example[label_key], tf.int32)
     return out
 
-  ds = ds.map(select, num_parallel_calls=_num_parallel_calls(),
+  ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   try:
     total = int(builder.info.splits[split].num_examples)
@@ -339,7 +342,8 @@ def create_dataset(
   which multi-host collectives require.
   """
   if per_host_batch_size <= 0:
-    raise ValueError(f'per_host_batch_size must be > 0, got {per_host_batch_size}.')
+    raise ValueError(
+        f'per_host_batch_size must be > 0, got {per_host_batch_size}.')
   if not 0 <= process_index < process_count:
     raise ValueError(
         f'process_index={process_index} not in [0, {process_count}).')
@@ -367,7 +371,7 @@ def create_dataset(
       out['label'] = tf.cast(example['label'], tf.int32)
     return out
 
-  ds = ds.map(preprocess, num_parallel_calls=_num_parallel_calls(),
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   if data_config.get('cache', False):
     ds = ds.cache()
@@ -407,7 +411,7 @@ def _train_stream(ds: tf.data.Dataset, data_config, *, seed: int,
                       lambda: image)
     return {**example, 'image': image / 127.5 - 1.0}
 
-  return ds.enumerate().map(augment, num_parallel_calls=_num_parallel_calls(),
+  return ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=True)
 
 
@@ -418,8 +422,10 @@ def _eval_pass(ds: tf.data.Dataset, labelled: bool, resolution: int,
   if total is not None:
     # Host parts differ by at most one example (strided or tfds even splits).
     per_host = math.ceil(total / process_count)
-  else:  # Split sizes unknown to tfds (e.g. mocked data): count this host.
-    per_host = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  else:  # Split sizes unknown to tfds (e.g. mocked data): use this host's.
+    per_host = int(ds.cardinality())
+    if per_host < 0:  # Unknown cardinality: count by reading once.
+      per_host = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
   num_batches = max(math.ceil(per_host / batch_size), 1)
 
   def real(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -33,15 +33,17 @@ Denoiser = Callable[[jax.Array, jax.Array], Prediction]
 
 def make_denoiser(apply_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Schedule,
                   prediction_type: str, clip_denoised: bool = True) -> Denoiser:
-  """Turns `apply_fn(x_t, t [B]) -> network output` into a `Denoiser`.
+  """Turns `apply_fn(x_t, timestep [B]) -> network output` into a `Denoiser`.
+
+  The denoiser takes a schedule index t; the network sees `schedule.timesteps[t]`.
 
   With `clip_denoised` the x0 prediction is clipped to [-1, 1] and eps is recomputed from it,
   so both stay consistent with x_t (as guided-diffusion does).
   """
   def denoise(x_t: jax.Array, t: jax.Array) -> Prediction:
     t_batch = jnp.full((x_t.shape[0],), t, jnp.int32)
-    x0, eps = diffusion.x0_eps_from_output(schedule, apply_fn(x_t, t_batch), x_t, t_batch,
-                                           prediction_type)
+    output = apply_fn(x_t, jnp.take(schedule.timesteps, t_batch))
+    x0, eps = diffusion.x0_eps_from_output(schedule, output, x_t, t_batch, prediction_type)
     if clip_denoised:
       x0 = jnp.clip(x0, -1.0, 1.0)
       eps = diffusion.eps_from_x0(schedule, x_t, t_batch, x0)

@@ -187,10 +187,12 @@ def test_eval_padding_and_mask(digits):
 
 def test_eval_hosts_get_equal_batch_counts(digits):
   del digits
-  # 1797 = 899 + 898: both hosts need ceil(899 / 100) = 9 batches.
-  results = [_eval_examples(_digits_config(), 100, process_index=p,
+  # 1797 = 899 + 898 and 898 = 2 * 449: host 0 needs a third batch, so host 1
+  # must pad one more batch than it needs itself.
+  results = [_eval_examples(_digits_config(), 449, process_index=p,
                             process_count=2) for p in range(2)]
-  assert [len(b) for _, b in results] == [9, 9]
+  assert [len(b) for _, b in results] == [3, 3]
+  np.testing.assert_array_equal(results[1][1][-1]['mask'], 0.0)
   assert [len(r['label']) for r, _ in results] == [899, 898]
 
 

@@ -1,0 +1,39 @@
+"""diffusion-jax: train, sample and evaluate diffusion models with JAX/Flax on CPU, GPU and TPU."""
+
+import setuptools
+
+setuptools.setup(
+    name='diffusion-jax',
+    version='0.1.0',
+    description='Diffusion models (DDPM, DDIM and successors) in JAX/Flax, from a laptop to TPU pods.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    packages=setuptools.find_packages(include=['diffusion_jax', 'diffusion_jax.*', 'configs']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.5.0',
+        'flax>=0.10.0',
+        'optax>=0.2.4',
+        'orbax-checkpoint>=0.11.0',
+        'ml-collections>=0.1.1',
+        'clu>=0.0.12',
+        'numpy>=1.26',
+        'absl-py',
+        'etils[epath]',
+        'tqdm',
+        'pillow',
+        'scikit-learn',                # The offline 8x8 digits of the CPU demo.
+        'tensorflow-datasets>=4.9.4',
+        # TensorFlow only feeds tf.data and TensorBoard summaries; the CPU build is enough.
+        'tensorflow-cpu>=2.16; platform_system == "Linux" and platform_machine == "x86_64"',
+        'tensorflow>=2.16; platform_system != "Linux" or platform_machine != "x86_64"',
+        'tensorboard',
+    ],
+    extras_require={
+        'test': ['pytest>=7'],
+        'tpu': ['jax[tpu]'],
+        'cuda': ['jax[cuda12]'],
+        'bench': ['torch', 'diffusers'],
+    },
+)

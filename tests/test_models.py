@@ -1,0 +1,352 @@
+"""The U-Net: parameter count, init, conditioning, dropout, variants, precision, remat, embeddings.
+
+Model compiles dominate the run time on CPU, so the tests share one small model (two resolution
+levels, attention at 4x4) and its jitted functions, and build variants' parameters from
+`jax.eval_shape` instead of running their initialisers.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from diffusion_jax import models
+
+NUM_CLASSES = 5
+SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=8,
+             num_classes=NUM_CLASSES, dropout=0.1, out_channels=3)
+X_SHAPE = (3, 8, 8, 3)
+
+
+def small_model(**overrides):
+  return models.UNet(**{**SMALL, **overrides})
+
+
+def _x(seed=0, shape=X_SHAPE):
+  return jax.random.uniform(jax.random.key(seed), shape, jnp.float32, -1.0, 1.0)
+
+
+T_IN = jnp.array([0, 250, 999], jnp.int32)
+Y_IN = jnp.array([0, 3, 1], jnp.int32)
+
+
+def _count(tree):
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _param_shapes(model, x_shape=X_SHAPE, **kwargs):
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  t = jax.ShapeDtypeStruct(x_shape[:1], jnp.int32)
+  return jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0), x, t)['params']
+
+
+def _noise_like(shapes, seed, scale=1.0):
+  """Random leaves with init-like scales: kernels ~ N(0, 1/fan_in), norms ~ 1, biases ~ 0."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = []
+  for (path, leaf), key in zip(leaves, keys):
+    name = path[-1].key
+    z = jax.random.normal(key, leaf.shape, jnp.float32)
+    if name == 'kernel':
+      z = z / math.sqrt(np.prod(leaf.shape[:-1]))
+    elif name in ('scale', 'bias'):
+      z = 0.1 * z
+    out.append((scale * z).astype(leaf.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _random_params(shapes, seed):
+  """Parameters away from any zero init: init-like random kernels, GroupNorm scales near 1."""
+  noise = _noise_like(shapes, seed)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(noise)
+  return jax.tree_util.tree_unflatten(
+      treedef, [z + 1.0 if path[-1].key == 'scale' else z for path, z in leaves])
+
+
+@functools.lru_cache(maxsize=None)
+def _apply_fn(model):
+  return jax.jit(model.apply, static_argnames=('train',))
+
+
+@functools.lru_cache(maxsize=None)
+def _base_init():
+  model = small_model()
+  return jax.jit(model.init)(jax.random.key(0), _x(), T_IN, Y_IN)['params']
+
+
+@functools.lru_cache(maxsize=None)
+def _base_perturbed():
+  """Trained-looking parameters: the real init plus init-scale noise on every leaf."""
+  init = _base_init()
+  return jax.tree_util.tree_map(jnp.add, init, _noise_like(init, seed=1))
+
+
+def _apply(model, params, x, t, y=None, **kwargs):
+  return _apply_fn(model)({'params': params}, x, t, y, **kwargs)
+
+
+# ------------------------------------------------------------------ size
+
+
+def test_cifar10_ddpm_parameter_count():
+  """Ho et al.'s CIFAR-10 network has 35.7M parameters (35,746,307, as google/ddpm-cifar10-32)."""
+  shapes = _param_shapes(models.UNet(), (1, 32, 32, 3))
+  assert _count(shapes) == 35_746_307
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(shapes))
+  # The default config builds that same network.
+  from_config = _param_shapes(models.create_model(default.get_config().model, 3), (1, 32, 32, 3))
+  assert jax.tree_util.tree_structure(from_config) == jax.tree_util.tree_structure(shapes)
+  assert _count(from_config) == 35_746_307
+  # Spot checks of the layout: 128 base channels, 512-dim timestep embedding, attention at 16x16
+  # (level 1) and in the middle, none at 32, 8 or 4.
+  assert shapes['conv_in']['kernel'].shape == (3, 3, 3, 128)
+  assert shapes['temb_dense1']['kernel'].shape == (512, 512)
+  assert shapes['conv_out']['kernel'].shape == (3, 3, 128, 3)
+  attn = sorted(k for k in shapes if 'attn' in k)
+  assert attn == ['down_1_attn_0', 'down_1_attn_1', 'mid_attn', 'up_1_attn_0', 'up_1_attn_1',
+                  'up_1_attn_2']
+  assert 'class_embed' not in shapes
+
+
+def test_create_model_maps_config_fields():
+  config = default.get_config().model
+  config.ch, config.ch_mult, config.num_classes = 64, (1, 2, 4), 10
+  config.learn_sigma, config.dtype, config.remat = True, 'bfloat16', True
+  config.num_head_channels, config.use_scale_shift_norm = 32, True
+  model = models.create_model(config, 1)
+  assert (model.ch, tuple(model.ch_mult), model.num_classes, model.out_channels) == (
+      64, (1, 2, 4), 10, 1)
+  assert model.learn_sigma and model.remat and model.use_scale_shift_norm
+  assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
+  assert model.num_head_channels == 32 and model.dropout == config.dropout
+
+
+# ------------------------------------------------------------------ init and conditioning
+
+
+def test_output_is_zero_at_init():
+  model = small_model()
+  params = _base_init()
+  out = _apply(model, params, _x(), T_IN, Y_IN)
+  assert out.shape == X_SHAPE and out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+  # Because the output conv is zero-initialised (kernel and bias) ...
+  np.testing.assert_array_equal(np.asarray(params['conv_out']['kernel']), 0.0)
+  np.testing.assert_array_equal(np.asarray(params['conv_out']['bias']), 0.0)
+  # ... while the layers feeding it are not.
+  assert float(jnp.std(params['conv_in']['kernel'])) > 0.01
+
+
+def test_learn_sigma_doubles_output_channels():
+  model = small_model(learn_sigma=True)
+  shapes = _param_shapes(model)
+  assert shapes['conv_out']['kernel'].shape[-1] == 6
+  out = jax.eval_shape(model.apply, {'params': shapes}, _x(), T_IN, Y_IN)
+  assert out.shape == X_SHAPE[:3] + (6,) and out.dtype == jnp.float32
+  # Every other parameter is unchanged.
+  base = _param_shapes(small_model())
+  assert _count(shapes) - _count(base) == 3 * 3 * 32 * 3 + 3
+
+
+def test_output_depends_on_t_and_class():
+  model = small_model()
+  params = _base_perturbed()
+  x = _x()
+  out = np.asarray(_apply(model, params, x, T_IN, Y_IN))
+  assert np.all(np.isfinite(out)) and np.std(out) > 1e-2
+  scale = np.max(np.abs(out))
+  # Changing t or y changes every example's output.
+  out_t = np.asarray(_apply(model, params, x, T_IN + 7, Y_IN))
+  out_y = np.asarray(_apply(model, params, x, T_IN, (Y_IN + 1) % NUM_CLASSES))
+  for other in (out_t, out_y):
+    assert np.all(np.max(np.abs(other - out), axis=(1, 2, 3)) > 1e-3 * scale)
+  # y=None is the extra null class, index num_classes.
+  out_none = np.asarray(_apply(model, params, x, T_IN, None))
+  out_null = np.asarray(_apply(model, params, x, T_IN, jnp.full((3,), NUM_CLASSES, jnp.int32)))
+  np.testing.assert_array_equal(out_none, out_null)
+  assert np.max(np.abs(out_none - out)) > 1e-3 * scale
+  # Examples do not interact: changing example 2 leaves examples 0 and 1 unchanged.
+  x2 = x.at[2].set(-x[2])
+  out_x2 = np.asarray(_apply(model, params, x2, T_IN, Y_IN))
+  np.testing.assert_allclose(out_x2[:2], out[:2], rtol=1e-5, atol=1e-5)
+  assert np.max(np.abs(out_x2[2] - out[2])) > 1e-3 * scale
+
+
+def test_class_embedding_has_a_null_row():
+  params = _base_init()
+  assert params['class_embed']['embedding'].shape == (NUM_CLASSES + 1, 4 * SMALL['ch'])
+  assert 'class_embed' not in _param_shapes(small_model(num_classes=0))
+
+
+# ------------------------------------------------------------------ dropout
+
+
+def test_dropout_train_vs_eval():
+  model = small_model()
+  params = _base_perturbed()
+  x = _x()
+  run = lambda train, seed: np.asarray(_apply(
+      model, params, x, T_IN, Y_IN, train=train, rngs={'dropout': jax.random.key(seed)}))
+  a, b, a2 = run(True, 1), run(True, 2), run(True, 1)
+  np.testing.assert_array_equal(a, a2)
+  assert np.max(np.abs(a - b)) > 1e-3 * np.max(np.abs(a))
+  e1, e2 = run(False, 1), run(False, 2)
+  np.testing.assert_array_equal(e1, e2)
+  np.testing.assert_array_equal(e1, np.asarray(_apply(model, params, x, T_IN, Y_IN)))
+  assert np.max(np.abs(a - e1)) > 1e-3 * np.max(np.abs(e1))
+  # With dropout = 0, training mode is the eval computation.
+  no_drop = small_model(dropout=0.0)
+  np.testing.assert_allclose(
+      np.asarray(_apply(no_drop, params, x, T_IN, Y_IN, train=True,
+                        rngs={'dropout': jax.random.key(1)})), e1, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ architecture variants
+
+
+def _resblock_names(shapes):
+  return [k for k, v in shapes.items() if 'temb_proj' in v]
+
+
+def test_scale_shift_norm_doubles_temb_projection():
+  base = _param_shapes(small_model())
+  ss = _param_shapes(small_model(use_scale_shift_norm=True))
+  names = _resblock_names(base)
+  assert len(names) == 2 + 2 + 2 * 2 and _resblock_names(ss) == names
+  extra = 0
+  for name in names:
+    (din, dout), (din2, dout2) = base[name]['temb_proj']['kernel'].shape, \
+        ss[name]['temb_proj']['kernel'].shape
+    assert din == din2 == 4 * SMALL['ch']
+    assert dout2 == 2 * dout
+    assert ss[name]['temb_proj']['bias'].shape == (2 * dout,)
+    extra += (din + 1) * dout
+  assert _count(ss) - _count(base) == extra
+
+
+def test_resblock_updown_replaces_resampling_convs():
+  base = _param_shapes(small_model())
+  ud = _param_shapes(small_model(resblock_updown=True))
+  for name in ('down_0_downsample', 'up_1_upsample'):
+    assert set(base[name]) == {'kernel', 'bias'}  # A plain conv.
+    assert {'conv1', 'conv2', 'norm1', 'norm2', 'temb_proj'} <= set(ud[name])  # A ResBlock.
+    assert 'skip' not in ud[name]  # Channel count is preserved.
+  assert set(ud) - set(base) == set()
+
+
+@pytest.mark.parametrize('kwargs,heads', [
+    (dict(), 1), (dict(num_heads=4), 4), (dict(num_head_channels=16), 4),
+    (dict(num_heads=4, num_head_channels=32), 2)])
+def test_attention_heads(kwargs, heads):
+  shapes = _param_shapes(small_model(**kwargs))
+  c = SMALL['ch'] * 2  # Attention at 4x4 runs on level 1 with 64 channels.
+  for name in ('down_1_attn_0', 'mid_attn', 'up_1_attn_0'):
+    for proj in ('query', 'key', 'value'):
+      assert shapes[name][proj]['kernel'].shape == (c, heads, c // heads)
+    assert shapes[name]['proj_out']['kernel'].shape == (heads, c // heads, c)
+  # Splitting into heads does not change the parameter count.
+  assert _count(shapes) == _count(_param_shapes(small_model()))
+
+
+def test_attention_heads_must_divide_channels():
+  with pytest.raises(ValueError, match='num_head'):
+    _param_shapes(small_model(num_heads=3))
+
+
+def test_variants_run_and_are_finite():
+  model = small_model(use_scale_shift_norm=True, resblock_updown=True, num_head_channels=16)
+  params = _random_params(_param_shapes(model), seed=3)
+  out = np.asarray(_apply(model, params, _x(), T_IN, Y_IN))
+  assert out.shape == X_SHAPE and np.all(np.isfinite(out)) and np.std(out) > 1e-2
+  out_t = np.asarray(_apply(model, params, _x(), T_IN + 7, Y_IN))
+  assert np.max(np.abs(out_t - out)) > 1e-3 * np.max(np.abs(out))
+
+
+# ------------------------------------------------------------------ precision
+
+
+def test_bfloat16_compute_float32_params():
+  model = small_model(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  shapes = _param_shapes(model, y=Y_IN)
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype(jnp.float32)}
+  params = _base_perturbed()
+  assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
+  x = _x()
+  out = _apply(model, params, x, T_IN, Y_IN)
+  assert out.dtype == jnp.float32
+  ref = np.asarray(_apply(small_model(), params, x, T_IN, Y_IN))
+  out = np.asarray(out)
+  rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+  assert 0 < rel < 0.05, rel  # bf16 has an 8-bit mantissa (~0.4% per rounding).
+  # The convolutions really run in bfloat16.
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({'params': p}, x, T_IN, Y_IN))(params)
+  conv_dtypes = set()
+
+  def visit(jp):
+    for eqn in jp.eqns:
+      if eqn.primitive.name == 'conv_general_dilated':
+        conv_dtypes.add(eqn.invars[0].aval.dtype)
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+  visit(jaxpr.jaxpr)
+  assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
+
+
+# ------------------------------------------------------------------ remat
+
+
+def test_remat_matches_plain():
+  plain, remat = small_model(), small_model(remat=True)
+  shapes = _param_shapes(remat)
+  params = _base_perturbed()
+  assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
+  x = _x()
+
+  def loss(model, p):
+    out = model.apply({'params': p}, x, T_IN, Y_IN, train=True,
+                      rngs={'dropout': jax.random.key(4)})
+    return jnp.mean((out - x)**2), out
+
+  (l_p, out_p), g_p = jax.jit(jax.value_and_grad(functools.partial(loss, plain), has_aux=True))(
+      params)
+  (l_r, out_r), g_r = jax.jit(jax.value_and_grad(functools.partial(loss, remat), has_aux=True))(
+      params)
+  np.testing.assert_allclose(np.asarray(out_r), np.asarray(out_p), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(l_r), float(l_p), rtol=1e-5)
+  flat_p = jax.tree_util.tree_leaves_with_path(g_p)
+  flat_r = jax.tree_util.tree_leaves(g_r)
+  for (path, gp), gr in zip(flat_p, flat_r):
+    np.testing.assert_allclose(np.asarray(gr), np.asarray(gp), rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  assert sum(float(jnp.sum(jnp.abs(g))) for _, g in flat_p) > 0
+  # remat really wraps the blocks in checkpoints.
+  jaxpr = jax.make_jaxpr(functools.partial(loss, remat))(params)
+  assert 'checkpoint' in str(jaxpr) or 'remat' in str(jaxpr)
+
+
+# ------------------------------------------------------------------ timestep embedding
+
+
+@pytest.mark.parametrize('dim', [8, 9, 32, 128])
+def test_timestep_embedding_formula(dim):
+  t = np.array([0.0, 1.0, 2.5, 17.0, 500.0, 999.0])
+  half = dim // 2
+  freqs = np.array([10_000.0**(-i / (half - 1)) for i in range(half)])  # Ho et al. / tensor2tensor
+  args = t[:, None] * freqs[None, :]
+  ref = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+  if dim % 2:
+    ref = np.concatenate([ref, np.zeros((len(t), 1))], axis=1)
+  emb = models.timestep_embedding(jnp.asarray(t, jnp.float32), dim)
+  assert emb.shape == (len(t), dim) and emb.dtype == jnp.float32
+  # float32 arguments up to 999 rad carry ~1e-4 absolute error.
+  np.testing.assert_allclose(np.asarray(emb, np.float64), ref, atol=3e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(emb, np.float64)[:4], ref[:4], atol=1e-6, rtol=0)
+  # Integer timesteps give the same embedding.
+  np.testing.assert_array_equal(
+      np.asarray(models.timestep_embedding(jnp.array([0, 17, 999]), dim)),
+      np.asarray(emb)[[0, 3, 5]])
