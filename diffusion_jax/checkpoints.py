@@ -19,7 +19,11 @@ PyTree = Any
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / 'checkpoints'
+  """`<workdir>/checkpoints` as an absolute path (orbax refuses relative ones)."""
+  path = epath.Path(workdir)
+  if '://' not in str(workdir):
+    path = path.absolute()
+  return path / 'checkpoints'
 
 
 def latest_step_on_disk(workdir: str) -> int:
@@ -40,7 +44,11 @@ def create_manager(workdir: str, keep: int = 3, async_save: bool = True,
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree) -> None:
-  """Starts saving `state` as checkpoint `step` (returns before the write ends if async)."""
+  """Starts saving `state` as checkpoint `step` (returns before the write ends if async).
+
+  A failure of the previous asynchronous save is raised here rather than lost.
+  """
+  manager.check_for_errors()
   manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
 

@@ -192,6 +192,23 @@ def x0_eps_from_output(schedule: Schedule, output: jax.Array, x_t: jax.Array, t:
                    f'use one of {PREDICTION_TYPES}.')
 
 
+def split_learned_sigma(output: jax.Array, learn_sigma: bool
+                        ) -> Tuple[jax.Array, Optional[jax.Array]]:
+  """Splits a `learn_sigma` network output [..., 2C] into (prediction [..., C], v [..., C])."""
+  if not learn_sigma:
+    return output, None
+  prediction, v = jnp.split(output, 2, axis=-1)
+  return prediction, v
+
+
+def learned_log_variance(schedule: Schedule, v: jax.Array, t: jax.Array) -> jax.Array:
+  """Improved-DDPM variance: log sigma^2 = f log beta_t + (1 - f) log beta~_t, f = (v + 1) / 2."""
+  frac = (v.astype(jnp.float32) + 1.0) / 2.0
+  max_log = extract(jnp.log(schedule.betas), t, v.ndim)
+  min_log = extract(schedule.posterior_log_variance_clipped, t, v.ndim)
+  return frac * max_log + (1.0 - frac) * min_log
+
+
 def training_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
                     prediction_type: str) -> jax.Array:
   """What the network is regressed onto for `prediction_type`."""

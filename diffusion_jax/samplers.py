@@ -96,7 +96,8 @@ def ddim_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: ja
   seq = ddim_timesteps(schedule.num_timesteps, steps)
   t_seq = jnp.asarray(seq[::-1])
   abar = schedule.alphas_cumprod
-  abar_prev_seq = jnp.asarray(np.append(np.asarray(abar)[seq[:-1]], 1.0)[::-1], jnp.float32)
+  # abar of the next (smaller) kept step, 1 after the last: aligned with t_seq.
+  abar_prev_seq = jnp.asarray(np.append(1.0, np.asarray(abar)[seq[:-1]])[::-1], jnp.float32)
 
   def body(i, x):
     t = t_seq[i]

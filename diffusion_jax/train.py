@@ -125,6 +125,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           checkpoints.save(manager, step, state)
   finally:
     manager.wait_until_finished()
+    manager.check_for_errors()
     manager.close()
     writer.flush()
   logging.info('Finished training at step %d.', step)

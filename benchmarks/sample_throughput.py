@@ -1,0 +1,184 @@
+"""Sampling throughput of diffusion-jax, optionally side by side with a diffusers sampling loop.
+
+  python benchmarks/sample_throughput.py --config=configs/cifar10_ddpm.py --batch_size=16 \\
+      --samplers=ddim --steps=10
+
+For each sampler in --samplers and each count in --steps, builds `sampling.make_sample_fn(...)`
+(the library's compiled, batch-sharded sampler; parameters are a fresh random init, which costs
+the same as trained ones), measures the first call (compilation + one run) separately from the
+timed calls, and prints one JSON line. `ddpm` always walks all `diffusion.num_timesteps` steps
+(that is what our sampler does), so it gets one line whatever --steps says and is slow on a CPU;
+override `--config.diffusion.num_timesteps` for a quick look.
+
+With diffusers + torch installed (`--compare_diffusers`, default auto), the same network as a
+`diffusers.UNet2DModel` runs the scheduler loop that DDIMPipeline / DDPMPipeline run
+(`DDIMScheduler` eta=0 with clip_sample and the clipped model output, or `DDPMScheduler`
+fixed_small, on our betas, same timesteps), under torch.inference_mode, on the same batch size;
+the two sides alternate between timed calls and the line gets `ratio_ours_over_diffusers`
+(images/s ours / images/s theirs; > 1 = we are faster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Dict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_throughput as tt  # pylint: disable=g-import-not-at-top  (also puts the repo on sys.path)
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from diffusion_jax import diffusion, models, sampling, sharding, train_state  # pylint: disable=g-import-not-at-top
+
+
+class DiffusersSampler:
+  """The DDIMPipeline / DDPMPipeline loop, minus image post-processing, on our schedule."""
+
+  def __init__(self, unet, config, sampler: str, steps: int, batch_size: int):
+    import torch  # pylint: disable=g-import-not-at-top
+    from diffusers import DDIMScheduler, DDPMScheduler  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.unet = unet.eval()
+    dcfg, scfg = config.diffusion, config.sample
+    if dcfg.prediction_type != 'epsilon':
+      raise NotImplementedError('the diffusers comparison implements epsilon prediction only.')
+    betas = diffusion.beta_schedule(dcfg.beta_schedule, dcfg.num_timesteps, dcfg.beta_start,
+                                    dcfg.beta_end).astype(np.float32)
+    common = dict(num_train_timesteps=dcfg.num_timesteps, trained_betas=betas,
+                  clip_sample=bool(scfg.clip_denoised), prediction_type='epsilon',
+                  timestep_spacing='leading', steps_offset=0)
+    if sampler == 'ddim':
+      # Our DDIM: timesteps 0, k, 2k, ... (k = T // steps), abar_prev = 1 at the last step, and
+      # eps recomputed from the clipped x0 -- diffusers' 'leading' spacing, set_alpha_to_one,
+      # use_clipped_model_output.
+      self.scheduler = DDIMScheduler(set_alpha_to_one=True, **common)
+      self.scheduler.set_timesteps(steps)
+      self.step_kwargs = dict(eta=float(scfg.eta), use_clipped_model_output=True)
+    elif sampler == 'ddpm':
+      self.scheduler = DDPMScheduler(variance_type=scfg.variance, **common)
+      self.scheduler.set_timesteps(dcfg.num_timesteps)
+      self.step_kwargs = {}
+    else:
+      raise NotImplementedError(f'no diffusers counterpart for sampler {sampler!r}.')
+    res, ch = config.data.resolution, config.data.channels
+    self.shape = (batch_size, ch, res, res)
+    self.labels = None
+    if config.model.num_classes > 0:
+      self.labels = torch.arange(batch_size) % config.model.num_classes
+    self.generator = torch.Generator().manual_seed(config.sample.seed)
+
+  def __call__(self):
+    torch = self.torch
+    with torch.inference_mode():
+      x = torch.randn(self.shape, generator=self.generator)
+      for t in self.scheduler.timesteps:
+        eps = self.unet(x, t, class_labels=self.labels).sample
+        x = self.scheduler.step(eps, t, x, generator=self.generator, **self.step_kwargs).prev_sample
+      return x.clamp(-1, 1)
+
+  def warmup(self):
+    with self.torch.inference_mode():
+      x = self.torch.zeros(self.shape)
+      self.unet(x, self.scheduler.timesteps[0], class_labels=self.labels)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  config = f.config
+  batch_size, repeats = f.batch_size, f.repeats
+  if repeats <= 0:
+    raise SystemExit('--repeats must be > 0.')
+  compare = tt.resolve_compare(f.compare_diffusers)
+
+  mesh = sharding.create_mesh(config.mesh)
+  if batch_size % mesh.devices.size:
+    raise SystemExit(f'--batch_size={batch_size} must be divisible by the '
+                     f'{mesh.devices.size} devices of the mesh.')
+  res, ch = config.data.resolution, config.data.channels
+  model = models.create_model(config.model, ch)
+  schedule = diffusion.make_schedule(config.diffusion)
+  params = jax.jit(lambda k: train_state.init_params(model, k, (res, res, ch)),
+                   out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
+  n_params = tt.count_params(params)
+  labels = np.zeros((batch_size,), np.int32)
+  if config.model.num_classes > 0:
+    labels = (np.arange(batch_size) % config.model.num_classes).astype(np.int32)
+
+  unet = None
+  if compare:
+    unet, _, theirs_params = tt.build_diffusers_unet(config, f.torch_threads)
+
+  runs = []
+  for sampler in f.samplers:
+    if sampler == 'ddpm':
+      runs.append(('ddpm', config.diffusion.num_timesteps))
+    else:
+      runs.extend((sampler, int(s)) for s in f.steps)
+
+  for sampler, steps in runs:
+    config.sample.sampler = sampler
+    config.sample.steps = steps if sampler != 'ddpm' else 0
+    sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, batch_size)
+    rng = jax.random.PRNGKey(config.sample.seed)
+    calls = {'n': 0}
+
+    def run_ours():
+      calls['n'] += 1
+      jax.block_until_ready(sample_fn(params, jax.random.fold_in(rng, calls['n']), labels))
+
+    t0 = time.perf_counter()
+    run_ours()  # Compilation + one run.
+    first_call_s = time.perf_counter() - t0
+    runners = {'ours': run_ours}
+    if compare:
+      theirs = DiffusersSampler(unet, config, sampler, steps, batch_size)
+      theirs.warmup()
+      runners['diffusers'] = theirs
+    times = tt.interleaved_timing(runners, repeats, repeats)  # Strictly alternating.
+    ours = tt.summarize(times['ours'], batch_size)
+    line: Dict[str, Any] = {
+        'benchmark': 'sample',
+        'config': tt.config_name(tt.config_file()),
+        'sampler': sampler,
+        'steps': steps,
+        'batch_size': batch_size,
+        'devices': int(mesh.devices.size),
+        'platform': jax.devices()[0].platform,
+        'dtype': str(config.model.dtype),
+        'images_per_sec': round(ours['images_per_sec'], 3),
+        'batch_s': round(ours['median_s'], 3),
+        'batch_s_min': round(ours['min_s'], 3),
+        'ms_per_network_eval': round(1e3 * ours['median_s'] / steps, 2),
+        'first_call_s': round(first_call_s, 2),
+        'compile_s': round(max(first_call_s - ours['median_s'], 0.0), 2),
+        'params': n_params,
+        'repeats': repeats,
+    }
+    if compare:
+      th = tt.summarize(times['diffusers'], batch_size)
+      line.update({
+          'diffusers_params': theirs_params,
+          'params_match': theirs_params == n_params,
+          'diffusers_scheduler': type(theirs.scheduler).__name__,
+          'diffusers_images_per_sec': round(th['images_per_sec'], 3),
+          'diffusers_batch_s': round(th['median_s'], 3),
+          'diffusers_batch_s_min': round(th['min_s'], 3),
+          'ratio_ours_over_diffusers': round(ours['images_per_sec'] / th['images_per_sec'], 3),
+      })
+    line['versions'] = tt.library_versions(compare)
+    print(json.dumps(line), flush=True)
+
+
+if __name__ == '__main__':
+  from absl import app, flags as absl_flags  # pylint: disable=g-import-not-at-top
+  tt.define_flags(train=False)
+  absl_flags.DEFINE_list('samplers', ['ddim'], 'Samplers to time: ddim, ddpm (ddpm = all T steps).')
+  absl_flags.DEFINE_list('steps', ['10'], 'DDIM step counts to time (one JSON line each).')
+  absl_flags.DEFINE_integer('repeats', 2, 'Timed sampling calls per side and line.')
+  app.run(main)
