@@ -1,7 +1,8 @@
-"""diffusion-jax command line: train, or sample from, a diffusion model.
+"""diffusion-jax command line: train, sample from, or evaluate a diffusion model.
 
   python main.py --config=configs/digits.py --workdir=runs/digits               # train (resumes)
   python main.py --config=configs/digits.py --workdir=runs/digits --mode=sample # samples.npz + grid
+  python main.py --config=configs/digits.py --workdir=runs/digits --mode=eval   # bits/dim (config.eval)
   python main.py --config=configs/cifar10_ddpm.py --workdir=gs://bucket/run \\
       --config.training.batch_size=256                                          # any field
 
@@ -18,9 +19,14 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and TensorBoard events.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
 flags.DEFINE_bool('distributed', None,
-                  'Call jax.distributed.initialize() (default: auto-detect a TPU pod or SLURM).')
+                  'Call jax.distributed.initialize() (default: auto-detect a TPU pod or SLURM, '
+                  'or when --coordinator_address is given).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0 for jax.distributed (clusters without auto-detection).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -36,8 +42,25 @@ class _QuietCheckpointLogs(logging.Filter):
 def _wants_distributed() -> bool:
   if FLAGS.distributed is not None:
     return FLAGS.distributed
+  if FLAGS.coordinator_address:
+    return True
   return ('SLURM_NTASKS' in os.environ and int(os.environ['SLURM_NTASKS']) > 1) or (
       'TPU_WORKER_HOSTNAMES' in os.environ and ',' in os.environ['TPU_WORKER_HOSTNAMES'])
+
+
+def _initialize_distributed(jax) -> None:
+  """jax.distributed.initialize(): auto-detected on Cloud TPU / SLURM, else from the flags.
+
+  CPU processes exchange collectives over gloo (multi-process CPU runs, tests, debugging).
+  """
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      raise app.UsageError('--coordinator_address needs --num_processes and --process_id.')
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  else:
+    jax.distributed.initialize()
 
 
 def main(argv):
@@ -46,7 +69,7 @@ def main(argv):
   absl_logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   import jax  # pylint: disable=g-import-not-at-top
   if _wants_distributed():
-    jax.distributed.initialize()
+    _initialize_distributed(jax)
   from diffusion_jax import config_validation, sampling, train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -54,6 +77,12 @@ def main(argv):
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'eval':
+      from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
+      results = evaluation.evaluate(FLAGS.config, FLAGS.workdir)
+      summary = {k: v['bpd'] for k, v in results.items() if isinstance(v, dict)}
+      print(f'Step {results["step"]}, {results["num_examples"]} images: bits/dim {summary}; '
+            f'details in {FLAGS.workdir}/eval/vlb_step{results["step"]}.json')
     else:
       out_dir = sampling.generate(FLAGS.config, FLAGS.workdir)
       print(f'Samples written to {out_dir}')

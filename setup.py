@@ -18,6 +18,7 @@ setuptools.setup(
         'orbax-checkpoint>=0.11.0',
         'ml-collections>=0.1.1',
         'clu>=0.0.12',
+        'diffrax>=0.6.0',              # The probability-flow ODE of --mode=eval's ode_nll.
         'numpy>=1.26',
         'absl-py',
         'etils[epath]',

@@ -135,6 +135,7 @@ def main(argv):
     t0 = time.perf_counter()
     run_ours()  # Compilation + one run.
     first_call_s = time.perf_counter() - t0
+    tt.log(f'ours: {sampler} {steps} steps: first call (compile + run) {first_call_s:.1f} s')
     runners = {'ours': run_ours}
     if compare:
       theirs = DiffusersSampler(unet, config, sampler, steps, batch_size)

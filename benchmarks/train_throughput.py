@@ -108,6 +108,11 @@ def summarize(times_s: List[float], batch_size: int) -> Dict[str, float]:
           'images_per_sec': batch_size / med}
 
 
+def log(msg: str) -> None:
+  """Progress on stderr (stdout carries only the JSON lines)."""
+  print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
 def interleaved_timing(runners: Dict[str, Callable[[], None]], total: int, rounds: int
                        ) -> Dict[str, List[float]]:
   """Calls each runner `total` times, alternating between them in `rounds` chunks.
@@ -123,6 +128,7 @@ def interleaved_timing(runners: Dict[str, Callable[[], None]], total: int, round
         t0 = time.perf_counter()
         run()
         times[name].append(time.perf_counter() - t0)
+        log(f'{name}: call {len(times[name])}/{total} took {times[name][-1]:.3f} s')
   return times
 
 
@@ -309,6 +315,7 @@ def main(argv):
   t0 = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  log(f'ours: compiled in {compile_s:.1f} s; {n_params:,} parameters')
   holder = {'state': state}
 
   def run_ours():
@@ -327,6 +334,7 @@ def main(argv):
     unet, kwargs, theirs_params = build_diffusers_unet(config, f.torch_threads)
     images = np.asarray(jax.device_get(batch['image']))
     labels = np.asarray(jax.device_get(batch['label'])) if 'label' in batch else None
+    log(f'diffusers: UNet2DModel with {theirs_params:,} parameters')
     torch_step = TorchTrainStep(unet, config, images, labels)
     for _ in range(warmup):
       torch_step()

@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.prediction_type = 'epsilon'  # epsilon | x0 | v
   diffusion.loss_weighting = 'simple'    # simple | min_snr
   diffusion.min_snr_gamma = 5.0          # gamma of Min-SNR weighting (Hang et al. 2023).
+  # With model.learn_sigma the loss is the hybrid L_simple + vlb_weight * L_vlb of Nichol &
+  # Dhariwal, L_vlb = T * L_t in bits/dim (so 0.001 gives (T / 1000) L_t per example).
+  diffusion.vlb_weight = 0.001
 
   # ---------------------------------------------------------------- optimizer
   config.optim = optim = ml_collections.ConfigDict()
@@ -87,20 +90,76 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3
   training.async_checkpointing = True
   training.cond_drop_prob = 0.0        # Labels dropped to the null class (classifier-free guidance).
+  training.steps_per_call = 1          # Optimizer steps per compiled call (lax.scan); logging,
+                                       # sampling and checkpoint intervals must be multiples.
+  training.grad_accum_steps = 1        # Micro-batches per step (batch_size / this each); same
+                                       # update as one batch_size step, less activation memory.
+  training.keep_every_steps = 0        # Also keep every checkpoint at a multiple of this; 0 = off.
+  training.on_nonfinite = 'stop'       # NaN/Inf loss or gradients: 'stop' (error, last good
+                                       # checkpoint kept) | 'skip' (update dropped, counted in
+                                       # the 'skipped_steps' metric). Params/EMA never get NaN.
 
   # ---------------------------------------------------------------- sampling
   config.sample = sample = ml_collections.ConfigDict()
-  sample.sampler = 'ddim'        # ddpm | ddim
-  sample.steps = 100             # Sampling steps (ddpm uses num_timesteps if 0).
+  sample.sampler = 'ddim'        # ddpm | ddim | dpm_solver_pp | euler | heun (diffusers' names)
+  sample.steps = 100             # Sampling steps (heun: 2 steps - 1 model calls); ddpm: 0 = all T.
+  # Which training steps the discrete samplers (ddpm, ddim, dpm_solver_pp) keep: linspace |
+  # leading (= uniform, DDIM's 0, k, 2k, ...) | trailing | quadratic, or guided-diffusion's
+  # 'ddimN' / 'a,b,c' section counts (these fix the step count; sample.steps is then ignored).
+  # linspace / trailing start at the last step (better for few-step dpm_solver_pp).
+  sample.spacing = 'leading'
   sample.eta = 0.0               # DDIM eta: 0 deterministic, 1 DDPM-like noise.
-  sample.variance = 'fixed_small'  # DDPM reverse variance: fixed_small | fixed_large
-  sample.clip_denoised = True    # Clip the predicted x0 to [-1, 1].
+  sample.variance = 'fixed_small'  # ddpm variance: fixed_small | fixed_large | learned_range
+  sample.clip_denoised = True    # False turns x0 thresholding off (sample.thresholding is ignored).
+  sample.thresholding = 'static'  # x0 thresholding: static (clip to [-1, 1]) | dynamic | none
+  sample.dynamic_threshold_percentile = 0.995  # Imagen's p for thresholding='dynamic'.
+  sample.guidance_scale = 1.0    # Classifier-free guidance s (num_classes > 0): 1 = conditional.
+  sample.solver_order = 2        # dpm_solver_pp order: 1 | 2 | 3 (3 only multistep).
+  sample.solver_type = 'multistep'  # dpm_solver_pp: multistep (2M / 3M) | singlestep (2S).
+  sample.rho = 7.0               # euler / heun: Karras sigma schedule exponent.
+  sample.s_churn = 0.0           # euler / heun: EDM stochastic churn (0 = deterministic ODE) ...
+  sample.s_tmin = 0.0            # ... applied where s_tmin <= sigma <= s_tmax ...
+  sample.s_tmax = float('inf')
+  sample.s_noise = 1.0           # ... with this noise inflation.
   sample.num_samples = 64        # --mode=sample writes this many images.
   sample.batch_size = 64         # Global batch per sampling call.
   sample.seed = 0
   sample.use_ema = True
+  # Class ids for a class-conditional model, by sample index: '' cycles through all classes,
+  # '3' draws only class 3, '0,3,7' cycles through the list.
+  sample.class_labels = ''
+  sample.animation = False       # --mode=sample also writes animation.gif of the first batch:
+  sample.animation_every = 10    # ... a frame (x_t beside the predicted x0) every this many steps
+  sample.animation_num_images = 16  # ... showing this many samples.
+
+  # ---------------------------------------------------------------- evaluation
+  # --mode=eval: bits/dim of the newest checkpoint on data.eval_split, written to
+  # <workdir>/eval/vlb_step<step>.json and TensorBoard (<workdir>/eval).
+  config.eval = ecfg = ml_collections.ConfigDict()
+  ecfg.metrics = ('vlb',)        # 'vlb' (variational bound, all T terms) and/or 'ode_nll'
+                                 # (probability-flow ODE with dequantisation).
+  ecfg.batch_size = 256          # Global batch.
+  ecfg.num_batches = -1          # Batches of the split to evaluate; -1 = the whole split.
+  ecfg.use_ema = True
+  ecfg.seed = 0                  # Noise of the VLB terms, dequantisation and ODE probes.
+  ecfg.variance = 'fixed_large'  # Reverse variance of fixed-variance models in the VLB:
+                                 # fixed_large (beta_t) | fixed_small (posterior beta~_t).
+                                 # Learned with model.learn_sigma.
+  ecfg.clip_denoised = True      # Clip x0_hat to [-1, 1] inside the VLB's reverse steps.
+  ecfg.num_kl_buckets = 10       # The KL terms are also reported summed over this many t ranges.
+  ecfg.ode_solver = 'tsit5'      # tsit5 | dopri5 (adaptive, PID step-size control).
+  ecfg.ode_rtol = 1e-5
+  ecfg.ode_atol = 1e-5
+  ecfg.ode_probe = 'rademacher'  # Hutchinson probes: rademacher | gaussian; exact (small D only).
+  ecfg.ode_num_probes = 1        # Probes per image, averaged inside every divergence.
+  ecfg.ode_max_steps = 4096      # A solve needing more steps is reported as failed.
 
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.data = -1                 # Devices on the data axis; -1 = all of them.
+  # Mesh ('data', 'fsdp'): the batch is split over both axes; params, EMA and optimizer state
+  # are sharded over 'fsdp' (each tensor of >= fsdp_min_size elements along its largest
+  # dimension divisible by mesh.fsdp; smaller ones replicated). -1 = the devices left over.
+  mesh.data = -1                 # Devices on the data axis (pure data parallel).
+  mesh.fsdp = 1                  # Devices on the fsdp axis; 1 = replicated train state.
+  mesh.fsdp_min_size = 2**14     # Tensors with fewer elements stay replicated.
   return config

@@ -35,10 +35,16 @@ def latest_step_on_disk(workdir: str) -> int:
 
 
 def create_manager(workdir: str, keep: int = 3, async_save: bool = True,
-                   read_only: bool = False) -> ocp.CheckpointManager:
-  """An orbax CheckpointManager over `<workdir>/checkpoints` keeping the newest `keep`."""
+                   read_only: bool = False, keep_every: int = 0) -> ocp.CheckpointManager:
+  """An orbax CheckpointManager over `<workdir>/checkpoints` keeping the newest `keep`.
+
+  keep_every > 0 also keeps (never deletes) every checkpoint whose step is a multiple of it.
+  Every process of a multi-host run creates the manager on the same (shared) path and calls
+  `save` at the same steps; each writes its own shards, and process 0 finalises.
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, read_only=read_only,
+      keep_period=(keep_every if keep_every and keep_every > 0 and not read_only else None),
       enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
@@ -78,3 +84,18 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree
     raise ValueError(f'No checkpoint in {manager.directory} could be restored; see the warnings '
                      'above. Move the directory away to start over.')
   return None, None
+
+
+def reached_preemption(step: int) -> bool:
+  """True on every process at the same `step` once JAX's preemption service saw a SIGTERM.
+
+  Only active when `jax.distributed` is initialised (Cloud TPU, multi-host GPU); elsewhere
+  (and when the service is disabled) it returns False.
+  """
+  if jax.process_count() == 1:
+    return False
+  try:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+  except (RuntimeError, ValueError, AttributeError):
+    return False

@@ -14,8 +14,12 @@ import jax.numpy as jnp
 from diffusion_jax import diffusion, samplers
 
 LOCAL_DATASETS = ('digits', 'folder')
-MODES = ('train', 'sample')
+MODES = ('train', 'sample', 'eval')
+EVAL_METRICS = ('vlb', 'ode_nll')
+ODE_SOLVERS = ('tsit5', 'dopri5')
+ODE_PROBES = ('rademacher', 'gaussian', 'exact')
 SAMPLE_VARIANCES = ('fixed_small', 'fixed_large')
+NONFINITE_POLICIES = ('stop', 'skip')
 
 
 class ConfigError(ValueError):
@@ -33,7 +37,7 @@ def _feature_sizes(resolution: int, num_levels: int) -> List[int]:
 
 def validate_config(config, mode: str = 'train', num_devices: Optional[int] = None,
                     num_processes: Optional[int] = None) -> None:
-  """Raises ConfigError listing every problem in `config` for `mode` (train | sample)."""
+  """Raises ConfigError listing every problem in `config` for `mode` (train | sample | eval)."""
   errors: List[str] = []
   _check_choice(errors, 'mode', mode, MODES)
   data, model, dcfg = config.data, config.model, config.diffusion
@@ -49,7 +53,7 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
   if data.dataset == 'folder' and not data.folder:
     errors.append("data.folder is empty but data.dataset='folder': set "
                   '--config.data.folder=/path/to/images.')
-  if mode == 'train' and data.dataset not in LOCAL_DATASETS:
+  if mode in ('train', 'eval') and data.dataset not in LOCAL_DATASETS:
     _check_tfds_name(errors, data.dataset)
 
   # Model.
@@ -104,15 +108,25 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
       0 < dcfg.beta_start < dcfg.beta_end < 1):
     errors.append(f'diffusion.beta_start={dcfg.beta_start} and beta_end={dcfg.beta_end} must '
                   'satisfy 0 < beta_start < beta_end < 1.')
+  if dcfg.get('vlb_weight', 0.001) < 0:
+    errors.append(f'diffusion.vlb_weight={dcfg.vlb_weight} must be >= 0 (0.001 in Nichol & '
+                  'Dhariwal).')
 
   # Optimizer and training.
   _check_choice(errors, 'optim.optimizer', ocfg.optimizer, ('adam', 'adamw'))
   _check_choice(errors, 'optim.lr_schedule', ocfg.lr_schedule, ('constant', 'cosine'))
   if not 0.0 <= ocfg.ema_decay < 1.0:
     errors.append(f'optim.ema_decay={ocfg.ema_decay} must be in [0, 1).')
-  data_devices = num_devices if config.mesh.data == -1 else config.mesh.data
-  if config.mesh.data != -1 and (config.mesh.data <= 0 or num_devices % config.mesh.data):
-    errors.append(f'mesh.data={config.mesh.data} must be -1 or divide the {num_devices} devices.')
+  from diffusion_jax import sharding  # pylint: disable=g-import-not-at-top
+  try:  # The batch is split over both mesh axes.
+    data_size, fsdp_size = sharding.mesh_shape(config.mesh, num_devices)
+    data_devices = data_size * fsdp_size
+  except ValueError as e:
+    errors.append(str(e))
+    data_devices = num_devices
+  if config.mesh.get('fsdp_min_size', 0) < 0:
+    errors.append(f'mesh.fsdp_min_size={config.mesh.fsdp_min_size} must be >= 0.')
+  _check_training_loop(errors, tcfg, data_devices, num_processes)
   for field, value in (('training.batch_size', tcfg.batch_size),
                        ('training.num_grid_samples', tcfg.num_grid_samples),
                        ('sample.batch_size', scfg.batch_size)):
@@ -129,17 +143,138 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
   if scfg.sampler not in samplers.SAMPLERS:
     errors.append(f'sample.sampler={scfg.sampler!r} is unknown; use one of '
                   f'{tuple(sorted(samplers.SAMPLERS))}.')
-  _check_choice(errors, 'sample.variance', scfg.variance, SAMPLE_VARIANCES)
-  if scfg.sampler != 'ddpm' and not 0 < scfg.steps <= dcfg.num_timesteps:
-    errors.append(f'sample.steps={scfg.steps} must be in [1, diffusion.num_timesteps='
-                  f'{dcfg.num_timesteps}].')
+  from diffusion_jax import respacing  # pylint: disable=g-import-not-at-top
+  _check_choice(errors, 'sample.variance', scfg.variance, samplers.VARIANCES)
+  if scfg.sampler == 'ddpm' and scfg.variance == 'learned_range' and not model.learn_sigma:
+    errors.append("sample.variance='learned_range' needs a model trained with "
+                  'model.learn_sigma=True; use fixed_small or fixed_large.')
+  spacing = scfg.get('spacing', 'leading')
+  if scfg.sampler in samplers.CONTINUOUS_SAMPLERS:
+    if scfg.steps < 1:
+      errors.append(f'sample.steps={scfg.steps} must be >= 1 for sample.sampler='
+                    f'{scfg.sampler!r}.')
+  elif not (scfg.sampler == 'ddpm' and scfg.steps == 0 and isinstance(spacing, str)
+            and not respacing.is_section_spacing(spacing)):
+    try:  # Checks sample.spacing and sample.steps (ddpm with steps 0 uses all T steps).
+      respacing.respaced_timesteps(dcfg.num_timesteps, scfg.steps, spacing)
+    except ValueError as e:
+      errors.append(str(e))
+  guidance = scfg.get('guidance_scale', 1.0)
+  if guidance < 0:
+    errors.append(f'sample.guidance_scale={guidance} must be >= 0 (0 = the unconditional '
+                  'model, 1 = the conditional one, > 1 = classifier-free guidance).')
+  elif guidance != 1.0 and model.num_classes <= 0:
+    errors.append(f'sample.guidance_scale={guidance} needs a class-conditional model '
+                  '(model.num_classes > 0, trained with training.cond_drop_prob > 0); use 1.0.')
+  thresholding = scfg.get('thresholding', 'static')
+  _check_choice(errors, 'sample.thresholding', thresholding, samplers.THRESHOLDINGS)
+  if thresholding == 'dynamic' and not scfg.clip_denoised:
+    errors.append("sample.clip_denoised=False turns thresholding off, contradicting "
+                  "sample.thresholding='dynamic'; set clip_denoised=True or thresholding='none'.")
+  percentile = scfg.get('dynamic_threshold_percentile', 0.995)
+  if not 0.0 < percentile <= 1.0:
+    errors.append(f'sample.dynamic_threshold_percentile={percentile} must be in (0, 1].')
+  solver_order = scfg.get('solver_order', 2)
+  solver_type = scfg.get('solver_type', 'multistep')
+  _check_choice(errors, 'sample.solver_type', solver_type, samplers.DPM_SOLVER_TYPES)
+  if solver_order not in (1, 2, 3):
+    errors.append(f'sample.solver_order={solver_order} must be 1, 2 or 3.')
+  elif solver_type == 'singlestep' and solver_order == 3:
+    errors.append("sample.solver_order=3 is only available with sample.solver_type="
+                  "'multistep'; use 2 for singlestep (DPM-Solver++(2S)).")
+  if scfg.get('rho', 7.0) <= 0:
+    errors.append(f'sample.rho={scfg.rho} must be positive (7 in Karras et al.).')
+  for field in ('s_churn', 's_tmin', 's_noise'):
+    if scfg.get(field, 0.0) < 0:
+      errors.append(f'sample.{field}={scfg[field]} must be >= 0.')
+  if scfg.get('s_tmax', float('inf')) < scfg.get('s_tmin', 0.0):
+    errors.append(f'sample.s_tmax={scfg.s_tmax} must be >= sample.s_tmin={scfg.s_tmin}.')
   if not 0.0 <= scfg.eta <= 1.0:
     errors.append(f'sample.eta={scfg.eta} must be in [0, 1].')
   if scfg.num_samples <= 0:
     errors.append(f'sample.num_samples={scfg.num_samples} must be positive.')
+  if 'class_labels' in scfg:
+    from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top (import cycle)
+    try:
+      sampling.parse_class_labels(scfg.class_labels, model.num_classes)
+    except ValueError as e:
+      errors.append(str(e))
+  if scfg.get('animation', False):
+    if scfg.animation_every < 1:
+      errors.append(f'sample.animation_every={scfg.animation_every} must be >= 1 (sampling '
+                    'steps between animation frames).')
+    if scfg.animation_num_images < 1:
+      errors.append(f'sample.animation_num_images={scfg.animation_num_images} must be >= 1.')
+
+  # Evaluation.
+  if mode == 'eval':
+    _check_eval(errors, config, data_devices, num_processes)
 
   if errors:
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
+
+
+def _check_training_loop(errors: List[str], tcfg, data_devices: int, num_processes: int) -> None:
+  """Checks steps_per_call, grad_accum_steps, keep_every_steps and on_nonfinite."""
+  k = tcfg.get('steps_per_call', 1)
+  accum = tcfg.get('grad_accum_steps', 1)
+  if k < 1:
+    errors.append(f'training.steps_per_call={k} must be >= 1.')
+  elif k > 1:
+    for field in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps',
+                  'keep_every_steps'):
+      value = tcfg.get(field, 0)
+      if value and value % k:
+        errors.append(f'training.{field}={value} must be a multiple of training.steps_per_call'
+                      f'={k} (one compiled call runs {k} steps).')
+  if accum < 1:
+    errors.append(f'training.grad_accum_steps={accum} must be >= 1.')
+  elif tcfg.batch_size % (accum * max(data_devices, 1)) or tcfg.batch_size % (
+      accum * num_processes):
+    errors.append(f'training.batch_size={tcfg.batch_size} must be a multiple of '
+                  f'training.grad_accum_steps={accum} x the {data_devices} devices sharing the '
+                  f'batch (and of {accum} x {num_processes} processes).')
+  if tcfg.get('keep_every_steps', 0) < 0:
+    errors.append(f'training.keep_every_steps={tcfg.keep_every_steps} must be >= 0 (0 = off).')
+  _check_choice(errors, 'training.on_nonfinite', tcfg.get('on_nonfinite', 'stop'),
+                NONFINITE_POLICIES)
+
+
+def _check_eval(errors: List[str], config, data_devices: int, num_processes: int) -> None:
+  """Checks the `config.eval` block that --mode=eval reads."""
+  ecfg = config.get('eval')
+  if ecfg is None:
+    errors.append('config.eval is missing: start the config from configs/default.py, which '
+                  'defines it.')
+    return
+  metrics = tuple(ecfg.metrics) if not isinstance(ecfg.metrics, str) else (ecfg.metrics,)
+  unknown = [m for m in metrics if m not in EVAL_METRICS]
+  if unknown or not metrics:
+    errors.append(f'eval.metrics={metrics} must be a non-empty subset of {EVAL_METRICS}.')
+  if isinstance(ecfg.metrics, str):
+    errors.append(f'eval.metrics={ecfg.metrics!r} must be a tuple, e.g. ({ecfg.metrics!r},).')
+  if (ecfg.batch_size <= 0 or ecfg.batch_size % data_devices
+      or ecfg.batch_size % num_processes):
+    errors.append(f'eval.batch_size={ecfg.batch_size} must be a positive multiple of the '
+                  f'{data_devices} devices on the data axis and of the {num_processes} processes.')
+  if ecfg.num_batches == 0 or ecfg.num_batches < -1:
+    errors.append(f'eval.num_batches={ecfg.num_batches} must be -1 (whole split) or positive.')
+  _check_choice(errors, 'eval.variance', ecfg.variance, SAMPLE_VARIANCES)
+  if ecfg.num_kl_buckets < 1:
+    errors.append(f'eval.num_kl_buckets={ecfg.num_kl_buckets} must be >= 1.')
+  if 'ode_nll' in metrics:
+    _check_choice(errors, 'eval.ode_solver', ecfg.ode_solver, ODE_SOLVERS)
+    _check_choice(errors, 'eval.ode_probe', ecfg.ode_probe, ODE_PROBES)
+    if not (ecfg.ode_rtol > 0 and ecfg.ode_atol > 0):
+      errors.append(f'eval.ode_rtol={ecfg.ode_rtol} and eval.ode_atol={ecfg.ode_atol} must be '
+                    'positive (1e-5 as Song et al.).')
+    if ecfg.ode_num_probes < 1:
+      errors.append(f'eval.ode_num_probes={ecfg.ode_num_probes} must be >= 1.')
+    if ecfg.ode_max_steps < 1:
+      errors.append(f'eval.ode_max_steps={ecfg.ode_max_steps} must be >= 1.')
+    if ecfg.ode_probe == 'exact' and config.data.resolution**2 * config.data.channels > 256:
+      errors.append("eval.ode_probe='exact' costs one Jacobian-vector product per dimension; use "
+                    "'rademacher' for images of more than 256 dimensions.")
 
 
 def _check_tfds_name(errors: List[str], name: str) -> None:

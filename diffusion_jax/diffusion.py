@@ -262,3 +262,163 @@ def diffusion_loss(schedule: Schedule, output: jax.Array, x0: jax.Array, noise: 
   mse = jnp.mean(jnp.square(output.astype(jnp.float32) - target),
                  axis=tuple(range(1, target.ndim)))
   return loss_weight(schedule, t, weighting, prediction_type, min_snr_gamma) * mse
+
+
+# ---------------------------------------------------------------- variational bound
+#
+# Nichol & Dhariwal (2021): the reverse process p(x_{t-1} | x_t) = N(mu_theta, Sigma_theta) and
+# the terms of the variational bound -log p(x_0) <= L_T + sum_{t>=1} L_{t} + L_0, with
+#   L_T = KL(q(x_T | x_0) || N(0, I)),
+#   L_t = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))  for t >= 1 (index t here is t+1 there),
+#   L_0 = -log p(x_0 | x_1), a Gaussian discretised to the 256 levels of 8-bit data.
+# Every term is returned per example in bits per dimension: the sum over the D = H*W*C
+# dimensions divided by D ln 2, so that the terms add up to the bound in bits/dim.
+
+VARIANCE_TYPES = ('fixed_small', 'fixed_large')
+
+
+def normal_kl(mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array
+              ) -> jax.Array:
+  """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats (arguments broadcast).
+
+    KL = 1/2 [logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^(-logvar2) - 1]
+  """
+  mean1, logvar1, mean2, logvar2 = (jnp.asarray(a, jnp.float32)
+                                    for a in (mean1, logvar1, mean2, logvar2))
+  return 0.5 * (logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2) - 1.0)
+
+
+def _log_normal_mass(lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """log(Phi(hi) - Phi(lo)) for lo <= hi, accurate in both tails.
+
+  An interval in the upper tail is reflected to the lower one (Phi(hi) - Phi(lo) =
+  Phi(-lo) - Phi(-hi)), where log Phi(hi) + log(1 - e^(log Phi(lo) - log Phi(hi))) loses
+  nothing to cancellation. Both branches stay finite, so gradients never see a NaN.
+  """
+  upper = (lo + hi) > 0
+  lo, hi = jnp.where(upper, -hi, lo), jnp.where(upper, -lo, hi)
+  log_hi, log_lo = jax.scipy.special.log_ndtr(hi), jax.scipy.special.log_ndtr(lo)
+  return log_hi + jnp.log(-jnp.expm1(jnp.minimum(log_lo - log_hi, -1e-20)))
+
+
+def discretized_gaussian_log_likelihood(x: jax.Array, mean: jax.Array, log_scale: jax.Array
+                                        ) -> jax.Array:
+  """Elementwise log-probability (nats) of 8-bit data `x` in [-1, 1] under a discretised Gaussian.
+
+  The 256 levels x_k = k / 127.5 - 1 own the bins [x_k - 1/255, x_k + 1/255] (width 2/255),
+  except that the two edge bins are open-ended:
+
+    log P(x) = log Phi((x + 1/255 - mean) / s)                  x = -1 (below -0.999)
+             = log(1 - Phi((x - 1/255 - mean) / s))            x = +1 (above +0.999)
+             = log(Phi((x + 1/255 - mean) / s) - Phi((x - 1/255 - mean) / s))   otherwise,
+
+  with s = exp(log_scale) the standard deviation. Arguments broadcast.
+  """
+  x, mean, log_scale = (jnp.asarray(a, jnp.float32) for a in (x, mean, log_scale))
+  inv_std = jnp.exp(-log_scale)
+  half_bin = 1.0 / 255.0
+  lo = (x - mean - half_bin) * inv_std
+  hi = (x - mean + half_bin) * inv_std
+  log_below = jax.scipy.special.log_ndtr(hi)   # Mass of (-inf, hi].
+  log_above = jax.scipy.special.log_ndtr(-lo)  # Mass of [lo, +inf).
+  return jnp.where(x < -0.999, log_below,
+                   jnp.where(x > 0.999, log_above, _log_normal_mass(lo, hi)))
+
+
+def fixed_log_variance(schedule: Schedule, t: jax.Array, ndim: int,
+                       variance: str = 'fixed_small') -> jax.Array:
+  """log sigma_t^2 of a fixed reverse variance, shaped to broadcast against rank-`ndim` arrays.
+
+  fixed_small: beta~_t (the true posterior variance; beta~_1 at t = 0 where beta~_0 = 0);
+  fixed_large: beta_t (with beta~_1 at t = 0, as improved-diffusion, so the decoder stays sharp).
+  """
+  if variance == 'fixed_small':
+    return extract(schedule.posterior_log_variance_clipped, t, ndim)
+  if variance == 'fixed_large':
+    log_var = jnp.log(jnp.append(schedule.posterior_variance[1:2], schedule.betas[1:]))
+    return extract(log_var, t, ndim)
+  raise ValueError(f'variance={variance!r} is unknown; use one of {VARIANCE_TYPES}.')
+
+
+def p_mean_variance(schedule: Schedule, output: jax.Array, x_t: jax.Array, t: jax.Array,
+                    prediction_type: str, learn_sigma: bool, variance: str = 'fixed_small',
+                    clip_denoised: bool = False) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """The reverse step p(x_{t-1} | x_t) = N(mean, e^log_var) a network output implies.
+
+  output: [B, ..., C] (or [B, ..., 2C] with `learn_sigma`: prediction, then the variance
+  interpolation v in [-1, 1] of `learned_log_variance`); x_t: [B, ..., C]; t: [B] indices.
+  x0 = x0_hat(output) (clipped to [-1, 1] with `clip_denoised`), mean = c1_t x0 + c2_t x_t, and
+  log_var the learned interpolation or the fixed `variance` (fixed_small | fixed_large).
+  Returns (mean, log_var, x0), all float32 [B, ..., C].
+  """
+  x_t = x_t.astype(jnp.float32)
+  prediction, v = split_learned_sigma(output.astype(jnp.float32), learn_sigma)
+  x0, _ = x0_eps_from_output(schedule, prediction, x_t, t, prediction_type)
+  if clip_denoised:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+  mean, _, _ = q_posterior(schedule, x0, x_t, t)
+  if learn_sigma:
+    log_var = learned_log_variance(schedule, v, t)
+  else:
+    log_var = jnp.broadcast_to(fixed_log_variance(schedule, t, x_t.ndim, variance), x_t.shape)
+  return mean, log_var, x0
+
+
+def _mean_over_dims(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def vlb_term(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array,
+             model_mean: jax.Array, model_log_variance: jax.Array) -> jax.Array:
+  """Per-example term [B] of the variational bound at step t, in bits/dim.
+
+  t >= 1: L_t = KL(q(x_{t-1} | x_t, x_0) || N(model_mean, e^model_log_variance)) / (D ln 2);
+  t == 0: L_0 = -log N_disc(x_0; model_mean, e^model_log_variance) / (D ln 2), the discretised
+  decoder (`discretized_gaussian_log_likelihood`). x0, x_t, model_*: [B, ...]; t: [B].
+  """
+  x0, x_t = x0.astype(jnp.float32), x_t.astype(jnp.float32)
+  true_mean, _, true_log_var = q_posterior(schedule, x0, x_t, t)
+  kl = _mean_over_dims(normal_kl(true_mean, true_log_var, model_mean, model_log_variance))
+  nll = -_mean_over_dims(discretized_gaussian_log_likelihood(
+      x0, model_mean, 0.5 * model_log_variance.astype(jnp.float32)))
+  return jnp.where(jnp.asarray(t) == 0, nll, kl) / math.log(2.0)
+
+
+def prior_bpd(schedule: Schedule, x0: jax.Array) -> jax.Array:
+  """L_T = KL(q(x_T | x_0) || N(0, I)) / (D ln 2) per example [B], x_T the last step T-1.
+
+  q(x_T | x_0) = N(sqrt(abar_T) x_0, (1 - abar_T) I); no parameters, so it only measures how
+  far the schedule is from destroying the data.
+  """
+  x0 = x0.astype(jnp.float32)
+  t = jnp.full((x0.shape[0],), schedule.num_timesteps - 1, jnp.int32)
+  mean, var = q_mean_variance(schedule, x0, t)
+  return _mean_over_dims(normal_kl(mean, jnp.log(var), 0.0, 0.0)) / math.log(2.0)
+
+
+def training_losses(schedule: Schedule, output: jax.Array, x0: jax.Array, noise: jax.Array,
+                    t: jax.Array, x_t: jax.Array, diffusion_config, learn_sigma: bool
+                    ) -> jax.Array:
+  """The per-example training loss [B].
+
+  Without `learn_sigma`: L_simple, the (`loss_weighting`-weighted) MSE of `diffusion_loss`.
+  With it (output [B, ..., 2C]), the hybrid objective of Nichol & Dhariwal:
+
+    L_hybrid = L_simple + lambda L_vlb,   L_vlb = T E_t[L_t]  =>  lambda T L_t per example,
+
+  lambda = `diffusion_config.vlb_weight` (0.001 in the paper, i.e. T/1000 L_t) and L_t the
+  bits/dim `vlb_term` computed with the mean prediction under stop_gradient: the mean is learnt
+  from L_simple alone and the variance channels only from L_vlb.
+  """
+  prediction, v = split_learned_sigma(output, learn_sigma)
+  loss = diffusion_loss(schedule, prediction, x0, noise, t, diffusion_config.prediction_type,
+                        diffusion_config.loss_weighting, diffusion_config.min_snr_gamma)
+  if not learn_sigma:
+    return loss
+  frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), v], axis=-1)
+  mean, log_var, _ = p_mean_variance(schedule, frozen, x_t, t, diffusion_config.prediction_type,
+                                     learn_sigma=True)
+  vlb = vlb_term(schedule, x0, x_t, t, mean, log_var)
+  weight = diffusion_config.get('vlb_weight', 0.001) * schedule.num_timesteps
+  return loss + weight * vlb

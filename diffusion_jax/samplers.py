@@ -2,123 +2,656 @@
 
 Every sampler has the signature
 
-  sampler(denoise, schedule, noise, rng, **options) -> x_0
+  sampler(denoise, schedule, noise, rng, *, trajectory_every=0, **options)
+      -> x_0                              if trajectory_every == 0
+      -> (x_0, Trajectory(x_t, x0))       otherwise, each [K, B, H, W, C], K = ceil(steps / k)
 
-where `denoise(x_t, t) -> Prediction` wraps the network (see `make_denoiser`), `t` is an int32
-timestep index shared by the batch, `noise` is x_T [B, H, W, C] and `rng` drives any fresh noise.
-A new sampler is one such function added to `SAMPLERS`. The loops are `lax.fori_loop`s, so a
-whole sampling run is one XLA program; jit the call (with a batch sharding) from outside.
+`denoise` wraps the network (see `make_denoiser`): `denoise(x_t, t)` with an int32 index t into
+the schedule the sampler is given (shared by the batch), or `denoise(x_t, timestep, sigma=s)` at
+a continuous noise level. `noise` is x_T [B, H, W, C] (standard normal), `rng` drives any fresh
+noise. The denoiser must be built on the same schedule as the sampler is run on
+(`sample_from_config` does this); the only exception is `ddim_sample(..., steps=S)` and
+`dpm_solver_pp_sample(..., steps=S)`, which respace a full schedule themselves and map the indices
+back. Schedules must be concrete (closed over, not jit arguments): every per-step coefficient is
+computed in float64 NumPy at trace time. The loop is a `lax.fori_loop` (a scan), so a whole run
+is one XLA program; jit the call (with a batch sharding) from outside.
+
+With `trajectory_every` = k > 0 the state after every k-th loop step (and after the last one) is
+recorded: x_t, the sample after the step (variance-preserving scale, so x_t[-1] is the output),
+and x0, the prediction the step was computed from.
+
+Registered names (diffusers' spellings): ddpm, ddim, dpm_solver_pp, euler, heun.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+import inspect
+import math
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, respacing
 from diffusion_jax.diffusion import Schedule
+
+VARIANCES = ('fixed_small', 'fixed_large', 'learned_range')
+THRESHOLDINGS = ('static', 'dynamic', 'none')
+DPM_SOLVER_TYPES = ('multistep', 'singlestep')
+CONTINUOUS_SAMPLERS = ('euler', 'heun')  # Run on Karras sigmas, not on a respaced schedule.
 
 
 class Prediction(NamedTuple):
-  """What the network says about x_0 and the noise at (x_t, t)."""
+  """What the network says about x_0 and the noise at (x_t, t); all float32 [B, H, W, C].
+
+  log_variance: the learned reverse-step variance (learn_sigma models at schedule indices),
+  else None.
+  """
   x0: jax.Array
   eps: jax.Array
+  log_variance: Optional[jax.Array] = None
 
 
-Denoiser = Callable[[jax.Array, jax.Array], Prediction]
+class Trajectory(NamedTuple):
+  """Recorded every `trajectory_every` steps: x_t after the step and the x0 it used, [K, B, ...]."""
+  x_t: jax.Array
+  x0: jax.Array
 
 
-def make_denoiser(apply_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Schedule,
-                  prediction_type: str, clip_denoised: bool = True) -> Denoiser:
-  """Turns `apply_fn(x_t, timestep [B]) -> network output` into a `Denoiser`.
+Denoiser = Callable[..., Prediction]
 
-  The denoiser takes a schedule index t; the network sees `schedule.timesteps[t]`.
 
-  With `clip_denoised` the x0 prediction is clipped to [-1, 1] and eps is recomputed from it,
-  so both stay consistent with x_t (as guided-diffusion does).
+# ---------------------------------------------------------------- the denoiser
+
+
+def dynamic_threshold(x0: jax.Array, percentile: float = 0.995) -> jax.Array:
+  """Imagen's dynamic thresholding: x0 -> clip(x0, -s, s) / s, s = max(1, quantile(|x0|, p)).
+
+  The quantile is taken per example over all its values.
   """
-  def denoise(x_t: jax.Array, t: jax.Array) -> Prediction:
-    t_batch = jnp.full((x_t.shape[0],), t, jnp.int32)
-    output = apply_fn(x_t, jnp.take(schedule.timesteps, t_batch))
-    x0, eps = diffusion.x0_eps_from_output(schedule, output, x_t, t_batch, prediction_type)
-    if clip_denoised:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-      eps = diffusion.eps_from_x0(schedule, x_t, t_batch, x0)
-    return Prediction(x0, eps)
+  flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+  s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
+  s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+  return jnp.clip(x0, -s, s) / s
+
+
+def resolve_thresholding(clip_denoised: bool, thresholding: Optional[str]) -> str:
+  """`thresholding` if given, else 'static' with `clip_denoised` and 'none' without."""
+  if thresholding is None:
+    return 'static' if clip_denoised else 'none'
+  if thresholding not in THRESHOLDINGS:
+    raise ValueError(f'sample.thresholding={thresholding!r} is unknown; use one of '
+                     f'{THRESHOLDINGS}.')
+  return thresholding
+
+
+def _takes_labels(apply_fn: Callable[..., Any]) -> Optional[bool]:
+  """Whether `apply_fn` has a third positional parameter (labels); None if it cannot be told."""
+  try:
+    params = inspect.signature(apply_fn).parameters.values()
+  except (TypeError, ValueError):
+    return None
+  if any(p.kind == p.VAR_POSITIONAL for p in params):
+    return True
+  return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
+
+
+def _static_float(value) -> Optional[float]:
+  """`value` as a Python float when it is known at trace time, else None."""
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _x0_eps(output: jax.Array, x_t: jax.Array, a: jax.Array, s: jax.Array,
+            prediction_type: str) -> Tuple[jax.Array, jax.Array]:
+  """(x0, eps) implied by the output, with x_t = a x0 + s eps (a = sqrt(abar), s = sqrt(1-abar))."""
+  if prediction_type == 'epsilon':
+    return (x_t - s * output) / a, output
+  if prediction_type == 'x0':
+    return output, (x_t - a * output) / s
+  if prediction_type == 'v':  # v = a eps - s x0.
+    return a * x_t - s * output, s * x_t + a * output
+  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+                   f'use one of {diffusion.PREDICTION_TYPES}.')
+
+
+def make_network_fn(apply_fn: Callable[..., jax.Array], *, labels: Optional[jax.Array] = None,
+                    null_label: Optional[int] = None, guidance_scale: float = 1.0,
+                    learn_sigma: bool = False, takes_labels: Optional[bool] = None
+                    ) -> Callable[[jax.Array, jax.Array], Tuple[jax.Array, Optional[jax.Array]]]:
+  """`net(x_t, timesteps [B]) -> (prediction, v or None)`: the one place the network is called.
+
+  apply_fn(x_t, timesteps, labels) (or apply_fn(x_t, timesteps) for models without labels;
+  `takes_labels`, default inspected from the signature). Classifier-free guidance with labels
+  and guidance_scale s: out = out_u + s (out_c - out_u), out_c with `labels` and out_u with
+  `null_label`, evaluated as one doubled batch; the variance channels v of a learn_sigma output
+  come from the conditional half. s = 1 and s = 0 call the conditional / unconditional model
+  alone, so they are exactly those models.
+  """
+  if takes_labels is None:
+    takes_labels = _takes_labels(apply_fn)
+    if takes_labels is None:
+      takes_labels = labels is not None
+  if labels is not None and not takes_labels:
+    raise ValueError('labels were given but apply_fn takes only (x_t, timesteps); '
+                     'pass apply_fn(x_t, timesteps, labels) for a class-conditional model.')
+  scale = _static_float(guidance_scale)
+  if labels is None and scale != 1.0:
+    raise ValueError(f'sample.guidance_scale={guidance_scale} needs class labels (a model with '
+                     'model.num_classes > 0); use 1.0 for unconditional models.')
+  if labels is not None and scale != 1.0 and null_label is None:
+    raise ValueError('classifier-free guidance (sample.guidance_scale != 1) needs null_label, '
+                     'the id of the unconditional class (model.num_classes).')
+
+  def call(x, timesteps, y):
+    out = apply_fn(x, timesteps, y) if takes_labels else apply_fn(x, timesteps)
+    return diffusion.split_learned_sigma(out.astype(jnp.float32), learn_sigma)
+
+  def net(x_t, timesteps):
+    if labels is None or scale == 1.0:
+      return call(x_t, timesteps, labels)
+    null = jnp.full_like(labels, null_label)
+    if scale == 0.0:
+      return call(x_t, timesteps, null)
+    pred, v = call(jnp.concatenate([x_t, x_t]), jnp.concatenate([timesteps, timesteps]),
+                   jnp.concatenate([labels, null]))
+    pred_c, pred_u = jnp.split(pred, 2)
+    guided = pred_u + guidance_scale * (pred_c - pred_u)
+    return guided, (None if v is None else jnp.split(v, 2)[0])
+  return net
+
+
+def make_denoiser(apply_fn: Callable[..., jax.Array], schedule: Schedule, prediction_type: str,
+                  clip_denoised: bool = True, *, thresholding: Optional[str] = None,
+                  dynamic_threshold_percentile: float = 0.995,
+                  labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
+                  guidance_scale: float = 1.0, learn_sigma: bool = False,
+                  takes_labels: Optional[bool] = None) -> Denoiser:
+  """Turns `apply_fn(x_t, timesteps [B][, labels [B]]) -> output` into a `Denoiser`.
+
+  denoise(x_t, t) -> Prediction: t is an int32 index into `schedule` (shared by the batch); the
+    network sees schedule.timesteps[t], and learn_sigma models get
+    log_variance = diffusion.learned_log_variance(schedule, v, t).
+  denoise(x_t, timestep, sigma=s) -> Prediction: at the continuous noise level
+    s = sqrt((1 - abar) / abar) (x_t = a x0 + s' eps with a = 1/sqrt(1+s^2), s' = s a); the network
+    sees the float `timestep`; log_variance is None.
+
+  thresholding (default 'static' if clip_denoised else 'none'): 'static' clips x0 to [-1, 1],
+  'dynamic' applies `dynamic_threshold` with `dynamic_threshold_percentile`; eps is recomputed
+  from the thresholded x0, eps = (x_t - a x0) / s', so (x0, eps) stay consistent with x_t.
+  labels / null_label / guidance_scale / learn_sigma / takes_labels: see `make_network_fn`.
+  """
+  if prediction_type not in diffusion.PREDICTION_TYPES:
+    raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+                     f'use one of {diffusion.PREDICTION_TYPES}.')
+  method = resolve_thresholding(clip_denoised, thresholding)
+  if method == 'dynamic' and not 0.0 < dynamic_threshold_percentile <= 1.0:
+    raise ValueError(f'sample.dynamic_threshold_percentile={dynamic_threshold_percentile} '
+                     'must be in (0, 1].')
+  net = make_network_fn(apply_fn, labels=labels, null_label=null_label,
+                        guidance_scale=guidance_scale, learn_sigma=learn_sigma,
+                        takes_labels=takes_labels)
+
+  def denoise(x_t: jax.Array, t: jax.Array, sigma: Optional[jax.Array] = None) -> Prediction:
+    x_t = x_t.astype(jnp.float32)
+    batch = x_t.shape[0]
+    if sigma is None:
+      t = jnp.asarray(t, jnp.int32)
+      timesteps = jnp.full((batch,), schedule.timesteps[t], jnp.int32)
+      a, s = schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]
+    else:
+      timesteps = jnp.full((batch,), t, jnp.float32)
+      a = jax.lax.rsqrt(1.0 + jnp.square(jnp.asarray(sigma, jnp.float32)))
+      s = sigma * a
+    output, v = net(x_t, timesteps)
+    x0, eps = _x0_eps(output, x_t, a, s, prediction_type)
+    if method != 'none':
+      x0 = (jnp.clip(x0, -1.0, 1.0) if method == 'static'
+            else dynamic_threshold(x0, dynamic_threshold_percentile))
+      eps = (x_t - a * x0) / s
+    log_var = None
+    if v is not None and sigma is None:
+      log_var = diffusion.learned_log_variance(schedule, v, jnp.full((batch,), t, jnp.int32))
+    return Prediction(x0, eps, log_var)
   return denoise
 
 
-def ddpm_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
-                variance: str = 'fixed_small', **unused) -> jax.Array:
-  """Ancestral sampling of Ho et al.: x_{t-1} ~ N(posterior mean(x0_hat, x_t), sigma_t^2) for all T steps.
+# ---------------------------------------------------------------- shared machinery
 
-  variance: 'fixed_small' uses sigma_t^2 = beta~_t (the posterior variance), 'fixed_large' uses
-  beta_t (with beta~_1 at t = 1, as guided-diffusion). No noise is added at the last step.
+
+def _np(a: jax.Array) -> np.ndarray:
+  """A schedule array in float64 NumPy (schedules must be concrete, see the module docstring)."""
+  if isinstance(a, jax.core.Tracer):
+    raise ValueError('samplers need a concrete schedule: close over it instead of passing it '
+                     'through jit as an argument.')
+  return np.asarray(a, np.float64)
+
+
+def _f32(a) -> jax.Array:
+  return jnp.asarray(a, jnp.float32)
+
+
+def _loop(step: Callable, carry: Tuple, num_steps: int, trajectory_every: int):
+  """Runs `step(i, carry) -> (carry, x_t, x0)` for i < num_steps in one fori_loop.
+
+  carry[0] is the sample. Returns it, or (it, Trajectory) with slot j holding the records of the
+  last step of chunk j = i // trajectory_every (every step writes its slot, the last write wins).
+  """
+  k = int(trajectory_every)
+  if k < 0:
+    raise ValueError(f'trajectory_every={trajectory_every} must be >= 0.')
+  if k == 0:
+    return jax.lax.fori_loop(0, num_steps, lambda i, c: step(i, c)[0], carry)[0]
+  slots = -(-num_steps // k)
+  empty = jnp.zeros((slots,) + carry[0].shape, jnp.float32)
+
+  def body(i, state):
+    c, xs, x0s = state
+    c, x_t, x0 = step(i, c)
+    j = i // k
+    return (c, jax.lax.dynamic_update_index_in_dim(xs, x_t, j, 0),
+            jax.lax.dynamic_update_index_in_dim(x0s, x0, j, 0))
+
+  c, xs, x0s = jax.lax.fori_loop(0, num_steps, body, (carry, empty, empty))
+  return c[0], Trajectory(xs, x0s)
+
+
+def _respaced(denoise: Denoiser, schedule: Schedule, steps: Optional[int], spacing: str
+             ) -> Tuple[Denoiser, Schedule]:
+  """(denoise, schedule) on `steps` respaced steps; the denoiser keeps the original indices."""
+  if steps is None:
+    return denoise, schedule
+  kept = respacing.respaced_timesteps(schedule.num_timesteps, steps, spacing)
+  if len(kept) == schedule.num_timesteps:
+    return denoise, schedule
+  original = jnp.asarray(kept, jnp.int32)
+
+  def respaced_denoise(x_t, t, sigma=None):
+    return denoise(x_t, original[t]) if sigma is None else denoise(x_t, t, sigma=sigma)
+  return respaced_denoise, respacing.respace(schedule, kept)
+
+
+def _normal(rng: jax.Array, i: jax.Array, shape) -> jax.Array:
+  return jax.random.normal(jax.random.fold_in(rng, i), shape, jnp.float32)
+
+
+# ---------------------------------------------------------------- DDPM and DDIM
+
+
+def ddpm_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
+                variance: str = 'fixed_small', trajectory_every: int = 0, **unused):
+  """Ancestral sampling (Ho et al.) over every step of `schedule` (respace it for fewer steps).
+
+  x_{t-1} = c1_t x0_hat + c2_t x_t + sigma_t z, the posterior mean of `diffusion.q_posterior`;
+  sigma_t^2: 'fixed_small' beta~_t, 'fixed_large' beta_t (beta~_1 at t = 0, as guided-diffusion),
+  'learned_range' exp(Prediction.log_variance) of a learn_sigma model. No noise at the last step.
+  Options other than `variance` (e.g. steps) are ignored.
   """
   del unused
+  if variance not in VARIANCES:
+    raise ValueError(f'sample.variance={variance!r} is unknown; use one of {VARIANCES}.')
+  n = schedule.num_timesteps
+  post_var, betas = _np(schedule.posterior_variance), _np(schedule.betas)
   if variance == 'fixed_small':
-    log_var = schedule.posterior_log_variance_clipped
-  elif variance == 'fixed_large':
-    log_var = jnp.log(jnp.append(schedule.posterior_variance[1], schedule.betas[1:]))
+    std = np.exp(0.5 * _np(schedule.posterior_log_variance_clipped))
   else:
-    raise ValueError(f'sample.variance={variance!r} is unknown; use fixed_small or fixed_large.')
-  num_steps = schedule.num_timesteps
+    std = np.sqrt(np.append(post_var[1] if n > 1 else betas[0], betas[1:]))
+  std[0] = 0.0
+  std, coef1 = _f32(std), _f32(schedule.posterior_mean_coef1)
+  coef2 = _f32(schedule.posterior_mean_coef2)
 
-  def body(i, x):
-    t = num_steps - 1 - i
+  def step(i, carry):
+    (x,) = carry
+    t = n - 1 - i
     pred = denoise(x, t)
-    mean, _, _ = diffusion.q_posterior(schedule, pred.x0, x, jnp.full((x.shape[0],), t))
-    z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
-    return mean + jnp.where(t > 0, jnp.exp(0.5 * log_var[t]), 0.0) * z
+    if variance == 'learned_range':
+      if pred.log_variance is None:
+        raise ValueError("sample.variance='learned_range' needs a model trained with "
+                         'model.learn_sigma=True (and make_denoiser(..., learn_sigma=True)).')
+      sigma = jnp.where(t > 0, jnp.exp(0.5 * pred.log_variance), 0.0)
+    else:
+      sigma = std[t]
+    x = coef1[t] * pred.x0 + coef2[t] * x + sigma * _normal(rng, i, x.shape)
+    return (x,), x, pred.x0
 
-  return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
+  return _loop(step, (noise.astype(jnp.float32),), n, trajectory_every)
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
   """The DDIM paper's 'uniform' subsequence 0, k, 2k, ... with k = T // steps (ascending)."""
-  if not 0 < steps <= num_timesteps:
-    raise ValueError(f'sample.steps={steps} must be in [1, {num_timesteps}] '
-                     '(diffusion.num_timesteps).')
-  return np.arange(0, num_timesteps, num_timesteps // steps)[:steps].astype(np.int32)
+  return respacing.respaced_timesteps(num_timesteps, steps, 'leading')
 
 
 def ddim_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
-                steps: int = 50, eta: float = 0.0, **unused) -> jax.Array:
-  """DDIM (Song et al. 2021) on `steps` timesteps; eta = 0 is deterministic, eta = 1 DDPM-like.
+                steps: Optional[int] = None, eta: float = 0.0, spacing: str = 'leading',
+                trajectory_every: int = 0, **unused):
+  """DDIM (Song et al. 2021) over every step of `schedule`; eta = 0 deterministic, 1 DDPM-like.
 
   x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
-  sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev).
+  sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev), abar_prev = 1 at
+  the last step. With `steps` < schedule length the schedule is first respaced with `spacing`
+  ('leading' = the paper's uniform 0, k, 2k, ...). eta may be traced.
   """
   del unused
-  seq = ddim_timesteps(schedule.num_timesteps, steps)
-  t_seq = jnp.asarray(seq[::-1])
-  abar = schedule.alphas_cumprod
-  # abar of the next (smaller) kept step, 1 after the last: aligned with t_seq.
-  abar_prev_seq = jnp.asarray(np.append(1.0, np.asarray(abar)[seq[:-1]])[::-1], jnp.float32)
+  denoise, schedule = _respaced(denoise, schedule, steps, spacing)
+  n = schedule.num_timesteps
+  abar = respacing.alphas_cumprod64(schedule)
+  abar_prev = np.append(1.0, abar[:-1])
+  sigma_per_eta = np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+  noiseless = _static_float(eta) == 0.0
+  sqrt_prev, abar_prev, sigma_per_eta = (_f32(np.sqrt(abar_prev)), _f32(abar_prev),
+                                         _f32(sigma_per_eta))
 
-  def body(i, x):
-    t = t_seq[i]
-    a_t, a_prev = abar[t], abar_prev_seq[i]
+  def step(i, carry):
+    (x,) = carry
+    t = n - 1 - i
     pred = denoise(x, t)
-    sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
-    return (jnp.sqrt(a_prev) * pred.x0 + jnp.sqrt(jnp.maximum(1 - a_prev - sigma**2, 0.0)) *
-            pred.eps + sigma * z)
+    sigma = eta * sigma_per_eta[t]
+    x = (sqrt_prev[t] * pred.x0 +
+         jnp.sqrt(jnp.maximum(1.0 - abar_prev[t] - sigma**2, 0.0)) * pred.eps)
+    if not noiseless:
+      x = x + sigma * _normal(rng, i, x.shape)
+    return (x,), x, pred.x0
 
-  return jax.lax.fori_loop(0, len(seq), body, noise.astype(jnp.float32))
+  return _loop(step, (noise.astype(jnp.float32),), n, trajectory_every)
+
+
+# ---------------------------------------------------------------- DPM-Solver++
+
+
+def dpm_solver_coefficients(alphas_cumprod_desc: np.ndarray, solver_order: int = 2,
+                            solver_type: str = 'multistep') -> np.ndarray:
+  """Per-step weights W [S, 5] of DPM-Solver++ (Lu et al. 2022) on S grid points.
+
+  Grid point i (noise decreasing) has alpha_i = sqrt(abar_i), sigma_i = sqrt(1 - abar_i),
+  lambda_i = log(alpha_i / sigma_i); point S is the clean sample (sigma = 0, lambda = inf). Loop
+  step i evaluates D_i = x0_hat(x_i) and sets
+
+    x_next = W[i] . (x_i, x_{i-1}, D_i, D_{i-1}, D_{i-2}).
+
+  With h = lambda_{i+1} - lambda_i and q = alpha_{i+1} (1 - e^{-h}):
+    order 1:  x_{i+1} = (sigma_{i+1} / sigma_i) x_i + q D_i        (= DDIM; x_S = D_{S-1})
+    2M:       D_i -> D_i + (D_i - D_{i-1}) / (2r),  r = (lambda_i - lambda_{i-1}) / h
+    3M:       + alpha_{i+1} (h - 1 + e^{-h}) D' + alpha_{i+1} (h^2/2 - h + 1 - e^{-h}) D'',
+              D' and D'' the derivatives in lambda from the divided differences of D_i, D_{i-1},
+              D_{i-2} (the Taylor expansion of the exact solution, third order).
+    2S:       pairs of steps (i, i+1): step i goes to x_{i+1} by order 1 (the midpoint u), step
+              i+1 from x_i to x_{i+2} with h = lambda_{i+2} - lambda_i, r = (lambda_{i+1} -
+              lambda_i) / h: (sigma_{i+2} / sigma_i) x_i + q D_i + q / (2r) (D_{i+1} - D_i).
+  Orders drop at the start (no history) and at the end (min(order, S - i)): the last step is
+  first order, straight to the clean sample.
+  """
+  if solver_order not in (1, 2, 3):
+    raise ValueError(f'sample.solver_order={solver_order} must be 1, 2 or 3.')
+  if solver_type not in DPM_SOLVER_TYPES:
+    raise ValueError(f'sample.solver_type={solver_type!r} is unknown; use one of '
+                     f'{DPM_SOLVER_TYPES}.')
+  if solver_type == 'singlestep' and solver_order > 2:
+    raise ValueError(f'sample.solver_order={solver_order} is not available with '
+                     "sample.solver_type='singlestep'; use 1 or 2 (DPM-Solver++(2S)).")
+  abar = np.asarray(alphas_cumprod_desc, np.float64)
+  n = len(abar)
+  alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+  lam = np.log(alpha) - np.log(sigma)
+  w = np.zeros((n, 5))
+
+  def first_order(src, dst):
+    """(coefficient of x_src, q) of the order-1 step from grid point src to dst."""
+    if dst == n:
+      return 0.0, 1.0
+    h = lam[dst] - lam[src]
+    return sigma[dst] / sigma[src], -alpha[dst] * np.expm1(-h)
+
+  if solver_type == 'singlestep':
+    pairs = (n - 1) // 2 if solver_order == 2 else 0
+    for i in range(n):
+      if i < 2 * pairs and i % 2 == 1:  # Second step of a pair: x_{i-1} -> x_{i+1}.
+        cx, q = first_order(i - 1, i + 1)
+        r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i - 1])
+        w[i] = (0.0, cx, q / (2 * r), q * (1 - 1 / (2 * r)), 0.0)
+      else:
+        cx, q = first_order(i, i + 1)
+        w[i] = (cx, 0.0, q, 0.0, 0.0)
+    return w
+
+  for i in range(n):
+    order = min(solver_order, i + 1, n - i)
+    cx, q = first_order(i, i + 1)
+    w[i, 0], w[i, 2] = cx, q
+    if order == 2:
+      r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+      w[i, 2:4] += (q / (2 * r), -q / (2 * r))
+    elif order == 3:
+      h, h0, h1 = lam[i + 1] - lam[i], lam[i] - lam[i - 1], lam[i - 1] - lam[i - 2]
+      dd0 = np.array([1.0, -1.0, 0.0]) / h0
+      dd1 = np.array([0.0, 1.0, -1.0]) / h1
+      d2 = 2.0 * (dd0 - dd1) / (h0 + h1)
+      d1 = dd0 + 0.5 * h0 * d2
+      phi1 = h + np.expm1(-h)                     # h - 1 + e^{-h}
+      phi2 = 0.5 * h * h - phi1                   # h^2/2 - h + 1 - e^{-h}
+      w[i, 2:5] += alpha[i + 1] * (phi1 * d1 + phi2 * d2)
+  return w
+
+
+def dpm_solver_pp_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array,
+                         rng: jax.Array, *, solver_order: int = 2,
+                         solver_type: str = 'multistep', steps: Optional[int] = None,
+                         spacing: str = 'linspace', trajectory_every: int = 0, **unused):
+  """DPM-Solver++ (data prediction, in lambda) over every step of `schedule`, then to x_0.
+
+  solver_order 2 / 3 with 'multistep' (2M default, 3M), or 2 with 'singlestep' (2S); see
+  `dpm_solver_coefficients`. One model evaluation per schedule step. With `steps` < schedule
+  length the schedule is first respaced with `spacing`. Deterministic: `rng` is unused.
+  """
+  del unused, rng
+  denoise, schedule = _respaced(denoise, schedule, steps, spacing)
+  n = schedule.num_timesteps
+  w = _f32(dpm_solver_coefficients(respacing.alphas_cumprod64(schedule)[::-1], solver_order,
+                                   solver_type))
+
+  def step(i, carry):
+    x, x_prev, d_prev, d_prev2 = carry
+    pred = denoise(x, n - 1 - i)
+    c = w[i]
+    x_next = c[0] * x + c[1] * x_prev + c[2] * pred.x0 + c[3] * d_prev + c[4] * d_prev2
+    return (x_next, x, pred.x0, d_prev), x_next, pred.x0
+
+  x = noise.astype(jnp.float32)
+  zeros = jnp.zeros_like(x)
+  return _loop(step, (x, zeros, zeros, zeros), n, trajectory_every)
+
+
+# ---------------------------------------------------------------- Karras / EDM samplers
+
+
+def schedule_sigmas(schedule: Schedule) -> np.ndarray:
+  """sigma_t = sqrt((1 - abar_t) / abar_t) of every schedule index (float64, ascending)."""
+  abar = respacing.alphas_cumprod64(schedule)
+  return np.sqrt((1.0 - abar) / abar)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0
+                  ) -> np.ndarray:
+  """Karras et al. (2022): sigma_i = (smax^(1/rho) + i/(S-1) (smin^(1/rho) - smax^(1/rho)))^rho,
+
+  i < S, followed by sigma_S = 0; float64 [S + 1].
+  """
+  if steps < 1:
+    raise ValueError(f'sample.steps={steps} must be >= 1.')
+  if rho <= 0:
+    raise ValueError(f'sample.rho={rho} must be positive.')
+  ramp = np.linspace(0.0, 1.0, steps) if steps > 1 else np.zeros(1)
+  inv_max, inv_min = sigma_max**(1.0 / rho), sigma_min**(1.0 / rho)
+  return np.append((inv_max + ramp * (inv_min - inv_max))**rho, 0.0)
+
+
+def sigma_to_timestep(schedule: Schedule, sigmas: np.ndarray) -> np.ndarray:
+  """Network timesteps (float64) of noise levels: linear in log sigma between schedule steps.
+
+  Clamped to the schedule's first / last timestep outside [sigma_min, sigma_max].
+  """
+  log_sigmas = np.log(schedule_sigmas(schedule))
+  return np.interp(np.log(np.maximum(sigmas, 1e-20)), log_sigmas,
+                   np.asarray(schedule.timesteps, np.float64))
+
+
+def _karras_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
+                   heun: bool, steps: int, rho: float, s_churn: float, s_tmin: float,
+                   s_tmax: float, s_noise: float, trajectory_every: int):
+  """EDM's Algorithm 2 (Heun) or its Euler variant on x = x0 + sigma eps (see `euler_sample`)."""
+  all_sigmas = schedule_sigmas(schedule)
+  sig = karras_sigmas(all_sigmas[0], all_sigmas[-1], int(steps), rho)
+  if s_churn < 0 or s_noise < 0:
+    raise ValueError(f'sample.s_churn={s_churn} and sample.s_noise={s_noise} must be >= 0.')
+  in_range = (sig[:-1] >= s_tmin) & (sig[:-1] <= s_tmax)
+  gamma = np.where(in_range, min(s_churn / steps, math.sqrt(2.0) - 1.0), 0.0)
+  sig_hat = sig[:-1] * (1.0 + gamma)
+  churn_std = s_noise * np.sqrt(sig_hat**2 - sig[:-1]**2)
+  churn = bool(np.any(churn_std > 0))
+  t_hat, t_next = sigma_to_timestep(schedule, sig_hat), sigma_to_timestep(schedule, sig[1:])
+  sig_next = sig[1:]
+  safe_next = np.maximum(sig_next, all_sigmas[0])  # Never evaluated at sigma = 0.
+  vp_next = 1.0 / np.sqrt(1.0 + sig_next**2)       # x_t = x / sqrt(1 + sigma^2).
+  (sig_hat, t_hat, t_next, sig_next, safe_next, vp_next, churn_std) = (
+      _f32(a) for a in (sig_hat, t_hat, t_next, sig_next, safe_next, vp_next, churn_std))
+
+  def d_dsigma(x, timestep, sigma):
+    """dx/dsigma = (x - D(x, sigma)) / sigma, and D."""
+    x0 = denoise(x * jax.lax.rsqrt(1.0 + sigma**2), timestep, sigma=sigma).x0
+    return (x - x0) / sigma, x0
+
+  def step(i, carry):
+    (x,) = carry
+    if churn:
+      x = x + churn_std[i] * _normal(rng, i, x.shape)
+    d, x0 = d_dsigma(x, t_hat[i], sig_hat[i])
+    dt = sig_next[i] - sig_hat[i]
+    x_next = x + dt * d
+    if heun:
+      def correct(x_euler):
+        d2, _ = d_dsigma(x_euler, t_next[i], safe_next[i])
+        return x + dt * 0.5 * (d + d2)
+      x_next = jax.lax.cond(sig_next[i] > 0, correct, lambda x_euler: x_euler, x_next)
+    return (x_next,), x_next * vp_next[i], x0
+
+  x = noise.astype(jnp.float32) * float(np.sqrt(1.0 + sig[0]**2))
+  return _loop(step, (x,), int(steps), trajectory_every)
+
+
+def euler_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
+                 steps: int = 50, rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = float('inf'), s_noise: float = 1.0, trajectory_every: int = 0,
+                 **unused):
+  """Euler on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022).
+
+  x = x_t / sqrt(abar) = x0 + sigma eps with sigma = sqrt((1 - abar) / abar); `steps` Karras
+  sigmas (`karras_sigmas`, rho) from the schedule's sigma_max to sigma_min, then 0. The start is
+  x = noise sqrt(1 + sigma_max^2), i.e. x_t = noise at sigma_max, as for the discrete samplers.
+  D(x, sigma) is the model at the network input x / sqrt(1 + sigma^2) and the float timestep
+  interpolated in log sigma (`sigma_to_timestep`). Stochastic churn (EDM): for s_tmin <= sigma_i
+  <= s_tmax, sigma_hat = sigma_i (1 + gamma), gamma = min(s_churn / steps, sqrt(2) - 1), and
+  x += s_noise sqrt(sigma_hat^2 - sigma_i^2) z before the step. One model call per step.
+  """
+  del unused
+  return _karras_sample(denoise, schedule, noise, rng, heun=False, steps=steps, rho=rho,
+                        s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                        trajectory_every=trajectory_every)
+
+
+def heun_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
+                steps: int = 50, rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = float('inf'), s_noise: float = 1.0, trajectory_every: int = 0,
+                **unused):
+  """Heun's second-order method (EDM Algorithm 2) on the ODE of `euler_sample`.
+
+  x_e = x + (sigma_{i+1} - sigma_hat) d,  x_{i+1} = x + (sigma_{i+1} - sigma_hat) (d + d(x_e)) / 2,
+  with the plain Euler step into sigma = 0. 2 steps - 1 model calls.
+  """
+  del unused
+  return _karras_sample(denoise, schedule, noise, rng, heun=True, steps=steps, rho=rho,
+                        s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                        trajectory_every=trajectory_every)
+
+
+# ---------------------------------------------------------------- registry and config entry
 
 
 SAMPLERS = {
     'ddpm': ddpm_sample,
     'ddim': ddim_sample,
+    'dpm_solver_pp': dpm_solver_pp_sample,
+    'euler': euler_sample,
+    'heun': heun_sample,
 }
 
 
-def get_sampler(name: str) -> Callable[..., jax.Array]:
+def get_sampler(name: str) -> Callable[..., Any]:
   """The sampler registered as `name`, or a ValueError naming `sample.sampler`."""
   if name not in SAMPLERS:
     raise ValueError(f'sample.sampler={name!r} is unknown; use one of {sorted(SAMPLERS)}.')
   return SAMPLERS[name]
+
+
+def _field(config, name: str, default):
+  return config.get(name, default) if hasattr(config, 'get') else getattr(config, name, default)
+
+
+def sampling_schedule(schedule: Schedule, sampler: str, steps: int, spacing: str) -> Schedule:
+  """The schedule a discrete sampler runs on: `schedule` respaced to `steps` with `spacing`.
+
+  ddpm with steps 0 runs on the full schedule; 'ddimN' / 'a,b,c' spacings fix the steps;
+  euler / heun always get the full schedule (they pick their own sigmas).
+  """
+  if sampler in CONTINUOUS_SAMPLERS:
+    return schedule
+  if not respacing.is_section_spacing(spacing) and sampler == 'ddpm' and not steps:
+    return schedule
+  kept = respacing.respaced_timesteps(schedule.num_timesteps, steps, spacing)
+  if len(kept) == schedule.num_timesteps:
+    return schedule
+  return respacing.respace(schedule, kept)
+
+
+def sample_from_config(apply_fn: Callable[..., jax.Array], schedule: Schedule,
+                       noise: jax.Array, rng: jax.Array, sample_config, *,
+                       prediction_type: str, learn_sigma: bool = False,
+                       labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
+                       trajectory_every: int = 0):
+  """Runs `config.sample` from x_T = `noise`: respaces, builds the denoiser, dispatches.
+
+  apply_fn(x_t, timesteps [B], labels [B] or None) -> output (or apply_fn(x_t, timesteps)).
+  Returns x_0 [B, H, W, C], or (x_0, Trajectory) with trajectory_every > 0 (see the module
+  docstring). Fields missing from `sample_config` take the defaults of configs/default.py.
+  sample.clip_denoised=False turns thresholding off; otherwise sample.thresholding decides.
+  """
+  name = sample_config.sampler
+  sampler = get_sampler(name)
+  steps = int(_field(sample_config, 'steps', 0))
+  sched = sampling_schedule(schedule, name, steps,
+                            str(_field(sample_config, 'spacing', 'leading')))
+  clip = bool(_field(sample_config, 'clip_denoised', True))
+  denoise = make_denoiser(
+      apply_fn, sched, prediction_type,
+      thresholding=_field(sample_config, 'thresholding', 'static') if clip else 'none',
+      dynamic_threshold_percentile=_field(sample_config, 'dynamic_threshold_percentile', 0.995),
+      labels=labels, null_label=null_label,
+      guidance_scale=_field(sample_config, 'guidance_scale', 1.0), learn_sigma=learn_sigma)
+  if name == 'ddpm':
+    options = dict(variance=_field(sample_config, 'variance', 'fixed_small'))
+  elif name == 'ddim':
+    options = dict(eta=_field(sample_config, 'eta', 0.0))
+  elif name == 'dpm_solver_pp':
+    options = dict(solver_order=int(_field(sample_config, 'solver_order', 2)),
+                   solver_type=_field(sample_config, 'solver_type', 'multistep'))
+  elif name in CONTINUOUS_SAMPLERS:
+    options = dict(steps=steps, rho=float(_field(sample_config, 'rho', 7.0)),
+                   s_churn=float(_field(sample_config, 's_churn', 0.0)),
+                   s_tmin=float(_field(sample_config, 's_tmin', 0.0)),
+                   s_tmax=float(_field(sample_config, 's_tmax', float('inf'))),
+                   s_noise=float(_field(sample_config, 's_noise', 1.0)))
+  else:  # A sampler registered elsewhere: give it everything.
+    options = dict(sample_config)
+  return sampler(denoise, sched, noise, rng, trajectory_every=trajectory_every, **options)

@@ -1,13 +1,18 @@
 """Generating images from a trained model: the compiled, batch-sharded sampling function, and
 `--mode=sample`, which writes `samples.npz` (uint8 NHWC in `arr_0`, labels in `arr_1` for
-class-conditional models) and a PNG grid from the newest checkpoint.
+class-conditional models), a PNG grid and, with `sample.animation`, `animation.gif`.
+
+Large runs (`sample.num_samples` in the tens of thousands, many hosts) are written in shards:
+every process saves only the rows its own devices computed, tagged with their global sample
+index, to `<out>/shards/samples_p{process:03d}_b{batch:05d}.npz`; after a barrier process 0
+merges them into `samples.npz`, checking that indices 0..N-1 each appear exactly once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -15,42 +20,56 @@ import numpy as np
 import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import checkpoints, diffusion, images, models, samplers, sharding, train_state
-from diffusion_jax.config_validation import validate_config
+from diffusion_jax.config_validation import ConfigError, validate_config
 
 PyTree = Any
+ClassLabelSpec = Union[str, int, Sequence[int], None]
+SHARD_PATTERN = 'samples_p*_b*.npz'
+FRAME_MS, LAST_FRAME_MS = 100, 1500  # Display times of the animation's frames.
 
 
 def make_sample_fn(model: models.UNet, schedule: diffusion.Schedule, config, mesh: Mesh,
-                   batch_size: int) -> Callable[[PyTree, jax.Array, jax.Array], jax.Array]:
+                   batch_size: int, trajectory_every: int = 0, trajectory_images: int = 16
+                   ) -> Callable[..., Any]:
   """Returns `sample(params, rng, labels [B] numpy) -> images [B,H,W,C]` in [-1, 1], jitted.
 
-  The whole sampler is one XLA program; the batch is sharded over the mesh's data axis.
-  `labels` is ignored by unconditional models.
+  The whole sampler (`samplers.sample_from_config` with `config.sample`) is one XLA program;
+  the batch is sharded over the mesh's data axis. `labels` is ignored by unconditional models.
+  With `trajectory_every` > 0 it returns `(images, trajectory)` instead, where `trajectory`
+  holds x_t and the predicted x0 of the first `trajectory_images` samples every
+  `trajectory_every` steps ([K, n, H, W, C] each, replicated on every device).
   """
   scfg = config.sample
-  sampler = samplers.get_sampler(scfg.sampler)
   res, channels = config.data.resolution, config.data.channels
+  num_classes = config.model.num_classes
+  conditional = num_classes > 0
   batch_shard = sharding.batch_sharding(mesh)
-  conditional = config.model.num_classes > 0
+  replicated = sharding.replicated(mesh)
+  num_traj = min(trajectory_images, batch_size)
 
   def sample(params, rng, labels):
     noise_key, sampler_key = jax.random.split(rng)
     noise = jax.random.normal(noise_key, (batch_size, res, res, channels), jnp.float32)
     noise = jax.lax.with_sharding_constraint(noise, batch_shard)
-    apply_fn = lambda x, t: model.apply({'params': params}, x, t,
-                                        labels if conditional else None, train=False)
-    denoise = samplers.make_denoiser(apply_fn, schedule, config.diffusion.prediction_type,
-                                     scfg.clip_denoised)
-    x = sampler(denoise, schedule, noise, sampler_key, steps=scfg.steps, eta=scfg.eta,
-                variance=scfg.variance)
-    return jnp.clip(x, -1.0, 1.0)
+    apply_fn = lambda x, t, y: model.apply({'params': params}, x, t, y, train=False)
+    out = samplers.sample_from_config(
+        apply_fn, schedule, noise, sampler_key, scfg,
+        prediction_type=config.diffusion.prediction_type,
+        learn_sigma=config.model.learn_sigma,
+        labels=labels if conditional else None,
+        null_label=num_classes if conditional else None,
+        trajectory_every=trajectory_every)
+    if not trajectory_every:
+      return jnp.clip(out, -1.0, 1.0)
+    x, trajectory = out
+    return jnp.clip(x, -1.0, 1.0), jax.tree.map(lambda a: a[:, :num_traj], trajectory)
 
-  replicated = sharding.replicated(mesh)
+  out_shardings = (batch_shard, replicated) if trajectory_every else batch_shard
   jitted = jax.jit(sample, in_shardings=(replicated, replicated, batch_shard),
-                   out_shardings=batch_shard)
+                   out_shardings=out_shardings)
 
   def sample_with_host_labels(params, rng, labels):
     labels = np.asarray(labels, np.int32)  # The same on every host; made a global array here.
@@ -66,11 +85,76 @@ def default_labels(num_classes: int, start: int, batch_size: int) -> np.ndarray:
   return ((start + np.arange(batch_size)) % num_classes).astype(np.int32)
 
 
+def parse_class_labels(spec: ClassLabelSpec, num_classes: int) -> Optional[np.ndarray]:
+  """`sample.class_labels` as int32 class ids, or None for '' (cycle through all classes).
+
+  Accepts '3', '0,3,7' (whitespace allowed), an int or a sequence of ints. Raises ValueError
+  naming `sample.class_labels` for text that is not ids, ids outside [0, num_classes), or any
+  ids for an unconditional model.
+  """
+  if spec is None or (isinstance(spec, str) and not spec.strip()):
+    return None
+  if isinstance(spec, str):
+    parts = [p.strip() for p in spec.split(',')]
+    try:
+      values = [int(p) for p in parts]
+    except ValueError:
+      raise ValueError(
+          f'sample.class_labels={spec!r} is not a class id or a comma-separated list of them; '
+          "use '' (cycle through the classes), e.g. '3', or e.g. '0,3,7'.") from None
+  elif isinstance(spec, (int, np.integer)):
+    values = [int(spec)]
+  else:
+    values = [int(v) for v in spec]
+  if not values:
+    return None
+  if num_classes <= 0:
+    raise ValueError(f'sample.class_labels={spec!r} needs a class-conditional model '
+                     '(model.num_classes > 0); leave it empty for this unconditional one.')
+  bad = [v for v in values if not 0 <= v < num_classes]
+  if bad:
+    raise ValueError(f'sample.class_labels={spec!r} has {bad}, outside the classes 0..'
+                     f'{num_classes - 1} of model.num_classes={num_classes}.')
+  return np.asarray(values, np.int32)
+
+
+def labels_for(indices: np.ndarray, class_labels: Optional[np.ndarray],
+               num_classes: int) -> np.ndarray:
+  """The label of each global sample index: cycling `class_labels`, or all classes if None."""
+  indices = np.asarray(indices, np.int64)
+  if num_classes <= 0:
+    return np.zeros(indices.shape, np.int32)
+  if class_labels is None:
+    return (indices % num_classes).astype(np.int32)
+  return class_labels[indices % len(class_labels)].astype(np.int32)
+
+
 def to_host(x: jax.Array) -> np.ndarray:
   """The full value of a (possibly multi-host) global array on every host."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+  """(row numbers, values) of the rows of a batch-sharded `x` held by this process's devices.
+
+  Each row is returned once (replica 0 of its shard), so over all processes every row appears
+  exactly once. Sorted by row number.
+  """
+  starts, values = [], []
+  for shard in x.addressable_shards:
+    if shard.replica_id != 0:
+      continue
+    data = np.asarray(shard.data)
+    start = (shard.index[0].start or 0) if shard.index else 0
+    starts.append(np.arange(start, start + data.shape[0]))
+    values.append(data)
+  if not values:
+    return np.zeros((0,), np.int64), np.zeros((0,) + x.shape[1:], x.dtype)
+  rows, values = np.concatenate(starts), np.concatenate(values)
+  order = np.argsort(rows, kind='stable')
+  return rows[order], values[order]
 
 
 def restore_params(config, workdir: str, mesh: Mesh, use_ema: bool) -> tuple[PyTree, int]:
@@ -94,42 +178,161 @@ def restore_params(config, workdir: str, mesh: Mesh, use_ema: bool) -> tuple[PyT
   return (state.ema_params if use_ema else state.params), step
 
 
+def sample_tag(config, step: int) -> str:
+  """Folder name of a sampling run: checkpoint step, sampler, steps, eta, guidance, labels, seed."""
+  scfg = config.sample
+  tag = f'step{step}_{scfg.sampler}_{scfg.steps if scfg.sampler != "ddpm" else "full"}'
+  if scfg.eta and scfg.sampler != 'ddpm':
+    tag += f'_eta{scfg.eta:g}'
+  if config.model.num_classes > 0:
+    tag += f'_g{scfg.get("guidance_scale", 1.0):g}'
+    labels = parse_class_labels(scfg.get('class_labels', ''), config.model.num_classes)
+    if labels is not None:
+      tag += '_y' + '-'.join(str(v) for v in labels[:8]) + ('-etc' if len(labels) > 8 else '')
+  return tag + f'_seed{scfg.seed}{"_ema" if scfg.use_ema else ""}'
+
+
+def shard_path(shard_dir: epath.Path, process: int, batch: int) -> epath.Path:
+  """Where `process` writes its rows of sampling batch `batch`."""
+  return shard_dir / f'samples_p{process:03d}_b{batch:05d}.npz'
+
+
+def write_shard(path: epath.Path, indices: np.ndarray, images_uint8: np.ndarray,
+                labels: Optional[np.ndarray]) -> None:
+  """Saves one shard: 'index' (global sample ids), 'image' (uint8 NHWC), 'label' if given."""
+  arrays = {'index': np.asarray(indices, np.int64), 'image': images_uint8}
+  if labels is not None:
+    arrays['label'] = np.asarray(labels, np.int32)
+  with path.open('wb') as f:
+    np.savez(f, **arrays)
+
+
+def merge_shards(shard_dir: epath.Path, num_samples: int,
+                 conditional: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """Reads every shard in `shard_dir` into (images [N,...] uint8, labels [N] or None) by index.
+
+  Raises RuntimeError unless the shards hold each index 0..num_samples-1 exactly once.
+  """
+  out_images, out_labels = None, None
+  seen = np.zeros((num_samples,), np.int64)
+  for path in sorted(shard_dir.glob(SHARD_PATTERN)):
+    with path.open('rb') as f:
+      shard = dict(np.load(f))
+    idx = shard['index']
+    if idx.size and (idx.min() < 0 or idx.max() >= num_samples):
+      raise RuntimeError(f'{path} holds sample indices outside [0, {num_samples}).')
+    if out_images is None:
+      out_images = np.zeros((num_samples,) + shard['image'].shape[1:], np.uint8)
+      out_labels = np.zeros((num_samples,), np.int32) if conditional else None
+    np.add.at(seen, idx, 1)
+    out_images[idx] = shard['image']
+    if conditional:
+      out_labels[idx] = shard['label']
+  if out_images is None or np.any(seen != 1):
+    missing, repeated = int(np.sum(seen == 0)), int(np.sum(seen > 1))
+    raise RuntimeError(f'The shards in {shard_dir} do not hold samples 0..{num_samples - 1} '
+                       f'exactly once: {missing} missing, {repeated} repeated. (With several '
+                       'hosts the workdir must be one file system they share, e.g. gs://.)')
+  return out_images, out_labels
+
+
+def _grid_upscale(config) -> int:
+  return max(1, 64 // config.data.resolution)
+
+
+def write_animation(path: epath.Path, trajectory: Any, config) -> int:
+  """Writes an animated GIF: per recorded step, x_t beside the predicted x0; returns #frames.
+
+  `trajectory` holds x_t (the sample after each recorded step, so the last one is the output)
+  and x0 [K, n, H, W, C] in [-1, 1]. A bar under each frame shows the progress; the last frame
+  stays up longer.
+  """
+  x_t, x0 = np.asarray(trajectory.x_t), np.asarray(trajectory.x0)
+  num_frames, upscale = x_t.shape[0], _grid_upscale(config)
+  frames = [images.animation_frame(images.to_uint8(x_t[k]), images.to_uint8(x0[k]),
+                                   (k + 1) / num_frames, upscale=upscale)
+            for k in range(num_frames)]
+  images.write_gif(str(path), frames, [FRAME_MS] * (num_frames - 1) + [LAST_FRAME_MS])
+  return num_frames
+
+
 def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
   """`--mode=sample`: writes `sample.num_samples` images from the newest checkpoint.
 
-  Output: `<workdir>/samples/<tag>/samples.npz` and `grid.png`; returns that folder.
+  Output in `<workdir>/samples/<tag>/`: `samples.npz`, `grid.png`, `shards/` (each process's
+  rows, see the module docstring) and, with `sample.animation`, `animation.gif` of the first
+  batch. Labels cycle through `sample.class_labels` (all classes when empty) by sample index.
+  Returns that folder.
   """
   validate_config(config, mode='sample')
   mesh = mesh or sharding.create_mesh(config.mesh)
   scfg = config.sample
+  num_classes = config.model.num_classes
+  conditional = num_classes > 0
+  try:
+    class_labels = parse_class_labels(scfg.get('class_labels', ''), num_classes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   params, step = restore_params(config, workdir, mesh, scfg.use_ema)
   model = models.create_model(config.model, config.data.channels)
   schedule = diffusion.make_schedule(config.diffusion)
-  sample_fn = make_sample_fn(model, schedule, config, mesh, scfg.batch_size)
-  tag = (f'step{step}_{scfg.sampler}_{scfg.steps if scfg.sampler != "ddpm" else "full"}'
-         f'_seed{scfg.seed}{"_ema" if scfg.use_ema else ""}')
-  out_dir = epath.Path(workdir) / 'samples' / tag
-  num_batches = math.ceil(scfg.num_samples / scfg.batch_size)
+  batch_size, num_samples = scfg.batch_size, scfg.num_samples
+  sample_fn = make_sample_fn(model, schedule, config, mesh, batch_size)
+  animation = bool(scfg.get('animation', False))
+  if animation:
+    animate_fn = make_sample_fn(model, schedule, config, mesh, batch_size,
+                                trajectory_every=scfg.animation_every,
+                                trajectory_images=scfg.animation_num_images)
+
+  out_dir = epath.Path(workdir) / 'samples' / sample_tag(config, step)
+  shard_dir = out_dir / 'shards'
+  process = jax.process_index()
+  if process == 0:  # Shards of an earlier run (maybe with other hosts) must not be merged.
+    if shard_dir.exists():
+      shard_dir.rmtree()
+    shard_dir.mkdir(parents=True, exist_ok=True)
+  multihost_utils.sync_global_devices('sampling: shard folder ready')
+
+  def save_local_rows(b: int, x: jax.Array, indices: np.ndarray, labels: np.ndarray) -> None:
+    rows, values = local_rows(x)
+    keep = indices[rows] < num_samples  # The last batch may run past num_samples.
+    if np.any(keep):
+      rows = rows[keep]
+      write_shard(shard_path(shard_dir, process, b), indices[rows],
+                  images.to_uint8(values[keep]), labels[rows] if conditional else None)
+
+  num_batches = math.ceil(num_samples / batch_size)
   rng = jax.random.PRNGKey(scfg.seed)
-  all_images, all_labels = [], []
   progress = tqdm.trange(num_batches, desc=f'sampling ({scfg.sampler})', unit='batch',
-                         disable=jax.process_index() != 0)
-  for i in progress:
-    labels_np = default_labels(config.model.num_classes, i * scfg.batch_size, scfg.batch_size)
-    x = sample_fn(params, jax.random.fold_in(rng, i), labels_np)
-    all_images.append(images.to_uint8(to_host(x)))
-    all_labels.append(labels_np)
-  arr_0 = np.concatenate(all_images)[:scfg.num_samples]
-  arr_1 = np.concatenate(all_labels)[:scfg.num_samples]
-  if jax.process_index() == 0:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {'arr_0': arr_0}
-    if config.model.num_classes > 0:
-      arrays['arr_1'] = arr_1
+                         disable=process != 0)
+  pending = None  # Batch b is written while batch b + 1 computes (dispatch is asynchronous).
+  for b in progress:
+    indices = b * batch_size + np.arange(batch_size)
+    labels = labels_for(indices, class_labels, num_classes)
+    key = jax.random.fold_in(rng, b)
+    if animation and b == 0:
+      x, trajectory = animate_fn(params, key, labels)
+      if process == 0:
+        frames = write_animation(out_dir / 'animation.gif', trajectory, config)
+        logging.info('Wrote animation.gif (%d frames)', frames)
+    else:
+      x = sample_fn(params, key, labels)
+    if pending is not None:
+      save_local_rows(*pending)
+    pending = (b, x, indices, labels)
+  save_local_rows(*pending)
+  multihost_utils.sync_global_devices('sampling: shards written')
+
+  if process == 0:
+    arr_0, arr_1 = merge_shards(shard_dir, num_samples, conditional)
+    arrays = {'arr_0': arr_0} if arr_1 is None else {'arr_0': arr_0, 'arr_1': arr_1}
     with (out_dir / 'samples.npz').open('wb') as f:
       np.savez(f, **arrays)
-    upscale = max(1, 64 // config.data.resolution)
-    images.write_png(str(out_dir / 'grid.png'), images.make_grid(arr_0[:256], upscale=upscale))
+    # Cycling through 4..16 classes: one column per class.
+    ncols = num_classes if class_labels is None and 4 <= num_classes <= 16 else 0
+    num_grid = min(len(arr_0), ncols * ncols if ncols else 256)
+    images.write_png(str(out_dir / 'grid.png'),
+                     images.make_grid(arr_0[:num_grid], ncols=ncols, upscale=_grid_upscale(config)))
     logging.info('Wrote %d samples of step %d to %s', len(arr_0), step, out_dir)
   multihost_utils.sync_global_devices('sampling done')
   return out_dir

@@ -1,33 +1,116 @@
-"""Device mesh and shardings: the batch is split over the `data` axis, the train state replicated.
+"""Device mesh and shardings: a 2-D mesh ('data', 'fsdp'), the batch split over both axes.
 
 The same code runs on 1 CPU, 8 GPUs or a multi-host TPU pod: every array is a global
-`jax.Array` whose layout is given by a `NamedSharding` over one `jax.sharding.Mesh`.
+`jax.Array` whose layout is a `NamedSharding` over one `jax.sharding.Mesh`.
+
+* The batch (dim 0) is split over all devices of the mesh: `P(('data', 'fsdp'))`.
+* Train-state tensors (params, EMA, optimizer moments) are sharded FSDP-style: a tensor with at
+  least `mesh.fsdp_min_size` elements is split along its largest dimension that the `fsdp`
+  axis size divides; smaller tensors (biases, norms, scalars) are replicated. Inside the
+  compiled step XLA all-gathers a sharded weight where it is used and reduce-scatters its
+  gradient, so each device stores ~1/fsdp of the state.
+* With `mesh.fsdp = 1` (the default) this is plain data parallelism with a replicated state.
 """
 
 from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+PyTree = Any
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+DEFAULT_FSDP_MIN_SIZE = 2**14  # Elements; smaller tensors are replicated.
 
 
-def create_mesh(mesh_config, devices=None) -> Mesh:
-  """A 1-D mesh with axis 'data' over `mesh.data` devices (-1 = all of `devices`)."""
+def mesh_shape(mesh_config, num_devices: int) -> Tuple[int, int]:
+  """(data, fsdp) sizes for `num_devices`; -1 on one axis means 'the devices that are left'."""
+  data = int(mesh_config.get('data', -1))
+  fsdp = int(mesh_config.get('fsdp', 1))
+  if data == -1 and fsdp == -1:
+    raise ValueError('mesh.data and mesh.fsdp cannot both be -1.')
+  if fsdp == -1:
+    fsdp = num_devices // data if data > 0 else 0
+  if data == -1:
+    data = num_devices // fsdp if fsdp > 0 else 0
+  if data <= 0 or fsdp <= 0 or data * fsdp > num_devices or num_devices % (data * fsdp):
+    raise ValueError(
+        f'mesh.data={mesh_config.get("data", -1)} x mesh.fsdp={mesh_config.get("fsdp", 1)} '
+        f'does not fit {num_devices} devices; use sizes whose product divides the device count '
+        '(-1 on one axis = the rest).')
+  return data, fsdp
+
+
+def create_mesh(mesh_config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A ('data', 'fsdp') mesh over the first data * fsdp of `devices` (default: all).
+
+  Devices keep the order of `jax.devices()` (grouped by process), so each host's devices
+  hold one contiguous block of the batch; on TPU the physical topology picks the order.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  size = len(devices) if mesh_config.data == -1 else mesh_config.data
-  if size <= 0 or size > len(devices) or len(devices) % size:
-    raise ValueError(f'mesh.data={mesh_config.data} does not fit {len(devices)} devices; '
-                     'use -1 (all devices) or a divisor of the device count.')
-  return Mesh(np.asarray(devices[:size]), (DATA_AXIS,))
+  data, fsdp = mesh_shape(mesh_config, len(devices))
+  devices = devices[:data * fsdp]
+  grid = None
+  if devices[0].platform == 'tpu' and len(devices) == jax.device_count():
+    try:
+      from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+      grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+    except Exception:  # pylint: disable=broad-except  # Unusual topologies: plain order.
+      grid = None
+  if grid is None:
+    grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
+  return Mesh(grid, BATCH_AXES)
+
+
+def _axes(mesh: Mesh) -> Tuple[str, ...]:
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Shards the leading (batch) dimension over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Shards the leading (batch) dimension over every device of the mesh."""
+  return NamedSharding(mesh, P(_axes(mesh)))
+
+
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """For [steps, batch, ...] arrays: dim 0 (steps of one call) whole, dim 1 sharded."""
+  return NamedSharding(mesh, P(None, _axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   """The same full copy on every device of the mesh."""
   return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
+  """PartitionSpec of one state tensor: its largest fsdp-divisible dimension on 'fsdp'.
+
+  Replicated when fsdp_size == 1, the tensor has fewer than `min_size` elements, or no
+  dimension is divisible by `fsdp_size`. Ties go to the last dimension (output channels).
+  """
+  if fsdp_size <= 1 or not shape or int(np.prod(shape)) < min_size:
+    return P()
+  candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0 and d >= fsdp_size]
+  if not candidates:
+    return P()
+  dim = max(candidates, key=lambda i: (shape[i], i))
+  spec = [None] * len(shape)
+  spec[dim] = FSDP_AXIS
+  return P(*spec)
+
+
+def state_shardings(abstract_state: PyTree, mesh: Mesh,
+                    min_size: int = DEFAULT_FSDP_MIN_SIZE) -> PyTree:
+  """NamedShardings for every leaf of a (params, EMA, optimizer) state by `fsdp_spec`."""
+  fsdp_size = mesh.shape.get(FSDP_AXIS, 1)
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size, min_size)),
+      abstract_state)
+
+
+def fsdp_min_size(mesh_config) -> int:
+  """`mesh.fsdp_min_size` with its default."""
+  return int(mesh_config.get('fsdp_min_size', DEFAULT_FSDP_MIN_SIZE))

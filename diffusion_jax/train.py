@@ -3,15 +3,25 @@
 `train_and_evaluate(config, workdir)` is what `python main.py --mode=train` runs. It resumes
 from the newest checkpoint in `<workdir>/checkpoints` when there is one, writes TensorBoard
 events and log lines through clu, a PNG sample grid (EMA parameters) every
-`training.sample_every_steps`, and stops with an error, keeping the last good checkpoint,
-when the loss becomes NaN or Inf.
+`training.sample_every_steps`, and on a NaN/Inf loss either stops with an error, keeping the
+last good checkpoint (`training.on_nonfinite='stop'`), or skips the update and counts it
+('skip').
+
+Fault tolerance: the data order is a pure function of the step (input_pipeline.
+step_indexed_dataset), so a run killed at any point and restarted with the same command
+continues bit for bit from its newest checkpoint. On SIGTERM (or JAX's preemption sync point
+on multi-host runs) every process saves the state of the same step, waits for the write to
+finish and returns normally, so `main.py` exits 0. All processes run every step; only
+process 0 writes summaries and sample grids.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import jax
 import numpy as np
@@ -48,85 +58,156 @@ def write_sample_grid(sample_fn, params, config, workdir: str, step: int,
   return batch
 
 
+class _PreemptionFlag:
+  """Set by SIGTERM (installed for the duration of training, main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> '_PreemptionFlag':
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    logging.warning('SIGTERM received: saving a checkpoint after the current step.')
+    self.requested = True
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _all_agree(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a tiny all-gather when multi-host)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def _should_stop_for_preemption(flag: _PreemptionFlag, step: int) -> bool:
+  return _all_agree(flag.requested) or checkpoints.reached_preemption(step)
+
+
 def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
-  """Trains (or resumes training) as `config` says, writing everything under `workdir`."""
+  """Trains (or resumes training) as `config` says, writing everything under `workdir`.
+
+  Returns the final state, or the state saved when the run was preempted (SIGTERM).
+  """
   validate_config(config, mode='train')
   mesh = sharding.create_mesh(config.mesh)
   tcfg = config.training
   res, channels = config.data.resolution, config.data.channels
   image_shape = (res, res, channels)
-
-  # Data first: a missing dataset fails here, before anything is compiled or written. A resumed
-  # run reshuffles from a seed folded with its start step rather than replaying the first batches.
-  per_host_batch = tcfg.batch_size // jax.process_count()
-  data_seed = config.seed + checkpoints.latest_step_on_disk(workdir)
-  dataset = input_pipeline.create_dataset(
-      config.data, per_host_batch, split=config.data.split, seed=data_seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), train=True)
+  k = int(tcfg.get('steps_per_call', 1))
+  on_nonfinite = tcfg.get('on_nonfinite', 'stop')
 
   model = models.create_model(config.model, channels)
   schedule = diffusion.make_schedule(config.diffusion)
   tx = train_state.create_optimizer(config.optim, tcfg.num_train_steps)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
-                                         image_shape, mesh)
-  manager = checkpoints.create_manager(workdir, tcfg.keep_checkpoints, tcfg.async_checkpointing)
-  restored, restored_step = checkpoints.restore_latest(manager, state)
-  if restored is not None:
-    state = restored
+  min_size = sharding.fsdp_min_size(config.mesh)
+  shardings = train_state.state_shardings(model, tx, image_shape, mesh, min_size)
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      train_state.abstract_train_state(model, tx, image_shape), shardings)
+  manager = checkpoints.create_manager(workdir, tcfg.keep_checkpoints, tcfg.async_checkpointing,
+                                       keep_every=tcfg.get('keep_every_steps', 0))
+  # Restore straight into the sharded layout; a fresh state is only built when there is none.
+  state, restored_step = checkpoints.restore_latest(manager, abstract)
+  if state is not None:
     logging.info('Resumed from checkpoint %d in %s', restored_step, workdir)
+  start_step = restored_step or 0
+  if k > 1 and (start_step % k or tcfg.num_train_steps % k):
+    raise ValueError(f'training.steps_per_call={k} needs num_train_steps '
+                     f'({tcfg.num_train_steps}) and the resumed step ({start_step}) to be '
+                     'multiples of it.')
+
+  # The batch at step s is a function of (seed, s): resuming needs no iterator state.
+  batch_sharding = sharding.batch_sharding(mesh)
+  dataset = input_pipeline.step_indexed_dataset(
+      config.data, tcfg.batch_size, seed=config.seed, start_step=start_step,
+      rows=input_pipeline.host_batch_rows(batch_sharding, tcfg.batch_size),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      steps_per_batch=k)
+  if state is None:
+    state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
+                                           image_shape, mesh, min_size)
   start_step = int(jax.device_get(state.step))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('Model has %d parameters; training steps %d -> %d on %d devices.', num_params,
-               start_step, tcfg.num_train_steps, jax.device_count())
+  logging.info('Model has %d parameters; training steps %d -> %d on %d devices (mesh %s), '
+               '%d step(s) per call.', num_params, start_step, tcfg.num_train_steps,
+               jax.device_count(), dict(mesh.shape), k)
 
-  train_step = train_state.make_train_step(model, tx, schedule, config, mesh)
+  train_step = train_state.make_train_step(model, tx, schedule, config, mesh, steps_per_call=k)
   sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, tcfg.num_grid_samples)
+  # The sampler takes replicated parameters: gather FSDP-sharded EMA weights for it.
+  gather = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)}
-                         | {'num_params': num_params})
+    writer.write_hparams({k_: v for k_, v in config.to_dict().items()
+                          if not isinstance(v, dict)} | {'num_params': num_params})
   report = periodic_actions.ReportProgress(num_train_steps=tcfg.num_train_steps, writer=writer)
-  batches = input_pipeline.global_batches(dataset, sharding.batch_sharding(mesh))
+  batches = input_pipeline.global_batches(
+      dataset, sharding.stacked_batch_sharding(mesh) if k > 1 else batch_sharding)
 
   history: List[Dict[str, jax.Array]] = []
   last_log_time, last_log_step = time.time(), start_step
+  skipped_total = 0
   step = start_step
-  try:
-    for step in range(start_step + 1, tcfg.num_train_steps + 1):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = next(batches)
-        state, metrics = train_step(state, batch)
-        history.append(metrics)
-      report(step)
-      is_last = step == tcfg.num_train_steps
-      if step % tcfg.log_every_steps == 0 or is_last:
-        summary = _mean_metrics(history)
-        history = []
-        if summary['nonfinite'] > 0:
-          raise NonFiniteLossError(
-              f'Loss or gradients became NaN/Inf before step {step} (loss={summary["loss"]}). '
-              'Training stopped; the last good checkpoint is kept. Try a lower '
-              'optim.learning_rate, optim.grad_clip > 0, or model.dtype=float32.')
-        now = time.time()
-        summary['steps_per_sec'] = (step - last_log_step) / max(now - last_log_time, 1e-9)
-        last_log_time, last_log_step = now, step
-        writer.write_scalars(step, {k: v for k, v in summary.items() if k != 'nonfinite'})
-      if (tcfg.sample_every_steps and step % tcfg.sample_every_steps == 0) or is_last:
-        with report.timed('sample'):
-          write_sample_grid(sample_fn, state.ema_params, config, workdir, step, writer)
-      if step % tcfg.checkpoint_every_steps == 0 or is_last:
-        if history:  # Never save a state that came from a non-finite step.
-          if _mean_metrics(history)['nonfinite'] > 0:
+  with _PreemptionFlag() as preemption:
+    try:
+      while step < tcfg.num_train_steps:
+        with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
+          batch = next(batches)
+          state, metrics = train_step(state, batch)
+          history.append(metrics)
+        step += k
+        report(step)
+        is_last = step == tcfg.num_train_steps
+        if step % tcfg.log_every_steps == 0 or is_last:
+          summary = _mean_metrics(history)
+          skipped = int(round(summary['nonfinite'] * len(history) * k))
+          history = []
+          if skipped and on_nonfinite != 'skip':
             raise NonFiniteLossError(
-                f'Loss or gradients became NaN/Inf before step {step}; training stopped and '
-                'the last good checkpoint is kept.')
-        with report.timed('checkpoint'):
-          checkpoints.save(manager, step, state)
-  finally:
-    manager.wait_until_finished()
-    manager.check_for_errors()
-    manager.close()
-    writer.flush()
+                f'Loss or gradients became NaN/Inf before step {step} (loss={summary["loss"]}). '
+                'Training stopped; the last good checkpoint is kept. Try a lower '
+                'optim.learning_rate, optim.grad_clip > 0, model.dtype=float32, or '
+                "training.on_nonfinite='skip'.")
+          now = time.time()
+          summary['steps_per_sec'] = (step - last_log_step) / max(now - last_log_time, 1e-9)
+          last_log_time, last_log_step = now, step
+          scalars = {k_: v for k_, v in summary.items() if k_ != 'nonfinite'}
+          if on_nonfinite == 'skip':
+            skipped_total += skipped
+            scalars['skipped_steps'] = skipped_total
+            if skipped:
+              logging.warning('Skipped %d non-finite update(s) before step %d (%d in this run).',
+                              skipped, step, skipped_total)
+            scalars['loss'] = summary['loss'] if np.isfinite(summary['loss']) else float('nan')
+          writer.write_scalars(step, scalars)
+        if (tcfg.sample_every_steps and step % tcfg.sample_every_steps == 0) or is_last:
+          with report.timed('sample'):
+            write_sample_grid(sample_fn, gather(state.ema_params), config, workdir, step, writer)
+        preempted = _should_stop_for_preemption(preemption, step)
+        if step % tcfg.checkpoint_every_steps == 0 or is_last or preempted:
+          if history and on_nonfinite != 'skip':  # Never save a state after a non-finite step.
+            if _mean_metrics(history)['nonfinite'] > 0:
+              raise NonFiniteLossError(
+                  f'Loss or gradients became NaN/Inf before step {step}; training stopped and '
+                  'the last good checkpoint is kept.')
+          with report.timed('checkpoint'):
+            checkpoints.save(manager, step, state)
+        if preempted:
+          logging.warning('Preempted: saved checkpoint %d; exiting.', step)
+          break
+    finally:
+      manager.wait_until_finished()
+      manager.check_for_errors()
+      manager.close()
+      writer.flush()
   logging.info('Finished training at step %d.', step)
   return state

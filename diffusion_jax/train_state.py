@@ -10,7 +10,7 @@ depend on how many devices share the batch.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -87,32 +87,102 @@ def init_params(model: nn.Module, rng: jax.Array, image_shape: Tuple[int, int, i
   return model.init({'params': rng}, x, t, y, train=False)['params']
 
 
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                         image_shape: Tuple[int, int, int]) -> TrainState:
+  """Shapes and dtypes of the initial state (nothing is computed or allocated)."""
+  return jax.eval_shape(lambda: _init_state(model, tx, jax.random.PRNGKey(0), image_shape))
+
+
+def _init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                image_shape: Tuple[int, int, int]) -> TrainState:
+  params = init_params(model, rng, image_shape)
+  ema = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
+                    opt_state=tx.init(params))
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
+                    image_shape: Tuple[int, int, int], mesh: Mesh,
+                    fsdp_min_size: int = sharding.DEFAULT_FSDP_MIN_SIZE) -> TrainState:
+  """The NamedSharding of every leaf of the train state (FSDP rule of `sharding.py`)."""
+  return sharding.state_shardings(abstract_train_state(model, tx, image_shape), mesh,
+                                  fsdp_min_size)
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: Tuple[int, int, int], mesh: Mesh) -> TrainState:
-  """Initialises the state directly with its (replicated) sharding; EMA starts at the params."""
-  def init() -> TrainState:
-    params = init_params(model, rng, image_shape)
-    ema = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
-                      opt_state=tx.init(params))
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+                       image_shape: Tuple[int, int, int], mesh: Mesh,
+                       fsdp_min_size: int = sharding.DEFAULT_FSDP_MIN_SIZE) -> TrainState:
+  """Initialises the state directly in its sharded layout; EMA starts at the params.
+
+  The init is one `jit` whose outputs carry the FSDP shardings, so no device ever holds
+  a full copy of a sharded tensor (with mesh.fsdp = 1 everything is replicated).
+  """
+  shardings = state_shardings(model, tx, image_shape, mesh, fsdp_min_size)
+  return jax.jit(lambda: _init_state(model, tx, rng, image_shape), out_shardings=shardings)()
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: diffusion.Schedule, config, mesh: Mesh
+                    schedule: diffusion.Schedule, config, mesh: Mesh,
+                    steps_per_call: Optional[int] = None
                     ) -> Callable[[TrainState, Dict[str, jax.Array]],
                                   Tuple[TrainState, Dict[str, jax.Array]]]:
   """Returns the jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
-  batch: {'image': [B,H,W,C] in [-1,1], 'label': [B] (class-conditional models)}.
-  metrics: scalars 'loss', 'grad_norm' (before clipping), 'learning_rate', 'nonfinite'
-  (1 when the loss or gradients were NaN/Inf; the update is then not applied).
+  batch: {'image': [B,H,W,C] in [-1,1], 'label': [B] (class-conditional models)}, B the global
+  batch. With k = steps_per_call (default `training.steps_per_call`, 1) > 1, one call runs k
+  optimizer steps in a `lax.scan`: batch arrays are [k, B, ...] and metrics [k].
+  `training.grad_accum_steps` = a splits every B into a micro-batches of B / a whose gradients
+  are averaged before one update; noise and timesteps are still drawn for the whole B, so the
+  step equals one step on B up to float rounding (exactly so when model.dropout = 0; dropout
+  masks are drawn per micro-batch).
+  metrics: 'loss', 'grad_norm' (before clipping), 'learning_rate', 'nonfinite' (1 when the
+  loss or gradients were NaN/Inf; the update is then not applied, only `step` advances).
   """
-  dcfg, ocfg = config.diffusion, config.optim
-  lr_schedule = learning_rate_schedule(ocfg, config.training.num_train_steps)
+  dcfg, ocfg, tcfg = config.diffusion, config.optim, config.training
+  lr_schedule = learning_rate_schedule(ocfg, tcfg.num_train_steps)
   base_key = jax.random.PRNGKey(config.seed)
   num_classes = config.model.num_classes
-  cond_drop_prob = config.training.get('cond_drop_prob', 0.0)
+  cond_drop_prob = tcfg.get('cond_drop_prob', 0.0)
+  accum = int(tcfg.get('grad_accum_steps', 1))
+  k = int(tcfg.get('steps_per_call', 1) if steps_per_call is None else steps_per_call)
+  batch_axes = sharding.batch_sharding(mesh).spec[0]
+  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, batch_axes))
+
+  def loss_and_grads(params, x0, noise, t, x_t, labels, drop_key):
+    """Mean loss of one (micro-)batch and its gradient."""
+
+    def loss_fn(params):
+      out = model.apply({'params': params}, x_t, t, labels, train=True,
+                        rngs={'dropout': drop_key})
+      # L_simple, or with a learned variance the hybrid L_simple + lambda L_vlb.
+      per_example = diffusion.training_losses(schedule, out, x0, noise, t, x_t, dcfg,
+                                              config.model.learn_sigma)
+      return jnp.mean(per_example)
+
+    return jax.value_and_grad(loss_fn)(params)
+
+  def accumulated(params, x0, noise, t, x_t, labels, drop_key):
+    """Mean loss and gradient over `accum` equal micro-batches of the global batch."""
+    def split(x):  # [B, ...] -> [accum, B / accum, ...]; micro-batch i = rows i, i + a, ...
+      if x is None:
+        return None
+      x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    micro = (split(x0), split(noise), split(t), split(x_t), split(labels), jnp.arange(accum))
+
+    def body(carry, m):
+      loss_sum, grad_sum = carry
+      mx0, mnoise, mt, mx_t, mlabels, i = m
+      loss, grads = loss_and_grads(params, mx0, mnoise, mt, mx_t, mlabels,
+                                   jax.random.fold_in(drop_key, i))
+      grad_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads)
+      return (loss_sum + loss, grad_sum), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+    grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
+    return loss_sum / accum, grads
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array]):
     x0 = batch['image'].astype(jnp.float32)
@@ -128,14 +198,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         drop = jax.random.bernoulli(label_key, cond_drop_prob, labels.shape)
         labels = jnp.where(drop, num_classes, labels)
 
-    def loss_fn(params):
-      out = model.apply({'params': params}, x_t, t, labels, train=True,
-                        rngs={'dropout': drop_key})
-      per_example = diffusion.diffusion_loss(schedule, out, x0, noise, t, dcfg.prediction_type,
-                                             dcfg.loss_weighting, dcfg.min_snr_gamma)
-      return jnp.mean(per_example)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_fn = loss_and_grads if accum == 1 else accumulated
+    loss, grads = grad_fn(state.params, x0, noise, t, x_t, labels, drop_key)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -151,6 +215,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                'nonfinite': 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
+  def multi_step(state: TrainState, batches: Dict[str, jax.Array]):
+    return jax.lax.scan(train_step, state, batches)
+
+  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
+  state_sharding = state_shardings(model, tx, image_shape, mesh,
+                                   sharding.fsdp_min_size(config.mesh))
   replicated = sharding.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(replicated, sharding.batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  if k == 1:
+    fn, batch_sharding = train_step, sharding.batch_sharding(mesh)
+  else:
+    fn, batch_sharding = multi_step, sharding.stacked_batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)

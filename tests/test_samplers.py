@@ -7,8 +7,10 @@ For data x0 ~ N(mu, diag(sigma^2)) the optimal denoiser is known in closed form:
 With this predictor every DDPM / DDIM step is an affine map of x_t plus Gaussian noise, so the exact
 distribution of each sampler's output (including its discretisation error) follows from
 propagating a per-dimension affine map in float64 (`_exact_sampler_law` below, written from the
-papers' update rules and independent of the library). The samples are compared to it, and to the
-data distribution itself.
+papers' update rules and independent of the library). The samples are compared to it (pathwise for
+deterministic DDIM, through mean and variance within sampling error otherwise), and, for samplers
+that take all 1000 steps, to the data distribution itself. A 5-step process with large betas
+makes per-step details (each step's variance, the noiseless last step, timestep indexing) visible.
 """
 
 import functools
@@ -21,33 +23,45 @@ import pytest
 from diffusion_jax import diffusion
 from diffusion_jax import samplers
 
-T = 1000
 SHAPE = (4, 4, 1)
 D = int(np.prod(SHAPE))
 N = 4096  # Samples per run.
 
-BETAS = np.linspace(1e-4, 0.02, T, dtype=np.float64)  # Ho et al. 2020.
-ALPHAS = 1.0 - BETAS
-ABAR = np.cumprod(ALPHAS)
-ABAR_PREV = np.append(1.0, ABAR[:-1])
+# The diffusion processes used: Ho et al.'s, and a 5-step one whose large steps make every
+# per-step choice (variance at each t, the t = 0 step, timestep indexing) visible in the samples.
+LONG, SHORT = 'linear1000', 'short5'
+BETAS_OF = {
+    LONG: np.linspace(1e-4, 0.02, 1000, dtype=np.float64),  # Ho et al. 2020.
+    SHORT: np.array([0.02, 0.1, 0.25, 0.4, 0.6]),
+}
+T = len(BETAS_OF[LONG])
+BETAS = BETAS_OF[LONG]
+ABAR = np.cumprod(1.0 - BETAS)
 
 _rng = np.random.default_rng(1234)
 MU = _rng.permutation(np.linspace(-0.5, 0.5, D))      # Distinct means ...
 SIGMA = _rng.permutation(np.linspace(0.1, 0.6, D))    # ... and standard deviations.
 VAR = SIGMA**2
 
-SCHEDULE = diffusion.schedule_from_betas(BETAS)
+
+@functools.lru_cache(maxsize=None)
+def library_schedule(process=LONG):
+  return diffusion.schedule_from_betas(BETAS_OF[process])
+
+
+SCHEDULE = library_schedule(LONG)
 
 
 # ------------------------------------------------------------------ the exact predictor
 
 
-def exact_apply_fn(prediction_type):
+def exact_apply_fn(prediction_type, process=LONG):
   """`apply_fn(x_t, t [B])` returning the Bayes-optimal output of `prediction_type`."""
-  sqrt_a = jnp.asarray(np.sqrt(ABAR), jnp.float32)
-  sqrt_1ma = jnp.asarray(np.sqrt(1.0 - ABAR), jnp.float32)
-  one_ma = jnp.asarray(1.0 - ABAR, jnp.float32)
-  abar = jnp.asarray(ABAR, jnp.float32)
+  abar64 = np.cumprod(1.0 - BETAS_OF[process])
+  sqrt_a = jnp.asarray(np.sqrt(abar64), jnp.float32)
+  sqrt_1ma = jnp.asarray(np.sqrt(1.0 - abar64), jnp.float32)
+  one_ma = jnp.asarray(1.0 - abar64, jnp.float32)
+  abar = jnp.asarray(abar64, jnp.float32)
   mu = jnp.asarray(MU.reshape(SHAPE), jnp.float32)
   var = jnp.asarray(VAR.reshape(SHAPE), jnp.float32)
 
@@ -68,19 +82,23 @@ def exact_apply_fn(prediction_type):
   return apply_fn
 
 
-def _coefs(t):
-  """(k, e) with E[x0|x_t] = mu + k c, E[eps|x_t] = e c, c = x_t - sqrt(abar_t) mu (float64)."""
-  a = ABAR[t]
-  denom = a * VAR + 1.0 - a
-  return np.sqrt(a) * VAR / denom, np.sqrt(1.0 - a) / denom
-
-
-def _exact_sampler_law(sampler, **opts):
+def _exact_sampler_law(sampler, process=LONG, **opts):
   """(G, H, S2): the sampler's output is G x_T + H + N(0, S2), per dimension (float64).
 
   Written from the update rules of Ho et al. (ancestral step with the true posterior mean
   coefficients) and Song et al. (DDIM), not from the library code.
   """
+  betas = BETAS_OF[process]
+  num_t = len(betas)
+  alphas = 1.0 - betas
+  abar = np.cumprod(alphas)
+  abar_prev = np.append(1.0, abar[:-1])
+
+  def coefs(t):
+    """(k, e): E[x0|x_t] = mu + k c, E[eps|x_t] = e c, with c = x_t - sqrt(abar_t) mu."""
+    denom = abar[t] * VAR + 1.0 - abar[t]
+    return np.sqrt(abar[t]) * VAR / denom, np.sqrt(1.0 - abar[t]) / denom
+
   g, h, s2 = np.ones(D), np.zeros(D), np.zeros(D)  # x = g x_T + h + N(0, s2)
 
   def step(a_mul, b_add, noise_var):
@@ -88,27 +106,27 @@ def _exact_sampler_law(sampler, **opts):
     g, h, s2 = a_mul * g, a_mul * h + b_add, a_mul**2 * s2 + noise_var
 
   if sampler == 'ddpm':
-    post_var = BETAS * (1.0 - ABAR_PREV) / (1.0 - ABAR)
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
     if opts['variance'] == 'fixed_small':
       sig2 = post_var
-    else:  # fixed_large: beta_t, with beta~_1 at the second step (guided-diffusion).
-      sig2 = np.append(post_var[1], BETAS[1:])
-    for t in range(T - 1, -1, -1):
-      k, e = _coefs(t)
-      c1 = BETAS[t] * np.sqrt(ABAR_PREV[t]) / (1.0 - ABAR[t])
-      c2 = (1.0 - ABAR_PREV[t]) * np.sqrt(ALPHAS[t]) / (1.0 - ABAR[t])
-      # mean = c1 (mu + k (x - sqrt(abar) mu)) + c2 x
-      step(c1 * k + c2, c1 * (MU - k * np.sqrt(ABAR[t]) * MU), sig2[t] if t > 0 else 0.0)
+    else:  # fixed_large: beta_t (guided-diffusion puts beta~_1 at index 0, which no step uses).
+      sig2 = np.append(post_var[1], betas[1:])
+    for t in range(num_t - 1, -1, -1):
+      k, _ = coefs(t)
+      c1 = betas[t] * np.sqrt(abar_prev[t]) / (1.0 - abar[t])
+      c2 = (1.0 - abar_prev[t]) * np.sqrt(alphas[t]) / (1.0 - abar[t])
+      # mean = c1 (mu + k (x - sqrt(abar) mu)) + c2 x; no noise on the last step.
+      step(c1 * k + c2, c1 * (MU - k * np.sqrt(abar[t]) * MU), sig2[t] if t > 0 else 0.0)
   else:
     steps, eta = opts['steps'], opts['eta']
-    stride = T // steps
+    stride = num_t // steps
     seq = [i * stride for i in range(steps)]  # 0, k, 2k, ...
     for j in reversed(range(steps)):
       t = seq[j]
-      a = ABAR[t]
-      a_prev = ABAR[seq[j - 1]] if j > 0 else 1.0
+      a = abar[t]
+      a_prev = abar[seq[j - 1]] if j > 0 else 1.0
       sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-      k, e = _coefs(t)
+      k, e = coefs(t)
       # x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z
       lin = np.sqrt(a_prev) * k + np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * e
       step(lin, np.sqrt(a_prev) * MU - lin * np.sqrt(a) * MU, sigma**2)
@@ -119,11 +137,12 @@ def _exact_sampler_law(sampler, **opts):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(sampler, prediction_type, static_opts):
+def _compiled(sampler, prediction_type, process, static_opts):
   """The jitted sampler; DDIM's eta is a traced argument so that eta variants share a compile."""
-  denoise = samplers.make_denoiser(exact_apply_fn(prediction_type), SCHEDULE, prediction_type,
-                                   clip_denoised=False)
-  fn = functools.partial(samplers.get_sampler(sampler), denoise, SCHEDULE, **dict(static_opts))
+  schedule = library_schedule(process)
+  denoise = samplers.make_denoiser(exact_apply_fn(prediction_type, process), schedule,
+                                   prediction_type, clip_denoised=False)
+  fn = functools.partial(samplers.get_sampler(sampler), denoise, schedule, **dict(static_opts))
   if sampler == 'ddim':
     return jax.jit(lambda noise, rng, eta: fn(noise, rng, eta=eta))
   return jax.jit(fn)
@@ -133,17 +152,19 @@ def _noise(seed, n=N):
   return jax.random.normal(jax.random.key(seed), (n,) + SHAPE, jnp.float32)
 
 
-def run_sampler(sampler, seed=0, prediction_type='epsilon', n=N, rng_seed=None, **opts):
+def run_sampler(sampler, seed=0, prediction_type='epsilon', n=N, rng_seed=None, process=LONG,
+                **opts):
   """(x_T, x_0) as read-only float64 [n, D] (cached: several tests share runs)."""
   rng_seed = seed + 10_000 if rng_seed is None else rng_seed
-  return _run_cached(sampler, seed, rng_seed, prediction_type, n, tuple(sorted(opts.items())))
+  return _run_cached(sampler, seed, rng_seed, prediction_type, n, process,
+                     tuple(sorted(opts.items())))
 
 
 @functools.lru_cache(maxsize=None)
-def _run_cached(sampler, seed, rng_seed, prediction_type, n, opts):
+def _run_cached(sampler, seed, rng_seed, prediction_type, n, process, opts):
   opts = dict(opts)
   eta = opts.pop('eta', None)
-  fn = _compiled(sampler, prediction_type, tuple(sorted(opts.items())))
+  fn = _compiled(sampler, prediction_type, process, tuple(sorted(opts.items())))
   noise = _noise(seed, n)
   args = (noise, jax.random.key(rng_seed)) + (() if eta is None else (jnp.float32(eta),))
   out = fn(*args)
@@ -208,12 +229,43 @@ def test_stochastic_sampler_matches_its_exact_law(sampler, opts):
   assert np.max(np.abs(z_var)) < Z_TOL, z_var
 
 
+@pytest.mark.parametrize('sampler,opts', [
+    ('ddpm', dict(variance='fixed_small')),
+    ('ddpm', dict(variance='fixed_large')),
+    ('ddim', dict(steps=5, eta=1.0)),
+    ('ddim', dict(steps=2, eta=0.5)),
+    ('ddim', dict(steps=5, eta=0.0)),
+])
+def test_short_process_matches_exact_law(sampler, opts):
+  """On a 5-step process each step's mean, variance and timestep show up in the samples."""
+  x_t, x0 = run_sampler(sampler, process=SHORT, **opts)
+  g, h, s2 = _exact_sampler_law(sampler, process=SHORT, **opts)
+  z_mean, z_var = _moment_z_scores(x0, h, g**2 + s2)
+  assert np.max(np.abs(z_mean)) < Z_TOL, z_mean
+  assert np.max(np.abs(z_var)) < Z_TOL, z_var
+  if opts.get('eta') == 0.0:
+    np.testing.assert_allclose(x0, g * x_t + h, atol=1e-5, rtol=0)
+
+
+def test_short_process_has_power():
+  """The short-process laws are far apart (in units of sampling error) for the choices that a
+  sampler could get wrong, so test_short_process_matches_exact_law can tell them apart."""
+  def var(sampler, **opts):
+    g, _, s2 = _exact_sampler_law(sampler, process=SHORT, **opts)
+    return g**2 + s2
+  se = np.sqrt(2.0 / (N - 1))
+  small, large = var('ddpm', variance='fixed_small'), var('ddpm', variance='fixed_large')
+  assert np.min(np.abs(large / small - 1)) > 4 * Z_TOL * se
+  assert np.min(np.abs(var('ddim', steps=5, eta=1.0) / var('ddim', steps=5, eta=0.0) - 1)) > (
+      2 * Z_TOL * se)
+
+
 @pytest.mark.parametrize('eta', [1.0, 0.5])
 def test_stochastic_ddim_noise_comes_from_rng(eta):
   """Same (x_T, rng) gives the same samples; another rng with the same x_T gives others."""
   _, a = run_sampler('ddim', rng_seed=1, steps=50, eta=eta)
   # A fresh run (bypassing the result cache) with the same arguments.
-  _, b = _run_cached.__wrapped__('ddim', 0, 1, 'epsilon', N, (('eta', eta), ('steps', 50)))
+  _, b = _run_cached.__wrapped__('ddim', 0, 1, 'epsilon', N, LONG, (('eta', eta), ('steps', 50)))
   _, c = run_sampler('ddim', rng_seed=2, steps=50, eta=eta)
   np.testing.assert_array_equal(a, b)
   # With the same x_T the two runs differ only through the injected noise, so E(a - c)^2 = 2 S2.
@@ -306,7 +358,7 @@ def test_get_sampler_and_unknown_names():
   assert samplers.get_sampler('ddpm') is samplers.ddpm_sample
   assert samplers.get_sampler('ddim') is samplers.ddim_sample
   with pytest.raises(ValueError, match=r'sample\.sampler'):
-    samplers.get_sampler('euler')
+    samplers.get_sampler('no_such_sampler')
   denoise = samplers.make_denoiser(exact_apply_fn('epsilon'), SCHEDULE, 'epsilon', False)
   with pytest.raises(ValueError, match=r'sample\.variance'):
     samplers.ddpm_sample(denoise, SCHEDULE, _noise(0, 2), jax.random.key(0), variance='learned_x')

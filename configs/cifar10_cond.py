@@ -1,0 +1,25 @@
+"""Class-conditional CIFAR-10 with classifier-free guidance (Ho & Salimans 2022) on the DDPM U-Net.
+
+  python main.py --config=configs/cifar10_cond.py --workdir=gs://bucket/cifar10_cond \\
+      --config.data.data_dir=gs://bucket/tensorflow_datasets
+  python main.py --config=configs/cifar10_cond.py --workdir=gs://bucket/cifar10_cond \\
+      --mode=sample --config.sample.num_samples=50000 --config.sample.guidance_scale=1.5
+
+The network and training of `cifar10_ddpm` plus a class embedding (10 classes and a null class);
+labels are dropped to the null class with probability 0.1. Samples cycle through the classes.
+"""
+
+from configs import cifar10_ddpm
+
+
+def get_config():
+  config = cifar10_ddpm.get_config()
+  config.data.label_key = 'label'
+  config.model.num_classes = 10
+  config.training.cond_drop_prob = 0.1
+  config.sample.sampler = 'ddim'
+  config.sample.steps = 100
+  config.sample.guidance_scale = 1.5
+  config.sample.num_samples = 50_000
+  config.sample.batch_size = 1000
+  return config

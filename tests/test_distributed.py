@@ -1,0 +1,250 @@
+"""Distribution: multi-process (jax.distributed + gloo), FSDP, steps per call, accumulation, bf16.
+
+Compiles dominate on CPU, so every test uses configs/tiny.py for a few steps. The
+multi-process test runs main.py in subprocesses (2 processes x 2 devices against 1 process x 4
+devices); the others run in this process on the 8 virtual devices of conftest.py.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import tiny  # pylint: disable=g-import-not-at-top
+from diffusion_jax import (checkpoints, diffusion, input_pipeline, models, sharding,
+                           train_state)
+
+
+def small_config(**training):
+  config = tiny.get_config()
+  config.model.dropout = 0.0
+  config.optim.warmup_steps = 0
+  config.optim.learning_rate = 2e-3
+  config.training.update(training)
+  return config
+
+
+def build(config, mesh, **step_kwargs):
+  model = models.create_model(config.model, config.data.channels)
+  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
+  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
+  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape,
+                                         mesh, sharding.fsdp_min_size(config.mesh))
+  step = train_state.make_train_step(model, tx, diffusion.make_schedule(config.diffusion),
+                                     config, mesh, **step_kwargs)
+  return state, step
+
+
+def host_batches(n, batch_size, seed=0):
+  images, labels = input_pipeline.load_digits()
+  rng = np.random.default_rng(seed)
+  idx = rng.permutation(len(images))[:n * batch_size].reshape(n, batch_size)
+  return [{'image': images[i].astype(np.float32) / 127.5 - 1.0, 'label': labels[i]} for i in idx]
+
+
+def assert_trees_close(a, b, rtol, atol):
+  a, b = jax.device_get((a, b))
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(a)[0],
+                               jax.tree_util.tree_flatten_with_path(b)[0]):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------ mesh and FSDP rule
+
+
+def test_mesh_shape_and_fsdp_rule():
+  cfg = small_config().mesh
+  assert sharding.mesh_shape(cfg, 8) == (8, 1)
+  cfg.fsdp = 4
+  assert sharding.mesh_shape(cfg, 8) == (2, 4)
+  cfg.data, cfg.fsdp = 2, -1
+  assert sharding.mesh_shape(cfg, 8) == (2, 4)
+  cfg.data, cfg.fsdp = 3, 1
+  with pytest.raises(ValueError, match='does not fit'):
+    sharding.mesh_shape(cfg, 8)
+  P = jax.sharding.PartitionSpec
+  assert sharding.fsdp_spec((3, 3, 32, 64), 4, 100) == P(None, None, None, 'fsdp')
+  assert sharding.fsdp_spec((64, 48), 4, 100) == P('fsdp', None)
+  assert sharding.fsdp_spec((64,), 4, 100) == P()        # Too small.
+  assert sharding.fsdp_spec((3, 3, 5, 7), 4, 1) == P()    # Nothing divisible.
+  assert sharding.fsdp_spec((3, 3, 32, 64), 1, 1) == P()  # No fsdp axis.
+
+
+def test_fsdp_matches_data_parallel_and_is_sharded():
+  """data=2 x fsdp=4 with sharded params/EMA/Adam moments == pure data parallel on 8 devices."""
+  fsdp_config = small_config()
+  fsdp_config.mesh.data, fsdp_config.mesh.fsdp, fsdp_config.mesh.fsdp_min_size = 2, 4, 256
+  dp_config = small_config()
+  fsdp_mesh, dp_mesh = sharding.create_mesh(fsdp_config.mesh), sharding.create_mesh(dp_config.mesh)
+  assert dict(fsdp_mesh.shape) == {'data': 2, 'fsdp': 4}
+  s_fsdp, step_fsdp = build(fsdp_config, fsdp_mesh)
+  s_dp, step_dp = build(dp_config, dp_mesh)
+  assert_trees_close(s_fsdp, s_dp, 0, 0)  # Same initial values, other layout.
+
+  kernel = max(jax.tree.leaves(s_fsdp.params), key=lambda x: x.size)
+  big = [x for x in jax.tree.leaves(s_fsdp) if x.size >= 256]
+  sharded = [x for x in big if x.addressable_shards[0].data.size * 4 == x.size]
+  assert len(sharded) >= len(big) // 2 and len(sharded) > 10
+  mu = [x for x in jax.tree.leaves(s_fsdp.opt_state) if x.ndim == 4]
+  assert any(x.addressable_shards[0].data.size * 4 == x.size for x in mu)  # Adam moments too.
+  assert 'fsdp' in tuple(kernel.sharding.spec), kernel.sharding
+  assert all(np.prod(s.data.shape) * 4 == kernel.size for s in kernel.addressable_shards)
+
+  for b in host_batches(2, 16):
+    s_fsdp, m_fsdp = step_fsdp(s_fsdp, jax.device_put(b, sharding.batch_sharding(fsdp_mesh)))
+    s_dp, m_dp = step_dp(s_dp, jax.device_put(b, sharding.batch_sharding(dp_mesh)))
+    np.testing.assert_allclose(float(m_fsdp['loss']), float(m_dp['loss']), rtol=1e-5)
+  assert max(jax.tree.leaves(s_fsdp.params), key=lambda x: x.size).sharding == kernel.sharding
+  assert_trees_close(s_fsdp.params, s_dp.params, rtol=1e-5, atol=1e-5)
+  assert_trees_close(s_fsdp.ema_params, s_dp.ema_params, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ steps per call, accumulation
+
+
+def test_steps_per_call_and_grad_accum_are_exact():
+  mesh = sharding.create_mesh(small_config().mesh, devices=jax.devices()[:2])
+  batches = host_batches(3, 16)
+  ref_state, ref_step = build(small_config(), mesh)
+  init = jax.device_get(ref_state)
+  put_state = lambda: jax.device_put(init, sharding.replicated(mesh))
+  ref_losses = []
+  for b in batches:
+    ref_state, m = ref_step(ref_state, jax.device_put(b, sharding.batch_sharding(mesh)))
+    ref_losses.append(float(m['loss']))
+
+  _, multi = build(small_config(steps_per_call=3), mesh)
+  stacked = jax.tree.map(lambda *x: np.stack(x), *batches)
+  state, metrics = multi(put_state(), jax.device_put(stacked,
+                                                     sharding.stacked_batch_sharding(mesh)))
+  assert metrics['loss'].shape == (3,) and int(state.step) == 3
+  np.testing.assert_allclose(np.asarray(metrics['loss']), ref_losses, rtol=1e-6)
+  assert_trees_close(state, ref_state, rtol=1e-6, atol=1e-7)
+
+  _, accum = build(small_config(grad_accum_steps=4), mesh)
+  state = put_state()
+  for b, ref in zip(batches, ref_losses):
+    state, m = accum(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+    np.testing.assert_allclose(float(m['loss']), ref, rtol=1e-5)
+  assert_trees_close(state.params, ref_state.params, rtol=1e-4, atol=1e-5)
+  assert_trees_close(state.ema_params, ref_state.ema_params, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ mixed precision
+
+
+def test_bfloat16_compute_trains_and_keeps_fp32_state():
+  config = small_config(steps_per_call=10)
+  config.model.dtype = 'bfloat16'
+  config.model.remat = True
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
+  state, step = build(config, mesh)
+  images, labels = input_pipeline.load_digits()
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(4):  # 40 steps.
+    idx = rng.integers(0, len(images), (10, 16))
+    batch = {'image': images[idx].astype(np.float32) / 127.5 - 1.0, 'label': labels[idx]}
+    state, metrics = step(state, jax.device_put(batch, sharding.stacked_batch_sharding(mesh)))
+    losses += list(np.asarray(metrics['loss']))
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+  for tree in (state.params, state.ema_params):
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree))
+  assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(state.opt_state))
+
+
+# ------------------------------------------------------------------ multi-process
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _env(num_devices, cache_dir):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2',
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return env
+
+
+TRAIN_FLAGS = ['--config.training.num_train_steps=4', '--config.training.log_every_steps=2',
+               '--config.training.checkpoint_every_steps=4',
+               '--config.training.sample_every_steps=0', '--config.training.num_grid_samples=4',
+               '--config.sample.steps=2', '--config.model.dropout=0.0']
+
+
+def run_main(workdir, num_devices, cache_dir, extra=(), timeout=400):
+  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), '--config=' + os.path.join(
+      ROOT, 'configs', 'tiny.py'), f'--workdir={workdir}'] + TRAIN_FLAGS + list(extra)
+  return subprocess.Popen(cmd, env=_env(num_devices, cache_dir), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def logged_losses(workdir, tag='loss'):
+  """{step: value} from the TensorBoard events (the last value wins for repeated steps)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(glob.glob(os.path.join(str(workdir), 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          out[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField(
+              'tensor') else value.simple_value
+  return out
+
+
+def final_state(workdir, config=None):
+  """The newest checkpoint of `workdir`, restored onto one device."""
+  config = config or small_config()
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
+  model = models.create_model(config.model, config.data.channels)
+  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
+  shape = (config.data.resolution, config.data.resolution, config.data.channels)
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
+      train_state.abstract_train_state(model, tx, shape))
+  manager = checkpoints.create_manager(str(workdir), read_only=True, async_save=False)
+  state, step = checkpoints.restore_latest(manager, abstract)
+  manager.close()
+  return jax.device_get(state), step
+
+
+def _wait(proc, timeout):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def test_two_processes_match_one_process(tmp_path):
+  """2 processes x 2 CPU devices (jax.distributed + gloo) == 1 process x 4 devices."""
+  cache = tmp_path / 'cache'
+  single = run_main(tmp_path / 'one', 4, cache)
+  _wait(single, 500)
+  port = _free_port()
+  procs = [run_main(tmp_path / 'two', 2, cache,
+                    [f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                     f'--process_id={i}']) for i in range(2)]
+  outs = [_wait(p, 500) for p in procs]
+  assert 'JAX process 1/2' in outs[1] or 'process 1/2' in ''.join(outs)
+  one, two = logged_losses(tmp_path / 'one'), logged_losses(tmp_path / 'two')
+  assert sorted(one) == sorted(two) == [2, 4]
+  np.testing.assert_allclose([two[s] for s in (2, 4)], [one[s] for s in (2, 4)], rtol=1e-5)
+  (s1, step1), (s2, step2) = final_state(tmp_path / 'one'), final_state(tmp_path / 'two')
+  assert step1 == step2 == 4
+  assert_trees_close(s2.params, s1.params, rtol=1e-5, atol=1e-5)
+  assert_trees_close(s2.ema_params, s1.ema_params, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,185 @@
+"""`--mode=sample`: sharded samples.npz, class labels, animation.gif and config errors.
+
+The checkpoints are tiny U-Nets with random parameters saved as a training run saves them
+(step 1), so nothing but the sampler is compiled; what is tested is everything after: restoring,
+the sharded sampler on the 8 virtual CPU devices of conftest.py, the per-process shard files,
+their merge, the grid and the animation.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+from PIL import Image, ImageSequence
+
+from configs import tiny
+from diffusion_jax import checkpoints, images, models, sampling, sharding, train_state
+from diffusion_jax.config_validation import ConfigError, validate_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 10
+
+
+def _config(num_classes: int = 0):
+  config = tiny.get_config()
+  config.model.num_classes = num_classes
+  config.training.cond_drop_prob = 0.1 if num_classes else 0.0
+  config.sample.batch_size = 16
+  return config
+
+
+def _save_random_checkpoint(config, workdir: str) -> None:
+  """Saves a train state of random parameters as checkpoint 1 of `workdir`.
+
+  The shapes come from `jax.eval_shape` and the values from NumPy, so nothing is compiled.
+  """
+  mesh = sharding.create_mesh(config.mesh)
+  model = models.create_model(config.model, config.data.channels)
+  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
+  res, channels = config.data.resolution, config.data.channels
+  abstract = jax.eval_shape(lambda: train_state.create_train_state(
+      model, tx, jax.random.PRNGKey(0), (res, res, channels), mesh))
+  rng = np.random.default_rng(0)
+  random = lambda s: jax.device_put(
+      (0.1 * rng.standard_normal(s.shape)).astype(s.dtype) if s.ndim else np.ones((), s.dtype),
+      sharding.replicated(mesh))
+  state = jax.tree.map(random, abstract)
+  manager = checkpoints.create_manager(workdir, async_save=False)
+  checkpoints.save(manager, 1, state)
+  manager.wait_until_finished()
+  manager.close()
+
+
+@pytest.fixture(scope='module')
+def uncond_workdir(tmp_path_factory) -> str:
+  workdir = str(tmp_path_factory.mktemp('uncond'))
+  _save_random_checkpoint(_config(), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def cond_workdir(tmp_path_factory) -> str:
+  workdir = str(tmp_path_factory.mktemp('cond'))
+  _save_random_checkpoint(_config(NUM_CLASSES), workdir)
+  return workdir
+
+
+def _shard_contents(out_dir):
+  shard_files = sorted((out_dir / 'shards').glob('*.npz'))
+  shards = [dict(np.load(str(f))) for f in shard_files]
+  return shard_files, shards
+
+
+def test_cli_writes_exactly_num_samples_distinct_in_shards(uncond_workdir):
+  """The real CLI: 40 samples with batch 16 (3 batches, the last partly used) on 8 devices."""
+  num_samples = 40
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={uncond_workdir}',
+       '--mode=sample', f'--config.sample.num_samples={num_samples}',
+       '--config.sample.batch_size=16', '--config.sample.sampler=ddim',
+       '--config.sample.steps=4', '--config.sample.seed=3'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out_dir = epath.Path(uncond_workdir) / 'samples' / 'step1_ddim_4_seed3_ema'
+  assert f'Samples written to {out_dir}' in result.stdout
+
+  with np.load(str(out_dir / 'samples.npz')) as data:
+    assert sorted(data.files) == ['arr_0']  # Unconditional: no labels.
+    arr_0 = data['arr_0']
+  assert arr_0.dtype == np.uint8 and arr_0.shape == (num_samples, 8, 8, 1)
+  assert len(np.unique(arr_0.reshape(num_samples, -1), axis=0)) == num_samples
+
+  shard_files, shards = _shard_contents(out_dir)
+  # One process, batches 0..2; the last batch holds 8 wanted rows of 16.
+  assert [f.name for f in shard_files] == [f'samples_p000_b0000{b}.npz' for b in range(3)]
+  indices = np.concatenate([s['index'] for s in shards])
+  np.testing.assert_array_equal(np.sort(indices), np.arange(num_samples))
+  for s in shards:
+    np.testing.assert_array_equal(arr_0[s['index']], s['image'])
+  grid = np.asarray(Image.open(str(out_dir / 'grid.png')))
+  assert grid.shape == images.make_grid(arr_0, upscale=8).shape[:2]
+
+
+def test_conditional_labels_and_animation(cond_workdir):
+  """Requested class labels land in arr_1; animation.gif has one frame per 2 of 6 steps."""
+  config = _config(NUM_CLASSES)
+  config.sample.num_samples = 20
+  config.sample.steps = 6
+  config.sample.guidance_scale = 2.0
+  config.sample.class_labels = '3, 7,1'
+  config.sample.animation = True
+  config.sample.animation_every = 2
+  config.sample.animation_num_images = 4
+  out_dir = sampling.generate(config, cond_workdir)
+  assert out_dir.name == 'step1_ddim_6_g2_y3-7-1_seed0_ema'
+
+  with np.load(str(out_dir / 'samples.npz')) as data:
+    arr_0, arr_1 = data['arr_0'], data['arr_1']
+  assert arr_0.shape == (20, 8, 8, 1) and arr_0.dtype == np.uint8
+  np.testing.assert_array_equal(arr_1, np.resize([3, 7, 1], 20))
+  assert len(np.unique(arr_0.reshape(20, -1), axis=0)) == 20
+  _, shards = _shard_contents(out_dir)
+  for s in shards:
+    np.testing.assert_array_equal(s['label'], np.resize([3, 7, 1], 20)[s['index']])
+
+  gif = Image.open(str(out_dir / 'animation.gif'))
+  frames = [np.asarray(f.convert('L')) for f in ImageSequence.Iterator(gif)]
+  assert len(frames) == 3  # ceil(6 steps / 2).
+  grid = images.make_grid(np.zeros((4, 8, 8, 1), np.uint8), upscale=8)  # 2x2 of 64x64 digits.
+  expected = (grid.shape[0] + images.PROGRESS_BAR, 2 * grid.shape[1] + images.FRAME_GAP)
+  assert all(f.shape == expected for f in frames)
+  # The x_t half of the last frame is the output: the first 4 samples.
+  last_x_t = frames[-1][:grid.shape[0], :grid.shape[1]]
+  np.testing.assert_array_equal(last_x_t, images.make_grid(arr_0[:4], upscale=8)[..., 0])
+
+
+@pytest.mark.parametrize('labels, num_classes, message', [
+    ('12', NUM_CLASSES, 'outside the classes 0..9'),
+    ('3,-1', NUM_CLASSES, 'outside the classes 0..9'),
+    ('three', NUM_CLASSES, 'is not a class id'),
+    ('3', 0, 'needs a class-conditional model'),
+])
+def test_bad_class_labels_name_the_field(labels, num_classes, message):
+  config = _config(num_classes)
+  config.sample.class_labels = labels
+  with pytest.raises(ConfigError, match='sample.class_labels') as error:
+    validate_config(config, mode='sample')
+  assert message in str(error.value)
+  with pytest.raises(ConfigError, match='sample.class_labels'):
+    sampling.generate(config, '/nonexistent/workdir')  # Fails before looking for checkpoints.
+
+
+def test_labels_cycle_by_global_index():
+  parsed = sampling.parse_class_labels(' 4,2 ', 5)
+  np.testing.assert_array_equal(parsed, [4, 2])
+  np.testing.assert_array_equal(sampling.labels_for(np.arange(5, 10), parsed, 5), [2, 4, 2, 4, 2])
+  np.testing.assert_array_equal(sampling.labels_for(np.arange(3, 8), None, 5), [3, 4, 0, 1, 2])
+  assert sampling.parse_class_labels('', 5) is None
+
+
+def test_merge_rejects_missing_or_repeated_samples(tmp_path):
+  shard_dir = epath.Path(tmp_path)
+  image = lambda n: np.zeros((n, 2, 2, 1), np.uint8)
+  sampling.write_shard(sampling.shard_path(shard_dir, 0, 0), np.array([0, 1]), image(2), None)
+  sampling.write_shard(sampling.shard_path(shard_dir, 1, 0), np.array([2, 3]), image(2), None)
+  arr_0, arr_1 = sampling.merge_shards(shard_dir, 4, conditional=False)
+  assert arr_0.shape == (4, 2, 2, 1) and arr_1 is None
+  with pytest.raises(RuntimeError, match='1 missing'):
+    sampling.merge_shards(shard_dir, 5, conditional=False)
+  sampling.write_shard(sampling.shard_path(shard_dir, 1, 1), np.array([3]), image(1), None)
+  with pytest.raises(RuntimeError, match='1 repeated'):
+    sampling.merge_shards(shard_dir, 4, conditional=False)
+
+
+def test_write_gif_frames(tmp_path):
+  frames = [np.full((5, 7, 1), v, np.uint8) for v in (0, 100, 200)]
+  path = str(tmp_path / 'a.gif')
+  images.write_gif(path, frames, [50, 50, 300])
+  gif = Image.open(path)
+  read = [np.asarray(f.convert('L')) for f in ImageSequence.Iterator(gif)]
+  assert len(read) == 3 and read[1].shape == (5, 7) and int(read[1][0, 0]) == 100
