@@ -2,7 +2,7 @@
 
   python main.py --config=configs/digits.py --workdir=runs/digits               # train (resumes)
   python main.py --config=configs/digits.py --workdir=runs/digits --mode=sample # samples.npz + grid
-  python main.py --config=configs/digits.py --workdir=runs/digits --mode=eval   # bits/dim (config.eval)
+  python main.py --config=configs/digits.py --workdir=runs/digits --mode=eval   # bits/dim
   python main.py --config=configs/cifar10_ddpm.py --workdir=gs://bucket/run \\
       --config.training.batch_size=256                                          # any field
 

@@ -6,16 +6,17 @@
 For each sampler in --samplers and each count in --steps, builds `sampling.make_sample_fn(...)`
 (the library's compiled, batch-sharded sampler; parameters are a fresh random init, which costs
 the same as trained ones), measures the first call (compilation + one run) separately from the
-timed calls, and prints one JSON line. `ddpm` always walks all `diffusion.num_timesteps` steps
-(that is what our sampler does), so it gets one line whatever --steps says and is slow on a CPU;
-override `--config.diffusion.num_timesteps` for a quick look.
+timed calls, and prints one JSON line. Any sampler of `samplers.SAMPLERS` can be named; for
+`ddpm`, steps 0 means all `diffusion.num_timesteps` steps (slow on a CPU for full-size models).
 
-With diffusers + torch installed (`--compare_diffusers`, default auto), the same network as a
-`diffusers.UNet2DModel` runs the scheduler loop that DDIMPipeline / DDPMPipeline run
-(`DDIMScheduler` eta=0 with clip_sample and the clipped model output, or `DDPMScheduler`
-fixed_small, on our betas, same timesteps), under torch.inference_mode, on the same batch size;
-the two sides alternate between timed calls and the line gets `ratio_ours_over_diffusers`
-(images/s ours / images/s theirs; > 1 = we are faster).
+With diffusers + torch installed (`--compare_diffusers`, default auto), ddim and ddpm lines also
+time the same network as a `diffusers.UNet2DModel` in the scheduler loop that DDIMPipeline /
+DDPMPipeline run (`DDIMScheduler` with set_alpha_to_one, clip_sample and the clipped model
+output, or `DDPMScheduler` with the configured variance; our betas, our `sample.spacing`, hence
+the same timesteps), under torch.inference_mode, on the same batch size. The two sides alternate
+between timed calls and the line gets `ratio_ours_over_diffusers` (images/s ours over images/s
+theirs; > 1 = we are faster). Configs with no like-for-like diffusers loop (other samplers,
+guidance, dynamic thresholding, learned variance) get `diffusers_skipped` instead.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import train_throughput as tt  # pylint: disable=g-import-not-at-top  (also puts
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from diffusion_jax import diffusion, models, sampling, sharding, train_state  # pylint: disable=g-import-not-at-top
+from diffusion_jax import diffusion, models, samplers, sampling, sharding, train_state  # pylint: disable=g-import-not-at-top
 
 
 class DiffusersSampler:
@@ -44,13 +45,21 @@ class DiffusersSampler:
     self.torch = torch
     self.unet = unet.eval()
     dcfg, scfg = config.diffusion, config.sample
-    if dcfg.prediction_type != 'epsilon':
-      raise NotImplementedError('the diffusers comparison implements epsilon prediction only.')
+    spacing = str(scfg.get('spacing', 'leading'))
+    thresholding = str(scfg.get('thresholding', 'static')) if scfg.clip_denoised else 'none'
+    if sampler not in ('ddim', 'ddpm'):
+      raise NotImplementedError(f'no like-for-like diffusers loop for sampler {sampler!r}.')
+    if dcfg.prediction_type != 'epsilon' or config.model.learn_sigma:
+      raise NotImplementedError('the diffusers loop covers epsilon prediction, fixed variance.')
+    if spacing not in ('leading', 'trailing', 'linspace'):
+      raise NotImplementedError(f'sample.spacing={spacing!r} has no diffusers timestep_spacing.')
+    if thresholding not in ('static', 'none') or float(scfg.get('guidance_scale', 1.0)) != 1.0:
+      raise NotImplementedError('the diffusers loop covers static clipping without guidance.')
     betas = diffusion.beta_schedule(dcfg.beta_schedule, dcfg.num_timesteps, dcfg.beta_start,
                                     dcfg.beta_end).astype(np.float32)
     common = dict(num_train_timesteps=dcfg.num_timesteps, trained_betas=betas,
-                  clip_sample=bool(scfg.clip_denoised), prediction_type='epsilon',
-                  timestep_spacing='leading', steps_offset=0)
+                  clip_sample=thresholding == 'static', prediction_type='epsilon',
+                  timestep_spacing=spacing, steps_offset=0)
     if sampler == 'ddim':
       # Our DDIM: timesteps 0, k, 2k, ... (k = T // steps), abar_prev = 1 at the last step, and
       # eps recomputed from the clipped x0 -- diffusers' 'leading' spacing, set_alpha_to_one,
@@ -58,12 +67,10 @@ class DiffusersSampler:
       self.scheduler = DDIMScheduler(set_alpha_to_one=True, **common)
       self.scheduler.set_timesteps(steps)
       self.step_kwargs = dict(eta=float(scfg.eta), use_clipped_model_output=True)
-    elif sampler == 'ddpm':
+    else:  # ddpm; steps 0 = every timestep, else the respaced schedule.
       self.scheduler = DDPMScheduler(variance_type=scfg.variance, **common)
-      self.scheduler.set_timesteps(dcfg.num_timesteps)
+      self.scheduler.set_timesteps(steps or dcfg.num_timesteps)
       self.step_kwargs = {}
-    else:
-      raise NotImplementedError(f'no diffusers counterpart for sampler {sampler!r}.')
     res, ch = config.data.resolution, config.data.channels
     self.shape = (batch_size, ch, res, res)
     self.labels = None
@@ -96,6 +103,13 @@ def main(argv):
     raise SystemExit('--repeats must be > 0.')
   compare = tt.resolve_compare(f.compare_diffusers)
 
+  runs = [(sampler, max(int(s), 0)) for sampler in f.samplers for s in f.steps]
+  for sampler, steps in runs:
+    if sampler not in samplers.SAMPLERS:
+      raise SystemExit(f'--samplers: {sampler!r} is unknown; use some of {sorted(samplers.SAMPLERS)}.')
+    if steps == 0 and sampler != 'ddpm':
+      raise SystemExit(f'--steps must be > 0 for {sampler} (0 = all T is for ddpm only).')
+
   mesh = sharding.create_mesh(config.mesh)
   if batch_size % mesh.devices.size:
     raise SystemExit(f'--batch_size={batch_size} must be divisible by the '
@@ -110,20 +124,26 @@ def main(argv):
   if config.model.num_classes > 0:
     labels = (np.arange(batch_size) % config.model.num_classes).astype(np.int32)
 
-  unet = None
+  unet, unet_error = None, None
   if compare:
-    unet, _, theirs_params = tt.build_diffusers_unet(config, f.torch_threads)
-
-  runs = []
-  for sampler in f.samplers:
-    if sampler == 'ddpm':
-      runs.append(('ddpm', config.diffusion.num_timesteps))
-    else:
-      runs.extend((sampler, int(s)) for s in f.steps)
+    try:
+      unet, _, theirs_params = tt.build_diffusers_unet(config, f.torch_threads)
+    except NotImplementedError as e:  # No UNet2DModel equivalent of this network.
+      compare, unet_error = False, str(e)
 
   for sampler, steps in runs:
     config.sample.sampler = sampler
-    config.sample.steps = steps if sampler != 'ddpm' else 0
+    config.sample.steps = steps
+    # Network evaluations per sample: heun makes 2 per step but the last; ddpm 0 = all T.
+    evals = (2 * steps - 1 if sampler == 'heun' else
+             steps or config.diffusion.num_timesteps)
+    theirs = None
+    skipped = unet_error
+    if compare:
+      try:
+        theirs = DiffusersSampler(unet, config, sampler, steps, batch_size)
+      except NotImplementedError as e:
+        skipped = str(e)
     sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, batch_size)
     rng = jax.random.PRNGKey(config.sample.seed)
     calls = {'n': 0}
@@ -137,17 +157,17 @@ def main(argv):
     first_call_s = time.perf_counter() - t0
     tt.log(f'ours: {sampler} {steps} steps: first call (compile + run) {first_call_s:.1f} s')
     runners = {'ours': run_ours}
-    if compare:
-      theirs = DiffusersSampler(unet, config, sampler, steps, batch_size)
+    if theirs is not None:
       theirs.warmup()
       runners['diffusers'] = theirs
-    times = tt.interleaved_timing(runners, repeats, repeats)  # Strictly alternating.
+    times = tt.interleaved_timing(runners, repeats, 0)  # Strictly alternating.
     ours = tt.summarize(times['ours'], batch_size)
     line: Dict[str, Any] = {
         'benchmark': 'sample',
         'config': tt.config_name(tt.config_file()),
         'sampler': sampler,
         'steps': steps,
+        'network_evals': evals,
         'batch_size': batch_size,
         'devices': int(mesh.devices.size),
         'platform': jax.devices()[0].platform,
@@ -155,13 +175,13 @@ def main(argv):
         'images_per_sec': round(ours['images_per_sec'], 3),
         'batch_s': round(ours['median_s'], 3),
         'batch_s_min': round(ours['min_s'], 3),
-        'ms_per_network_eval': round(1e3 * ours['median_s'] / steps, 2),
+        'ms_per_network_eval': round(1e3 * ours['median_s'] / evals, 2),
         'first_call_s': round(first_call_s, 2),
         'compile_s': round(max(first_call_s - ours['median_s'], 0.0), 2),
         'params': n_params,
         'repeats': repeats,
     }
-    if compare:
+    if theirs is not None:
       th = tt.summarize(times['diffusers'], batch_size)
       line.update({
           'diffusers_params': theirs_params,
@@ -171,7 +191,10 @@ def main(argv):
           'diffusers_batch_s': round(th['median_s'], 3),
           'diffusers_batch_s_min': round(th['min_s'], 3),
           'ratio_ours_over_diffusers': round(ours['images_per_sec'] / th['images_per_sec'], 3),
+          'ratio_paired_median': round(tt.paired_ratio(times['ours'], times['diffusers']), 3),
       })
+    if skipped:
+      line['diffusers_skipped'] = skipped
     line['versions'] = tt.library_versions(compare)
     print(json.dumps(line), flush=True)
 
@@ -179,7 +202,8 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app, flags as absl_flags  # pylint: disable=g-import-not-at-top
   tt.define_flags(train=False)
-  absl_flags.DEFINE_list('samplers', ['ddim'], 'Samplers to time: ddim, ddpm (ddpm = all T steps).')
-  absl_flags.DEFINE_list('steps', ['10'], 'DDIM step counts to time (one JSON line each).')
+  absl_flags.DEFINE_list('samplers', ['ddim'], 'Samplers to time (names of samplers.SAMPLERS).')
+  absl_flags.DEFINE_list('steps', ['10'], 'Step counts to time, one JSON line per sampler and '
+                         'count (ddpm: 0 = all diffusion.num_timesteps).')
   absl_flags.DEFINE_integer('repeats', 2, 'Timed sampling calls per side and line.')
   app.run(main)

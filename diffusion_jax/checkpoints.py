@@ -46,7 +46,10 @@ def create_manager(workdir: str, keep: int = 3, async_save: bool = True,
       max_to_keep=keep, create=not read_only, read_only=read_only,
       keep_period=(keep_every if keep_every and keep_every > 0 and not read_only else None),
       enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  # One standard item per step: without a declared handler, a step folder missing its item
+  # would switch orbax to multi-item mode and make every older step unreadable too.
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from diffusion_jax import checkpoints, diffusion, images, models, samplers, sharding, train_state
 from diffusion_jax.config_validation import ConfigError, validate_config
@@ -240,6 +240,15 @@ def _grid_upscale(config) -> int:
   return max(1, 64 // config.data.resolution)
 
 
+def _grid_columns(config) -> int:
+  """One column per class when sampling cycles through 4..16 classes, else 0 (square)."""
+  num_classes = config.model.num_classes
+  if not 4 <= num_classes <= 16:
+    return 0
+  cycling = parse_class_labels(config.sample.get('class_labels', ''), num_classes) is None
+  return num_classes if cycling else 0
+
+
 def write_animation(path: epath.Path, trajectory: Any, config) -> int:
   """Writes an animated GIF: per recorded step, x_t beside the predicted x0; returns #frames.
 
@@ -249,8 +258,9 @@ def write_animation(path: epath.Path, trajectory: Any, config) -> int:
   """
   x_t, x0 = np.asarray(trajectory.x_t), np.asarray(trajectory.x0)
   num_frames, upscale = x_t.shape[0], _grid_upscale(config)
+  ncols = min(_grid_columns(config), x_t.shape[1])
   frames = [images.animation_frame(images.to_uint8(x_t[k]), images.to_uint8(x0[k]),
-                                   (k + 1) / num_frames, upscale=upscale)
+                                   (k + 1) / num_frames, ncols=ncols, upscale=upscale)
             for k in range(num_frames)]
   images.write_gif(str(path), frames, [FRAME_MS] * (num_frames - 1) + [LAST_FRAME_MS])
   return num_frames
@@ -328,8 +338,7 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
     arrays = {'arr_0': arr_0} if arr_1 is None else {'arr_0': arr_0, 'arr_1': arr_1}
     with (out_dir / 'samples.npz').open('wb') as f:
       np.savez(f, **arrays)
-    # Cycling through 4..16 classes: one column per class.
-    ncols = num_classes if class_labels is None and 4 <= num_classes <= 16 else 0
+    ncols = _grid_columns(config)
     num_grid = min(len(arr_0), ncols * ncols if ncols else 256)
     images.write_png(str(out_dir / 'grid.png'),
                      images.make_grid(arr_0[:num_grid], ncols=ncols, upscale=_grid_upscale(config)))

@@ -112,10 +112,13 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   abstract = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       train_state.abstract_train_state(model, tx, image_shape), shardings)
-  manager = checkpoints.create_manager(workdir, tcfg.keep_checkpoints, tcfg.async_checkpointing,
-                                       keep_every=tcfg.get('keep_every_steps', 0))
-  # Restore straight into the sharded layout; a fresh state is only built when there is none.
-  state, restored_step = checkpoints.restore_latest(manager, abstract)
+  # Restore straight into the sharded layout (read-only: nothing is written before the data
+  # is known to exist); a fresh state is only built when there is no checkpoint.
+  state, restored_step = None, None
+  if checkpoints.checkpoint_dir(workdir).exists():
+    reader = checkpoints.create_manager(workdir, read_only=True, async_save=False)
+    state, restored_step = checkpoints.restore_latest(reader, abstract)
+    reader.close()
   if state is not None:
     logging.info('Resumed from checkpoint %d in %s', restored_step, workdir)
   start_step = restored_step or 0
@@ -131,6 +134,8 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       rows=input_pipeline.host_batch_rows(batch_sharding, tcfg.batch_size),
       process_index=jax.process_index(), process_count=jax.process_count(),
       steps_per_batch=k)
+  manager = checkpoints.create_manager(workdir, tcfg.keep_checkpoints, tcfg.async_checkpointing,
+                                       keep_every=tcfg.get('keep_every_steps', 0))
   if state is None:
     state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
                                            image_shape, mesh, min_size)

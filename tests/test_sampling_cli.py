@@ -7,6 +7,7 @@ their merge, the grid and the animation.
 """
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -106,9 +107,12 @@ def test_cli_writes_exactly_num_samples_distinct_in_shards(uncond_workdir):
 
 
 def test_conditional_labels_and_animation(cond_workdir):
-  """Requested class labels land in arr_1; animation.gif has one frame per 2 of 6 steps."""
+  """Requested class labels land in arr_1; animation.gif has one frame per 2 of 6 steps.
+
+  12 samples with batch 16: one batch (so one compiled program, with the trajectory), cut.
+  """
   config = _config(NUM_CLASSES)
-  config.sample.num_samples = 20
+  config.sample.num_samples = 12
   config.sample.steps = 6
   config.sample.guidance_scale = 2.0
   config.sample.class_labels = '3, 7,1'
@@ -120,12 +124,14 @@ def test_conditional_labels_and_animation(cond_workdir):
 
   with np.load(str(out_dir / 'samples.npz')) as data:
     arr_0, arr_1 = data['arr_0'], data['arr_1']
-  assert arr_0.shape == (20, 8, 8, 1) and arr_0.dtype == np.uint8
-  np.testing.assert_array_equal(arr_1, np.resize([3, 7, 1], 20))
-  assert len(np.unique(arr_0.reshape(20, -1), axis=0)) == 20
+  assert arr_0.shape == (12, 8, 8, 1) and arr_0.dtype == np.uint8
+  np.testing.assert_array_equal(arr_1, np.resize([3, 7, 1], 12))
+  assert len(np.unique(arr_0.reshape(12, -1), axis=0)) == 12
   _, shards = _shard_contents(out_dir)
+  np.testing.assert_array_equal(np.sort(np.concatenate([s['index'] for s in shards])),
+                                np.arange(12))
   for s in shards:
-    np.testing.assert_array_equal(s['label'], np.resize([3, 7, 1], 20)[s['index']])
+    np.testing.assert_array_equal(s['label'], arr_1[s['index']])
 
   gif = Image.open(str(out_dir / 'animation.gif'))
   frames = [np.asarray(f.convert('L')) for f in ImageSequence.Iterator(gif)]
@@ -136,6 +142,57 @@ def test_conditional_labels_and_animation(cond_workdir):
   # The x_t half of the last frame is the output: the first 4 samples.
   last_x_t = frames[-1][:grid.shape[0], :grid.shape[1]]
   np.testing.assert_array_equal(last_x_t, images.make_grid(arr_0[:4], upscale=8)[..., 0])
+
+
+_TWO_PROCESS_SCRIPT = """
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from configs import tiny
+from diffusion_jax import sampling
+config = tiny.get_config()
+config.model.num_classes = 10
+config.sample.num_samples, config.sample.batch_size, config.sample.seed = 40, 16, 5
+print('OUT', sampling.generate(config, sys.argv[3]))
+"""
+
+
+def test_two_processes_write_disjoint_shards(cond_workdir):
+  """Two JAX processes of 4 CPU devices each: every sample is written once, by its process."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    address = f'localhost:{s.getsockname()[1]}'
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  procs = [subprocess.Popen([sys.executable, '-c', _TWO_PROCESS_SCRIPT, address, str(i),
+                             cond_workdir], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  out_dir = epath.Path(cond_workdir) / 'samples' / 'step1_ddim_5_g1_seed5_ema'
+  with np.load(str(out_dir / 'samples.npz')) as data:
+    arr_0, arr_1 = data['arr_0'], data['arr_1']
+  assert arr_0.shape == (40, 8, 8, 1)
+  np.testing.assert_array_equal(arr_1, np.arange(40) % NUM_CLASSES)
+  assert len(np.unique(arr_0.reshape(40, -1), axis=0)) == 40
+  shard_files, shards = _shard_contents(out_dir)
+  by_process = {0: [], 1: []}
+  for f, shard in zip(shard_files, shards):
+    by_process[int(f.name[len('samples_p'):][:3])].append(shard['index'])
+    np.testing.assert_array_equal(arr_0[shard['index']], shard['image'])
+  # Devices 0-3 belong to process 0: it computed rows 0-7 of every batch of 16.
+  np.testing.assert_array_equal(np.concatenate(by_process[0]),
+                                [i for i in range(40) if i % 16 < 8])
+  np.testing.assert_array_equal(np.concatenate(by_process[1]),
+                                [i for i in range(40) if i % 16 >= 8])
 
 
 @pytest.mark.parametrize('labels, num_classes, message', [
