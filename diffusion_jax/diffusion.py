@@ -129,7 +129,7 @@ def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array
   """Mean and variance of q(x_t | x_0)."""
   x0 = x0.astype(jnp.float32)
   mean = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
-  var = extract(1.0 - schedule.alphas_cumprod, t, x0.ndim)
+  var = extract(jnp.square(schedule.sqrt_one_minus_alphas_cumprod), t, x0.ndim)  # float64-derived.
   return mean, jnp.broadcast_to(var, x0.shape)
 
 
@@ -225,7 +225,8 @@ def training_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.
 def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
   """Signal-to-noise ratio abar_t / (1 - abar_t)."""
   abar = jnp.take(schedule.alphas_cumprod, t)
-  return abar / (1.0 - abar)
+  # 1 - abar from its float64-derived square root: float32 1 - abar loses digits near t = 0.
+  return abar / jnp.square(jnp.take(schedule.sqrt_one_minus_alphas_cumprod, t))
 
 
 def loss_weight(schedule: Schedule, t: jax.Array, weighting: str, prediction_type: str,

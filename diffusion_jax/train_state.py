@@ -200,7 +200,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     grad_fn = loss_and_grads if accum == 1 else accumulated
     loss, grads = grad_fn(state.params, x0, noise, t, x_t, labels, drop_key)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema_params, params,

@@ -21,7 +21,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,18 +39,6 @@ def small_config():
   config.optim.warmup_steps = 0
   config.optim.lr_schedule = 'constant'
   return config
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _shared_compilation_cache(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
-  path.mkdir(exist_ok=True)
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update('jax_compilation_cache_dir', str(path))
-  compilation_cache.reset_cache()
-  yield path
-  jax.config.update('jax_compilation_cache_dir', previous)
-  compilation_cache.reset_cache()
 
 
 def _leaves_with_paths(tree):
