@@ -129,8 +129,10 @@ def test_steps_per_call_and_grad_accum_are_exact():
                                                      sharding.stacked_batch_sharding(mesh)))
   assert metrics['loss'].shape == (3,) and int(state.step) == 3
   np.testing.assert_allclose(np.asarray(metrics['loss']), ref_losses, rtol=1e-6)
-  # Scan and single-step programs fuse differently: float32 rounding (~1e-7) is all that differs.
-  assert_trees_close(state, ref_state, rtol=1e-5, atol=1e-6)
+  # Scan and single-step programs fuse differently: float32 rounding of near-zero gradients,
+  # which Adam normalises, moves a few entries by ~1e-6; a wrong batch or step moves them by
+  # ~lr = 2e-3, so 1e-5 still tells the two apart.
+  assert_trees_close(state, ref_state, rtol=1e-5, atol=1e-5)
 
   _, accum = build(small_config(grad_accum_steps=4), mesh)
   state = put_state()
