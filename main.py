@@ -70,7 +70,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if _wants_distributed():
     _initialize_distributed(jax)
-  from diffusion_jax import config_validation, sampling, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import config_validation, sample_mode, train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
@@ -84,7 +84,7 @@ def main(argv):
       print(f'Step {results["step"]}, {results["num_examples"]} images: bits/dim {summary}; '
             f'details in {FLAGS.workdir}/eval/vlb_step{results["step"]}.json')
     else:
-      out_dir = sampling.generate(FLAGS.config, FLAGS.workdir)
+      out_dir = sample_mode.generate(FLAGS.config, FLAGS.workdir)
       print(f'Samples written to {out_dir}')
   except (config_validation.ConfigError, FileNotFoundError, ValueError,
           train.NonFiniteLossError) as e:

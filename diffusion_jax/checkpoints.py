@@ -14,6 +14,7 @@ from typing import Any, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import Mesh
 
 PyTree = Any
 
@@ -102,3 +103,25 @@ def reached_preemption(step: int) -> bool:
     return bool(multihost_utils.reached_preemption_sync_point(step))
   except (RuntimeError, ValueError, AttributeError):
     return False
+
+
+def restore_params(config, workdir: str, mesh: Mesh, use_ema: bool) -> tuple[PyTree, int]:
+  """Loads the (EMA) parameters of the newest checkpoint in `workdir` onto `mesh`."""
+  from diffusion_jax import models, sharding, train_state  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config.model, config.data.channels)
+  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
+  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
+  replicated = sharding.replicated(mesh)
+  abstract = jax.eval_shape(
+      lambda: train_state.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape, mesh))
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          abstract)
+  manager = create_manager(workdir, read_only=True, async_save=False)
+  state, step = restore_latest(manager, abstract)
+  manager.close()
+  if state is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {checkpoint_dir(workdir)}: train first with '
+        f'`python main.py --config=... --workdir={workdir}` (--mode=train), or point '
+        '--workdir at a run that has checkpoints.')
+  return (state.ema_params if use_ema else state.params), step

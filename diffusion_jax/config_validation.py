@@ -11,7 +11,7 @@ from typing import List, Optional
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import diffusion, samplers
+from diffusion_jax import class_labels, diffusion, samplers
 
 LOCAL_DATASETS = ('digits', 'folder')
 MODES = ('train', 'sample', 'eval')
@@ -194,9 +194,8 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
   if scfg.num_samples <= 0:
     errors.append(f'sample.num_samples={scfg.num_samples} must be positive.')
   if 'class_labels' in scfg:
-    from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top (import cycle)
     try:
-      sampling.parse_class_labels(scfg.class_labels, model.num_classes)
+      class_labels.parse_class_labels(scfg.class_labels, model.num_classes)
     except ValueError as e:
       errors.append(str(e))
   if scfg.get('animation', False):

@@ -31,7 +31,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import diffusion, input_pipeline, likelihood, models, sampling, sharding
+from diffusion_jax import (checkpoints, diffusion, input_pipeline, likelihood, models, multihost,
+                           sharding)
 from diffusion_jax.config_validation import validate_config
 
 PyTree = Any
@@ -140,7 +141,7 @@ def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any
   mesh = mesh or sharding.create_mesh(config.mesh)
   ecfg = config.eval
   metrics = tuple(ecfg.metrics)
-  params, step = sampling.restore_params(config, workdir, mesh, ecfg.use_ema)
+  params, step = checkpoints.restore_params(config, workdir, mesh, ecfg.use_ema)
   model = models.create_model(config.model, config.data.channels)
   schedule = diffusion.make_schedule(config.diffusion)
   num_timesteps = schedule.num_timesteps
@@ -162,7 +163,7 @@ def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any
   for i, batch in enumerate(input_pipeline.global_batches(dataset, batch_shard)):
     if 0 <= ecfg.num_batches <= i:
       break
-    mask = sampling.to_host(batch['mask'])
+    mask = multihost.to_host(batch['mask'])
     num_examples += int(mask.sum())
     labels = batch.get('label')
     if labels is None:
@@ -170,7 +171,7 @@ def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any
       labels = jax.make_array_from_callback(zeros.shape, batch_shard, lambda idx: zeros[idx])
     rng = jax.random.fold_in(base_rng, i)
     if vlb_fn is not None:
-      terms, prior = (sampling.to_host(a) for a in vlb_fn(params, batch['image'], labels,
+      terms, prior = (multihost.to_host(a) for a in vlb_fn(params, batch['image'], labels,
                                                              jax.random.fold_in(rng, 0)))
       values = {'prior_bpd': prior, 'decoder_bpd': terms[:, 0]}
       values |= {_bucket_name(a, b): terms[:, a:b].sum(axis=1) for a, b in buckets}
@@ -178,7 +179,7 @@ def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any
       vlb_mean.add(mask, values)
     if ode_fn is not None:
       bpd, steps = ode_fn(params, batch['image'], labels, jax.random.fold_in(rng, 1))
-      bpd, steps = sampling.to_host(bpd), int(jax.device_get(steps))
+      bpd, steps = multihost.to_host(bpd), int(jax.device_get(steps))
       ode_steps.append(steps)
       if not np.all(np.isfinite(bpd)):
         ode_failed += 1

@@ -21,15 +21,16 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Dict, List
 
 import jax
 import numpy as np
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from diffusion_jax import (checkpoints, diffusion, images, input_pipeline, models, sampling,
-                           sharding, train_state)
+from diffusion_jax import (checkpoints, diffusion, images, input_pipeline, models, multihost,
+                           sampling, sharding, train_state)
+from diffusion_jax.class_labels import default_labels
 from diffusion_jax.config_validation import validate_config
 
 
@@ -45,9 +46,9 @@ def _mean_metrics(history: List[Dict[str, jax.Array]]) -> Dict[str, float]:
 def write_sample_grid(sample_fn, params, config, workdir: str, step: int,
                       writer: metric_writers.MetricWriter) -> np.ndarray:
   """Samples a grid with `params`, writes `<workdir>/samples/train_step_<step>.png` and TensorBoard."""
-  labels = sampling.default_labels(config.model.num_classes, 0, config.training.num_grid_samples)
+  labels = default_labels(config.model.num_classes, 0, config.training.num_grid_samples)
   x = sample_fn(params, jax.random.PRNGKey(config.sample.seed), labels)
-  batch = images.to_uint8(sampling.to_host(x))
+  batch = images.to_uint8(multihost.to_host(x))
   upscale = max(1, 64 // config.data.resolution)
   grid = images.make_grid(batch, upscale=upscale)
   if jax.process_index() == 0:

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import sampling, train
+from diffusion_jax import sample_mode, train
 from diffusion_jax.config_validation import ConfigError, validate_config
 
 SHIPPED_CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'configs',
@@ -143,7 +143,7 @@ def test_shipped_configs_validate(name):
 def test_sample_mode_on_empty_workdir_says_train_first(tmp_path):
   workdir = tmp_path / 'empty'
   with pytest.raises(FileNotFoundError, match='train first') as info:
-    sampling.generate(tiny.get_config(), str(workdir))
+    sample_mode.generate(tiny.get_config(), str(workdir))
   assert str(workdir) in str(info.value)
   assert not workdir.exists()  # Looking for checkpoints does not create the run.
 
@@ -152,5 +152,5 @@ def test_sample_mode_validates_before_reading_checkpoints(tmp_path):
   config = tiny.get_config()
   config.sample.sampler = 'nope'
   with pytest.raises(ConfigError, match='sample.sampler'):
-    sampling.generate(config, str(tmp_path / 'empty'))
+    sample_mode.generate(config, str(tmp_path / 'empty'))
   assert not (tmp_path / 'empty').exists()

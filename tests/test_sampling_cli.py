@@ -18,7 +18,8 @@ from etils import epath
 from PIL import Image, ImageSequence
 
 from configs import tiny
-from diffusion_jax import checkpoints, images, models, sampling, sharding, train_state
+from diffusion_jax import (checkpoints, class_labels, images, models, sample_mode,
+                           sharding, train_state)
 from diffusion_jax.config_validation import ConfigError, validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,7 +120,7 @@ def test_conditional_labels_and_animation(cond_workdir):
   config.sample.animation = True
   config.sample.animation_every = 2
   config.sample.animation_num_images = 4
-  out_dir = sampling.generate(config, cond_workdir)
+  out_dir = sample_mode.generate(config, cond_workdir)
   assert out_dir.name == 'step1_ddim_6_g2_y3-7-1_seed0_ema'
 
   with np.load(str(out_dir / 'samples.npz')) as data:
@@ -152,11 +153,11 @@ jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                            process_id=int(sys.argv[2]))
 from configs import tiny
-from diffusion_jax import sampling
+from diffusion_jax import sample_mode
 config = tiny.get_config()
 config.model.num_classes = 10
 config.sample.num_samples, config.sample.batch_size, config.sample.seed = 40, 16, 5
-print('OUT', sampling.generate(config, sys.argv[3]))
+print('OUT', sample_mode.generate(config, sys.argv[3]))
 """
 
 
@@ -208,29 +209,29 @@ def test_bad_class_labels_name_the_field(labels, num_classes, message):
     validate_config(config, mode='sample')
   assert message in str(error.value)
   with pytest.raises(ConfigError, match='sample.class_labels'):
-    sampling.generate(config, '/nonexistent/workdir')  # Fails before looking for checkpoints.
+    sample_mode.generate(config, '/nonexistent/workdir')  # Fails before looking for checkpoints.
 
 
 def test_labels_cycle_by_global_index():
-  parsed = sampling.parse_class_labels(' 4,2 ', 5)
+  parsed = class_labels.parse_class_labels(' 4,2 ', 5)
   np.testing.assert_array_equal(parsed, [4, 2])
-  np.testing.assert_array_equal(sampling.labels_for(np.arange(5, 10), parsed, 5), [2, 4, 2, 4, 2])
-  np.testing.assert_array_equal(sampling.labels_for(np.arange(3, 8), None, 5), [3, 4, 0, 1, 2])
-  assert sampling.parse_class_labels('', 5) is None
+  np.testing.assert_array_equal(class_labels.labels_for(np.arange(5, 10), parsed, 5), [2, 4, 2, 4, 2])
+  np.testing.assert_array_equal(class_labels.labels_for(np.arange(3, 8), None, 5), [3, 4, 0, 1, 2])
+  assert class_labels.parse_class_labels('', 5) is None
 
 
 def test_merge_rejects_missing_or_repeated_samples(tmp_path):
   shard_dir = epath.Path(tmp_path)
   image = lambda n: np.zeros((n, 2, 2, 1), np.uint8)
-  sampling.write_shard(sampling.shard_path(shard_dir, 0, 0), np.array([0, 1]), image(2), None)
-  sampling.write_shard(sampling.shard_path(shard_dir, 1, 0), np.array([2, 3]), image(2), None)
-  arr_0, arr_1 = sampling.merge_shards(shard_dir, 4, conditional=False)
+  sample_mode.write_shard(sample_mode.shard_path(shard_dir, 0, 0), np.array([0, 1]), image(2), None)
+  sample_mode.write_shard(sample_mode.shard_path(shard_dir, 1, 0), np.array([2, 3]), image(2), None)
+  arr_0, arr_1 = sample_mode.merge_shards(shard_dir, 4, conditional=False)
   assert arr_0.shape == (4, 2, 2, 1) and arr_1 is None
   with pytest.raises(RuntimeError, match='1 missing'):
-    sampling.merge_shards(shard_dir, 5, conditional=False)
-  sampling.write_shard(sampling.shard_path(shard_dir, 1, 1), np.array([3]), image(1), None)
+    sample_mode.merge_shards(shard_dir, 5, conditional=False)
+  sample_mode.write_shard(sample_mode.shard_path(shard_dir, 1, 1), np.array([3]), image(1), None)
   with pytest.raises(RuntimeError, match='1 repeated'):
-    sampling.merge_shards(shard_dir, 4, conditional=False)
+    sample_mode.merge_shards(shard_dir, 4, conditional=False)
 
 
 def test_write_gif_frames(tmp_path):
