@@ -75,6 +75,10 @@ class Cluster:
 
 
 def _int_variable(environ: Mapping[str, str], name: str) -> int:
+  if name not in environ:
+    raise ValueError(f'Environment variable {name} is not set, although the other variables of '
+                     'its cluster are: start the job with its launcher (srun, mpirun, the TPU '
+                     'runtime) or give --coordinator_address/--num_processes/--process_id.')
   try:
     return int(environ[name])
   except ValueError as e:

@@ -131,6 +131,10 @@ def test_no_cluster_and_bad_variables():
   assert cluster.describe().startswith('no cluster detected')
   with pytest.raises(ValueError, match="SLURM_NTASKS='sixteen' is not an integer"):
     distributed.detect_cluster(dict(SLURM_16, SLURM_NTASKS='sixteen'), False)
+  with pytest.raises(ValueError, match='OMPI_COMM_WORLD_RANK is not set'):
+    distributed.detect_cluster({k: v for k, v in OMPI_4.items() if 'RANK' not in k}, False)
+  with pytest.raises(ValueError, match='TPU_WORKER_ID is not set'):
+    distributed.detect_cluster({'TPU_WORKER_HOSTNAMES': 'a,b'}, True)
 
 
 # ------------------------------------------------------------------ agreement with JAX

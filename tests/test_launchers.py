@@ -61,9 +61,11 @@ def test_shellcheck_has_no_warnings(name):
 # ------------------------------------------------------------------ dry runs
 
 
-def test_local_cpu_dry_run_starts_one_command_per_process():
+def test_local_cpu_dry_run_starts_one_command_per_process(tmp_path):
+  logs = tmp_path / 'logs'
   result = run_launcher('local_cpu.sh', '--dry-run', '3', '2', '--', '--config=configs/tiny.py',
-                        '--workdir=/tmp/mp', env={'PORT': '4567', 'LOG_DIR': '/tmp/mp_logs'})
+                        '--workdir=/tmp/mp', env={'PORT': '4567', 'LOG_DIR': str(logs),
+                                                  'PYTHON': 'python3'})
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 3
@@ -72,15 +74,17 @@ def test_local_cpu_dry_run_starts_one_command_per_process():
                            'JAX_PLATFORMS=cpu python3 ')
     assert f'{ROOT}/main.py --config=configs/tiny.py --workdir=/tmp/mp ' in line
     assert line.endswith(f'--coordinator_address=localhost:4567 --num_processes=3 '
-                         f'--process_id={i} > /tmp/mp_logs/process_{i}.log 2>&1 &')
-  assert not os.path.exists('/tmp/mp_logs')  # A dry run creates nothing.
+                         f'--process_id={i} > {logs}/process_{i}.log 2>&1 &')
+  assert not logs.exists()  # A dry run creates nothing.
   bad = run_launcher('local_cpu.sh', '--dry-run', 'two', '2')
   assert bad.returncode == 2 and "NUM_PROCESSES='two'" in bad.stderr
 
 
 def test_single_machine_gpu_dry_run():
   result = run_launcher('single_machine_gpu.sh', '--dry-run', 'configs/tiny.py', 'runs/t',
-                        '--config.training.batch_size=8', env={'CUDA_VISIBLE_DEVICES': '0,1'})
+                        '--config.training.batch_size=8',
+                        env={'CUDA_VISIBLE_DEVICES': '0,1', 'PYTHON': 'python',
+                             'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.9'})
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines() == [
       'XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 CUDA_VISIBLE_DEVICES=0,1',
