@@ -7,7 +7,8 @@
       --config.training.batch_size=256                                          # any field
 
 On a multi-host TPU pod or a multi-node GPU cluster the same command runs on every host;
-`jax.distributed` is initialised when the environment says there are several processes.
+`jax.distributed` is initialised when diffusion_jax/distributed.py detects a cluster (SLURM,
+Open MPI, Cloud TPU VM / GKE, or the --coordinator_address flags) and logs what it found.
 """
 
 import logging
@@ -21,8 +22,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and TensorBoard events.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
 flags.DEFINE_bool('distributed', None,
-                  'Call jax.distributed.initialize() (default: auto-detect a TPU pod or SLURM, '
-                  'or when --coordinator_address is given).')
+                  'Call jax.distributed.initialize() (default: when a cluster of several '
+                  'processes is detected: SLURM, Open MPI, a Cloud TPU VM or GKE TPU pod, or '
+                  '--coordinator_address).')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0 for jax.distributed (clusters without auto-detection).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
@@ -39,37 +41,19 @@ class _QuietCheckpointLogs(logging.Filter):
     return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
 
 
-def _wants_distributed() -> bool:
-  if FLAGS.distributed is not None:
-    return FLAGS.distributed
-  if FLAGS.coordinator_address:
-    return True
-  return ('SLURM_NTASKS' in os.environ and int(os.environ['SLURM_NTASKS']) > 1) or (
-      'TPU_WORKER_HOSTNAMES' in os.environ and ',' in os.environ['TPU_WORKER_HOSTNAMES'])
-
-
-def _initialize_distributed(jax) -> None:
-  """jax.distributed.initialize(): auto-detected on Cloud TPU / SLURM, else from the flags.
-
-  CPU processes exchange collectives over gloo (multi-process CPU runs, tests, debugging).
-  """
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if FLAGS.coordinator_address:
-    if FLAGS.num_processes is None or FLAGS.process_id is None:
-      raise app.UsageError('--coordinator_address needs --num_processes and --process_id.')
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  else:
-    jax.distributed.initialize()
-
-
 def main(argv):
   del argv
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   absl_logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   import jax  # pylint: disable=g-import-not-at-top
-  if _wants_distributed():
-    _initialize_distributed(jax)
+  from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    cluster = distributed.detect_cluster(os.environ, distributed.cloud_tpu_vm_present(),
+                                         FLAGS.coordinator_address, FLAGS.num_processes,
+                                         FLAGS.process_id)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  distributed.initialize_distributed(cluster, FLAGS.distributed)
   from diffusion_jax import config_validation, sample_mode, train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),

