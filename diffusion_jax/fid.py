@@ -130,7 +130,15 @@ def load_samples_npz(path: str) -> np.ndarray:
 
 
 def folder_images(path: str) -> List[epath.Path]:
-  files = sorted(p for p in epath.Path(path).rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
+  """The image files under `path` (subfolders included), sorted by path."""
+  files, folders = [], [epath.Path(path)]
+  while folders:
+    for entry in folders.pop().iterdir():
+      if entry.is_dir():
+        folders.append(entry)
+      elif entry.suffix.lower() in IMAGE_SUFFIXES:
+        files.append(entry)
+  files.sort(key=str)
   if not files:
     raise ValueError(f'{path} holds no images ({", ".join(IMAGE_SUFFIXES)}).')
   return files

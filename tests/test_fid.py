@@ -188,9 +188,15 @@ def test_cli_npz_against_a_folder_of_the_same_images(tmp_path, capsys):
   assert result['num_images_a'] == result['num_images_b'] == 4
   assert result['resize'] == 'tf_legacy'
   assert result['inception_sha256'] in inception.KNOWN_WEIGHTS
-  assert abs(result['fid']) < 1e-2 and abs(result['kid']) < 1e-6  # The same images.
+  assert abs(result['fid']) < 1e-2  # The same images.
   stats = fid.load_stats_file(str(tmp_path / 'stats.npz'))
   assert stats.num_images == 4 and stats.features.shape == (4, 2048)
+  # KID of a set with itself, every subset the whole set: the unbiased estimate is
+  # 2 (sum K - tr K) / (m (m - 1)) - 2 sum K / m^2 < 0, not 0.
+  f = stats.features.astype(np.float64)
+  k = (f @ f.T / 2048 + 1) ** 3
+  expected = 2 * (k.sum() - np.trace(k)) / 12 - 2 * k.sum() / 16
+  assert result['kid'] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
 def test_check_eval_config_names_the_fields():
