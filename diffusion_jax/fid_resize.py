@@ -17,7 +17,6 @@ Images are quantised to uint8 before any of these (the samples are what is saved
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import numpy as np
@@ -93,10 +92,5 @@ def resize_numpy(images: np.ndarray, mode: str, out_size: int = INCEPTION_SIZE) 
   images = np.asarray(images, np.float64)
   a_h = resize_matrix(mode, images.shape[1], out_size)
   a_w = resize_matrix(mode, images.shape[2], out_size)
-  return np.einsum('oh,nhwc,pw->nopc', a_h, images, a_w)
+  return np.einsum('oh,nhwc,pw->nopc', a_h, images, a_w, optimize=True)
 
-
-def is_identity(mode: str, size: int) -> bool:
-  """True when the resize is a no-op (the images are already 299 wide)."""
-  return size == INCEPTION_SIZE and math.isclose(
-      float(np.abs(resize_matrix(mode, size, size) - np.eye(size)).max()), 0.0)
