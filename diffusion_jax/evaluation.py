@@ -41,7 +41,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import (classifier_fd, diffusion, fid, images, inception, input_pipeline,
+from diffusion_jax import (checkpoints, classifier_fd, diffusion, fid, images, inception, input_pipeline,
                            likelihood, models, sampling, sharding)
 from diffusion_jax.config_validation import ConfigError, validate_config
 
@@ -390,20 +390,13 @@ def _sample_metrics_eval(config, workdir: str, mesh: Mesh, params: PyTree, step:
       pass
   if 'classifier_fd' in wanted:
     stats_dir = ecfg.fid_stats_dir or str(epath.Path(workdir) / 'eval' / 'fid_stats')
-    conditional = config.model.num_classes > 0 and kept_labels and kept_labels[0] is not None
+    conditional = bool(config.model.num_classes > 0 and kept_labels
+                       and kept_labels[0] is not None)
     results['classifier_fd'] = classifier_fd.score_samples(
         np.concatenate(kept_samples), np.concatenate(kept_labels) if conditional else None,
         str(epath.Path(stats_dir) / f'classifier_{config.data.dataset}.npz'),
         config.data.dataset) | common
   return results
-
-
-def _latest_step(workdir: str) -> int:
-  from diffusion_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  try:
-    return int(checkpoints.latest_step_on_disk(workdir))
-  except (FileNotFoundError, ValueError):
-    return 0
 
 
 def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
@@ -422,7 +415,7 @@ def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any
   if not any(m in fid.SAMPLE_METRICS for m in ecfg.metrics):
     return results
   if ecfg.samples:
-    params, step = None, _latest_step(workdir)
+    params, step = None, checkpoints.latest_step_on_disk(workdir)  # 0 without checkpoints.
   else:
     params, step = sampling.restore_params(config, workdir, mesh, config.sample.use_ema)
   sample_results = _sample_metrics_eval(config, workdir, mesh, params, step)

@@ -256,3 +256,28 @@ def test_eval_mode_writes_every_sample_metric(tmp_path):
   assert len(cached) == 1 and fid.load_stats_file(str(cached[0])).num_images == 8
   assert fid_json['reference'] == str(cached[0])
   assert (workdir / 'eval' / 'fid_stats' / 'classifier_digits.npz').exists()
+
+
+def test_eval_mode_scores_an_existing_samples_file_with_classifier_fd(tmp_path):
+  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  real, labels = input_pipeline.load_digits()
+  noise = np.random.default_rng(0).integers(0, 256, size=(300, 8, 8, 1), dtype=np.uint8)
+  config = tiny.get_config()
+  config.model.num_classes = 10
+  config.eval.metrics = ('classifier_fd',)
+  config.eval.fid_stats_dir = str(tmp_path / 'stats')
+  scores = {}
+  for name, samples in (('real', real[:300]), ('noise', noise)):
+    np.savez(tmp_path / f'{name}.npz', arr_0=samples, arr_1=labels[:300])
+    config.eval.samples = str(tmp_path / f'{name}.npz')
+    workdir = tmp_path / name
+    results = evaluation.evaluate(config, str(workdir))
+    written = json.loads((workdir / 'eval' / 'classifier_fd_step0.json').read_text())
+    assert written == results['classifier_fd'] and written['num_samples'] == 300
+    assert written['samples'] == config.eval.samples
+    scores[name] = written
+  # The classifier fits every real digit; real samples keep their labels, noise does not.
+  assert scores['real']['classifier_accuracy'] == 1.0
+  assert scores['real']['label_agreement'] == 1.0 and scores['noise']['label_agreement'] < 0.5
+  assert scores['real']['classifier_fd'] * 20 < scores['noise']['classifier_fd']
+  assert scores['real']['classifier_sha256'] == scores['noise']['classifier_sha256']  # Cached.
