@@ -48,31 +48,27 @@ def extract_features(batches: Iterable[np.ndarray], feature_fn: FeatureFn, batch
   `batch_size` (the last padded and the padding dropped), streaming the statistics."""
   stats, kept, logits = None, metrics.KeptFeatures(keep), []
 
-  def run(chunk: np.ndarray):
-    nonlocal stats
+  def run(chunk: np.ndarray) -> None:
+    nonlocal stats, kept
     n = len(chunk)
     if n < batch_size:
       chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
     out = feature_fn(chunk)
     pool3 = np.asarray(out['pool3'])[:n]
-    stats = update(stats, pool3)
+    stats = metrics.update_stats(stats or metrics.empty_stats(pool3.shape[1]), pool3)
+    kept = kept.add(pool3)
     if want_logits:
       logits.append(np.asarray(out['logits'], np.float32)[:n])
-    return pool3
-
-  def update(s, pool3):
-    s = metrics.empty_stats(pool3.shape[1]) if s is None else s
-    return metrics.update_stats(s, pool3)
 
   pending = None
   for batch in batches:
     batch = np.asarray(batch)
     pending = batch if pending is None else np.concatenate([pending, batch])
     while len(pending) >= batch_size:
-      kept = kept.add(run(pending[:batch_size]))
+      run(pending[:batch_size])
       pending = pending[batch_size:]
   if pending is not None and len(pending):
-    kept = kept.add(run(pending))
+    run(pending)
   if stats is None:
     raise ValueError('No images to compute features of (the set is empty).')
   mu, sigma = metrics.mean_and_covariance(stats)
