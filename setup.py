@@ -25,6 +25,7 @@ setuptools.setup(
         'tqdm',
         'pillow',
         'scikit-learn',                # The offline 8x8 digits of the CPU demo.
+        'scipy',                       # FID's matrix square root (as the reference implementations).
         'tensorflow-datasets>=4.9.4',
         # TensorFlow only feeds tf.data and TensorBoard summaries; the CPU build is enough.
         'tensorflow-cpu>=2.16; platform_system == "Linux" and platform_machine == "x86_64"',
