@@ -118,6 +118,17 @@ def _x0_eps(output: jax.Array, x_t: jax.Array, a: jax.Array, s: jax.Array,
                    f'use one of {diffusion.PREDICTION_TYPES}.')
 
 
+def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[B, ...] and [B, ...] -> [2B, ...] with rows a0, b0, a1, b1, ..."""
+  return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def _deinterleave(ab: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Inverse of `_interleave`: [2B, ...] -> ([B, ...], [B, ...])."""
+  pairs = ab.reshape((ab.shape[0] // 2, 2) + ab.shape[1:])
+  return pairs[:, 0], pairs[:, 1]
+
+
 def make_network_fn(apply_fn: Callable[..., jax.Array], *, labels: Optional[jax.Array] = None,
                     null_label: Optional[int] = None, guidance_scale: float = 1.0,
                     learn_sigma: bool = False, takes_labels: Optional[bool] = None
@@ -156,11 +167,13 @@ def make_network_fn(apply_fn: Callable[..., jax.Array], *, labels: Optional[jax.
     null = jnp.full_like(labels, null_label)
     if scale == 0.0:
       return call(x_t, timesteps, null)
-    pred, v = call(jnp.concatenate([x_t, x_t]), jnp.concatenate([timesteps, timesteps]),
-                   jnp.concatenate([labels, null]))
-    pred_c, pred_u = jnp.split(pred, 2)
+    # Rows interleaved (c0, u0, c1, u1, ...), not concatenated: row pair i stays on the device
+    # that holds row i of the batch-sharded x_t, so guidance adds no collectives.
+    pred, v = call(_interleave(x_t, x_t), _interleave(timesteps, timesteps),
+                   _interleave(labels, null))
+    pred_c, pred_u = _deinterleave(pred)
     guided = pred_u + guidance_scale * (pred_c - pred_u)
-    return guided, (None if v is None else jnp.split(v, 2)[0])
+    return guided, (None if v is None else _deinterleave(v)[0])
   return net
 
 
