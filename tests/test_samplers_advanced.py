@@ -784,3 +784,35 @@ def test_config_validation_of_sampling_fields():
       (dict(sample__s_noise=-0.5), 'sample.s_noise'),
   ]:
     assert field in errors(**overrides), (overrides, errors(**overrides))
+
+
+@pytest.mark.parametrize('eta_is_traced', [False, True])
+def test_ddim_eta_coefficients_are_float64_exact(eta_is_traced):
+  """With x0 = 0 and eps = 1 every DDIM step gives x = c_t + sigma_t z_i (z_i the step's noise,
+  reproducible from the key), so (c_t, sigma_t) of each step is read off exactly and compared to
+  the float64 formulas of Song et al. At the last steps c_t = sqrt(1 - abar_prev - sigma^2) is a
+  difference of nearly equal numbers that float32 gets ~0.5% wrong."""
+  from diffusion_jax import respacing  # pylint: disable=g-import-not-at-top
+  schedule = diffusion.make_schedule(ml_collections.ConfigDict(dict(
+      num_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02)))
+  steps, eta, shape = 20, 1.0, (64, 4, 4, 1)
+  kept = respacing.respaced_timesteps(1000, steps, 'leading')
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))[kept]
+  abar_prev = np.append(1.0, abar[:-1])
+  sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+  coef = np.sqrt(1 - abar_prev - sigma**2)
+
+  def denoise(x, t, sigma=None):
+    del t, sigma
+    return samplers.Prediction(jnp.zeros_like(x), jnp.ones_like(x))
+  rng = jax.random.PRNGKey(3)
+  run = lambda e: samplers.ddim_sample(denoise, schedule, jnp.zeros(shape), rng, steps=steps,
+                                       eta=e, trajectory_every=1)[1].x_t
+  x_t = np.asarray(jax.jit(run)(eta) if eta_is_traced else run(eta), np.float64)
+  for i in range(steps - 1):  # The last step (to abar_prev = 1) has no noise and c = 0.
+    t = steps - 1 - i
+    z = np.asarray(samplers._normal(rng, i, shape), np.float64).ravel()  # pylint: disable=protected-access
+    fit_c, fit_sigma = np.linalg.lstsq(np.stack([np.ones_like(z), z], 1), x_t[i].ravel(),
+                                       rcond=None)[0]
+    np.testing.assert_allclose([fit_c, fit_sigma], [coef[t], sigma[t]], rtol=2e-6 if not
+                               eta_is_traced else 1e-4, err_msg=f'step {i} (t={t})')
