@@ -16,15 +16,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, ncols: int = 0, padding: int = 1, upscale: int = 1) -> np.ndarray:
-  """Tiles uint8 images [N, H, W, C] into one [rows*(H+p)+p, cols*(W+p)+p, C] image.
+def make_grid(images: np.ndarray, ncols: int = 0, padding: int = 2, upscale: int = 1) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, C] into one [u*(rows*(H+p)+p), u*(cols*(W+p)+p), C] image.
 
-  `upscale` repeats pixels (nearest neighbour) so that tiny images such as 8x8 digits stay
-  visible in a viewer.
+  Each image is framed by `padding` white pixels first and the whole grid is then upscaled by
+  `upscale` (nearest neighbour), so tiny images such as 8x8 digits stay visible in a viewer and
+  the gutters between them grow with them (as torchvision's make_grid pads before any resize).
   """
   images = np.asarray(images)
-  if upscale > 1:
-    images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
   n, h, w, c = images.shape
   ncols = ncols or int(math.ceil(math.sqrt(n)))
   nrows = int(math.ceil(n / ncols))
@@ -34,6 +33,8 @@ def make_grid(images: np.ndarray, ncols: int = 0, padding: int = 1, upscale: int
     r, col = divmod(i, ncols)
     top, left = padding + r * (h + padding), padding + col * (w + padding)
     grid[top:top + h, left:left + w] = image
+  if upscale > 1:
+    grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
   return grid
 
 
