@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import fid_resize, sharding, torch_weights
+from diffusion_jax import fid_resize, multihost, sharding, torch_weights
 
 PyTree = Any
 FEATURE_DIM = 2048
@@ -350,6 +350,5 @@ def make_feature_fn(params: PyTree, num_logits: int, resize_mode: str,
     if not isinstance(images, jax.Array):
       host = np.asarray(images)
       images = jax.make_array_from_callback(host.shape, batch_shard, lambda idx: host[idx])
-    from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
-    return {k: sampling.to_host(v) for k, v in jitted(params, images).items()}
+    return {k: multihost.to_host(v) for k, v in jitted(params, images).items()}
   return sharded
