@@ -479,3 +479,50 @@ def test_global_batches_sharded_over_devices(digits):
   np.testing.assert_array_equal(np.asarray(batch['image']),
                                 _scaled(images[:16]))
   np.testing.assert_array_equal(np.asarray(batch['label']), labels[:16])
+
+
+def test_digits_training_batches_are_numpy_and_host_count_independent(digits, monkeypatch):
+  """The digits train stream is plain numpy (no tf.data), a pure function of (seed, step):
+  two hosts' rows of step s assemble into the one-host batch of step s, and a stream started at
+  step 5 continues the one started at step 0."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  images, labels = digits
+  config = _digits_config(random_flip=True, label_key='label')
+
+  def no_tf_data(*args, **kwargs):
+    raise AssertionError('the digits train stream must not build a tf.data pipeline')
+  monkeypatch.setattr(tf.data.Dataset, 'from_generator', no_tf_data)
+  monkeypatch.setattr(tf.data.Dataset, 'from_tensor_slices', no_tf_data)
+
+  def stream(rows, start_step, count, process_index=0, process_count=1):
+    ds = input_pipeline.step_indexed_dataset(
+        config, 8, seed=3, start_step=start_step, rows=np.asarray(rows),
+        process_index=process_index, process_count=process_count)
+    return list(itertools.islice(ds, count))
+
+  one = stream(range(8), 0, 8)
+  assert all(isinstance(b['image'], np.ndarray) and b['image'].dtype == np.float32 for b in one)
+  host0, host1 = stream([0, 1, 2, 3], 0, 8, 0, 2), stream([4, 5, 6, 7], 0, 8, 1, 2)
+  for b, h0, h1 in zip(one, host0, host1):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(b[key], np.concatenate([h0[key], h1[key]]))
+  late = stream(range(8), 5, 3)
+  for b, c in zip(one[5:], late):
+    np.testing.assert_array_equal(b['image'], c['image'])
+  # Every example is a digit (maybe mirrored) with its own label, and about half are flipped.
+  batch = np.concatenate([b['image'] for b in one])
+  label = np.concatenate([b['label'] for b in one])
+  scaled = _scaled(images)
+  flipped = 0
+  for x, y in zip(batch, label):
+    same = np.all(scaled == x, axis=(1, 2, 3))
+    mirrored = np.all(scaled[:, :, ::-1] == x, axis=(1, 2, 3))
+    matches = np.flatnonzero(same | mirrored)
+    assert matches.size and y in labels[matches]
+    flipped += int(not same.any())
+  assert 16 <= flipped <= 48  # 64 draws of a fair coin (symmetric digits count as unflipped).
+  stacked = input_pipeline.step_indexed_dataset(config, 8, seed=3, start_step=0,
+                                                rows=np.arange(8), steps_per_batch=2)
+  first = next(iter(stacked))
+  np.testing.assert_array_equal(first['image'], np.stack([one[0]['image'], one[1]['image']]))
