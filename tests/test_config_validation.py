@@ -301,3 +301,55 @@ def test_eval_accepts_sample_metrics_and_rejects_unknown_ones():
   config.eval.metrics = ('fid',)
   config.eval.batch_size = 12  # Read only by likelihood metrics.
   validate_config(config, mode='eval', num_devices=8)
+
+
+def test_run_config_overrides_keep_the_saved_run():
+  """config_for_run: the saved run's config + the overrides; a changed network field is an
+  error naming each dotted field with both values."""
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  saved = tiny.get_config()
+  saved.sample.steps = 7  # Differs from tiny.py: the saved value must win ...
+  requested = tiny.get_config()
+  requested.sample.batch_size = 32
+  merged = run_config.config_for_run(saved, requested, {'sample.batch_size': 32,
+                                                        'mesh.fsdp': 2})
+  assert merged.sample.steps == 7  # ... and only the overrides change it.
+  assert merged.sample.batch_size == 32 and merged.mesh.fsdp == 2
+  assert run_config.flatten(merged) == run_config.flatten(saved) | {'sample.batch_size': 32,
+                                                                   'mesh.fsdp': 2}
+  assert saved.sample.batch_size == tiny.get_config().sample.batch_size  # Not mutated.
+
+  requested.model.ch = 64
+  requested.model.ch_mult = (2, 2)
+  requested.diffusion.beta_schedule = 'cosine'
+  assert run_config.locked_differences(saved, requested) == [
+      ('diffusion.beta_schedule', saved.diffusion.beta_schedule, 'cosine'),
+      ('model.ch', saved.model.ch, 64),
+      ('model.ch_mult', saved.model.ch_mult, (2, 2))]
+  with pytest.raises(run_config.LockedFieldError) as info:
+    run_config.config_for_run(saved, requested, {'model.ch': 64})
+  message = str(info.value)
+  assert f'model.ch: run has {saved.model.ch!r}, requested 64' in message
+  assert 'diffusion.beta_schedule' in message and 'model.ch_mult' in message
+  assert 'sample.' not in message
+
+
+def test_run_config_json_round_trip_has_no_locked_differences(tmp_path):
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  run_config.save_run_config(config, str(tmp_path))
+  loaded = run_config.load_run_config(str(tmp_path))
+  assert run_config.locked_differences(config, loaded) == []
+  assert loaded.model.ch_mult == tuple(config.model.ch_mult)
+
+
+def test_eval_summary_prints_each_kind_of_metric():
+  import main  # pylint: disable=g-import-not-at-top
+  results = {'step': 5, 'num_examples': 40, 'eval_split': 'test',
+             'vlb': {'bpd': 3.25, 'prior_bpd': 0.0}, 'fid': {'fid': 12.5, 'step': 5}}
+  text = main.eval_summary(results, 'runs/x')
+  assert text.splitlines() == ['vlb: 3.2500 bits/dim on 40 images', 'fid: fid=12.5',
+                               'Step 5; details in runs/x/eval/']
+  only_samples = {'kid': {'kid': 0.015, 'kid_std': 0.002, 'step': 3}, 'step': 3}
+  assert main.eval_summary(only_samples, 'w') == ('kid: kid=0.015, kid_std=0.002\n'
+                                                   'Step 3; details in w/eval/')
