@@ -1,18 +1,19 @@
 """Checks a config before anything is compiled or written, so that a mistake costs seconds.
 
-Each problem is reported as a `ConfigError` naming the field and the fix. Checks that need
+Each problem is reported as a `ConfigError` naming the field and the fix. The section checks
+live next to the code that owns the names (models.check_model_config,
+diffusion.check_diffusion_config, samplers.check_sampler_config, sharding.check_mesh_config,
+fid.check_eval_config); `validate_config` composes them per mode. Checks that need
 TensorFlow (is the tfds dataset known?) only run in the modes that read data.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import List, Optional
 
 import jax
-import jax.numpy as jnp
 
-from diffusion_jax import class_labels, diffusion, samplers
+from diffusion_jax import diffusion, models, samplers, sharding
 
 LOCAL_DATASETS = ('digits', 'folder')
 MODES = ('train', 'sample', 'eval')
@@ -26,15 +27,6 @@ class ConfigError(ValueError):
   """A config field has a value that cannot work; the message names the field and the fix."""
 
 
-def _check_choice(errors: List[str], field: str, value, choices) -> None:
-  if value not in choices:
-    errors.append(f'{field}={value!r} is unknown; use one of {tuple(choices)}.')
-
-
-def _feature_sizes(resolution: int, num_levels: int) -> List[int]:
-  return [resolution // 2**i for i in range(num_levels)]
-
-
 def validate_config(config, mode: str = 'train', num_devices: Optional[int] = None,
                     num_processes: Optional[int] = None) -> None:
   """Raises ConfigError listing every problem in `config` for `mode` (train | sample | eval).
@@ -46,14 +38,16 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
   for another machine (nothing needs real devices).
   """
   errors: List[str] = []
-  _check_choice(errors, 'mode', mode, MODES)
+  diffusion.check_choice(errors, 'mode', mode, MODES)
   num_devices = num_devices or jax.device_count()
   num_processes = num_processes or jax.process_count()
   _check_data_fields(errors, config)
-  _check_model(errors, config, mode)
-  _check_diffusion(errors, config.diffusion)
-  data_devices = _check_mesh(errors, config.mesh, num_devices)
-  _check_sampler(errors, config)
+  errors.extend(models.check_model_config(config.model, config.data.resolution))
+  errors.extend(diffusion.check_diffusion_config(config.diffusion))
+  mesh_errors, data_devices = sharding.check_mesh_config(config.mesh, num_devices)
+  errors.extend(mesh_errors)
+  errors.extend(samplers.check_sampler_config(config.sample, config.model,
+                                              config.diffusion.num_timesteps))
   if mode == 'train':
     _check_data_source(errors, config, mode)
     _check_optim(errors, config.optim)
@@ -119,157 +113,16 @@ def _check_data_source(errors: List[str], config, mode: str) -> None:
                   f'--config.model.num_classes={found}.')
 
 
-def _check_model(errors: List[str], config, mode: str) -> None:
-  """model.* against data.resolution (one level halves the feature map)."""
-  data, model = config.data, config.model
-  levels = len(model.ch_mult)
-  if levels < 1:
-    errors.append('model.ch_mult must have at least one level, e.g. (1, 2, 2, 2).')
-  elif data.resolution % 2**(levels - 1):
-    errors.append(
-        f'data.resolution={data.resolution} cannot be halved {levels - 1} times as '
-        f'model.ch_mult={tuple(model.ch_mult)} needs; use a resolution divisible by '
-        f'{2**(levels - 1)} or fewer levels.')
-  else:
-    sizes = _feature_sizes(data.resolution, levels)
-    unused = [r for r in model.attn_resolutions if r not in sizes]
-    if unused:
-      errors.append(f'model.attn_resolutions={tuple(model.attn_resolutions)} has {unused}, '
-                    f'which no level reaches; the feature map sizes are {sizes}.')
-  for mult in model.ch_mult:
-    if (model.ch * mult) % model.num_groups:
-      errors.append(f'model.ch * ch_mult = {model.ch * mult} channels are not divisible by '
-                    f'model.num_groups={model.num_groups}.')
-      break
-  if model.num_head_channels > 0:
-    bad = [model.ch * m for m in model.ch_mult if (model.ch * m) % model.num_head_channels]
-    if bad:
-      errors.append(f'model.num_head_channels={model.num_head_channels} does not divide the '
-                    f'channel counts {bad}.')
-  elif model.num_heads < 1:
-    errors.append('model.num_heads must be >= 1 (or set model.num_head_channels > 0).')
-  if not 0.0 <= model.dropout < 1.0:
-    errors.append(f'model.dropout={model.dropout} must be in [0, 1).')
-  for field in ('dtype', 'param_dtype'):
-    try:
-      jnp.dtype(model[field])
-    except TypeError:
-      errors.append(f'model.{field}={model[field]!r} is not a dtype; use float32 or bfloat16.')
-  if model.num_classes < 0:
-    errors.append(f'model.num_classes={model.num_classes} must be >= 0 (0 = unconditional).')
-
-
-def _check_diffusion(errors: List[str], dcfg) -> None:
-  """diffusion.* names and ranges."""
-  _check_choice(errors, 'diffusion.beta_schedule', dcfg.beta_schedule, diffusion.BETA_SCHEDULES)
-  _check_choice(errors, 'diffusion.prediction_type', dcfg.prediction_type,
-                diffusion.PREDICTION_TYPES)
-  _check_choice(errors, 'diffusion.loss_weighting', dcfg.loss_weighting,
-                diffusion.LOSS_WEIGHTINGS)
-  if dcfg.num_timesteps < 2:
-    errors.append(f'diffusion.num_timesteps={dcfg.num_timesteps} must be >= 2.')
-  if dcfg.beta_schedule in ('linear', 'scaled_linear', 'sigmoid') and not (
-      0 < dcfg.beta_start < dcfg.beta_end < 1):
-    errors.append(f'diffusion.beta_start={dcfg.beta_start} and beta_end={dcfg.beta_end} must '
-                  'satisfy 0 < beta_start < beta_end < 1.')
-  if dcfg.vlb_weight < 0:
-    errors.append(f'diffusion.vlb_weight={dcfg.vlb_weight} must be >= 0 (0.001 in Nichol & '
-                  'Dhariwal).')
-
-
-def _check_mesh(errors: List[str], mesh_config, num_devices: int) -> int:
-  """mesh.* for `num_devices`; returns the devices sharing the batch (data x fsdp).
-
-  A mesh leaving devices idle is an error unless mesh.allow_idle_devices (then a warning).
-  """
-  from diffusion_jax import sharding  # pylint: disable=g-import-not-at-top
-  if mesh_config.fsdp_min_size < 0:
-    errors.append(f'mesh.fsdp_min_size={mesh_config.fsdp_min_size} must be >= 0.')
-  try:  # The batch is split over both mesh axes.
-    data_size, fsdp_size = sharding.mesh_shape(mesh_config, num_devices)
-  except ValueError as e:
-    errors.append(str(e))
-    return num_devices
-  used = data_size * fsdp_size
-  if used < num_devices:
-    message = (f'mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.fsdp} uses {used} of '
-               f'the {num_devices} devices, leaving {num_devices - used} idle; use -1 on one '
-               'axis (= the rest) or set mesh.allow_idle_devices=True on purpose.')
-    if mesh_config.allow_idle_devices:
-      logging.warning('IDLE DEVICES: %s', message)
-    else:
-      errors.append(message)
-  return used
-
-
 def _check_optim(errors: List[str], ocfg) -> None:
   """optim.* names and ranges (train mode only)."""
-  _check_choice(errors, 'optim.optimizer', ocfg.optimizer, ('adam', 'adamw'))
-  _check_choice(errors, 'optim.lr_schedule', ocfg.lr_schedule, ('constant', 'cosine'))
+  diffusion.check_choice(errors, 'optim.optimizer', ocfg.optimizer, ('adam', 'adamw'))
+  diffusion.check_choice(errors, 'optim.lr_schedule', ocfg.lr_schedule, ('constant', 'cosine'))
   if ocfg.learning_rate < 0:
     errors.append(f'optim.learning_rate={ocfg.learning_rate} must be >= 0 (2e-4 in Ho et al.).')
   if ocfg.warmup_steps < 0:
     errors.append(f'optim.warmup_steps={ocfg.warmup_steps} must be >= 0 (0 = no warmup).')
   if not 0.0 <= ocfg.ema_decay < 1.0:
     errors.append(f'optim.ema_decay={ocfg.ema_decay} must be in [0, 1).')
-
-
-def _check_sampler(errors: List[str], config) -> None:
-  """The sampling algorithm (sampler, steps, spacing, guidance, thresholding, solver, EDM
-  churn): device-independent, read by --mode=sample, eval's sample metrics and train's grids."""
-  model, dcfg, scfg = config.model, config.diffusion, config.sample
-  if scfg.sampler not in samplers.SAMPLERS:
-    errors.append(f'sample.sampler={scfg.sampler!r} is unknown; use one of '
-                  f'{tuple(sorted(samplers.SAMPLERS))}.')
-  from diffusion_jax import respacing  # pylint: disable=g-import-not-at-top
-  _check_choice(errors, 'sample.variance', scfg.variance, samplers.VARIANCES)
-  if scfg.sampler == 'ddpm' and scfg.variance == 'learned_range' and not model.learn_sigma:
-    errors.append("sample.variance='learned_range' needs a model trained with "
-                  'model.learn_sigma=True; use fixed_small or fixed_large.')
-  spacing = scfg.spacing
-  if scfg.sampler in samplers.CONTINUOUS_SAMPLERS:
-    if scfg.steps < 1:
-      errors.append(f'sample.steps={scfg.steps} must be >= 1 for sample.sampler='
-                    f'{scfg.sampler!r}.')
-  elif not (scfg.sampler == 'ddpm' and scfg.steps == 0 and isinstance(spacing, str)
-            and not respacing.is_section_spacing(spacing)):
-    try:  # Checks sample.spacing and sample.steps (ddpm with steps 0 uses all T steps).
-      respacing.respaced_timesteps(dcfg.num_timesteps, scfg.steps, spacing)
-    except ValueError as e:
-      errors.append(str(e))
-  guidance = scfg.guidance_scale
-  if guidance < 0:
-    errors.append(f'sample.guidance_scale={guidance} must be >= 0 (0 = the unconditional '
-                  'model, 1 = the conditional one, > 1 = classifier-free guidance).')
-  elif guidance != 1.0 and model.num_classes <= 0:
-    errors.append(f'sample.guidance_scale={guidance} needs a class-conditional model '
-                  '(model.num_classes > 0, trained with training.cond_drop_prob > 0); use 1.0.')
-  _check_choice(errors, 'sample.thresholding', scfg.thresholding, samplers.THRESHOLDINGS)
-  if scfg.thresholding == 'dynamic' and not scfg.clip_denoised:
-    errors.append("sample.clip_denoised=False turns thresholding off, contradicting "
-                  "sample.thresholding='dynamic'; set clip_denoised=True or thresholding='none'.")
-  percentile = scfg.dynamic_threshold_percentile
-  if not 0.0 < percentile <= 1.0:
-    errors.append(f'sample.dynamic_threshold_percentile={percentile} must be in (0, 1].')
-  _check_choice(errors, 'sample.solver_type', scfg.solver_type, samplers.DPM_SOLVER_TYPES)
-  if scfg.solver_order not in (1, 2, 3):
-    errors.append(f'sample.solver_order={scfg.solver_order} must be 1, 2 or 3.')
-  elif scfg.solver_type == 'singlestep' and scfg.solver_order == 3:
-    errors.append("sample.solver_order=3 is only available with sample.solver_type="
-                  "'multistep'; use 2 for singlestep (DPM-Solver++(2S)).")
-  if scfg.rho <= 0:
-    errors.append(f'sample.rho={scfg.rho} must be positive (7 in Karras et al.).')
-  for field in ('s_churn', 's_tmin', 's_noise'):
-    if scfg[field] < 0:
-      errors.append(f'sample.{field}={scfg[field]} must be >= 0.')
-  if scfg.s_tmax < scfg.s_tmin:
-    errors.append(f'sample.s_tmax={scfg.s_tmax} must be >= sample.s_tmin={scfg.s_tmin}.')
-  if not 0.0 <= scfg.eta <= 1.0:
-    errors.append(f'sample.eta={scfg.eta} must be in [0, 1].')
-  try:
-    class_labels.parse_class_labels(scfg.class_labels, model.num_classes)
-  except ValueError as e:
-    errors.append(str(e))
 
 
 def _check_sampling_call(errors: List[str], config, data_devices: int,
@@ -333,7 +186,7 @@ def _check_training_loop(errors: List[str], tcfg, data_devices: int, num_process
                   f'batch (and of {accum} x {num_processes} processes).')
   if tcfg.keep_every_steps < 0:
     errors.append(f'training.keep_every_steps={tcfg.keep_every_steps} must be >= 0 (0 = off).')
-  _check_choice(errors, 'training.on_nonfinite', tcfg.on_nonfinite, NONFINITE_POLICIES)
+  diffusion.check_choice(errors, 'training.on_nonfinite', tcfg.on_nonfinite, NONFINITE_POLICIES)
 
 
 def _check_eval(errors: List[str], config, data_devices: int, num_processes: int,
@@ -351,12 +204,12 @@ def _check_eval(errors: List[str], config, data_devices: int, num_processes: int
   _check_batch(errors, 'eval.batch_size', ecfg.batch_size, data_devices, num_processes)
   if ecfg.num_batches == 0 or ecfg.num_batches < -1:
     errors.append(f'eval.num_batches={ecfg.num_batches} must be -1 (whole split) or positive.')
-  _check_choice(errors, 'eval.variance', ecfg.variance, SAMPLE_VARIANCES)
+  diffusion.check_choice(errors, 'eval.variance', ecfg.variance, SAMPLE_VARIANCES)
   if ecfg.num_kl_buckets < 1:
     errors.append(f'eval.num_kl_buckets={ecfg.num_kl_buckets} must be >= 1.')
   if 'ode_nll' in metrics:
-    _check_choice(errors, 'eval.ode_solver', ecfg.ode_solver, ODE_SOLVERS)
-    _check_choice(errors, 'eval.ode_probe', ecfg.ode_probe, ODE_PROBES)
+    diffusion.check_choice(errors, 'eval.ode_solver', ecfg.ode_solver, ODE_SOLVERS)
+    diffusion.check_choice(errors, 'eval.ode_probe', ecfg.ode_probe, ODE_PROBES)
     if not (ecfg.ode_rtol > 0 and ecfg.ode_atol > 0):
       errors.append(f'eval.ode_rtol={ecfg.ode_rtol} and eval.ode_atol={ecfg.ode_atol} must be '
                     'positive (1e-5 as Song et al.).')
