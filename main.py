@@ -13,6 +13,7 @@ Open MPI, Cloud TPU VM / GKE, or the --coordinator_address flags) and logs what 
 
 import logging
 import os
+from typing import Any, Dict
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -54,25 +55,62 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   distributed.initialize_distributed(cluster, FLAGS.distributed)
-  from diffusion_jax import config_validation, sample_mode, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import config_validation, run_config, sample_mode, train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  # Only a bad config and a missing checkpoint are usage errors; anything else (orbax, JAX,
+  # tfds) keeps its traceback.
   try:
+    config = FLAGS.config
+    if FLAGS.mode != 'train':
+      config = run_config_for_mode(config, FLAGS.workdir)
     if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == 'eval':
       from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
-      results = evaluation.evaluate(FLAGS.config, FLAGS.workdir)
-      summary = {k: v['bpd'] for k, v in results.items() if isinstance(v, dict)}
-      print(f'Step {results["step"]}, {results["num_examples"]} images: bits/dim {summary}; '
-            f'details in {FLAGS.workdir}/eval/vlb_step{results["step"]}.json')
+      results = evaluation.evaluate(config, FLAGS.workdir)
+      print(eval_summary(results, FLAGS.workdir))
     else:
-      out_dir = sample_mode.generate(FLAGS.config, FLAGS.workdir)
+      out_dir = sample_mode.generate(config, FLAGS.workdir)
       print(f'Samples written to {out_dir}')
-  except (config_validation.ConfigError, FileNotFoundError, ValueError,
-          train.NonFiniteLossError) as e:
+  except (config_validation.ConfigError, run_config.LockedFieldError) as e:
     raise app.UsageError(str(e)) from e
+  except FileNotFoundError as e:  # No checkpoint to restore (sample / eval before training).
+    # TODO: catch checkpoints.NoCheckpointError (a FileNotFoundError subclass) once it lands.
+    raise app.UsageError(str(e)) from e
+
+
+def run_config_for_mode(config, workdir: str):
+  """--mode=sample|eval: the run's own <workdir>/config.json (when there is one) with the
+  command-line overrides applied; a --config or override changing a model/diffusion field of
+  the saved run raises run_config.LockedFieldError naming each field."""
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  saved = run_config.load_run_config(workdir)
+  if saved is None:
+    return config
+  overrides = config_flags.get_override_values(FLAGS['config'])
+  merged = run_config.config_for_run(saved, config, overrides)
+  logging.info('Using the run\'s own %s with overrides %s', run_config.config_path(workdir),
+               sorted(overrides))
+  return merged
+
+
+def eval_summary(results: Dict[str, Any], workdir: str) -> str:
+  """One line per metric: bits/dim for likelihood metrics, the figures for sample metrics, and
+  where the details were written (<workdir>/eval/)."""
+  step = results.get('step')
+  lines = []
+  for name, value in results.items():
+    if not isinstance(value, dict):
+      continue
+    if 'bpd' in value:
+      lines.append(f'{name}: {value["bpd"]:.4f} bits/dim on {results["num_examples"]} images')
+    else:
+      figures = {k: v for k, v in value.items() if isinstance(v, float)}
+      lines.append(f'{name}: ' + ', '.join(f'{k}={v:.4g}' for k, v in sorted(figures.items())))
+  lines.append(f'Step {step}; details in {workdir}/eval/')
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -21,5 +21,7 @@ def get_config():
   config.sample.steps = 100
   config.sample.guidance_scale = 1.5
   config.sample.num_samples = 50_000
-  config.sample.batch_size = 1000
+  config.sample.batch_size = 1024  # A multiple of 8..256 devices; the
+                                    # last batch's extra samples are dropped.
+  config.training.num_grid_samples = 128  # One grid image per device up to 128 chips.
   return config

@@ -50,6 +50,9 @@ def get_config():
 
   config.training.batch_size = 128
   config.training.num_train_steps = 500_000
+  config.training.num_grid_samples = 128  # One grid image per device up to 128 chips.
+
+  config.sample.batch_size = 256  # A multiple of 1..256 devices (the last batch may overrun).
 
   config.eval.metrics = ('vlb',)
   config.eval.batch_size = 256

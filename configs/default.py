@@ -186,4 +186,6 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1                 # Devices on the data axis (pure data parallel).
   mesh.fsdp = 1                  # Devices on the fsdp axis; 1 = replicated train state.
   mesh.fsdp_min_size = 2**14     # Tensors with fewer elements stay replicated.
+  mesh.allow_idle_devices = False  # data x fsdp < the device count is an error unless this
+                                   # opt-in is set (then a loud warning: devices sit idle).
   return config

@@ -17,7 +17,7 @@ t = 0 .. T-1 indexing the arrays (index 0 is the first noising step).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import flax
 import jax
@@ -421,5 +421,30 @@ def training_losses(schedule: Schedule, output: jax.Array, x0: jax.Array, noise:
   mean, log_var, _ = p_mean_variance(schedule, frozen, x_t, t, diffusion_config.prediction_type,
                                      learn_sigma=True)
   vlb = vlb_term(schedule, x0, x_t, t, mean, log_var)
-  weight = diffusion_config.get('vlb_weight', 0.001) * schedule.num_timesteps
+  weight = diffusion_config.vlb_weight * schedule.num_timesteps
   return loss + weight * vlb
+
+
+def check_choice(errors: List[str], field: str, value, choices) -> None:
+  if value not in choices:
+    errors.append(f'{field}={value!r} is unknown; use one of {tuple(choices)}.')
+
+
+def check_diffusion_config(diffusion_config) -> List[str]:
+  """Problems with `config.diffusion` (empty list = fine); each names the field and the fix."""
+  errors: List[str] = []
+  check_choice(errors, 'diffusion.beta_schedule', diffusion_config.beta_schedule, BETA_SCHEDULES)
+  check_choice(errors, 'diffusion.prediction_type', diffusion_config.prediction_type,
+                PREDICTION_TYPES)
+  check_choice(errors, 'diffusion.loss_weighting', diffusion_config.loss_weighting,
+                LOSS_WEIGHTINGS)
+  if diffusion_config.num_timesteps < 2:
+    errors.append(f'diffusion.num_timesteps={diffusion_config.num_timesteps} must be >= 2.')
+  if diffusion_config.beta_schedule in ('linear', 'scaled_linear', 'sigmoid') and not (
+      0 < diffusion_config.beta_start < diffusion_config.beta_end < 1):
+    errors.append(f'diffusion.beta_start={diffusion_config.beta_start} and beta_end='
+                  f'{diffusion_config.beta_end} must satisfy 0 < beta_start < beta_end < 1.')
+  if diffusion_config.vlb_weight < 0:
+    errors.append(f'diffusion.vlb_weight={diffusion_config.vlb_weight} must be >= 0 (0.001 in '
+                  'Nichol & Dhariwal).')
+  return errors

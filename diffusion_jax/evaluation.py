@@ -27,7 +27,6 @@ the number of samples, the reference, the resize mode and the weights' sha256 be
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -236,17 +235,10 @@ def _likelihood_eval(config, workdir: str, mesh: Mesh) -> Dict[str, Any]:
 def check_config(config) -> None:
   """Raises ConfigError for any problem of `config` in --mode=eval, before anything runs.
 
-  The likelihood fields go through `validate_config` (given only the likelihood metrics, which
-  it knows); the sample-metric fields through `fid.check_eval_config`.
+  `validate_config(mode='eval')` owns every eval check (it calls `fid.check_eval_config` for
+  the metric names and sample-metric fields).
   """
-  likelihood_view = copy.deepcopy(config)
-  with likelihood_view.unlocked():
-    asked = [m for m in likelihood_view.eval.metrics if m in fid.LIKELIHOOD_METRICS]
-    likelihood_view.eval.metrics = tuple(asked) or ('vlb',)
-  validate_config(likelihood_view, mode='eval')
-  errors = fid.check_eval_config(config)
-  if errors:
-    raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
+  validate_config(config, mode='eval')
 
 
 def draw_samples(config, params: PyTree, mesh: Mesh, num_samples: int

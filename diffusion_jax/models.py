@@ -9,7 +9,7 @@ are computed in float32 whatever `dtype` the convolutions use.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -214,3 +214,47 @@ def create_model(model_config, channels: int) -> UNet:
       learn_sigma=model_config.learn_sigma, out_channels=channels,
       dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
       remat=model_config.remat)
+
+
+def check_model_config(model_config, resolution: int) -> List[str]:
+  """Problems with `config.model` for images of `resolution` (empty list = fine); each names the
+  field and the fix. Every level of model.ch_mult after the first halves the feature map."""
+  errors: List[str] = []
+  levels = len(model_config.ch_mult)
+  if levels < 1:
+    errors.append('model.ch_mult must have at least one level, e.g. (1, 2, 2, 2).')
+  elif resolution % 2**(levels - 1):
+    errors.append(
+        f'data.resolution={resolution} cannot be halved {levels - 1} times as '
+        f'model.ch_mult={tuple(model_config.ch_mult)} needs; use a resolution divisible by '
+        f'{2**(levels - 1)} or fewer levels.')
+  else:
+    sizes = [resolution // 2**i for i in range(levels)]
+    unused = [r for r in model_config.attn_resolutions if r not in sizes]
+    if unused:
+      errors.append(f'model.attn_resolutions={tuple(model_config.attn_resolutions)} has {unused}, '
+                    f'which no level reaches; the feature map sizes are {sizes}.')
+  for mult in model_config.ch_mult:
+    if (model_config.ch * mult) % model_config.num_groups:
+      errors.append(f'model.ch * ch_mult = {model_config.ch * mult} channels are not divisible by '
+                    f'model.num_groups={model_config.num_groups}.')
+      break
+  if model_config.num_head_channels > 0:
+    channels = [model_config.ch * m for m in model_config.ch_mult]
+    bad = [c for c in channels if c % model_config.num_head_channels]
+    if bad:
+      errors.append(f'model.num_head_channels={model_config.num_head_channels} does not divide the '
+                    f'channel counts {bad}.')
+  elif model_config.num_heads < 1:
+    errors.append('model.num_heads must be >= 1 (or set model.num_head_channels > 0).')
+  if not 0.0 <= model_config.dropout < 1.0:
+    errors.append(f'model.dropout={model_config.dropout} must be in [0, 1).')
+  for field in ('dtype', 'param_dtype'):
+    try:
+      jnp.dtype(model_config[field])
+    except TypeError:
+      errors.append(f'model.{field}={model_config[field]!r} is not a dtype; use float32 or '
+                    'bfloat16.')
+  if model_config.num_classes < 0:
+    errors.append(f'model.num_classes={model_config.num_classes} must be >= 0 (0 = unconditional).')
+  return errors

@@ -8,7 +8,7 @@ JSON has no tuples; `load_run_config` turns lists back into tuples wherever the 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import ml_collections
 from etils import epath
@@ -58,3 +58,71 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict | None:
   if not path.exists():
     return None
   return config_from_json(path.read_text())
+
+
+class LockedFieldError(ValueError):
+  """A sample/eval config changes a field of the trained network (model, diffusion)."""
+
+
+# Fields that fix the trained network: a sample/eval run must use the saved run's values.
+LOCKED_SECTIONS = ('model', 'diffusion')
+
+
+def flatten(config: ml_collections.ConfigDict | Dict[str, Any], prefix: str = ''
+            ) -> Dict[str, Any]:
+  """{'model.ch': 128, ...}: every leaf of `config` under its dotted name."""
+  items = config.items() if isinstance(config, dict) else config.to_dict().items()
+  flat: Dict[str, Any] = {}
+  for key, value in items:
+    name = f'{prefix}{key}'
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      flat.update(flatten(value, name + '.'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def locked_differences(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict,
+                       sections: Tuple[str, ...] = LOCKED_SECTIONS
+                       ) -> List[Tuple[str, Any, Any]]:
+  """(dotted field, saved value, requested value) for each field of `sections` that differs.
+
+  Tuples and lists compare equal element-wise (JSON has no tuples).
+  """
+  def norm(value):
+    return list(value) if isinstance(value, tuple) else value
+  old = {k: v for k, v in flatten(saved).items() if k.split('.')[0] in sections}
+  new = {k: v for k, v in flatten(requested).items() if k.split('.')[0] in sections}
+  return [(name, old.get(name), new.get(name)) for name in sorted(set(old) | set(new))
+          if norm(old.get(name)) != norm(new.get(name))]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any]
+                    ) -> ml_collections.ConfigDict:
+  """A copy of `config` with each dotted `overrides` field ('sample.steps': 50) set."""
+  merged = ml_collections.ConfigDict(config.to_dict())
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split('.')
+    node = merged
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return merged
+
+
+def config_for_run(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict,
+                   overrides: Dict[str, Any]) -> ml_collections.ConfigDict:
+  """The config --mode=sample|eval uses: the run's own `saved` config with the command-line
+  `overrides` applied (sample, eval, mesh, ... fields may change).
+
+  `requested` is the --config file with the overrides; if it differs from `saved` in a model or
+  diffusion field, the checkpoint cannot be that network, so this raises LockedFieldError listing
+  each differing dotted field with both values.
+  """
+  differences = locked_differences(saved, requested)
+  if differences:
+    lines = [f'{name}: run has {old!r}, requested {new!r}' for name, old, new in differences]
+    raise LockedFieldError('The --config / overrides change fields of the trained network relative to '
+                     'the run\'s config.json; drop those overrides (or use the run\'s config):\n  '
+                     + '\n  '.join(lines))
+  return apply_overrides(saved, overrides)

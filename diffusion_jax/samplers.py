@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -679,3 +679,65 @@ def sample_from_config(apply_fn: Callable[..., jax.Array], schedule: Schedule,
   else:  # A sampler registered elsewhere: give it everything.
     options = dict(sample_config)
   return sampler(denoise, sched, noise, rng, trajectory_every=trajectory_every, **options)
+
+
+def check_sampler_config(sample_config, model_config, num_timesteps: int) -> List[str]:
+  """Problems with the sampling algorithm in `config.sample` (sampler, steps, spacing, guidance,
+  thresholding, solver, EDM churn, class labels) for `model_config` trained on `num_timesteps`
+  steps (empty list = fine). Device-independent; each message names the field and the fix."""
+  from diffusion_jax import class_labels as class_labels_lib  # pylint: disable=g-import-not-at-top
+  errors: List[str] = []
+  if sample_config.sampler not in SAMPLERS:
+    errors.append(f'sample.sampler={sample_config.sampler!r} is unknown; use one of '
+                  f'{tuple(sorted(SAMPLERS))}.')
+  diffusion.check_choice(errors, 'sample.variance', sample_config.variance, VARIANCES)
+  if (sample_config.sampler == 'ddpm' and sample_config.variance == 'learned_range'
+      and not model_config.learn_sigma):
+    errors.append("sample.variance='learned_range' needs a model trained with "
+                  'model.learn_sigma=True; use fixed_small or fixed_large.')
+  spacing = sample_config.spacing
+  if sample_config.sampler in CONTINUOUS_SAMPLERS:
+    if sample_config.steps < 1:
+      errors.append(f'sample.steps={sample_config.steps} must be >= 1 for sample.sampler='
+                    f'{sample_config.sampler!r}.')
+  elif not (sample_config.sampler == 'ddpm' and sample_config.steps == 0
+            and isinstance(spacing, str) and not respacing.is_section_spacing(spacing)):
+    try:  # Checks sample.spacing and sample.steps (ddpm with steps 0 uses all T steps).
+      respacing.respaced_timesteps(num_timesteps, sample_config.steps, spacing)
+    except ValueError as e:
+      errors.append(str(e))
+  guidance = sample_config.guidance_scale
+  if guidance < 0:
+    errors.append(f'sample.guidance_scale={guidance} must be >= 0 (0 = the unconditional '
+                  'model, 1 = the conditional one, > 1 = classifier-free guidance).')
+  elif guidance != 1.0 and model_config.num_classes <= 0:
+    errors.append(f'sample.guidance_scale={guidance} needs a class-conditional model '
+                  '(model.num_classes > 0, trained with training.cond_drop_prob > 0); use 1.0.')
+  diffusion.check_choice(errors, 'sample.thresholding', sample_config.thresholding, THRESHOLDINGS)
+  if sample_config.thresholding == 'dynamic' and not sample_config.clip_denoised:
+    errors.append("sample.clip_denoised=False turns thresholding off, contradicting "
+                  "sample.thresholding='dynamic'; set clip_denoised=True or thresholding='none'.")
+  percentile = sample_config.dynamic_threshold_percentile
+  if not 0.0 < percentile <= 1.0:
+    errors.append(f'sample.dynamic_threshold_percentile={percentile} must be in (0, 1].')
+  diffusion.check_choice(errors, 'sample.solver_type', sample_config.solver_type, DPM_SOLVER_TYPES)
+  if sample_config.solver_order not in (1, 2, 3):
+    errors.append(f'sample.solver_order={sample_config.solver_order} must be 1, 2 or 3.')
+  elif sample_config.solver_type == 'singlestep' and sample_config.solver_order == 3:
+    errors.append("sample.solver_order=3 is only available with sample.solver_type="
+                  "'multistep'; use 2 for singlestep (DPM-Solver++(2S)).")
+  if sample_config.rho <= 0:
+    errors.append(f'sample.rho={sample_config.rho} must be positive (7 in Karras et al.).')
+  for field in ('s_churn', 's_tmin', 's_noise'):
+    if sample_config[field] < 0:
+      errors.append(f'sample.{field}={sample_config[field]} must be >= 0.')
+  if sample_config.s_tmax < sample_config.s_tmin:
+    errors.append(f'sample.s_tmax={sample_config.s_tmax} must be >= sample.s_tmin='
+                  f'{sample_config.s_tmin}.')
+  if not 0.0 <= sample_config.eta <= 1.0:
+    errors.append(f'sample.eta={sample_config.eta} must be in [0, 1].')
+  try:
+    class_labels_lib.parse_class_labels(sample_config.class_labels, model_config.num_classes)
+  except ValueError as e:
+    errors.append(str(e))
+  return errors

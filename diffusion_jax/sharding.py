@@ -14,7 +14,8 @@ The same code runs on 1 CPU, 8 GPUs or a multi-host TPU pod: every array is a gl
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import logging
+from typing import Any, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -29,8 +30,8 @@ DEFAULT_FSDP_MIN_SIZE = 2**14  # Elements; smaller tensors are replicated.
 
 def mesh_shape(mesh_config, num_devices: int) -> Tuple[int, int]:
   """(data, fsdp) sizes for `num_devices`; -1 on one axis means 'the devices that are left'."""
-  data = int(mesh_config.get('data', -1))
-  fsdp = int(mesh_config.get('fsdp', 1))
+  data = int(mesh_config['data'])
+  fsdp = int(mesh_config['fsdp'])
   if data == -1 and fsdp == -1:
     raise ValueError('mesh.data and mesh.fsdp cannot both be -1.')
   if fsdp == -1:
@@ -39,7 +40,7 @@ def mesh_shape(mesh_config, num_devices: int) -> Tuple[int, int]:
     data = num_devices // fsdp if fsdp > 0 else 0
   if data <= 0 or fsdp <= 0 or data * fsdp > num_devices or num_devices % (data * fsdp):
     raise ValueError(
-        f'mesh.data={mesh_config.get("data", -1)} x mesh.fsdp={mesh_config.get("fsdp", 1)} '
+        f'mesh.data={mesh_config["data"]} x mesh.fsdp={mesh_config["fsdp"]} '
         f'does not fit {num_devices} devices; use sizes whose product divides the device count '
         '(-1 on one axis = the rest).')
   return data, fsdp
@@ -112,5 +113,29 @@ def state_shardings(abstract_state: PyTree, mesh: Mesh,
 
 
 def fsdp_min_size(mesh_config) -> int:
-  """`mesh.fsdp_min_size` with its default."""
-  return int(mesh_config.get('fsdp_min_size', DEFAULT_FSDP_MIN_SIZE))
+  """`mesh.fsdp_min_size` (tensors with fewer elements stay replicated)."""
+  return int(mesh_config['fsdp_min_size'])
+
+
+def check_mesh_config(mesh_config, num_devices: int) -> Tuple[List[str], int]:
+  """(problems with `config.mesh` on `num_devices`, the devices that share the batch = data x
+  fsdp). A mesh leaving devices idle is an error unless mesh.allow_idle_devices (then a loud
+  warning)."""
+  errors: List[str] = []
+  if mesh_config["fsdp_min_size"] < 0:
+    errors.append(f'mesh.fsdp_min_size={mesh_config["fsdp_min_size"]} must be >= 0.')
+  try:  # The batch is split over both mesh axes.
+    data_size, fsdp_size = mesh_shape(mesh_config, num_devices)
+  except ValueError as e:
+    errors.append(str(e))
+    return errors, num_devices
+  used = data_size * fsdp_size
+  if used < num_devices:
+    message = (f'mesh.data={mesh_config["data"]} x mesh.fsdp={mesh_config["fsdp"]} uses {used} of '
+               f'the {num_devices} devices, leaving {num_devices - used} idle; use -1 on one '
+               'axis (= the rest) or set mesh.allow_idle_devices=True on purpose.')
+    if mesh_config["allow_idle_devices"]:
+      logging.warning('IDLE DEVICES: %s', message)
+    else:
+      errors.append(message)
+  return errors, used

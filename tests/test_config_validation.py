@@ -108,7 +108,8 @@ def test_device_count_decides_batch_divisibility():
   validate_config(config, num_devices=2)
   with pytest.raises(ConfigError, match='training.batch_size=12'):
     validate_config(config, num_devices=8)
-  config.mesh.data = 4  # Only 4 of the 8 devices share the batch: fine again.
+  config.mesh.data = 4  # Only 4 of the 8 devices share the batch: fine again, when asked for.
+  config.mesh.allow_idle_devices = True
   validate_config(config, num_devices=8)
 
 
@@ -154,3 +155,201 @@ def test_sample_mode_validates_before_reading_checkpoints(tmp_path):
   with pytest.raises(ConfigError, match='sample.sampler'):
     sample_mode.generate(config, str(tmp_path / 'empty'))
   assert not (tmp_path / 'empty').exists()
+
+
+POD_DEVICES = (1, 8, 16, 64, 256)
+POD_PROCESSES = (1, 2, 4, 8, 16, 32)
+
+
+def _mode_batch(config, mode):
+  """The global batch `mode` splits over the devices (None: it splits none)."""
+  if mode == 'train':
+    return min(config.training.batch_size, config.training.num_grid_samples)
+  if mode == 'sample':
+    return config.sample.batch_size
+  return config.eval.batch_size
+
+
+@pytest.mark.parametrize('name', SHIPPED_CONFIGS)
+def test_shipped_configs_validate_at_pod_scales(name, monkeypatch):
+  """Each shipped config validates in train, sample and eval mode on 1..256 devices and 1..32
+  processes (devices % processes == 0), wherever its mode's batch has at least one example per
+  device (tiny/digits are laptop configs: a 16-image batch cannot split over 64 chips). The
+  dataset-metadata check is done once per config in test_shipped_configs_validate."""
+  from diffusion_jax import config_validation  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(config_validation, '_check_data_source', lambda *args: None)
+  config = importlib.import_module(f'configs.{name}').get_config()
+  checked = 0
+  for mode in ('train', 'sample', 'eval'):
+    for devices in POD_DEVICES:
+      if _mode_batch(config, mode) < devices:
+        continue
+      for processes in POD_PROCESSES:
+        if devices % processes:
+          continue
+        validate_config(config, mode=mode, num_devices=devices, num_processes=processes)
+        checked += 1
+  assert checked >= 3 * 10  # Every mode ran at least on 1 and 8 devices.
+
+
+@pytest.mark.parametrize('name', ['cifar10_ddpm', 'cifar10_cond', 'cifar10_improved'])
+def test_pod_configs_cover_every_pod_scale(name, monkeypatch):
+  """The CIFAR-10 pod configs: sample/eval on 256 chips x 32 hosts, train on 128 (its batch)."""
+  from diffusion_jax import config_validation  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(config_validation, '_check_data_source', lambda *args: None)
+  config = importlib.import_module(f'configs.{name}').get_config()
+  for mode in ('train', 'sample', 'eval'):
+    if mode == 'train' and _mode_batch(config, mode) < 256:  # As many chips as grid images.
+      validate_config(config, mode=mode, num_devices=_mode_batch(config, mode),
+                      num_processes=16)
+      continue
+    validate_config(config, mode=mode, num_devices=256, num_processes=32)
+
+
+def test_sample_batch_is_only_checked_when_sampling():
+  """The old code checked sample.batch_size=1000 against 16 chips in train mode and stopped."""
+  config = tiny.get_config()
+  config.sample.batch_size = 1000
+  config.training.batch_size = 32
+  validate_config(config, mode='train', num_devices=16, num_processes=4)
+  with pytest.raises(ConfigError, match='sample.batch_size=1000') as info:
+    validate_config(config, mode='sample', num_devices=16, num_processes=4)
+  assert 'e.g. 1008' in str(info.value)  # The next multiple of 16.
+  validate_config(config, mode='eval', num_devices=16, num_processes=4)  # vlb draws none.
+  config.eval.metrics = ('vlb', 'fid')  # ... but fid does.
+  with pytest.raises(ConfigError, match='sample.batch_size=1000'):
+    validate_config(config, mode='eval', num_devices=16, num_processes=4)
+
+
+def test_grid_samples_are_only_checked_in_train():
+  config = tiny.get_config()
+  config.training.num_grid_samples = 12
+  validate_config(config, mode='sample', num_devices=8)
+  with pytest.raises(ConfigError, match='training.num_grid_samples=12'):
+    validate_config(config, mode='train', num_devices=8)
+  config.training.sample_every_steps = 0  # No grids: nothing to split.
+  validate_config(config, mode='train', num_devices=8)
+
+
+LATE_FAILURES = {
+    'training.log_every_steps': 0,        # ZeroDivisionError in the loop before.
+    'training.checkpoint_every_steps': 0,
+    'training.keep_checkpoints': 0,
+    'optim.learning_rate': -1e-4,
+    'optim.warmup_steps': -1,
+    'training.sample_every_steps': -5,
+}
+
+
+@pytest.mark.parametrize('field', sorted(LATE_FAILURES))
+def test_values_that_failed_late_fail_at_validation(field):
+  config = tiny.get_config()
+  _set(config, field, LATE_FAILURES[field])
+  with pytest.raises(ConfigError) as info:
+    validate_config(config, mode='train', num_devices=8)
+  assert f'{field}={LATE_FAILURES[field]}' in str(info.value)
+  assert str(info.value).count('\n') == 1  # Exactly this one problem.
+
+
+def test_num_classes_must_match_the_data():
+  config = tiny.get_config()  # digits: 10 classes.
+  config.model.num_classes = 7
+  validate_config(config, mode='sample', num_devices=8)  # Sampling reads no data.
+  with pytest.raises(ConfigError, match='model.num_classes=7') as info:
+    validate_config(config, mode='train', num_devices=8)
+  assert 'num_classes=10' in str(info.value)
+  config.model.num_classes = 10
+  validate_config(config, mode='train', num_devices=8)
+
+
+def test_num_classes_of_a_folder_counts_its_class_folders(tmp_path):
+  for name in ('cat', 'dog', 'owl'):
+    (tmp_path / name).mkdir()
+  config = tiny.get_config()
+  config.data.dataset = 'folder'
+  config.data.folder = str(tmp_path)
+  config.data.label_key = 'label'
+  config.model.num_classes = 2
+  with pytest.raises(ConfigError, match='has 3 classes'):
+    validate_config(config, mode='train', num_devices=8)
+  config.model.num_classes = 3
+  validate_config(config, mode='train', num_devices=8)
+
+
+def test_idle_devices_are_an_error_unless_allowed(caplog):
+  config = tiny.get_config()
+  config.mesh.data = 4
+  with pytest.raises(ConfigError, match='leaving 4 idle') as info:
+    validate_config(config, mode='train', num_devices=8)
+  assert 'mesh.allow_idle_devices' in str(info.value)
+  config.mesh.allow_idle_devices = True
+  with caplog.at_level('WARNING'):
+    validate_config(config, mode='train', num_devices=8)
+  assert any('IDLE DEVICES' in r.getMessage() for r in caplog.records)
+  config.mesh.data, config.mesh.fsdp = 4, 2  # 4 x 2 = all 8: no opt-in needed.
+  config.mesh.allow_idle_devices = False
+  validate_config(config, mode='train', num_devices=8)
+
+
+def test_eval_accepts_sample_metrics_and_rejects_unknown_ones():
+  config = tiny.get_config()
+  config.eval.metrics = ('fid', 'kid', 'precision_recall', 'is', 'classifier_fd', 'vlb')
+  validate_config(config, mode='eval', num_devices=8)
+  config.eval.metrics = ('vlb', 'nope')
+  with pytest.raises(ConfigError, match='eval.metrics'):
+    validate_config(config, mode='eval', num_devices=8)
+  config.eval.metrics = ('fid',)
+  config.eval.batch_size = 12  # Read only by likelihood metrics.
+  validate_config(config, mode='eval', num_devices=8)
+
+
+def test_run_config_overrides_keep_the_saved_run():
+  """config_for_run: the saved run's config + the overrides; a changed network field is an
+  error naming each dotted field with both values."""
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  saved = tiny.get_config()
+  saved.sample.steps = 7  # Differs from tiny.py: the saved value must win ...
+  requested = tiny.get_config()
+  requested.sample.batch_size = 32
+  merged = run_config.config_for_run(saved, requested, {'sample.batch_size': 32,
+                                                        'mesh.fsdp': 2})
+  assert merged.sample.steps == 7  # ... and only the overrides change it.
+  assert merged.sample.batch_size == 32 and merged.mesh.fsdp == 2
+  assert run_config.flatten(merged) == run_config.flatten(saved) | {'sample.batch_size': 32,
+                                                                   'mesh.fsdp': 2}
+  assert saved.sample.batch_size == tiny.get_config().sample.batch_size  # Not mutated.
+
+  requested.model.ch = 64
+  requested.model.ch_mult = (2, 2)
+  requested.diffusion.beta_schedule = 'cosine'
+  assert run_config.locked_differences(saved, requested) == [
+      ('diffusion.beta_schedule', saved.diffusion.beta_schedule, 'cosine'),
+      ('model.ch', saved.model.ch, 64),
+      ('model.ch_mult', saved.model.ch_mult, (2, 2))]
+  with pytest.raises(run_config.LockedFieldError) as info:
+    run_config.config_for_run(saved, requested, {'model.ch': 64})
+  message = str(info.value)
+  assert f'model.ch: run has {saved.model.ch!r}, requested 64' in message
+  assert 'diffusion.beta_schedule' in message and 'model.ch_mult' in message
+  assert 'sample.' not in message
+
+
+def test_run_config_json_round_trip_has_no_locked_differences(tmp_path):
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  run_config.save_run_config(config, str(tmp_path))
+  loaded = run_config.load_run_config(str(tmp_path))
+  assert run_config.locked_differences(config, loaded) == []
+  assert loaded.model.ch_mult == tuple(config.model.ch_mult)
+
+
+def test_eval_summary_prints_each_kind_of_metric():
+  import main  # pylint: disable=g-import-not-at-top
+  results = {'step': 5, 'num_examples': 40, 'eval_split': 'test',
+             'vlb': {'bpd': 3.25, 'prior_bpd': 0.0}, 'fid': {'fid': 12.5, 'step': 5}}
+  text = main.eval_summary(results, 'runs/x')
+  assert text.splitlines() == ['vlb: 3.2500 bits/dim on 40 images', 'fid: fid=12.5',
+                               'Step 5; details in runs/x/eval/']
+  only_samples = {'kid': {'kid': 0.015, 'kid_std': 0.002, 'step': 3}, 'step': 3}
+  assert main.eval_summary(only_samples, 'w') == ('kid: kid=0.015, kid_std=0.002\n'
+                                                   'Step 3; details in w/eval/')

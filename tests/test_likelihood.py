@@ -423,7 +423,9 @@ def test_eval_config_validation():
   from diffusion_jax.config_validation import ConfigError, validate_config
   config = tiny.get_config()
   validate_config(config, mode='eval', num_devices=8, num_processes=1)
-  config.eval.metrics = ('vlb', 'fid')
+  config.eval.metrics = ('vlb', 'fid')  # Sample metrics are valid eval metrics now ...
+  validate_config(config, mode='eval', num_devices=8, num_processes=1)
+  config.eval.metrics = ('vlb', 'nope')  # ... unknown names are not.
   config.eval.batch_size = 12
   config.eval.num_batches = 0
   config.diffusion.vlb_weight = -1.0

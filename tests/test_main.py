@@ -67,7 +67,21 @@ def trained(tmp_path_factory, cli_env):
   workdir = tmp_path_factory.mktemp('cli') / 'run'
   proc = run_cli(cli_env, f'--workdir={workdir}', *OVERRIDES)
   assert proc.returncode == 0, _tail(proc)
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  if run_config.load_run_config(str(workdir)) is None:  # Until the train loop writes it.
+    run_config.save_run_config(_overridden(CONFIG, OVERRIDES), str(workdir))
   return workdir
+
+
+def _overridden(config, overrides):
+  """`config` with the '--config.a.b=value' strings applied (values parsed as Python)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  values = {}
+  for flag in overrides:
+    name, value = flag[len('--config.'):].split('=', 1)
+    values[name] = ast.literal_eval(value) if value[0].isdigit() else value
+  return run_config.apply_overrides(config, values)
 
 
 def _png(path):
@@ -157,3 +171,15 @@ def test_bad_override_exits_nonzero_and_writes_nothing(tmp_path, cli_env):
   assert 'sample.sampler' in proc.stderr, _tail(proc)
   assert 'Traceback' not in proc.stderr  # A usage message, not a crash.
   assert not workdir.exists()
+
+
+def test_sample_override_of_a_network_field_is_a_usage_error(trained, cli_env):
+  """--mode=sample reads the run's config.json; an override of a model field is refused
+  before anything is compiled or written, naming the field and both values."""
+  before = sorted(str(p) for p in trained.rglob('*'))
+  proc = run_cli(cli_env, f'--workdir={trained}', '--mode=sample', '--config.model.ch=64',
+                 *OVERRIDES)
+  assert proc.returncode != 0, _tail(proc)
+  assert f'model.ch: run has {CONFIG.model.ch}, requested 64' in proc.stderr, _tail(proc)
+  assert 'Traceback' not in proc.stderr
+  assert sorted(str(p) for p in trained.rglob('*')) == before
