@@ -250,14 +250,14 @@ def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any]
   if d.beta_schedule not in inverse_schedules:
     raise ConversionError(f'diffusion.beta_schedule={d.beta_schedule!r} has no DDPMScheduler '
                           'beta_schedule.')
-  variance = config.sample.variance if config.sample.variance in VARIANCE_TYPES else 'fixed_small'
-  if m.learn_sigma:
-    variance = 'learned_range'
+  if config.sample.variance not in VARIANCE_TYPES:
+    raise ConversionError(f'sample.variance={config.sample.variance!r} has no DDPMScheduler '
+                          f'variance_type; use one of {VARIANCE_TYPES}.')
   scheduler = dict(
       _class_name='DDPMScheduler', num_train_timesteps=int(d.num_timesteps),
       beta_schedule=inverse_schedules[d.beta_schedule], beta_start=float(d.beta_start),
       beta_end=float(d.beta_end), prediction_type=inverse_predictions[d.prediction_type],
-      variance_type=variance, clip_sample=bool(config.sample.clip_denoised),
+      variance_type=config.sample.variance, clip_sample=bool(config.sample.clip_denoised),
       clip_sample_range=1.0, trained_betas=None)
   return unet, scheduler
 
