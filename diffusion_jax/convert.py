@@ -492,18 +492,23 @@ def main(argv: Sequence[str]) -> None:
   if (f['from'].value is None) == (f.to is None):
     raise SystemExit('Give exactly one of --from=diffusers (with --source, --workdir) or '
                      '--to=diffusers (with --workdir, --out).')
-  if f['from'].value is not None:
-    if not f.source:
-      raise SystemExit('--from=diffusers needs --source=DIR (a UNet2DModel folder).')
-    config = import_diffusers(f.source, f.workdir)
-    print(f'Imported {f.source} into {f.workdir} ({config.model.ch} ch, ch_mult '
-          f'{tuple(config.model.ch_mult)}); sample with: python main.py --mode=sample '
-          f'--workdir={f.workdir} --config=...')
-  else:
-    if not f.out:
-      raise SystemExit('--to=diffusers needs --out=DIR.')
-    export_diffusers(f.workdir, f.out)
-    print(f'Wrote a diffusers UNet2DModel folder to {f.out}')
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import torch_weights  # pylint: disable=g-import-not-at-top
+  try:
+    if f['from'].value is not None:
+      if not f.source:
+        raise app.UsageError('--from=diffusers needs --source=DIR (a UNet2DModel folder).')
+      config = import_diffusers(f.source, f.workdir)
+      print(f'Imported {f.source} into {f.workdir}: ch {config.model.ch}, ch_mult '
+            f'{tuple(config.model.ch_mult)}, {config.data.resolution}px; its config is '
+            f'{f.workdir}/config.json.')
+    else:
+      if not f.out:
+        raise app.UsageError('--to=diffusers needs --out=DIR.')
+      export_diffusers(f.workdir, f.out)
+      print(f'Wrote a diffusers UNet2DModel folder to {f.out}')
+  except (ConversionError, FileNotFoundError, torch_weights.UnsafePickleError) as e:
+    raise app.UsageError(str(e)) from e
 
 
 if __name__ == '__main__':

@@ -6,8 +6,11 @@ diffusers) hold tiny random UNet2DModels and their outputs; these tests need nei
 
 import io
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -264,3 +267,46 @@ def test_ddim_trajectory_matches_diffusers_scheduler():
   np.testing.assert_array_equal(ref['ddim_timesteps'], np.arange(900, -1, -100))
   assert ours.shape == ref['ddim_trajectory'].shape
   np.testing.assert_allclose(ours, ref['ddim_trajectory'], atol=2e-5, rtol=0)
+
+
+def test_command_line_import_and_export(tmp_path):
+  """`python -m diffusion_jax.convert` both ways; a bad source exits non-zero naming the key."""
+  root = pathlib.Path(__file__).parent.parent
+  env = {**os.environ, 'PYTHONPATH': str(root), 'JAX_PLATFORMS': 'cpu'}
+  run = lambda *args: subprocess.run([sys.executable, '-m', 'diffusion_jax.convert', *args],
+                                     cwd=root, env=env, capture_output=True, text=True,
+                                     check=False)
+  source = FIXTURES / 'attn_low_lpb1'
+  done = run('--from=diffusers', f'--source={source}', f'--workdir={tmp_path / "run"}')
+  assert done.returncode == 0, done.stderr
+  done = run('--to=diffusers', f'--workdir={tmp_path / "run"}', f'--out={tmp_path / "out"}')
+  assert done.returncode == 0, done.stderr
+  exported = safetensors_numpy.load_file(str(tmp_path / 'out' / convert.WEIGHTS_SAFETENSORS))
+  original = safetensors_numpy.load_file(str(source / convert.WEIGHTS_SAFETENSORS))
+  assert sorted(exported) == sorted(original)
+  for key in original:
+    np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
+
+  bad = _corrupt_copy(tmp_path)
+  _edit_tensors(bad, lambda t: t.pop('conv_out.bias'))
+  done = run('--from=diffusers', f'--source={bad}', f'--workdir={tmp_path / "bad_run"}')
+  assert done.returncode != 0 and 'conv_out.bias' in done.stderr
+  assert not (tmp_path / 'bad_run').exists()
+
+
+def test_ddpm_step_matches_diffusers_scheduler():
+  """One reverse step at t = 371: our posterior mean + fixed_small std times diffusers' noise
+  equals DDPMScheduler.step's prev_sample (clipped x0, as both do)."""
+  config, params, _ = _imported('attn_low_lpb1')
+  ref = np.load(FIXTURES / 'attn_low_lpb1' / 'outputs.npz')
+  t = np.full((2,), int(ref['ddpm_t']), np.int32)
+  x = ref['ddpm_x'].transpose(0, 2, 3, 1)
+  model = models.create_model(config.model, config.data.channels)
+  output = model.apply({'params': params}, jnp.asarray(x), jnp.asarray(t))
+  schedule = diffusion.make_schedule(config.diffusion)
+  mean, log_var, _ = diffusion.p_mean_variance(
+      schedule, output, jnp.asarray(x), jnp.asarray(t), 'epsilon', learn_sigma=False,
+      variance=config.sample.variance, clip_denoised=config.sample.clip_denoised)
+  prev = mean + jnp.exp(0.5 * log_var) * ref['ddpm_noise'].transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(np.asarray(prev).transpose(0, 3, 1, 2), ref['ddpm_prev'],
+                             atol=1e-5, rtol=0)
