@@ -310,3 +310,30 @@ def test_ddpm_step_matches_diffusers_scheduler():
   prev = mean + jnp.exp(0.5 * log_var) * ref['ddpm_noise'].transpose(0, 2, 3, 1)
   np.testing.assert_allclose(np.asarray(prev).transpose(0, 3, 1, 2), ref['ddpm_prev'],
                              atol=1e-5, rtol=0)
+
+
+def test_scheduler_options_map_or_fail():
+  """Scheduler names map to ours (squaredcos_cap_v2 -> cosine, v_prediction -> v); options ours
+  cannot express are errors naming them; export refuses what UNet2DModel cannot express."""
+  config = convert.config_from_diffusers(DDPM_CIFAR10_UNET, {
+      '_class_name': 'DDIMScheduler', 'num_train_timesteps': 500,
+      'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'v_prediction',
+      'clip_sample': False})
+  assert (config.diffusion.num_timesteps, config.diffusion.beta_schedule) == (500, 'cosine')
+  assert config.diffusion.prediction_type == 'v' and not config.sample.clip_denoised
+  unet, scheduler = convert.diffusers_configs(config)
+  assert (scheduler['beta_schedule'], scheduler['prediction_type']) == ('squaredcos_cap_v2',
+                                                                       'v_prediction')
+  assert unet['up_block_types'] == DDPM_CIFAR10_UNET['up_block_types']
+  for bad, message in [({'trained_betas': [0.1, 0.2]}, 'trained_betas'),
+                       ({'beta_schedule': 'exp'}, "beta_schedule='exp'"),
+                       ({'rescale_betas_zero_snr': True}, 'rescale_betas_zero_snr')]:
+    with pytest.raises(convert.ConversionError, match=message):
+      convert.config_from_diffusers(DDPM_CIFAR10_UNET, bad)
+  for option, value in [('downsample_padding', 1), ('norm_eps', 1e-5), ('add_attention', False),
+                        ('time_embedding_type', 'fourier'), ('mid_block_scale_factor', 2)]:
+    with pytest.raises(convert.ConversionError, match=f'{option}={value!r}'):
+      convert.config_from_diffusers({**DDPM_CIFAR10_UNET, option: value})
+  config.model.resblock_updown = True
+  with pytest.raises(convert.ConversionError, match='model.resblock_updown'):
+    convert.diffusers_configs(config)
