@@ -1,6 +1,7 @@
 """Models in and out: diffusers `UNet2DModel` folders <-> diffusion-jax run directories.
 
-  python -m diffusion_jax.convert --from=diffusers --source=DIR --workdir=RUN
+  python -m diffusion_jax.convert --from=diffusers --source=DIR --workdir=RUN \\
+      [--config=configs/cifar10_ddpm.py]   # the fields the diffusers folder does not set
   python -m diffusion_jax.convert --to=diffusers --workdir=RUN --out=DIR
 
 Our U-Net (models.py) is diffusers' DDPM-family `UNet2DModel` (DownBlock2D / AttnDownBlock2D /
@@ -498,7 +499,7 @@ def main(argv: Sequence[str]) -> None:
     if f['from'].value is not None:
       if not f.source:
         raise app.UsageError('--from=diffusers needs --source=DIR (a UNet2DModel folder).')
-      config = import_diffusers(f.source, f.workdir)
+      config = import_diffusers(f.source, f.workdir, base=f.config)
       print(f'Imported {f.source} into {f.workdir}: ch {config.model.ch}, ch_mult '
             f'{tuple(config.model.ch_mult)}, {config.data.resolution}px; its config is '
             f'{f.workdir}/config.json.')
@@ -518,5 +519,10 @@ if __name__ == '__main__':
   flags.DEFINE_string('source', None, 'diffusers UNet2DModel folder to import.')
   flags.DEFINE_string('workdir', None, 'Run directory (written by import, read by export).')
   flags.DEFINE_string('out', None, 'Folder the export writes.')
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', None, 'Import: the config to start from (data, training, sampling fields); '
+      'model, diffusion and data.resolution/channels come from the diffusers folder. '
+      'Default: configs/default.py.')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)
