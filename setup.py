@@ -25,6 +25,7 @@ setuptools.setup(
         'tqdm',
         'pillow',
         'scikit-learn',                # The offline 8x8 digits of the CPU demo.
+        'safetensors',                 # diffusers weights in and out (diffusion_jax.convert).
         'scipy',                       # FID's matrix square root (as the reference implementations).
         'tensorflow-datasets>=4.9.4',
         # TensorFlow only feeds tf.data and TensorBoard summaries; the CPU build is enough.
