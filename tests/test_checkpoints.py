@@ -209,6 +209,84 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, meshes, capl
   assert_trees_equal(restored, first)
   assert any('Checkpoint 2' in r.getMessage() and 'cannot be restored' in r.getMessage()
              for r in caplog.records)
+  # Quarantined, so step 2 can be saved again (orbax refuses an existing step even with force).
+  directory = tmp_path / 'checkpoints'
+  assert (directory / '2.corrupt').is_dir() and not (directory / '2').exists()
+  assert _steps_on_disk(tmp_path) == [1]
+  manager = checkpoints.create_manager(str(tmp_path), async_save=False)
+  checkpoints.save(manager, 2, second)
+  restored, step = checkpoints.restore_latest(manager, _zeros_like(second))
+  manager.close()
+  assert step == 2
+  assert_trees_equal(restored, second)
+
+
+def test_structure_mismatch_is_an_error_naming_the_paths(tmp_path, meshes):
+  """A checkpoint of another model is intact: an error lists the differing paths and
+  nothing is skipped or moved."""
+  mesh8, _ = meshes
+  state = make_state(mesh8, step=3)
+  manager = checkpoints.create_manager(str(tmp_path), async_save=False)
+  checkpoints.save(manager, 3, state)
+  target = _zeros_like(state)
+  params = dict(target.params, extra=jnp.zeros((2,), jnp.float32),
+                conv=dict(target.params['conv'], bias=jnp.zeros((5,), jnp.float32)))
+  target = target.replace(params=params)
+  with pytest.raises(checkpoints.CheckpointMismatchError) as info:
+    checkpoints.restore_latest(manager, target)
+  manager.close()
+  message = str(info.value)
+  assert 'missing in the checkpoint: params/extra' in message
+  assert 'shape of params/conv/bias: checkpoint (4,) vs state (5,)' in message
+  assert 'ema_params' not in message  # Only the differing paths are named.
+  assert _steps_on_disk(tmp_path) == [3]
+  assert not list((tmp_path / 'checkpoints').glob('*.corrupt*'))
+
+
+def test_is_transient_error():
+  import errno  # pylint: disable=g-import-not-at-top
+  assert checkpoints.is_transient_error(TimeoutError('read timed out'))
+  assert checkpoints.is_transient_error(OSError(errno.ETIMEDOUT, 'x'))
+  assert checkpoints.is_transient_error(OSError('GET ...: 503 Service Unavailable'))
+  wrapped = RuntimeError('restore failed')
+  wrapped.__cause__ = ConnectionResetError('reset')
+  assert checkpoints.is_transient_error(wrapped)
+  assert not checkpoints.is_transient_error(FileNotFoundError(errno.ENOENT, 'gone'))
+  assert not checkpoints.is_transient_error(OSError(errno.EIO, 'bad data'))
+  assert not checkpoints.is_transient_error(ValueError('garbled 503 bytes'))
+
+
+@pytest.mark.parametrize('failures', [2, 5])
+def test_transient_read_errors_are_retried_not_quarantined(tmp_path, meshes, monkeypatch,
+                                                           failures):
+  """Two 503s then success: the newest step is restored. More than `retries`: the error is
+  raised and the step stays where it is."""
+  mesh8, _ = meshes
+  first, second = make_state(mesh8, seed=1, step=1), make_state(mesh8, seed=2, step=2)
+  manager = checkpoints.create_manager(str(tmp_path), async_save=False)
+  checkpoints.save(manager, 1, first)
+  checkpoints.save(manager, 2, second)
+  calls = []
+  real_restore = manager.restore
+
+  def flaky_restore(step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) <= failures:
+      raise OSError('GCS read: 503 Service Unavailable')
+    return real_restore(step, *args, **kwargs)
+
+  monkeypatch.setattr(manager, 'restore', flaky_restore)
+  if failures <= 3:
+    restored, step = checkpoints.restore_latest(manager, _zeros_like(second), retries=3,
+                                                backoff_s=0.0)
+    assert step == 2 and calls == [2] * (failures + 1)
+    assert_trees_equal(restored, second)
+  else:
+    with pytest.raises(OSError, match='503'):
+      checkpoints.restore_latest(manager, _zeros_like(second), retries=3, backoff_s=0.0)
+    assert calls == [2] * 4
+  manager.close()
+  assert _steps_on_disk(tmp_path) == [1, 2]
 
 
 def test_no_readable_checkpoint_raises(tmp_path, meshes):
@@ -371,3 +449,18 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(
   # Same config, seed and data as the healthy run: its step-2 checkpoint, bit for bit.
   healthy = _restore_step(resumed_run['workdir'], 2, restored)
   assert_trees_equal(restored, healthy)
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_corrupt_newest_checkpoint_is_quarantined_and_saved_again(tmp_path, resumed_run):
+  """A 4-step run whose checkpoint 4 is corrupted resumes from 2, trains past 4 and saves 4
+  and 6 again (no StepAlreadyExistsError crash loop); the new 4 is the healthy run's 4."""
+  workdir = tmp_path / 'corrupt_run'
+  train.train_and_evaluate(loop_config(4), str(workdir))
+  assert _steps_on_disk(workdir) == [2, 4]
+  _corrupt(workdir / 'checkpoints' / '4', 'array_data_garbage')
+  final = jax.device_get(train.train_and_evaluate(loop_config(6), str(workdir)))
+  assert _steps_on_disk(workdir) == [2, 4, 6]
+  assert (workdir / 'checkpoints' / '4.corrupt').is_dir()
+  assert_trees_equal(final, resumed_run['uninterrupted'])
+  assert_trees_equal(_restore_step(workdir, 4, resumed_run['first']), resumed_run['first'])
