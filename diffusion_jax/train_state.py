@@ -50,18 +50,23 @@ def learning_rate_schedule(optim_config, num_train_steps: int) -> optax.Schedule
 
 
 def create_optimizer(optim_config, num_train_steps: int) -> optax.GradientTransformation:
-  """clip_by_global_norm -> Adam/AdamW with the configured learning-rate schedule."""
-  schedule = learning_rate_schedule(optim_config, num_train_steps)
-  if optim_config.optimizer == 'adam':
-    opt = optax.adam(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps)
-  elif optim_config.optimizer == 'adamw':
-    opt = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                      weight_decay=optim_config.weight_decay)
-  else:
+  """clip_by_global_norm -> Adam/AdamW with the configured learning-rate schedule.
+
+  The chain is always clip -> scale_by_adam -> add_decayed_weights -> -lr, so the optimizer
+  state has the same tree whatever `grad_clip` and `optimizer` are and a run may switch them
+  on resume. Off settings are exact no-ops: grad_clip <= 0 clips at max_norm=inf (optax keeps
+  the update untouched when ||g|| < max_norm, true for every finite norm), and 'adam' decays
+  with weight 0 (u + 0 * p == u for finite p).
+  """
+  if optim_config.optimizer not in ('adam', 'adamw'):
     raise ValueError(f'optim.optimizer={optim_config.optimizer!r} is unknown; use adam or adamw.')
-  if optim_config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), opt)
-  return opt
+  schedule = learning_rate_schedule(optim_config, num_train_steps)
+  weight_decay = optim_config.weight_decay if optim_config.optimizer == 'adamw' else 0.0
+  max_norm = optim_config.grad_clip if optim_config.grad_clip > 0 else float('inf')
+  return optax.chain(
+      optax.clip_by_global_norm(max_norm),
+      optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                  weight_decay=weight_decay))
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:

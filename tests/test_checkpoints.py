@@ -464,3 +464,46 @@ def test_corrupt_newest_checkpoint_is_quarantined_and_saved_again(tmp_path, resu
   assert (workdir / 'checkpoints' / '4.corrupt').is_dir()
   assert_trees_equal(final, resumed_run['uninterrupted'])
   assert_trees_equal(_restore_step(workdir, 4, resumed_run['first']), resumed_run['first'])
+
+
+def _optim(grad_clip, optimizer, weight_decay=0.0):
+  config = small_config().optim
+  config.grad_clip, config.optimizer, config.weight_decay = grad_clip, optimizer, weight_decay
+  return config
+
+
+def test_optimizer_state_tree_is_the_same_for_every_clip_and_adam_variant():
+  """So grad_clip and adam/adamw may change on resume; the 'off' settings are exact no-ops."""
+  params = {'w': jnp.arange(6, dtype=jnp.float32).reshape(2, 3) - 2.0, 'b': jnp.ones((3,))}
+  grads = jax.tree.map(lambda p: 3.0 * p + 0.5, params)
+  structures = {jax.tree.structure(train_state.create_optimizer(_optim(c, o), 10).init(params))
+                for c in (0.0, 1.0) for o in ('adam', 'adamw')}
+  assert len(structures) == 1
+  # grad_clip=0 adam equals plain optax.adam bit for bit (two updates).
+  ours, plain = train_state.create_optimizer(_optim(0.0, 'adam'), 10), optax.adam(2e-3)
+  s_ours, s_plain, p_ours, p_plain = ours.init(params), plain.init(params), params, params
+  for _ in range(2):
+    u_ours, s_ours = ours.update(grads, s_ours, p_ours)
+    u_plain, s_plain = plain.update(grads, s_plain, p_plain)
+    assert_trees_equal(u_ours, u_plain)
+    p_ours, p_plain = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_plain, u_plain)
+  # grad_clip=1 rescales these gradients (norm > 1): the clip is really in the chain.
+  clipped = train_state.create_optimizer(_optim(1.0, 'adam'), 10)
+  u_clip, _ = clipped.update(grads, clipped.init(params), params)
+  u_free, _ = ours.update(grads, ours.init(params), params)
+  assert not np.array_equal(np.asarray(u_clip['w']), np.asarray(u_free['w']))
+
+
+def test_resume_with_other_grad_clip_and_optimizer(tmp_path):
+  """2 steps with grad_clip=1 adam, then resume with grad_clip=0 adamw: restores and trains."""
+  workdir = str(tmp_path / 'switch')
+  first = loop_config(2)
+  first.optim.grad_clip, first.optim.optimizer = 1.0, 'adam'
+  state2 = jax.device_get(train.train_and_evaluate(first, workdir))
+  second = loop_config(4)
+  second.optim.grad_clip, second.optim.optimizer, second.optim.weight_decay = 0.0, 'adamw', 0.1
+  state4 = jax.device_get(train.train_and_evaluate(second, workdir))
+  assert int(state4.step) == 4 and _steps_on_disk(workdir) == [2, 4]
+  counts = [int(x) for path, x in _leaves_with_paths(state4.opt_state) if 'count' in path]
+  assert counts and all(c == 4 for c in counts)  # Adam moments continued from step 2.
+  assert not np.array_equal(state4.params['conv_out']['kernel'], state2.params['conv_out']['kernel'])
