@@ -389,6 +389,18 @@ def test_first_run_trains_and_checkpoints(resumed_run):
   assert 'samples/train_step_00000004.png' in run['after_first']['files']
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(run['first']))
   assert_trees_equal(_restore_step(run['workdir'], 4, run['first']), run['first'])
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  assert 'config.json' in run['after_first']['files']
+  saved = run_config.load_run_config(str(run['workdir']))  # Rewritten by the last start (6).
+  assert saved.training.num_train_steps == 6 and saved.model.ch_mult == (1, 2)
+
+
+def test_flatten_config_for_hparams():
+  flat = train.flatten_config(loop_config(6))
+  assert flat['training.num_train_steps'] == 6
+  assert flat['model.ch_mult'] == '(1, 2)'
+  assert flat['optim.lr_schedule'] == 'constant'
+  assert not any(isinstance(v, (dict, tuple, list)) for v in flat.values())
 
 
 def test_resume_continues_from_the_checkpoint(resumed_run):
