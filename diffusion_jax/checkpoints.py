@@ -8,8 +8,11 @@ sharding of the abstract state it is given, so a run can resume on another devic
 
 from __future__ import annotations
 
+import errno
 import logging
-from typing import Any, Optional, Tuple
+import re
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,21 +38,70 @@ def latest_step_on_disk(workdir: str) -> int:
   return max([int(p.name) for p in directory.iterdir() if p.name.isdigit()], default=0)
 
 
+class NoCheckpointError(FileNotFoundError):
+  """The workdir has no checkpoint to restore (train first, or point --workdir at a run)."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's tree differs from the state it is restored into (keys or shapes).
+
+  Not corruption: the checkpoint is intact but was written by another model/optimizer
+  configuration, so it is neither skipped nor quarantined.
+  """
+
+
+# errno values of a read that may succeed when tried again (network file systems, GCS fuse).
+_TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT,
+                               errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+                               errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN})
+# Messages of storage-service errors that are retried (HTTP 429/5xx from GCS and the like).
+_TRANSIENT_MESSAGE = re.compile(
+    r'\b(429|500|502|503|504)\b|service unavailable|too many requests|temporarily|timed? ?out',
+    re.IGNORECASE)
+
+
+def is_transient_error(error: BaseException) -> bool:
+  """True for an I/O error that a retry may cure; False for a missing or garbled file.
+
+  The rule: TimeoutError and ConnectionError are transient; any other OSError is transient
+  only when its errno says so (EAGAIN, EBUSY, EINTR, ETIMEDOUT, connection/network errnos) or
+  its message names an HTTP 429/5xx or a time-out. FileNotFoundError, a missing file, a
+  decoding error or any non-OSError are not transient: they mark the checkpoint as corrupt.
+  The chained causes (`__cause__`, `__context__`) are inspected too, since orbax and
+  TensorStore wrap the underlying error.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (TimeoutError, ConnectionError)):
+      return True
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+      if error.errno in _TRANSIENT_ERRNOS or _TRANSIENT_MESSAGE.search(str(error)):
+        return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def create_manager(workdir: str, keep: int = 3, async_save: bool = True,
-                   read_only: bool = False, keep_every: int = 0) -> ocp.CheckpointManager:
-  """An orbax CheckpointManager over `<workdir>/checkpoints` keeping the newest `keep`.
+                   read_only: bool = False, keep_every: int = 0,
+                   subdir: str = 'checkpoints') -> ocp.CheckpointManager:
+  """An orbax CheckpointManager over `<workdir>/<subdir>` keeping the newest `keep`.
 
   keep_every > 0 also keeps (never deletes) every checkpoint whose step is a multiple of it.
   Every process of a multi-host run creates the manager on the same (shared) path and calls
   `save` at the same steps; each writes its own shards, and process 0 finalises.
   """
+  policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+  if keep_every and keep_every > 0 and not read_only:
+    policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_every))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      keep_period=(keep_every if keep_every and keep_every > 0 and not read_only else None),
+      create=not read_only, read_only=read_only,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
   # One standard item per step: without a declared handler, a step folder missing its item
   # would switch orbax to multi-item mode and make every older step unreadable too.
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+  directory = checkpoint_dir(workdir).parent / subdir
+  return ocp.CheckpointManager(directory, options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
@@ -69,24 +121,121 @@ def abstract_like(state: PyTree) -> PyTree:
       if isinstance(x, jax.Array) else x, state)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: PyTree
+def _path_name(path) -> str:
+  """'opt_state/1/0/mu/conv/kernel' for a key path of a state or of orbax's metadata."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def _shapes_by_path(tree: PyTree) -> Dict[str, Tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(p): tuple(getattr(x, 'shape', ())) for p, x in leaves}
+
+
+def structure_differences(saved: Dict[str, Tuple[int, ...]],
+                          target: Dict[str, Tuple[int, ...]]) -> List[str]:
+  """Human-readable differences between two {path: shape} maps (empty when they agree)."""
+  lines = [f'missing in the checkpoint: {p}' for p in sorted(target.keys() - saved.keys())]
+  lines += [f'not in the state: {p}' for p in sorted(saved.keys() - target.keys())]
+  lines += [f'shape of {p}: checkpoint {saved[p]} vs state {target[p]}'
+            for p in sorted(saved.keys() & target.keys()) if saved[p] != target[p]]
+  return lines
+
+
+def quarantine_step(manager: ocp.CheckpointManager, step: int) -> None:
+  """Renames `<dir>/<step>` to `<dir>/<step>.corrupt[.N]` so the step can be saved again.
+
+  Process 0 renames; every process then waits at a barrier so none sees a half-renamed
+  directory. Orbax ignores the renamed folder (its name is not a step).
+  """
+  directory = epath.Path(manager.directory)
+  if jax.process_index() == 0:
+    source = directory / str(step)
+    target = directory / f'{step}.corrupt'
+    suffix = 1
+    while target.exists():
+      target, suffix = directory / f'{step}.corrupt.{suffix}', suffix + 1
+    if source.exists():
+      source.rename(target)
+      logging.warning('Moved the unreadable checkpoint %s to %s.', source, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'quarantine checkpoint {step}')
+  manager.reload()
+
+
+def _with_retries(read: Callable[[], Any], what: str, retries: int, backoff_s: float) -> Any:
+  """`read()`, retried `retries` times (exponential back-off) on a transient I/O error."""
+  for attempt in range(retries + 1):
+    try:
+      return read()
+    except Exception as e:  # pylint: disable=broad-except
+      if attempt == retries or not is_transient_error(e):
+        raise
+      delay = backoff_s * 2 ** attempt
+      logging.warning('Transient error reading %s (%s: %s); retrying in %.1f s.',
+                      what, type(e).__name__, e, delay)
+      time.sleep(delay)
+  raise AssertionError('unreachable')
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *, quarantine: bool = True,
+                   retries: int = 3, backoff_s: float = 1.0
                    ) -> Tuple[Optional[PyTree], Optional[int]]:
   """Restores the newest readable checkpoint onto `target`'s shapes and shardings.
 
   `target` is a state or its `abstract_like`. Returns (state, step), or (None, None) when
-  there is no checkpoint. A newest checkpoint that cannot be read (corrupt, half-written) is
-  skipped with a warning and the one before it is used.
+  there is no checkpoint. Three kinds of failure are told apart:
+  - a transient I/O error (`is_transient_error`) is retried `retries` times with back-off
+    1, 2, 4.. x `backoff_s` seconds, then raised (nothing is skipped or moved);
+  - a checkpoint whose tree differs from `target` (keys, shapes) raises
+    CheckpointMismatchError naming the differing paths: it is intact, just incompatible;
+  - any other failure (garbled, truncated or missing files) marks the step corrupt: with a
+    warning it is quarantined (`quarantine_step`, when `quarantine`) and the previous step
+    is tried, so training resumes from there and can later save that step again.
   """
   abstract = abstract_like(target)
+  wanted = _shapes_by_path(abstract)
+  corrupt = []
   for step in sorted(manager.all_steps(), reverse=True):
+    what = f'checkpoint {step} in {manager.directory}'
     try:
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+      saved = _with_retries(lambda s=step: _shapes_by_path(manager.item_metadata(s)),
+                            what, retries, backoff_s)
+      if saved:
+        differences = structure_differences(saved, wanted)
+        if differences:
+          raise CheckpointMismatchError(
+              f'Checkpoint {step} in {manager.directory} does not fit the configured model/'
+              'optimizer (' + '; '.join(differences[:20]) +
+              (f'; and {len(differences) - 20} more' if len(differences) > 20 else '') +
+              '). Use the config the run was trained with (<workdir>/config.json), or a new '
+              '--workdir.')
+      restored = _with_retries(
+          lambda s=step: manager.restore(s, args=ocp.args.StandardRestore(abstract)),
+          what, retries, backoff_s)
+      return restored, step
+    except CheckpointMismatchError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Checkpoint %d in %s cannot be restored (%s: %s); trying an older one.',
-                      step, manager.directory, type(e).__name__, e)
-  if manager.all_steps():
-    raise ValueError(f'No checkpoint in {manager.directory} could be restored; see the warnings '
-                     'above. Move the directory away to start over.')
+      if is_transient_error(e):
+        raise
+      logging.warning('Checkpoint %d in %s cannot be restored (%s: %s); it is corrupt, '
+                      'trying an older one.', step, manager.directory, type(e).__name__, e)
+      corrupt.append(step)
+      if quarantine:
+        quarantine_step(manager, step)
+  if corrupt:
+    raise ValueError(f'No checkpoint in {manager.directory} could be restored (corrupt steps: '
+                     f'{corrupt}); see the warnings above. Move the directory away to start '
+                     'over.')
   return None, None
 
 
@@ -117,10 +266,10 @@ def restore_params(config, workdir: str, mesh: Mesh, use_ema: bool) -> tuple[PyT
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                           abstract)
   manager = create_manager(workdir, read_only=True, async_save=False)
-  state, step = restore_latest(manager, abstract)
+  state, step = restore_latest(manager, abstract, quarantine=False)
   manager.close()
   if state is None:
-    raise FileNotFoundError(
+    raise NoCheckpointError(
         f'No checkpoint in {checkpoint_dir(workdir)}: train first with '
         f'`python main.py --config=... --workdir={workdir}` (--mode=train), or point '
         '--workdir at a run that has checkpoints.')

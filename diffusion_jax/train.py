@@ -29,7 +29,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from diffusion_jax import (checkpoints, diffusion, images, input_pipeline, models, multihost,
-                           sampling, sharding, train_state)
+                           run_config, sampling, sharding, train_state)
 from diffusion_jax.class_labels import default_labels
 from diffusion_jax.config_validation import validate_config
 
@@ -39,8 +39,37 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _mean_metrics(history: List[Dict[str, jax.Array]]) -> Dict[str, float]:
+  """Window means; every metric but 'nonfinite' averages the finite (applied) steps only.
+
+  'nonfinite' is the fraction of skipped steps; a window of only skipped steps gives NaN
+  for the others.
+  """
   stacked = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+  skipped = np.concatenate([np.ravel(h['nonfinite']) for h in stacked]) > 0
+  means = {'nonfinite': float(np.mean(skipped))}
+  for key in stacked[0]:
+    if key != 'nonfinite':
+      values = np.concatenate([np.ravel(h[key]) for h in stacked]).astype(np.float64)
+      means[key] = float(np.mean(values[~skipped])) if np.any(~skipped) else float('nan')
+  return means
+
+
+def flatten_config(config) -> Dict[str, object]:
+  """{'training.batch_size': 128, 'model.ch_mult': '(1, 2)', ...}: TensorBoard hparams
+  (dotted keys; bools, numbers and strings kept, anything else (tuples, None) as str)."""
+  flat = {}
+
+  def visit(prefix: str, value) -> None:
+    if isinstance(value, dict):
+      for key, item in value.items():
+        visit(f'{prefix}.{key}' if prefix else str(key), item)
+    elif isinstance(value, (bool, int, float, str)):
+      flat[prefix] = value
+    else:
+      flat[prefix] = str(value)
+
+  visit('', config.to_dict())
+  return flat
 
 
 def write_sample_grid(sample_fn, params, config, workdir: str, step: int,
@@ -60,14 +89,20 @@ def write_sample_grid(sample_fn, params, config, workdir: str, step: int,
 
 
 class _PreemptionFlag:
-  """Set by SIGTERM (installed for the duration of training, main thread only)."""
+  """Set by SIGTERM (installed for the duration of training, main thread, one process only).
+
+  A multi-process run installs no Python handler: it would replace the notifier of JAX's
+  preemption service (on by default with jax.distributed, `jax_enable_preemption_service`),
+  which turns a SIGTERM on any process into `reached_preemption_sync_point(step)` being True
+  on all of them at the same step, without a per-step all-gather.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self) -> '_PreemptionFlag':
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -80,16 +115,9 @@ class _PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _all_agree(flag: bool) -> bool:
-  """True on every process if `flag` is True on any (a tiny all-gather when multi-host)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
-
-
 def _should_stop_for_preemption(flag: _PreemptionFlag, step: int) -> bool:
-  return _all_agree(flag.requested) or checkpoints.reached_preemption(step)
+  """The Python flag (one process) or JAX's preemption sync point (several)."""
+  return flag.requested or checkpoints.reached_preemption(step)
 
 
 def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
@@ -98,12 +126,18 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   Returns the final state, or the state saved when the run was preempted (SIGTERM).
   """
   validate_config(config, mode='train')
+  if jax.process_index() == 0:  # Before anything else is written: the run describes itself.
+    # run_config.save_run_config renames onto config.json, which etils refuses when it exists
+    # (a resumed run): the old copy goes first. TODO: `replace` there, then drop this.
+    if run_config.config_path(workdir).exists():
+      run_config.config_path(workdir).unlink()
+    run_config.save_run_config(config, workdir)
   mesh = sharding.create_mesh(config.mesh)
   tcfg = config.training
   res, channels = config.data.resolution, config.data.channels
   image_shape = (res, res, channels)
-  k = int(tcfg.get('steps_per_call', 1))
-  on_nonfinite = tcfg.get('on_nonfinite', 'stop')
+  k = int(tcfg.steps_per_call)
+  on_nonfinite = tcfg.on_nonfinite
 
   model = models.create_model(config.model, channels)
   schedule = diffusion.make_schedule(config.diffusion)
@@ -136,7 +170,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       process_index=jax.process_index(), process_count=jax.process_count(),
       steps_per_batch=k)
   manager = checkpoints.create_manager(workdir, tcfg.keep_checkpoints, tcfg.async_checkpointing,
-                                       keep_every=tcfg.get('keep_every_steps', 0))
+                                       keep_every=tcfg.keep_every_steps)
   if state is None:
     state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
                                            image_shape, mesh, min_size)
@@ -153,8 +187,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   if start_step == 0:
-    writer.write_hparams({k_: v for k_, v in config.to_dict().items()
-                          if not isinstance(v, dict)} | {'num_params': num_params})
+    writer.write_hparams(flatten_config(config) | {'num_params': num_params})
   report = periodic_actions.ReportProgress(num_train_steps=tcfg.num_train_steps, writer=writer)
   batches = input_pipeline.global_batches(
       dataset, sharding.stacked_batch_sharding(mesh) if k > 1 else batch_sharding)
@@ -184,7 +217,8 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                 'optim.learning_rate, optim.grad_clip > 0, model.dtype=float32, or '
                 "training.on_nonfinite='skip'.")
           now = time.time()
-          summary['steps_per_sec'] = (step - last_log_step) / max(now - last_log_time, 1e-9)
+          # clu's ReportProgress writes 'steps_per_sec' (whole run); this is the log window.
+          summary['train/steps_per_sec_window'] = (step - last_log_step) / max(now - last_log_time, 1e-9)
           last_log_time, last_log_step = now, step
           scalars = {k_: v for k_, v in summary.items() if k_ != 'nonfinite'}
           if on_nonfinite == 'skip':
@@ -193,7 +227,6 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
             if skipped:
               logging.warning('Skipped %d non-finite update(s) before step %d (%d in this run).',
                               skipped, step, skipped_total)
-            scalars['loss'] = summary['loss'] if np.isfinite(summary['loss']) else float('nan')
           writer.write_scalars(step, scalars)
         if (tcfg.sample_every_steps and step % tcfg.sample_every_steps == 0) or is_last:
           with report.timed('sample'):

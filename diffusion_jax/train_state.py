@@ -50,18 +50,35 @@ def learning_rate_schedule(optim_config, num_train_steps: int) -> optax.Schedule
 
 
 def create_optimizer(optim_config, num_train_steps: int) -> optax.GradientTransformation:
-  """clip_by_global_norm -> Adam/AdamW with the configured learning-rate schedule."""
-  schedule = learning_rate_schedule(optim_config, num_train_steps)
-  if optim_config.optimizer == 'adam':
-    opt = optax.adam(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps)
-  elif optim_config.optimizer == 'adamw':
-    opt = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                      weight_decay=optim_config.weight_decay)
-  else:
+  """clip_by_global_norm -> Adam/AdamW with the configured learning-rate schedule.
+
+  The chain is always clip -> scale_by_adam -> add_decayed_weights -> -lr, so the optimizer
+  state has the same tree whatever `grad_clip` and `optimizer` are and a run may switch them
+  on resume. Off settings are exact no-ops: grad_clip <= 0 clips at max_norm=inf (optax keeps
+  the update untouched when ||g|| < max_norm, true for every finite norm), and 'adam' decays
+  with weight 0 (u + 0 * p == u for finite p).
+  """
+  if optim_config.optimizer not in ('adam', 'adamw'):
     raise ValueError(f'optim.optimizer={optim_config.optimizer!r} is unknown; use adam or adamw.')
-  if optim_config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), opt)
-  return opt
+  schedule = learning_rate_schedule(optim_config, num_train_steps)
+  weight_decay = optim_config.weight_decay if optim_config.optimizer == 'adamw' else 0.0
+  max_norm = optim_config.grad_clip if optim_config.grad_clip > 0 else float('inf')
+  return optax.chain(
+      optax.clip_by_global_norm(max_norm),
+      optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                  weight_decay=weight_decay))
+
+
+def applied_learning_rate(opt_state: PyTree, lr_schedule: optax.Schedule) -> jax.Array:
+  """The learning rate the next update applies: the schedule at optax's update count.
+
+  The count advances only with applied updates (a skipped non-finite step restores the old
+  opt_state), so the schedule counts applied updates, not steps.
+  """
+  states = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(s, optax.ScaleByScheduleState)]
+  return lr_schedule(states[0].count)
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
@@ -135,7 +152,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   are averaged before one update; noise and timesteps are still drawn for the whole B, so the
   step equals one step on B up to float rounding (exactly so when model.dropout = 0; dropout
   masks are drawn per micro-batch).
-  metrics: 'loss', 'grad_norm' (before clipping), 'learning_rate', 'nonfinite' (1 when the
+  metrics: 'loss', 'grad_norm' (before clipping), 'learning_rate' (the one this update uses:
+  the schedule counts applied updates, optax's count, which a skipped step does not advance),
+  'nonfinite' (1 when the
   loss or gradients were NaN/Inf; the update is then not applied, only `step` advances).
   """
   dcfg, ocfg, tcfg = config.diffusion, config.optim, config.training
@@ -211,7 +230,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     # A non-finite step leaves the state untouched, so no NaN ever reaches params or EMA.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                              state.replace(step=state.step + 1))
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr_schedule(state.step),
+    metrics = {'loss': loss, 'grad_norm': grad_norm,
+               'learning_rate': applied_learning_rate(state.opt_state, lr_schedule),
                'nonfinite': 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 

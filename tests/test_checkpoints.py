@@ -209,6 +209,84 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, meshes, capl
   assert_trees_equal(restored, first)
   assert any('Checkpoint 2' in r.getMessage() and 'cannot be restored' in r.getMessage()
              for r in caplog.records)
+  # Quarantined, so step 2 can be saved again (orbax refuses an existing step even with force).
+  directory = tmp_path / 'checkpoints'
+  assert (directory / '2.corrupt').is_dir() and not (directory / '2').exists()
+  assert _steps_on_disk(tmp_path) == [1]
+  manager = checkpoints.create_manager(str(tmp_path), async_save=False)
+  checkpoints.save(manager, 2, second)
+  restored, step = checkpoints.restore_latest(manager, _zeros_like(second))
+  manager.close()
+  assert step == 2
+  assert_trees_equal(restored, second)
+
+
+def test_structure_mismatch_is_an_error_naming_the_paths(tmp_path, meshes):
+  """A checkpoint of another model is intact: an error lists the differing paths and
+  nothing is skipped or moved."""
+  mesh8, _ = meshes
+  state = make_state(mesh8, step=3)
+  manager = checkpoints.create_manager(str(tmp_path), async_save=False)
+  checkpoints.save(manager, 3, state)
+  target = _zeros_like(state)
+  params = dict(target.params, extra=jnp.zeros((2,), jnp.float32),
+                conv=dict(target.params['conv'], bias=jnp.zeros((5,), jnp.float32)))
+  target = target.replace(params=params)
+  with pytest.raises(checkpoints.CheckpointMismatchError) as info:
+    checkpoints.restore_latest(manager, target)
+  manager.close()
+  message = str(info.value)
+  assert 'missing in the checkpoint: params/extra' in message
+  assert 'shape of params/conv/bias: checkpoint (4,) vs state (5,)' in message
+  assert 'ema_params' not in message  # Only the differing paths are named.
+  assert _steps_on_disk(tmp_path) == [3]
+  assert not list((tmp_path / 'checkpoints').glob('*.corrupt*'))
+
+
+def test_is_transient_error():
+  import errno  # pylint: disable=g-import-not-at-top
+  assert checkpoints.is_transient_error(TimeoutError('read timed out'))
+  assert checkpoints.is_transient_error(OSError(errno.ETIMEDOUT, 'x'))
+  assert checkpoints.is_transient_error(OSError('GET ...: 503 Service Unavailable'))
+  wrapped = RuntimeError('restore failed')
+  wrapped.__cause__ = ConnectionResetError('reset')
+  assert checkpoints.is_transient_error(wrapped)
+  assert not checkpoints.is_transient_error(FileNotFoundError(errno.ENOENT, 'gone'))
+  assert not checkpoints.is_transient_error(OSError(errno.EIO, 'bad data'))
+  assert not checkpoints.is_transient_error(ValueError('garbled 503 bytes'))
+
+
+@pytest.mark.parametrize('failures', [2, 5])
+def test_transient_read_errors_are_retried_not_quarantined(tmp_path, meshes, monkeypatch,
+                                                           failures):
+  """Two 503s then success: the newest step is restored. More than `retries`: the error is
+  raised and the step stays where it is."""
+  mesh8, _ = meshes
+  first, second = make_state(mesh8, seed=1, step=1), make_state(mesh8, seed=2, step=2)
+  manager = checkpoints.create_manager(str(tmp_path), async_save=False)
+  checkpoints.save(manager, 1, first)
+  checkpoints.save(manager, 2, second)
+  calls = []
+  real_restore = manager.restore
+
+  def flaky_restore(step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) <= failures:
+      raise OSError('GCS read: 503 Service Unavailable')
+    return real_restore(step, *args, **kwargs)
+
+  monkeypatch.setattr(manager, 'restore', flaky_restore)
+  if failures <= 3:
+    restored, step = checkpoints.restore_latest(manager, _zeros_like(second), retries=3,
+                                                backoff_s=0.0)
+    assert step == 2 and calls == [2] * (failures + 1)
+    assert_trees_equal(restored, second)
+  else:
+    with pytest.raises(OSError, match='503'):
+      checkpoints.restore_latest(manager, _zeros_like(second), retries=3, backoff_s=0.0)
+    assert calls == [2] * 4
+  manager.close()
+  assert _steps_on_disk(tmp_path) == [1, 2]
 
 
 def test_no_readable_checkpoint_raises(tmp_path, meshes):
@@ -311,6 +389,18 @@ def test_first_run_trains_and_checkpoints(resumed_run):
   assert 'samples/train_step_00000004.png' in run['after_first']['files']
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(run['first']))
   assert_trees_equal(_restore_step(run['workdir'], 4, run['first']), run['first'])
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  assert 'config.json' in run['after_first']['files']
+  saved = run_config.load_run_config(str(run['workdir']))  # Rewritten by the last start (6).
+  assert saved.training.num_train_steps == 6 and saved.model.ch_mult == (1, 2)
+
+
+def test_flatten_config_for_hparams():
+  flat = train.flatten_config(loop_config(6))
+  assert flat['training.num_train_steps'] == 6
+  assert flat['model.ch_mult'] == '(1, 2)'
+  assert flat['optim.lr_schedule'] == 'constant'
+  assert not any(isinstance(v, (dict, tuple, list)) for v in flat.values())
 
 
 def test_resume_continues_from_the_checkpoint(resumed_run):
@@ -371,3 +461,61 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(
   # Same config, seed and data as the healthy run: its step-2 checkpoint, bit for bit.
   healthy = _restore_step(resumed_run['workdir'], 2, restored)
   assert_trees_equal(restored, healthy)
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_corrupt_newest_checkpoint_is_quarantined_and_saved_again(tmp_path, resumed_run):
+  """A 4-step run whose checkpoint 4 is corrupted resumes from 2, trains past 4 and saves 4
+  and 6 again (no StepAlreadyExistsError crash loop); the new 4 is the healthy run's 4."""
+  workdir = tmp_path / 'corrupt_run'
+  train.train_and_evaluate(loop_config(4), str(workdir))
+  assert _steps_on_disk(workdir) == [2, 4]
+  _corrupt(workdir / 'checkpoints' / '4', 'array_data_garbage')
+  final = jax.device_get(train.train_and_evaluate(loop_config(6), str(workdir)))
+  assert _steps_on_disk(workdir) == [2, 4, 6]
+  assert (workdir / 'checkpoints' / '4.corrupt').is_dir()
+  assert_trees_equal(final, resumed_run['uninterrupted'])
+  assert_trees_equal(_restore_step(workdir, 4, resumed_run['first']), resumed_run['first'])
+
+
+def _optim(grad_clip, optimizer, weight_decay=0.0):
+  config = small_config().optim
+  config.grad_clip, config.optimizer, config.weight_decay = grad_clip, optimizer, weight_decay
+  return config
+
+
+def test_optimizer_state_tree_is_the_same_for_every_clip_and_adam_variant():
+  """So grad_clip and adam/adamw may change on resume; the 'off' settings are exact no-ops."""
+  params = {'w': jnp.arange(6, dtype=jnp.float32).reshape(2, 3) - 2.0, 'b': jnp.ones((3,))}
+  grads = jax.tree.map(lambda p: 3.0 * p + 0.5, params)
+  structures = {jax.tree.structure(train_state.create_optimizer(_optim(c, o), 10).init(params))
+                for c in (0.0, 1.0) for o in ('adam', 'adamw')}
+  assert len(structures) == 1
+  # grad_clip=0 adam equals plain optax.adam bit for bit (two updates).
+  ours, plain = train_state.create_optimizer(_optim(0.0, 'adam'), 10), optax.adam(2e-3)
+  s_ours, s_plain, p_ours, p_plain = ours.init(params), plain.init(params), params, params
+  for _ in range(2):
+    u_ours, s_ours = ours.update(grads, s_ours, p_ours)
+    u_plain, s_plain = plain.update(grads, s_plain, p_plain)
+    assert_trees_equal(u_ours, u_plain)
+    p_ours, p_plain = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_plain, u_plain)
+  # grad_clip=1 rescales these gradients (norm > 1): the clip is really in the chain.
+  clipped = train_state.create_optimizer(_optim(1.0, 'adam'), 10)
+  u_clip, _ = clipped.update(grads, clipped.init(params), params)
+  u_free, _ = ours.update(grads, ours.init(params), params)
+  assert not np.array_equal(np.asarray(u_clip['w']), np.asarray(u_free['w']))
+
+
+def test_resume_with_other_grad_clip_and_optimizer(tmp_path):
+  """2 steps with grad_clip=1 adam, then resume with grad_clip=0 adamw: restores and trains."""
+  workdir = str(tmp_path / 'switch')
+  first = loop_config(2)
+  first.optim.grad_clip, first.optim.optimizer = 1.0, 'adam'
+  state2 = jax.device_get(train.train_and_evaluate(first, workdir))
+  second = loop_config(4)
+  second.optim.grad_clip, second.optim.optimizer, second.optim.weight_decay = 0.0, 'adamw', 0.1
+  state4 = jax.device_get(train.train_and_evaluate(second, workdir))
+  assert int(state4.step) == 4 and _steps_on_disk(workdir) == [2, 4]
+  counts = [int(x) for path, x in _leaves_with_paths(state4.opt_state) if 'count' in path]
+  assert counts and all(c == 4 for c in counts)  # Adam moments continued from step 2.
+  assert not np.array_equal(state4.params['conv_out']['kernel'], state2.params['conv_out']['kernel'])

@@ -153,3 +153,10 @@ def test_skip_nonfinite_steps_and_keep_every(tmp_path, monkeypatch):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
   assert td.logged_losses(tmp_path, 'skipped_steps') == {4: 1.0, 8: 1.0}
   assert _steps_on_disk(tmp_path) == [4, 8]
+  # The window with the skipped step averages its 3 finite steps: a number, not NaN.
+  losses = td.logged_losses(tmp_path, 'loss')
+  assert sorted(losses) == [4, 8] and all(np.isfinite(v) for v in losses.values())
+  # One tag per meaning: ours is the log window's rate, clu's 'steps_per_sec' the run's.
+  assert sorted(td.logged_losses(tmp_path, 'train/steps_per_sec_window')) == [4, 8]
+  # 7 updates were applied in 8 steps: the schedule counts applied updates.
+  assert int(state.opt_state[1][0].count) == 7
