@@ -55,7 +55,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   distributed.initialize_distributed(cluster, FLAGS.distributed)
-  from diffusion_jax import config_validation, run_config, sample_mode, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import checkpoints, config_validation, run_config, sample_mode, train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
@@ -76,8 +76,7 @@ def main(argv):
       print(f'Samples written to {out_dir}')
   except (config_validation.ConfigError, run_config.LockedFieldError) as e:
     raise app.UsageError(str(e)) from e
-  except FileNotFoundError as e:  # No checkpoint to restore (sample / eval before training).
-    # TODO: catch checkpoints.NoCheckpointError (a FileNotFoundError subclass) once it lands.
+  except checkpoints.NoCheckpointError as e:  # Sample / eval before training.
     raise app.UsageError(str(e)) from e
 
 

@@ -32,7 +32,7 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> epath.Pa
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (CONFIG_FILE + '.tmp')
   tmp.write_text(config_to_json(config))
-  tmp.rename(path)
+  tmp.replace(path)  # Overwrites the copy of an earlier start (a resumed run).
   return path
 
 

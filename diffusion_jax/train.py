@@ -127,10 +127,6 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   """
   validate_config(config, mode='train')
   if jax.process_index() == 0:  # Before anything else is written: the run describes itself.
-    # run_config.save_run_config renames onto config.json, which etils refuses when it exists
-    # (a resumed run): the old copy goes first. TODO: `replace` there, then drop this.
-    if run_config.config_path(workdir).exists():
-      run_config.config_path(workdir).unlink()
     run_config.save_run_config(config, workdir)
   mesh = sharding.create_mesh(config.mesh)
   tcfg = config.training

@@ -235,8 +235,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                'nonfinite': 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
+  # XLA:CPU runs a convolution's weight gradient inside a while loop tens of times slower than
+  # outside one (benchmarks/scan_backward_cpu.py), so on the CPU the k steps are unrolled; other
+  # backends keep the rolled loop (one copy of the step to compile).
+  unroll = k if mesh.devices.flat[0].platform == 'cpu' else 1
+
   def multi_step(state: TrainState, batches: Dict[str, jax.Array]):
-    return jax.lax.scan(train_step, state, batches)
+    return jax.lax.scan(train_step, state, batches, unroll=unroll)
 
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
   state_sharding = state_shardings(model, tx, image_shape, mesh,
