@@ -138,6 +138,19 @@ class _MaskedMean:
     return {name: s / self.count for name, s in self.sums.items()}
 
 
+def _write_eval_scalars(workdir: str, step: int, scalars: Dict[str, float]) -> epath.Path:
+  """Writes `scalars` at `step` to TensorBoard under `<workdir>/eval` (created); returns it."""
+  out_dir = epath.Path(workdir) / 'eval'
+  writer = metric_writers.create_default_writer(str(out_dir),
+                                                just_logging=jax.process_index() > 0)
+  writer.write_scalars(int(step), scalars)
+  writer.flush()
+  writer.close()
+  if jax.process_index() == 0:
+    out_dir.mkdir(parents=True, exist_ok=True)
+  return out_dir
+
+
 def _likelihood_eval(config, workdir: str, mesh: Mesh) -> Dict[str, Any]:
   """Bits/dim of the newest checkpoint in `workdir` on `data.eval_split`.
 
@@ -217,14 +230,8 @@ def _likelihood_eval(config, workdir: str, mesh: Mesh) -> Dict[str, Any]:
                           'num_failed_batches': ode_failed}
     scalars |= {'ode_nll/bpd': bpd, 'ode_nll/num_steps': float(np.mean(ode_steps))}
 
-  out_dir = epath.Path(workdir) / 'eval'
-  writer = metric_writers.create_default_writer(str(out_dir),
-                                                just_logging=jax.process_index() > 0)
-  writer.write_scalars(int(step), scalars)
-  writer.flush()
-  writer.close()
+  out_dir = _write_eval_scalars(workdir, step, scalars)
   if jax.process_index() == 0:
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f'vlb_step{step}.json').write_text(json.dumps(results, indent=2))
     logging.info('Eval of step %d on %d examples: %s', step, num_examples,
                  json.dumps({k: v for k, v in scalars.items()}))
@@ -412,17 +419,11 @@ def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any
   else:
     params, step = checkpoints.restore_params(config, workdir, mesh, config.sample.use_ema)
   sample_results = _sample_metrics_eval(config, workdir, mesh, params, step)
-  out_dir = epath.Path(workdir) / 'eval'
   scalars = {f'{metric}/{name}': value for metric, figures in sample_results.items()
              for name, value in figures.items()
              if isinstance(value, (int, float)) and name not in ('step',)}
-  writer = metric_writers.create_default_writer(str(out_dir),
-                                                just_logging=jax.process_index() > 0)
-  writer.write_scalars(int(step), scalars)
-  writer.flush()
-  writer.close()
+  out_dir = _write_eval_scalars(workdir, step, scalars)
   if jax.process_index() == 0:
-    out_dir.mkdir(parents=True, exist_ok=True)
     for metric, figures in sample_results.items():
       (out_dir / f'{metric}_step{step}.json').write_text(json.dumps(figures, indent=2))
     logging.info('Sample metrics of step %d: %s', step, json.dumps(scalars))
