@@ -126,8 +126,6 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   Returns the final state, or the state saved when the run was preempted (SIGTERM).
   """
   validate_config(config, mode='train')
-  if jax.process_index() == 0:  # Before anything else is written: the run describes itself.
-    run_config.save_run_config(config, workdir)
   mesh = sharding.create_mesh(config.mesh)
   tcfg = config.training
   res, channels = config.data.resolution, config.data.channels
@@ -165,6 +163,10 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       rows=input_pipeline.host_batch_rows(batch_sharding, tcfg.batch_size),
       process_index=jax.process_index(), process_count=jax.process_count(),
       steps_per_batch=k)
+  # Once the data is known to exist, and before anything else is written: the run describes
+  # itself.
+  if jax.process_index() == 0:
+    run_config.save_run_config(config, workdir)
   manager = checkpoints.create_manager(workdir, tcfg.keep_checkpoints, tcfg.async_checkpointing,
                                        keep_every=tcfg.keep_every_steps)
   if state is None:
