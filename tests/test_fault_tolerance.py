@@ -148,6 +148,7 @@ def test_skip_nonfinite_steps_and_keep_every(tmp_path, monkeypatch):
                            on_nonfinite='skip', num_grid_samples=8)
   config.sample.steps = 2
   config.mesh.data = 1
+  config.mesh.allow_idle_devices = True  # One device of the 8 on purpose.
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 8
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))

@@ -152,14 +152,17 @@ def test_sample_mode_writes_npz_and_grid(trained, cli_env):
 
   grid = _png(out_dir / 'grid.png')
   assert grid.dtype == np.uint8 and grid.ndim == 2
-  # The grid tiles (upscaled 64 // res times, 1-pixel gaps) are the samples in row-major order.
-  up = 64 // res
-  size = res * up + 1
-  ncols = (grid.shape[1] - 1) // size
-  assert ncols >= 1 and (grid.shape[1] - 1) % size == 0 and (grid.shape[0] - 1) % size == 0
+  # The grid tiles (2-pixel gaps, then the whole grid upscaled 64 // res times) are the
+  # samples in row-major order.
+  up, pad = 64 // res, 2
+  size = (res + pad) * up
+  ncols = (grid.shape[1] - pad * up) // size
+  assert ncols >= 1 and (grid.shape[1] - pad * up) % size == 0
+  assert (grid.shape[0] - pad * up) % size == 0
   for i in range(num_samples):
     r, c = divmod(i, ncols)
-    tile = grid[1 + r * size:1 + r * size + res * up, 1 + c * size:1 + c * size + res * up]
+    top, left = pad * up + r * size, pad * up + c * size
+    tile = grid[top:top + res * up, left:left + res * up]
     want = arr_0[i, ..., 0].repeat(up, axis=0).repeat(up, axis=1)
     np.testing.assert_array_equal(tile, want, err_msg=f'tile {i}')
 
