@@ -56,20 +56,10 @@ def _mean_metrics(history: List[Dict[str, jax.Array]]) -> Dict[str, float]:
 
 def flatten_config(config) -> Dict[str, object]:
   """{'training.batch_size': 128, 'model.ch_mult': '(1, 2)', ...}: TensorBoard hparams
-  (dotted keys; bools, numbers and strings kept, anything else (tuples, None) as str)."""
-  flat = {}
-
-  def visit(prefix: str, value) -> None:
-    if isinstance(value, dict):
-      for key, item in value.items():
-        visit(f'{prefix}.{key}' if prefix else str(key), item)
-    elif isinstance(value, (bool, int, float, str)):
-      flat[prefix] = value
-    else:
-      flat[prefix] = str(value)
-
-  visit('', config.to_dict())
-  return flat
+  (`run_config.flatten`'s dotted keys; bools, numbers and strings kept, anything else (tuples,
+  None) as str)."""
+  return {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+          for name, value in run_config.flatten(config).items()}
 
 
 def write_sample_grid(sample_fn, params, config, workdir: str, step: int,
