@@ -1,4 +1,4 @@
-"""Input pipeline: tf.data streams of images in [-1, 1], one disjoint part per host.
+"""Input pipeline: images in [-1, 1], one disjoint part of every batch per host.
 
 Three sources are supported, picked by `config.data.dataset`:
 
@@ -9,14 +9,25 @@ Three sources are supported, picked by `config.data.dataset`:
 * any other name: a tensorflow-datasets dataset already prepared in
   `config.data.data_dir`.
 
-Every host reads its own part of the data, builds per-host batches, and
-`global_batches` assembles them into globally sharded `jax.Array`s. TensorFlow is
-only used here (and for summaries), and it is kept off the accelerators.
+Training (`step_indexed_dataset`) reads examples by index, so the batch at step s is a
+function of (seed, s) alone: digits, folders and tfds datasets prepared as ArrayRecord
+(`tfds build NAME --file_format=array_record`). A tfds dataset prepared only as TFRecord
+files has no random access; it is streamed by tf.data and resuming re-reads the consumed
+batches. Evaluation (`create_dataset(train=False)`) is one ordered pass per host.
+
+Every image goes through the same preprocessing (`_preprocess`): channel conversion, a
+centered square crop (`data.center_crop`, or the short side), an area (down) or bilinear
+(up) resize to `data.resolution`. `global_batches` assembles the per-host batches into
+globally sharded `jax.Array`s. TensorFlow is only used here (and for summaries), and it is
+kept off the accelerators.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+import dataclasses
+import logging
 import math
 import posixpath
+from typing import Any
 
 import jax
 import numpy as np
@@ -49,7 +60,7 @@ def _dataset_name(data_config) -> str:
 
 def _not_prepared_message(data_config) -> str:
   name = _dataset_name(data_config)
-  data_dir = data_config.get('data_dir', None)
+  data_dir = data_config.data_dir
   dir_flag = f' --data_dir={data_dir}' if data_dir else ''
   dir_arg = f', data_dir={data_dir!r}' if data_dir else ''
   return (
@@ -66,7 +77,7 @@ def _tfds_builder(data_config) -> tfds.core.DatasetBuilder:
   """Returns the tfds builder of `data.dataset`, with a clear error if unknown."""
   try:
     return tfds.builder(
-        _dataset_name(data_config), data_dir=data_config.get('data_dir', None)
+        _dataset_name(data_config), data_dir=data_config.data_dir
     )
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(
@@ -77,7 +88,7 @@ def _tfds_builder(data_config) -> tfds.core.DatasetBuilder:
 
 def _folder_root(data_config) -> str:
   """Returns `data.folder` after checking that it exists."""
-  root = str(data_config.get('folder', '') or '')
+  root = str(data_config.folder or '')
   if not root:
     raise ValueError("data.dataset='folder' needs data.folder to be set.")
   if not tf.io.gfile.isdir(root):
@@ -140,28 +151,46 @@ def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
   raise ValueError(f'Cannot convert {have}-channel images to {channels}.')
 
 
-def _center_crop_resize(image: tf.Tensor, resolution: int) -> tf.Tensor:
-  """Center-crops a float [H, W, C] image to a square and resizes it.
+def _center_crop_resize(image: tf.Tensor, resolution: int, crop: int = 0) -> tf.Tensor:
+  """Crops a centered square from a float [H, W, C] image and resizes it to `resolution`.
 
-  Downsampling averages pixel areas (no aliasing, no ringing); upsampling is
-  bilinear. An image already at the target size passes through unchanged.
+  The square's side is `crop` (data.center_crop), or min(H, W) when crop is 0; its
+  top-left corner is ((H - side) // 2, (W - side) // 2). Downsampling averages pixel
+  areas (no aliasing, no ringing); upsampling is bilinear. An image whose crop is already
+  at the target size passes through unchanged.
   """
   static_height, static_width, channels = image.shape
-  if static_height is not None and static_width is not None:
+  static = static_height is not None and static_width is not None
+  if static:
     height, width = static_height, static_width
-    side = min(height, width)
+    short = min(height, width)
+    if crop > short:
+      raise ValueError(
+          f'data.center_crop={crop} is larger than the {height}x{width} images; set it '
+          f'to at most {short} (or 0 to crop to the short side).')
+    side = crop or short
   else:
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
-    side = tf.minimum(height, width)
+    short = tf.minimum(height, width)
+    if crop:
+      check = tf.debugging.assert_less_equal(
+          tf.constant(crop, tf.int32), short,
+          message=(f'data.center_crop={crop} is larger than an image\'s short side; '
+                   'lower it (or set 0 to crop to the short side)'))
+      with tf.control_dependencies([check]):
+        side = tf.identity(tf.constant(crop, tf.int32))
+    else:
+      side = short
   top = (height - side) // 2
   left = (width - side) // 2
   image = image[top:top + side, left:left + side]
 
   size = [resolution, resolution]
-  if isinstance(side, int):  # Static shape: decide while tracing.
-    if side != resolution:
-      method = 'area' if side > resolution else 'bilinear'
+  if static or crop:  # The side is known while tracing.
+    known = crop or side
+    if known != resolution:
+      method = 'area' if known > resolution else 'bilinear'
       image = tf.image.resize(image, size, method)
   else:  # Area resizing to the same size is the identity.
     image = tf.cond(
@@ -172,11 +201,16 @@ def _center_crop_resize(image: tf.Tensor, resolution: int) -> tf.Tensor:
   return tf.ensure_shape(image, size + [channels])
 
 
-def _preprocess(image: tf.Tensor, resolution: int, channels: int) -> tf.Tensor:
-  """Returns a float32 [resolution, resolution, channels] image in [0, 255]."""
+def _preprocess(image: tf.Tensor, data_config) -> tf.Tensor:
+  """Returns a float32 [resolution, resolution, channels] image in [0, 255] (not rounded).
+
+  Shared by every source and by training and evaluation: channel conversion, the centered
+  square crop of data.center_crop (0: the short side), the resize to data.resolution.
+  """
   image = tf.cast(image, tf.float32)
-  image = _to_channels(image, channels)
-  image = _center_crop_resize(image, resolution)
+  image = _to_channels(image, int(data_config.channels))
+  image = _center_crop_resize(image, int(data_config.resolution),
+                              int(data_config.center_crop))
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
@@ -187,7 +221,7 @@ def has_labels(data_config) -> bool:
   """Whether batches carry a 'label' key (digits always; else data.label_key)."""
   if _dataset_name(data_config) == 'digits':
     return True
-  return bool(data_config.get('label_key', ''))
+  return bool(data_config.label_key)
 
 
 def num_classes_of(data_config) -> int:
@@ -219,6 +253,27 @@ def num_classes_of(data_config) -> int:
   return int(num_classes)
 
 
+def image_size_of(data_config) -> tuple[int, int] | None:
+  """(height, width) shared by every image of the configured data, or None if unknown.
+
+  Known for the digits (8x8) and for tfds image features of static shape (read from the
+  builder's metadata, no download); image folders and variable-size features give None.
+  Lets validation reject a data.center_crop larger than the images before any compile.
+  """
+  name = _dataset_name(data_config)
+  if name == 'digits':
+    return (8, 8)
+  if name == 'folder':
+    return None
+  features = _tfds_builder(data_config).info.features
+  if data_config.image_key not in features:
+    return None  # The pipeline reports the unknown data.image_key.
+  shape = tuple(features[data_config.image_key].shape)
+  if len(shape) != 3 or shape[0] is None or shape[1] is None:
+    return None
+  return int(shape[0]), int(shape[1])
+
+
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
   """Returns scikit-learn's digits: uint8 images [1797, 8, 8, 1], int32 labels.
 
@@ -242,6 +297,12 @@ def _digits_source(process_index: int, process_count: int):
   return ds, len(images)
 
 
+def _read_image_file(path: tf.Tensor) -> tf.Tensor:
+  """Decodes one PNG/JPEG file to uint8 [H, W, 3] (grayscale is tiled, alpha dropped)."""
+  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  return tf.ensure_shape(image, [None, None, 3])
+
+
 def _folder_source(data_config, process_index: int, process_count: int):
   """Returns (per-host dataset of decoded {'image'[, 'label']}, total size)."""
   paths, labels = _folder_examples(data_config)
@@ -257,10 +318,7 @@ def _folder_source(data_config, process_index: int, process_count: int):
   })
 
   def decode(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    image = tf.io.decode_image(
-        tf.io.read_file(example['path']), channels=3, expand_animations=False
-    )
-    out = {'image': tf.ensure_shape(image, [None, None, 3])}
+    out = {'image': _read_image_file(example['path'])}
     if 'label' in example:
       out['label'] = example['label']
     return out
@@ -268,6 +326,18 @@ def _folder_source(data_config, process_index: int, process_count: int):
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   return ds, len(paths)
+
+
+def _check_tfds_features(data_config, features) -> None:
+  """Raises a ValueError naming data.image_key / data.label_key when not a feature."""
+  for field, key in (('image_key', data_config.image_key),
+                     ('label_key', data_config.label_key)):
+    if key and key not in features:
+      raise ValueError(
+          f'data.{field}={key!r} is not a feature of data.dataset='
+          f'{_dataset_name(data_config)!r} (features: '
+          f'{sorted(features.keys())}).'
+      )
 
 
 def _tfds_source(data_config, *, split: str, seed: int, process_index: int,
@@ -278,8 +348,8 @@ def _tfds_source(data_config, *, split: str, seed: int, process_index: int,
   prepared in `data.data_dir` (nothing is downloaded here).
   """
   builder = _tfds_builder(data_config)
-  image_key = data_config.get('image_key', 'image')
-  label_key = data_config.get('label_key', '')
+  image_key = data_config.image_key
+  label_key = data_config.label_key
   options = tf.data.Options()
   options.deterministic = True
   read_config = tfds.ReadConfig(
@@ -291,15 +361,7 @@ def _tfds_source(data_config, *, split: str, seed: int, process_index: int,
         split=host_split, shuffle_files=train, read_config=read_config)
   except AssertionError as e:  # tfds' "could not find data in data_dir".
     raise ValueError(_not_prepared_message(data_config)) from e
-
-  features = builder.info.features
-  for field, key in (('image_key', image_key), ('label_key', label_key)):
-    if key and key not in features:
-      raise ValueError(
-          f'data.{field}={key!r} is not a feature of data.dataset='
-          f'{_dataset_name(data_config)!r} (features: '
-          f'{sorted(features.keys())}).'
-      )
+  _check_tfds_features(data_config, builder.info.features)
 
   def select(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     out = {'image': example[image_key]}
@@ -334,9 +396,11 @@ def create_dataset(
   'image' is float32 [B, H, W, C] in [-1, 1] with H = W = data.resolution and
   C = data.channels; 'label' is int32 [B] when `has_labels(data_config)`.
 
-  train=True: an endless, shuffled stream, reproducible for a fixed seed
-  (random flips are drawn from stateless ops keyed by seed, host and stream
-  position). train=False: one ordered pass, no augmentation; the last batch is
+  train=True: an endless, shuffled stream of this host's part, reproducible for a
+  fixed seed and host count (random flips are drawn from stateless ops keyed by
+  seed, host and stream position); training itself uses `step_indexed_dataset`.
+  train=False: one ordered pass, no augmentation, every image rounded to the
+  8-bit grid (so likelihoods are scored on the discrete data); the last batch is
   padded to full size and a float32 'mask' [B] marks real examples (1) versus
   padding (0). Every host yields the same number of equally shaped batches,
   which multi-host collectives require.
@@ -366,14 +430,14 @@ def create_dataset(
   labelled = has_labels(data_config)
 
   def preprocess(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    out = {'image': _preprocess(example['image'], resolution, channels)}
+    out = {'image': _preprocess(example['image'], data_config)}
     if labelled:
       out['label'] = tf.cast(example['label'], tf.int32)
     return out
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
-  if data_config.get('cache', False):
+  if data_config.cache:
     ds = ds.cache()
 
   if train:
@@ -382,22 +446,26 @@ def create_dataset(
   else:
     ds = _eval_pass(ds, labelled, resolution, channels, per_host_batch_size,
                     total=total, process_count=process_count)
+  return _finish(ds, data_config)
 
+
+def _finish(ds: tf.data.Dataset, data_config) -> tf.data.Dataset:
+  """Makes `ds` deterministic and prefetches data.prefetch batches (0: none)."""
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options)
-  prefetch = int(data_config.get('prefetch', 2))
+  prefetch = int(data_config.prefetch)
   return ds.prefetch(prefetch) if prefetch > 0 else ds
 
 
 def _train_stream(ds: tf.data.Dataset, data_config, *, seed: int,
                   process_index: int) -> tf.data.Dataset:
   """Shuffles, repeats, flips and scales: an endless reproducible stream."""
-  buffer_size = max(int(data_config.get('shuffle_buffer', 1)), 1)
+  buffer_size = max(int(data_config.shuffle_buffer), 1)
   ds = ds.shuffle(buffer_size, seed=seed + process_index,
                   reshuffle_each_iteration=True)
   ds = ds.repeat()
-  random_flip = bool(data_config.get('random_flip', False))
+  random_flip = bool(data_config.random_flip)
   base_seed = tf.constant([seed, process_index], tf.int64)
 
   def augment(index: tf.Tensor, example: Mapping[str, tf.Tensor]):
@@ -418,7 +486,12 @@ def _train_stream(ds: tf.data.Dataset, data_config, *, seed: int,
 def _eval_pass(ds: tf.data.Dataset, labelled: bool, resolution: int,
                channels: int, batch_size: int, *, total: int | None,
                process_count: int) -> tf.data.Dataset:
-  """One ordered pass, padded so all hosts yield the same number of batches."""
+  """One ordered pass, padded so all hosts yield the same number of batches.
+
+  Resized images are rounded to integers before scaling to [-1, 1]: every eval
+  image lies on the 8-bit grid {k / 127.5 - 1}, the discrete data that the
+  variational bound's decoder and the ODE NLL's dequantization score.
+  """
   if total is not None:
     # Host parts differ by at most one example (strided or tfds even splits).
     per_host = math.ceil(total / process_count)
@@ -429,7 +502,7 @@ def _eval_pass(ds: tf.data.Dataset, labelled: bool, resolution: int,
   num_batches = max(math.ceil(per_host / batch_size), 1)
 
   def real(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    return {**example, 'image': example['image'] / 127.5 - 1.0,
+    return {**example, 'image': tf.round(example['image']) / 127.5 - 1.0,
             'mask': tf.constant(1.0, tf.float32)}
 
   pad = {'image': tf.zeros([resolution, resolution, channels], tf.float32),
@@ -478,6 +551,154 @@ def _step_indices(size: int, global_batch_size: int, rows: np.ndarray, *,
     step += 1
 
 
+@dataclasses.dataclass(frozen=True)
+class _IndexedSource:
+  """Examples addressable by index 0 .. size - 1: what a step-indexed stream reads.
+
+  read(indices) returns the records of those examples as columns (field -> sequence of
+  len(indices) values, e.g. a file path or encoded bytes, and 'label' when labelled); it
+  runs in Python, one host batch per call. decode(record) turns one record (tensors of
+  `signature`) into an image tensor [H, W, C] of any integer dtype, inside tf.data.
+  """
+  size: int
+  read: Callable[[Sequence[int]], Mapping[str, Sequence[Any]]]
+  signature: Mapping[str, tf.TensorSpec]
+  decode: Callable[[Mapping[str, tf.Tensor]], tf.Tensor]
+
+
+def _label_spec() -> tf.TensorSpec:
+  return tf.TensorSpec([], tf.int32)
+
+
+def _digits_indexed(labelled: bool) -> _IndexedSource:
+  """The digits held in memory (resized/recoloured by the shared preprocessing)."""
+  images, labels = load_digits()
+
+  def read(indices: Sequence[int]) -> dict[str, Any]:
+    out = {'image': images[np.asarray(indices)]}
+    if labelled:
+      out['label'] = labels[np.asarray(indices)]
+    return out
+
+  signature = {'image': tf.TensorSpec(images.shape[1:], tf.uint8)}
+  if labelled:
+    signature['label'] = _label_spec()
+  return _IndexedSource(len(images), read, signature, lambda r: r['image'])
+
+
+def _folder_indexed(data_config) -> _IndexedSource:
+  """The sorted image files of data.folder; a file is read and decoded per example."""
+  paths, labels = _folder_examples(data_config)
+  paths_np = np.asarray(paths, object)
+  labels_np = None if labels is None else np.asarray(labels, np.int32)
+
+  def read(indices: Sequence[int]) -> dict[str, Any]:
+    out = {'path': paths_np[np.asarray(indices)]}
+    if labels_np is not None:
+      out['label'] = labels_np[np.asarray(indices)]
+    return out
+
+  signature = {'path': tf.TensorSpec([], tf.string)}
+  if labels_np is not None:
+    signature['label'] = _label_spec()
+  return _IndexedSource(len(paths), read, signature, lambda r: _read_image_file(r['path']))
+
+
+def _open_tfds_data_source(builder: tfds.core.DatasetBuilder, split: str,
+                           decoders: Mapping[str, Any] | None) -> Sequence[Any]:
+  """tfds' random-access view of `split` (ArrayRecord/Parquet files); tests wrap it."""
+  return builder.as_data_source(split, decoders=decoders)
+
+
+def _has_random_access(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether the prepared files of `builder` can be read by index (e.g. ArrayRecord)."""
+  formats = builder.info.available_file_formats()
+  return bool(formats & tfds.core.FileFormat.with_random_access())
+
+
+def _tfds_indexed(data_config, builder: tfds.core.DatasetBuilder,
+                  split: str) -> _IndexedSource:
+  """A prepared random-access tfds split: example i is record i of `split`.
+
+  Encoded images (tfds Image features: PNG/JPEG bytes) are read undecoded and decoded by
+  tf.io.decode_image inside tf.data, as the folder source and tfds' own as_dataset do;
+  other image features come decoded by tfds as numpy arrays.
+  """
+  features = builder.info.features
+  _check_tfds_features(data_config, features)
+  image_key, label_key = data_config.image_key, data_config.label_key
+  feature = features[image_key]
+  shape = tuple(feature.shape)
+  if len(shape) != 3:
+    raise ValueError(
+        f'data.image_key={image_key!r} of data.dataset={_dataset_name(data_config)!r} has '
+        f'shape {shape}; images need [height, width, channels].')
+  encoded = (isinstance(feature, tfds.features.Image) and feature.dtype == tf.uint8
+             and feature.encoding_format in (None, 'png', 'jpeg'))
+  decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
+  source = _open_tfds_data_source(builder, split, decoders)
+  if encoded:
+    image_spec = tf.TensorSpec([], tf.string)
+    image_channels = shape[-1] or 0
+
+    def decode(record: Mapping[str, tf.Tensor]) -> tf.Tensor:
+      image = tf.io.decode_image(record['image'], channels=image_channels,
+                                 expand_animations=False)
+      return tf.ensure_shape(image, shape)
+  else:
+    image_spec = tf.TensorSpec(shape, tf.as_dtype(feature.dtype))
+
+    def decode(record: Mapping[str, tf.Tensor]) -> tf.Tensor:
+      return record['image']
+
+  def read(indices: Sequence[int]) -> dict[str, Any]:
+    records = source.__getitems__([int(i) for i in indices])
+    out = {'image': [r[image_key] for r in records]}
+    if label_key:
+      out['label'] = np.asarray([r[label_key] for r in records], np.int32)
+    return out
+
+  signature = {'image': image_spec}
+  if label_key:
+    signature['label'] = _label_spec()
+  return _IndexedSource(len(source), read, signature, decode)
+
+
+def _indexed_records(source: _IndexedSource, global_batch_size: int, rows: np.ndarray, *,
+                     seed: int, start_step: int) -> Iterator[dict[str, Any]]:
+  """Yields this host's records of steps start_step, start_step + 1, ... with their positions.
+
+  Reads one host batch (len(rows) examples) per `source.read` call, only when the stream
+  reaches it: nothing before start_step is read.
+  """
+  indices = _step_indices(source.size, global_batch_size, rows, seed=seed,
+                          start_step=start_step)
+  while True:
+    picked = [next(indices) for _ in range(len(rows))]
+    columns = source.read([index for _, index in picked])
+    for j, (position, _) in enumerate(picked):
+      yield {'position': np.int64(position), **{k: v[j] for k, v in columns.items()}}
+
+
+_WARNED_SEQUENTIAL: set[str] = set()
+
+
+def _warn_sequential_once(data_config) -> None:
+  """Logs once per dataset that resuming a TFRecord-only tfds dataset re-reads batches."""
+  name = _dataset_name(data_config)
+  if name in _WARNED_SEQUENTIAL:
+    return
+  _WARNED_SEQUENTIAL.add(name)
+  data_dir = data_config.data_dir
+  dir_flag = f' --data_dir={data_dir}' if data_dir else ''
+  logging.warning(
+      'data.dataset=%r is prepared only as TFRecord files, which cannot be read by index: '
+      'it is streamed by tf.data, resuming at step s re-reads and decodes the s consumed '
+      'batches, and the order depends on the number of processes. Prepare it once as '
+      'ArrayRecord for O(1) resume and a host-count-independent order: '
+      '`tfds build %s%s --file_format=array_record`.', name, name, dir_flag)
+
+
 def step_indexed_dataset(
     data_config,
     global_batch_size: int,
@@ -494,79 +715,73 @@ def step_indexed_dataset(
   Resuming needs no iterator state: the batch at (0-based) step s only depends on
   (seed, s), so a restarted run continues exactly where the checkpoint left off.
 
-  * 'digits' and 'folder' (an in-memory list of examples): one permutation of all examples
-    per epoch seeded by (seed, epoch); the global batch at step s is positions
-    [s * B, (s + 1) * B) of the concatenated permutations and this host reads `rows` of it
-    (`host_batch_rows`), so the global batch does not depend on the number of hosts.
-    Random flips are keyed by (seed, stream position). Starting at step s costs nothing.
+  * Random-access sources: 'digits', 'folder' and tfds datasets prepared as ArrayRecord
+    (or another format tfds reads by index; `tfds build NAME --file_format=array_record`).
+    One permutation of all examples per epoch seeded by (seed, epoch); the global batch at
+    step s is positions [s * B, (s + 1) * B) of the concatenated permutations and this host
+    reads `rows` of it (`host_batch_rows`), so the global batch does not depend on the
+    number of hosts. Every example goes through the shared preprocessing (`_preprocess`);
+    random flips are keyed by (seed, stream position). Starting at step s reads only the
+    examples of steps s, s + 1, ...: resuming at step 400k costs what step 10 costs.
     The digits at their native 8x8x1 come as plain numpy batches (no tf.data at all).
-  * tfds datasets: the seeded, deterministic `create_dataset` stream of this host's split
-    part, with the `start_step` already-consumed batches skipped: resuming reads and decodes
-    start_step * B / hosts examples per host (minutes for ~1M-image runs; fast for CIFAR-10
-    sized data), and the order depends on the number of hosts.
+  * tfds datasets prepared only as TFRecord files (no random access): the seeded,
+    deterministic `create_dataset` stream of this host's split part, with the `start_step`
+    already-consumed batches skipped: resuming reads and decodes start_step * B / hosts
+    examples per host (minutes for ~1M-image runs), and the order depends on the number
+    of hosts. A warning says so once, with the `tfds build` command that fixes it.
 
   With steps_per_batch = k > 1 consecutive batches are stacked: arrays are [k, B_host, ...].
   """
   name = _dataset_name(data_config)
-  if name not in ('digits', 'folder'):
-    per_host = global_batch_size // process_count
-    ds = create_dataset(data_config, per_host, split=data_config.split, seed=seed,
-                        process_index=process_index, process_count=process_count,
-                        train=True)
-    ds = ds.skip(start_step)
-    return ds.batch(steps_per_batch, drop_remainder=True) if steps_per_batch > 1 else ds
-
-  resolution = int(data_config.resolution)
-  channels = int(data_config.channels)
   labelled = has_labels(data_config)
-  if name == 'digits' and (resolution, channels) == (8, 1):
-    return _digits_batches(global_batch_size, rows, seed=seed, start_step=start_step,
-                           random_flip=bool(data_config.random_flip), labelled=labelled,
-                           steps_per_batch=steps_per_batch)
-  if name == 'digits':
-    images, labels = load_digits()
-    size = len(images)
-    images_t = tf.constant(images)
-
-    def load(index: tf.Tensor) -> dict[str, tf.Tensor]:
-      return {'image': tf.gather(images_t, index)}
-  else:
-    paths, labels = _folder_examples(data_config)
-    size = len(paths)
-    paths_t = tf.constant(paths)
-
-    def load(index: tf.Tensor) -> dict[str, tf.Tensor]:
-      image = tf.io.decode_image(tf.io.read_file(tf.gather(paths_t, index)), channels=3,
-                                 expand_animations=False)
-      return {'image': tf.ensure_shape(image, [None, None, 3])}
-  labels_t = tf.constant(np.asarray(labels, np.int32)) if labelled else None
-  random_flip = bool(data_config.get('random_flip', False))
   rows = np.asarray(rows, np.int64)
+  if name == 'digits':
+    crop = int(data_config.center_crop)
+    if (int(data_config.resolution), int(data_config.channels)) == (8, 1) and crop in (0, 8):
+      return _digits_batches(global_batch_size, rows, seed=seed, start_step=start_step,
+                             random_flip=bool(data_config.random_flip), labelled=labelled,
+                             steps_per_batch=steps_per_batch)
+    source = _digits_indexed(labelled)
+  elif name == 'folder':
+    source = _folder_indexed(data_config)
+  else:
+    builder = _tfds_builder(data_config)
+    if not _has_random_access(builder):
+      per_host = global_batch_size // process_count
+      ds = create_dataset(data_config, per_host, split=data_config.split, seed=seed,
+                          process_index=process_index, process_count=process_count,
+                          train=True)
+      _warn_sequential_once(data_config)
+      ds = ds.skip(start_step)
+      return ds.batch(steps_per_batch, drop_remainder=True) if steps_per_batch > 1 else ds
+    source = _tfds_indexed(data_config, builder, data_config.split)
+  if source.size <= 0:
+    raise ValueError(f'data.dataset={name!r} (split {data_config.split!r}) has no examples.')
 
-  def example(position: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
-    image = _preprocess(load(index)['image'], resolution, channels)
+  random_flip = bool(data_config.random_flip)
+  flip_seed = tf.constant([seed, 0x5EED], tf.int64)
+
+  def example(record: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = _preprocess(source.decode(record), data_config)
     if random_flip:
-      key = tf.random.experimental.stateless_fold_in(
-          tf.constant([seed, 0x5EED], tf.int64), position)
+      key = tf.random.experimental.stateless_fold_in(flip_seed, record['position'])
       flip = tf.random.stateless_uniform([], seed=key) < 0.5
       image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
     out = {'image': image / 127.5 - 1.0}
     if labelled:
-      out['label'] = tf.gather(labels_t, index)
+      out['label'] = record['label']
     return out
 
+  signature = {'position': tf.TensorSpec([], tf.int64), **source.signature}
   ds = tf.data.Dataset.from_generator(
-      lambda: _step_indices(size, global_batch_size, rows, seed=seed, start_step=start_step),
-      output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)))
+      lambda: _indexed_records(source, global_batch_size, rows, seed=seed,
+                               start_step=start_step),
+      output_signature=signature)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(len(rows), drop_remainder=True)
   if steps_per_batch > 1:
     ds = ds.batch(steps_per_batch, drop_remainder=True)
-  options = tf.data.Options()
-  options.deterministic = True
-  ds = ds.with_options(options)
-  prefetch = int(data_config.get('prefetch', 2))
-  return ds.prefetch(prefetch) if prefetch > 0 else ds
+  return _finish(ds, data_config)
 
 
 def _flip_of(seed: int, position: int) -> bool:
@@ -644,6 +859,7 @@ __all__ = [
     'global_batches',
     'has_labels',
     'host_batch_rows',
+    'image_size_of',
     'load_digits',
     'num_classes_of',
     'step_indexed_dataset',

@@ -11,7 +11,9 @@ from sklearn import datasets as sk_datasets
 import tensorflow_datasets as tfds
 
 from configs import default
+from configs import tiny
 from diffusion_jax import input_pipeline
+from diffusion_jax.config_validation import ConfigError, validate_config
 
 
 def _data_config(**overrides):
@@ -61,6 +63,13 @@ def _rows(images, labels=None):
                                  np.int32(labels[i]).tobytes())
           for i in range(len(images))]
   return sorted(rows)
+
+
+def _assert_on_8bit_grid(images):
+  """Every value of images in [-1, 1] is k / 127.5 - 1 for an integer k in [0, 255]."""
+  levels = images.astype(np.float64) * 127.5 + 127.5
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+  assert levels.min() > -1e-4 and levels.max() < 255 + 1e-4
 
 
 @pytest.fixture(scope='module')
@@ -290,8 +299,10 @@ def test_folder_preprocessing(image_folder, resolution, channels):
   real, _ = _eval_examples(config, 4)
   names = sorted(arrays)  # Files are read in sorted path order.
   assert real['image'].shape == (len(names), resolution, resolution, channels)
+  _assert_on_8bit_grid(real['image'])
   for image, name in zip(real['image'], names):
-    tol = 3.0 / 127.5 if name.endswith(('jpg', 'jpeg')) else 1e-4
+    # Eval images are rounded to the 8-bit grid: within half a level of the exact resize.
+    tol = (3.5 if name.endswith(('jpg', 'jpeg')) else 0.5) / 127.5 + 1e-5
     np.testing.assert_allclose(
         image, _reference(arrays[name], resolution, channels), atol=tol,
         err_msg=name)
@@ -385,10 +396,11 @@ def test_tfds_mnist_mocked_upsampled():
     raw = list(tfds.load('mnist', split='train').as_numpy_iterator())
     real, _ = _eval_examples(config, 6)
   assert real['image'].shape == (6, 32, 32, 1)
+  _assert_on_8bit_grid(real['image'])  # 28 -> 32 bilinear, then rounded.
   for image, example in zip(real['image'], raw):
     assert example['image'].shape == (28, 28, 1)
     np.testing.assert_allclose(image, _reference(example['image'], 32, 1),
-                               atol=1e-4)
+                               atol=0.5 / 127.5 + 1e-5)
 
 
 class InputPipelineTestImages(tfds.core.GeneratorBasedBuilder):
@@ -526,3 +538,262 @@ def test_digits_training_batches_are_numpy_and_host_count_independent(digits, mo
                                                 rows=np.arange(8), steps_per_batch=2)
   first = next(iter(stacked))
   np.testing.assert_array_equal(first['image'], np.stack([one[0]['image'], one[1]['image']]))
+
+
+# ---------------------------------------------------------------- 8-bit eval grid, center crop
+
+
+def test_eval_images_lie_on_the_8bit_grid(digits):
+  """Downsampled 8 -> 6 digits average pixels to fractions of a level: eval rounds them so the
+  likelihood metrics score images of the discrete 8-bit data."""
+  images, _ = digits
+  real, _ = _eval_examples(_digits_config(resolution=6), 256)
+  exact = np.stack([_reference(x, 6, 1) for x in images[:256]]) * 127.5 + 127.5
+  assert np.abs(exact - np.round(exact)).max() > 0.1  # The resize really leaves the grid...
+  _assert_on_8bit_grid(real['image'])  # ... and eval puts it back.
+  # The nearest level (either one at float32 ties of x.5).
+  np.testing.assert_allclose(real['image'][:256] * 127.5 + 127.5, exact, atol=0.5 + 1e-3)
+
+
+def _write_png(path, array):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+def test_center_crop_matches_numpy(tmp_path, digits):
+  """data.center_crop=6 on a 12x20 image keeps rows 3..8 and columns 7..12; resizing 6 -> 3
+  averages 2x2 blocks. Checked on the training path (exact floats) and the eval path (rounded),
+  and on a static-shape source (digits: crop 4 of 8x8 at resolution 4 = the central 4x4)."""
+  rng = np.random.default_rng(1)
+  array = rng.integers(0, 256, (12, 20, 3)).astype(np.uint8)
+  _write_png(tmp_path / 'one' / 'a.png', array)
+  config = _folder_config(tmp_path / 'one', label_key='', resolution=3, channels=3,
+                          center_crop=6, prefetch=0)
+  crop = array[3:9, 7:13].astype(np.float64)
+  expected = crop.reshape(3, 2, 3, 2, 3).mean(axis=(1, 3))
+  batch = next(iter(input_pipeline.step_indexed_dataset(
+      config, 1, seed=0, start_step=0, rows=np.arange(1)).as_numpy_iterator()))
+  np.testing.assert_allclose(batch['image'][0], expected / 127.5 - 1.0, atol=1e-5)
+  real, _ = _eval_examples(config, 1)
+  np.testing.assert_allclose(real['image'][0], np.round(expected) / 127.5 - 1.0, atol=1e-5)
+  # Without a crop size the crop is the short side (rows 0..11, columns 4..15): not the same.
+  full, _ = _eval_examples(_folder_config(tmp_path / 'one', label_key='', resolution=3), 1)
+  assert not np.allclose(full['image'], real['image'])
+
+  images, _ = digits
+  real, _ = _eval_examples(_digits_config(resolution=4, center_crop=4), 64)
+  np.testing.assert_allclose(real['image'], _scaled(images[:, 2:6, 2:6]), atol=1e-6)
+
+
+def test_center_crop_larger_than_images_is_an_error(tmp_path, prepared_tfds_dir):
+  # Static image shape (digits are 8x8): an error before any data is read.
+  with pytest.raises(ValueError, match=r'data\.center_crop=9'):
+    input_pipeline.create_dataset(_digits_config(center_crop=9), 4, split='train', seed=0,
+                                  process_index=0, process_count=1, train=False)
+  # Folders (sizes unknown until read): the first image that is too small names the field.
+  _write_png(tmp_path / 'small' / 'a.png', np.zeros((5, 7, 3), np.uint8))
+  config = _folder_config(tmp_path / 'small', label_key='', center_crop=6)
+  ds = input_pipeline.step_indexed_dataset(config, 1, seed=0, start_step=0, rows=np.arange(1))
+  with pytest.raises(Exception, match=r'data\.center_crop=6'):
+    next(iter(ds.as_numpy_iterator()))
+  # Validation knows the sizes of the digits and of tfds features of static shape (6x10 here).
+  base = tiny.get_config()
+  for dataset, data_dir, bad, good in (('digits', None, 9, 8),
+                                       ('input_pipeline_test_images', prepared_tfds_dir, 7, 6)):
+    base.data.dataset, base.data.data_dir = dataset, data_dir
+    base.data.center_crop = bad
+    with pytest.raises(ConfigError, match=rf'data\.center_crop={bad} is larger'):
+      validate_config(base, mode='train')
+    base.data.center_crop = good
+    validate_config(base, mode='train')
+  base.data.center_crop = -1
+  with pytest.raises(ConfigError, match=r'data\.center_crop=-1 must be >= 0'):
+    validate_config(base, mode='sample')
+
+
+# ---------------------------------------------------------------- tfds random access
+
+
+class InputPipelineTestRamps(tfds.core.GeneratorBasedBuilder):
+  """13 prepared examples: a horizontal ramp (so flips show) offset by 10 x their key."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  NUM = 13
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(6, 10, 3)),
+            'label': tfds.features.ClassLabel(num_classes=5),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    yy, xx, cc = np.mgrid[0:6, 0:10, 0:3]
+    for i in range(self.NUM):
+      yield i, {'image': (10 * i + 3 * xx + 2 * yy + cc).astype(np.uint8), 'label': i % 5}
+
+
+@pytest.fixture(scope='module')
+def array_record_dir(tmp_path_factory):
+  """The ramps prepared as ArrayRecord (random access) and, in another dir, as TFRecord."""
+  root = tmp_path_factory.mktemp('tfds_formats')
+  for file_format in ('array_record', 'tfrecord'):
+    tfds.builder('input_pipeline_test_ramps', data_dir=str(root / file_format),
+                 file_format=file_format).download_and_prepare(
+                     download_config=tfds.download.DownloadConfig(
+                         compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return root
+
+
+def _ramps_config(root, file_format='array_record', **overrides):
+  kwargs = dict(dataset='input_pipeline_test_ramps', data_dir=str(root / file_format),
+                label_key='label', resolution=6, channels=3, random_flip=True, prefetch=1)
+  kwargs.update(overrides)
+  return _data_config(**kwargs)
+
+
+def _steps(config, global_batch, rows, start_step, count, seed=5, **kwargs):
+  ds = input_pipeline.step_indexed_dataset(config, global_batch, seed=seed,
+                                           start_step=start_step, rows=np.asarray(rows),
+                                           **kwargs)
+  return list(ds.take(count).as_numpy_iterator())
+
+
+def test_tfds_array_record_order_is_host_count_independent(array_record_dir, tmp_path):
+  """One process and two (rows 0-1 / 2-3 of a global batch of 4) assemble the same global
+  batches, in the order `_step_indices` defines, with the records' labels; the images are the
+  same as those of an image folder holding the same records (shared preprocessing and flips)."""
+  config = _ramps_config(array_record_dir)
+  builder = tfds.builder('input_pipeline_test_ramps', data_dir=config.data_dir)
+  assert builder.info.file_format.value == 'array_record'
+  source = builder.as_data_source('train')
+  records = [source[i] for i in range(len(source))]
+  raw = np.stack([r['image'] for r in records])
+  labels = np.asarray([r['label'] for r in records])
+  ref = _scaled(raw[:, :, 2:8])  # Centered 6x6 crop of 6x10 at resolution 6: no resize.
+
+  steps = 7  # 28 positions: crosses the epoch boundaries at 13 and 26.
+  one = _steps(config, 4, range(4), 0, steps)
+  two = [_steps(config, 4, rows, 0, steps, process_index=p, process_count=2)
+         for p, rows in enumerate(([0, 1], [2, 3]))]
+  order = input_pipeline._step_indices(13, 4, np.arange(4), seed=5, start_step=0)
+  flips = 0
+  for s in range(steps):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(one[s][key],
+                                    np.concatenate([two[0][s][key], two[1][s][key]]))
+    index = np.asarray([next(order)[1] for _ in range(4)])
+    np.testing.assert_array_equal(one[s]['label'], labels[index])
+    for x, i in zip(one[s]['image'], index):
+      same, mirrored = np.allclose(x, ref[i], atol=1e-6), np.allclose(x, ref[i][:, ::-1],
+                                                                       atol=1e-6)
+      assert same or mirrored
+      flips += mirrored
+  assert 4 <= flips <= 24  # 28 fair coins.
+  # A late start continues the same stream.
+  late = _steps(config, 4, range(4), 5, 2)
+  for a, b in zip(one[5:], late):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  # Record k as the k-th file of a folder: the folder path yields the same batches.
+  for k, image in enumerate(raw):
+    _write_png(tmp_path / 'records' / f'{k:03d}.png', image)
+  folder = _folder_config(tmp_path / 'records', label_key='', resolution=6, random_flip=True)
+  for a, b in zip(one, _steps(folder, 4, range(4), 0, steps)):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  # Unlabelled: no 'label' key.
+  unlabelled = _steps(_ramps_config(array_record_dir, label_key=''), 4, range(4), 0, 1)
+  assert set(unlabelled[0]) == {'image'}
+  np.testing.assert_array_equal(unlabelled[0]['image'], one[0]['image'])
+
+
+def test_tfds_array_record_resume_reads_only_what_it_uses(array_record_dir, monkeypatch):
+  """Resuming at step 10_000 decodes exactly as many examples as resuming at step 1: the records
+  of the batches it yields, from the start step on (counted on the wrapped data source; the
+  streaming path would read and decode 10_000 x 4 records to skip them)."""
+  opened = []
+
+  class Counting:
+    def __init__(self, source):
+      self.source, self.reads = source, []
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, index):
+      self.reads.append(int(index))
+      return self.source[index]
+
+    def __getitems__(self, indices):
+      self.reads.extend(int(i) for i in indices)
+      return self.source.__getitems__(indices)
+
+  real_open = input_pipeline._open_tfds_data_source
+
+  def counting_open(*args, **kwargs):
+    opened.append(Counting(real_open(*args, **kwargs)))
+    return opened[-1]
+
+  monkeypatch.setattr(input_pipeline, '_open_tfds_data_source', counting_open)
+  config = _ramps_config(array_record_dir, random_flip=False, prefetch=0)
+  builder = tfds.builder('input_pipeline_test_ramps', data_dir=config.data_dir)
+  rows, taken = np.arange(4), 3
+
+  # The reader behind the tf.data stream: exactly `taken` batches read for `taken` batches.
+  exact = {}
+  for start in (1, 10_000):
+    source = input_pipeline._tfds_indexed(config, builder, 'train')
+    records = input_pipeline._indexed_records(source, 4, rows, seed=5, start_step=start)
+    got = [next(records) for _ in range(4 * taken)]
+    order = input_pipeline._step_indices(13, 4, rows, seed=5, start_step=start)
+    expected = [next(order) for _ in range(4 * taken)]
+    assert opened[-1].reads == [index for _, index in expected]
+    assert [int(r['position']) for r in got] == [p for p, _ in expected]
+    exact[start] = len(opened[-1].reads)
+  assert exact[1] == exact[10_000] == 4 * taken
+
+  # The whole pipeline: reads whole host batches in stream order from the start step; how far
+  # tf.data reads ahead (a few batches), not the start step, sets how many.
+  counts = {}
+  for start in (1, 10_000):
+    batches = _steps(config, 4, rows, start, taken)
+    reads = opened[-1].reads
+    assert len(reads) % 4 == 0
+    order = input_pipeline._step_indices(13, 4, rows, seed=5, start_step=start)
+    assert reads == [next(order)[1] for _ in reads]
+    labels = np.concatenate([b['label'] for b in batches])
+    np.testing.assert_array_equal(labels, np.asarray(
+        [opened[-1].source[i]['label'] for i in reads[:4 * taken]]))
+    counts[start] = len(reads)
+  for count in counts.values():
+    assert 4 * taken <= count <= 4 * (taken + 32), counts
+
+
+def test_tfds_tfrecord_fallback_streams_and_warns(array_record_dir, monkeypatch):
+  """A TFRecord-only dataset keeps the tf.data stream (start step = skipped batches) and
+  warns once with the command that makes resume O(1)."""
+  warnings = []
+  monkeypatch.setattr(input_pipeline, '_WARNED_SEQUENTIAL', set())
+  monkeypatch.setattr(input_pipeline.logging, 'warning',
+                      lambda msg, *args: warnings.append(msg % args))
+  opened = []
+  monkeypatch.setattr(input_pipeline, '_open_tfds_data_source',
+                      lambda *a, **k: opened.append(a))
+  config = _ramps_config(array_record_dir, 'tfrecord', random_flip=False, shuffle_buffer=1)
+  first = _steps(config, 4, range(4), 0, 5)
+  resumed = _steps(config, 4, range(4), 3, 2)
+  assert not opened  # No random access attempted.
+  assert len(warnings) == 1
+  assert 'tfds build input_pipeline_test_ramps' in warnings[0]
+  assert '--file_format=array_record' in warnings[0]
+  for a, b in zip(first[3:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  # Labels travel with their images: the ramp's corner is 10 x key and label = key % 5.
+  for batch in first:
+    key = np.round((batch['image'][:, 0, 0, 0] + 1) * 127.5 - 6) / 10  # Crop starts at x = 2.
+    np.testing.assert_array_equal(batch['label'], key.astype(int) % 5)
