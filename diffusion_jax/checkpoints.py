@@ -1,20 +1,35 @@
-"""Checkpoints with orbax: save the whole train state every N steps, keep K, restore the newest.
+"""Checkpoints with orbax: every N steps a self-describing checkpoint, keep K, restore the newest.
 
-Checkpoints live in `<workdir>/checkpoints/<step>/` (the workdir may be a gs:// path). Saving is
+Checkpoints live in `<workdir>/checkpoints/<step>/` (the workdir may be a gs:// path). Each step
+is an orbax Composite of named items, so a reader takes only what it needs:
+
+  params/, ema_params/, opt_state/  the train state's parameter trees (one orbax item each)
+  meta/                              every other TrainState field (step, ...)
+  config/                            the run's resolved config (JSON, as <workdir>/config.json)
+  data/                              the data position (JSON: seed, global batch size, dataset,
+                                     split, next step; the batch at step s is a function of
+                                     (seed, s), so this is all a resume needs)
+
+Training restores the four state items; `--mode=sample|eval` and the converters restore only
+`ema_params` (or `params`), straight into the FSDP shardings of the train state. Saving is
 asynchronous: training continues while the arrays are written, and a checkpoint only appears
 under its final name once it is complete. Restoring places each array straight onto the
 sharding of the abstract state it is given, so a run can resume on another device count.
+Checkpoints of older versions (one orbax item `default/` holding the whole state) are still read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import re
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
@@ -82,6 +97,26 @@ def is_transient_error(error: BaseException) -> bool:
   return False
 
 
+# The orbax items of a checkpoint (see the module docstring).
+STATE_ITEMS = ('params', 'ema_params', 'opt_state')
+META_ITEM = 'meta'
+CONFIG_ITEM = 'config'
+DATA_ITEM = 'data'
+LEGACY_ITEM = 'default'  # Older checkpoints: the whole TrainState as one item.
+
+
+def _handler_registry() -> ocp.handlers.CheckpointHandlerRegistry:
+  """Which orbax handler saves and restores each named item (arrays: Standard, the rest JSON).
+
+  Declaring every item up front keeps the manager in multi-item mode whatever a step folder
+  holds, and lets a reader restore any subset of the items.
+  """
+  handlers: Dict[str, ocp.handlers.CheckpointHandler] = {
+      name: ocp.StandardCheckpointHandler() for name in STATE_ITEMS + (META_ITEM,)}
+  handlers.update({name: ocp.JsonCheckpointHandler() for name in (CONFIG_ITEM, DATA_ITEM)})
+  return ocp.handlers.create_default_handler_registry(**handlers)
+
+
 def create_manager(workdir: str, keep: int = 3, async_save: bool = True,
                    read_only: bool = False, keep_every: int = 0,
                    subdir: str = 'checkpoints') -> ocp.CheckpointManager:
@@ -98,20 +133,60 @@ def create_manager(workdir: str, keep: int = 3, async_save: bool = True,
       create=not read_only, read_only=read_only,
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
-  # One standard item per step: without a declared handler, a step folder missing its item
-  # would switch orbax to multi-item mode and make every older step unreadable too.
   directory = checkpoint_dir(workdir).parent / subdir
-  return ocp.CheckpointManager(directory, options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+  return ocp.CheckpointManager(directory, options=options, handler_registry=_handler_registry())
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: PyTree) -> None:
+def state_items(state: PyTree) -> Dict[str, PyTree]:
+  """{'params', 'ema_params', 'opt_state': subtree, 'meta': {other field: value}} of a
+  TrainState (or its abstract form): the orbax items it is saved as."""
+  fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  items = {name: fields.pop(name) for name in STATE_ITEMS}
+  items[META_ITEM] = fields
+  return items
+
+
+def state_from_items(like: PyTree, items: Dict[str, PyTree]) -> PyTree:
+  """Inverse of `state_items`: a state of the type of `like` from its items."""
+  return type(like)(**{name: items[name] for name in STATE_ITEMS}, **items[META_ITEM])
+
+
+def data_position(config: ml_collections.ConfigDict, step: int) -> Dict[str, Any]:
+  """What a resume needs to continue the data order at `step`: the batch at step s is a pure
+  function of (seed, s) for a given dataset, split and global batch size."""
+  return {'seed': int(config.seed), 'global_batch_size': int(config.training.batch_size),
+          'dataset': str(config.data.dataset), 'split': str(config.data.split),
+          'next_step': int(step)}
+
+
+def data_position_changes(manager: ocp.CheckpointManager, step: int,
+                          config: ml_collections.ConfigDict) -> List[str]:
+  """['seed: run has 0, requested 1', ...]: how this config's data order differs from the one
+  checkpoint `step` was trained on (empty when it matches or the checkpoint has no data item)."""
+  saved = saved_json(manager, step, DATA_ITEM)
+  if saved is None:
+    return []
+  current = data_position(config, step)
+  return [f'{name}: run has {saved[name]!r}, requested {current[name]!r}'
+          for name in ('seed', 'global_batch_size', 'dataset', 'split')
+          if name in saved and saved[name] != current[name]]
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
+         config: Optional[ml_collections.ConfigDict] = None) -> None:
   """Starts saving `state` as checkpoint `step` (returns before the write ends if async).
 
-  A failure of the previous asynchronous save is raised here rather than lost.
+  With `config` (training always passes it) the checkpoint also holds the resolved config and
+  the data position (`data_position`), so it describes itself. A failure of the previous
+  asynchronous save is raised here rather than lost.
   """
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
   manager.check_for_errors()
-  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  items = {name: ocp.args.StandardSave(tree) for name, tree in state_items(state).items()}
+  if config is not None:
+    items[CONFIG_ITEM] = ocp.args.JsonSave(json.loads(run_config.config_to_json(config)))
+    items[DATA_ITEM] = ocp.args.JsonSave(data_position(config, step))
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def abstract_like(state: PyTree) -> PyTree:
@@ -186,13 +261,67 @@ def _with_retries(read: Callable[[], Any], what: str, retries: int, backoff_s: f
   raise AssertionError('unreachable')
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *, quarantine: bool = True,
-                   retries: int = 3, backoff_s: float = 1.0
-                   ) -> Tuple[Optional[PyTree], Optional[int]]:
-  """Restores the newest readable checkpoint onto `target`'s shapes and shardings.
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  return epath.Path(manager.directory) / str(step)
 
-  `target` is a state or its `abstract_like`. Returns (state, step), or (None, None) when
-  there is no checkpoint. Three kinds of failure are told apart:
+
+def _saved_shapes(path: epath.Path, prefix: str = '') -> Dict[str, Tuple[int, ...]]:
+  """{path: shape} of the arrays of one orbax item folder, read from its metadata only."""
+  metadata = ocp.StandardCheckpointHandler().metadata(path)
+  tree = getattr(metadata, 'tree', metadata)
+  return {prefix + name: shape for name, shape in _shapes_by_path(tree).items()}
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract: PyTree,
+                  names: Sequence[str], retries: int, backoff_s: float) -> Dict[str, PyTree]:
+  """Reads the items `names` of checkpoint `step` onto `abstract`'s shapes and shardings.
+
+  Only those items are opened (their metadata, then their arrays). Raises
+  CheckpointMismatchError when an item's tree differs from `abstract`'s.
+  """
+  what = f'checkpoint {step} in {manager.directory}'
+  step_dir = _step_dir(manager, step)
+  wanted_items = {name: tree for name, tree in state_items(abstract).items() if name in names}
+  legacy = (step_dir / LEGACY_ITEM).exists() and not (step_dir / STATE_ITEMS[0]).exists()
+  if legacy:  # One item with the whole state; its paths start with the field names.
+    saved = _with_retries(lambda: _saved_shapes(step_dir / LEGACY_ITEM), what, retries, backoff_s)
+    wanted = _shapes_by_path(abstract)
+  else:
+    saved, wanted = {}, {}
+    for name, tree in wanted_items.items():
+      prefix = '' if name == META_ITEM else name + '/'
+      saved.update(_with_retries(lambda n=name, p=prefix: _saved_shapes(step_dir / n, p),
+                                 what, retries, backoff_s))
+      wanted.update({prefix + path: shape for path, shape in _shapes_by_path(tree).items()})
+  differences = structure_differences(saved, wanted)
+  if differences:
+    raise CheckpointMismatchError(
+        f'Checkpoint {step} in {manager.directory} does not fit the configured model/'
+        'optimizer (' + '; '.join(differences[:20]) +
+        (f'; and {len(differences) - 20} more' if len(differences) > 20 else '') +
+        '). Use the config the run was trained with (<workdir>/config.json), or a new '
+        '--workdir.')
+  if legacy:
+    restored = _with_retries(
+        lambda: ocp.StandardCheckpointHandler().restore(
+            step_dir / LEGACY_ITEM, args=ocp.args.StandardRestore(abstract)),
+        what, retries, backoff_s)
+    return {name: tree for name, tree in state_items(restored).items() if name in names}
+  args = ocp.args.Composite(**{name: ocp.args.StandardRestore(tree)
+                               for name, tree in wanted_items.items()})
+  restored = _with_retries(lambda: manager.restore(step, args=args), what, retries, backoff_s)
+  return {name: restored[name] for name in wanted_items}
+
+
+def restore_items(manager: ocp.CheckpointManager, target: PyTree, names: Sequence[str], *,
+                  quarantine: bool = True, retries: int = 3, backoff_s: float = 1.0
+                  ) -> Tuple[Optional[Dict[str, PyTree]], Optional[int]]:
+  """Restores the items `names` (of `STATE_ITEMS` + `META_ITEM`) of the newest readable
+  checkpoint onto the shapes and shardings of `target`'s corresponding fields.
+
+  `target` is a TrainState or its `abstract_like` (only the fields named are allocated).
+  Returns ({name: tree}, step), or (None, None) when there is no checkpoint. Three kinds of
+  failure are told apart:
   - a transient I/O error (`is_transient_error`) is retried `retries` times with back-off
     1, 2, 4.. x `backoff_s` seconds, then raised (nothing is skipped or moved);
   - a checkpoint whose tree differs from `target` (keys, shapes) raises
@@ -202,26 +331,10 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *, quarantine
     is tried, so training resumes from there and can later save that step again.
   """
   abstract = abstract_like(target)
-  wanted = _shapes_by_path(abstract)
   corrupt = []
   for step in sorted(manager.all_steps(), reverse=True):
-    what = f'checkpoint {step} in {manager.directory}'
     try:
-      saved = _with_retries(lambda s=step: _shapes_by_path(manager.item_metadata(s)),
-                            what, retries, backoff_s)
-      if saved:
-        differences = structure_differences(saved, wanted)
-        if differences:
-          raise CheckpointMismatchError(
-              f'Checkpoint {step} in {manager.directory} does not fit the configured model/'
-              'optimizer (' + '; '.join(differences[:20]) +
-              (f'; and {len(differences) - 20} more' if len(differences) > 20 else '') +
-              '). Use the config the run was trained with (<workdir>/config.json), or a new '
-              '--workdir.')
-      restored = _with_retries(
-          lambda s=step: manager.restore(s, args=ocp.args.StandardRestore(abstract)),
-          what, retries, backoff_s)
-      return restored, step
+      return _restore_step(manager, step, abstract, names, retries, backoff_s), step
     except CheckpointMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -239,6 +352,55 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *, quarantine
   return None, None
 
 
+def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *, quarantine: bool = True,
+                   retries: int = 3, backoff_s: float = 1.0
+                   ) -> Tuple[Optional[PyTree], Optional[int]]:
+  """Restores the whole train state of the newest readable checkpoint onto `target`'s shapes
+  and shardings: (state, step), or (None, None) without checkpoints. Failures as in
+  `restore_items` (transient: retried; mismatch: CheckpointMismatchError; corrupt: quarantined
+  and the previous step tried)."""
+  items, step = restore_items(manager, target, STATE_ITEMS + (META_ITEM,),
+                              quarantine=quarantine, retries=retries, backoff_s=backoff_s)
+  if items is None:
+    return None, None
+  return state_from_items(target, items), step
+
+
+def saved_json(manager: ocp.CheckpointManager, step: int, item: str) -> Optional[Dict[str, Any]]:
+  """The JSON item `item` ('config' or 'data') of checkpoint `step`; None when the checkpoint
+  has none (saved without a config, or by an older version) or it cannot be parsed."""
+  path = _step_dir(manager, step) / item
+  if not path.exists():
+    return None
+  try:
+    return ocp.JsonCheckpointHandler().restore(path, args=ocp.args.JsonRestore())
+  except Exception as e:  # pylint: disable=broad-except
+    if is_transient_error(e):
+      raise
+    logging.warning('The %s item of checkpoint %d in %s is unreadable (%s: %s).', item, step,
+                    manager.directory, type(e).__name__, e)
+    return None
+
+
+def saved_run_config(manager: ocp.CheckpointManager, workdir: str
+                     ) -> Tuple[Optional[ml_collections.ConfigDict], str]:
+  """(the config the run's checkpoints were written with, where it was read from).
+
+  The 'config' item of the newest checkpoint that has a readable one, else
+  `<workdir>/config.json`; (None, '') when the workdir has no checkpoint or neither exists.
+  """
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None, ''
+  for step in steps:
+    saved = saved_json(manager, step, CONFIG_ITEM)
+    if saved is not None:
+      return run_config.config_from_json(json.dumps(saved)), f'checkpoint {step}'
+  saved = run_config.load_run_config(workdir)
+  return (saved, str(run_config.config_path(workdir))) if saved is not None else (None, '')
+
+
 def reached_preemption(step: int) -> bool:
   """True on every process at the same `step` once JAX's preemption service saw a SIGTERM.
 
@@ -254,23 +416,33 @@ def reached_preemption(step: int) -> bool:
     return False
 
 
-def restore_params(config, workdir: str, mesh: Mesh, use_ema: bool) -> tuple[PyTree, int]:
-  """Loads the (EMA) parameters of the newest checkpoint in `workdir` onto `mesh`."""
+def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+                   use_ema: bool) -> Tuple[PyTree, int]:
+  """The EMA (`use_ema`) or raw parameters of the newest checkpoint in `workdir`, and its step.
+
+  Only that item is read (no optimizer state, not the other parameter tree), straight into
+  the FSDP shardings the train state has on `mesh` (`train_state.state_shardings` with
+  `config.mesh.fsdp_min_size`): no device ever holds more than its shard of a sharded tensor.
+  Corrupt steps are skipped (not moved: readers never write). Raises NoCheckpointError when
+  there is no checkpoint.
+  """
   from diffusion_jax import models, sharding, train_state  # pylint: disable=g-import-not-at-top
   model = models.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  replicated = sharding.replicated(mesh)
-  abstract = jax.eval_shape(
-      lambda: train_state.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape, mesh))
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          abstract)
+  shapes = train_state.abstract_train_state(model, tx, image_shape)
+  shardings = sharding.state_shardings(shapes, mesh, sharding.fsdp_min_size(config.mesh))
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  name = 'ema_params' if use_ema else 'params'
   manager = create_manager(workdir, read_only=True, async_save=False)
-  state, step = restore_latest(manager, abstract, quarantine=False)
-  manager.close()
-  if state is None:
+  try:
+    items, step = restore_items(manager, abstract, (name,), quarantine=False)
+  finally:
+    manager.close()
+  if items is None:
     raise NoCheckpointError(
         f'No checkpoint in {checkpoint_dir(workdir)}: train first with '
         f'`python main.py --config=... --workdir={workdir}` (--mode=train), or point '
         '--workdir at a run that has checkpoints.')
-  return (state.ema_params if use_ema else state.params), step
+  return items[name], step

@@ -45,11 +45,26 @@ def _restore_tuples(value: Any, like: Any) -> Any:
   return value
 
 
+def _add_missing(value: Dict[str, Any], like: Dict[str, Any]) -> Dict[str, Any]:
+  """`value` plus every field of `like` it lacks (recursively)."""
+  merged = dict(value)
+  for key, default in like.items():
+    if key not in merged:
+      merged[key] = default
+    elif isinstance(default, dict) and isinstance(merged[key], dict):
+      merged[key] = _add_missing(merged[key], default)
+  return merged
+
+
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of `config_to_json`: lists become tuples where the default config has tuples."""
+  """Inverse of `config_to_json`: lists become tuples where the default config has tuples.
+
+  A field the saved config lacks (the run predates it) takes its value from configs/default.py,
+  so an older run reads as if it had been started with that default.
+  """
   from configs import default  # pylint: disable=g-import-not-at-top
   like: Dict[str, Any] = default.get_config().to_dict()
-  return ml_collections.ConfigDict(_restore_tuples(json.loads(text), like))
+  return ml_collections.ConfigDict(_add_missing(_restore_tuples(json.loads(text), like), like))
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict | None:
@@ -97,6 +112,29 @@ def locked_differences(saved: ml_collections.ConfigDict, requested: ml_collectio
           if norm(old.get(name)) != norm(new.get(name))]
 
 
+def describe_differences(differences: List[Tuple[str, Any, Any]]) -> str:
+  """One indented line per `locked_differences` entry: 'model.ch: run has 32, requested 64'."""
+  return ''.join(f'\n  {name}: run has {old!r}, requested {new!r}'
+                 for name, old, new in differences)
+
+
+def check_resume_config(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                        source: str) -> None:
+  """Training resumes a run only with its own network: raises config_validation.ConfigError
+  listing each model.* / diffusion.* field where `config` differs from the `saved` one (read
+  from `source`, a checkpoint or config.json) with both values.
+
+  Optimizer and training fields may change; whether the state still fits is checked on restore.
+  """
+  differences = locked_differences(saved, config)
+  if differences:
+    from diffusion_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(
+        f'Cannot resume {source}: the config changes fields of the trained network (model, '
+        'diffusion). Use the run\'s values (its config.json) or a new --workdir:'
+        + describe_differences(differences))
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any]
                     ) -> ml_collections.ConfigDict:
   """A copy of `config` with each dotted `overrides` field ('sample.steps': 50) set."""
@@ -121,8 +159,7 @@ def config_for_run(saved: ml_collections.ConfigDict, requested: ml_collections.C
   """
   differences = locked_differences(saved, requested)
   if differences:
-    lines = [f'{name}: run has {old!r}, requested {new!r}' for name, old, new in differences]
     raise LockedFieldError('The --config / overrides change fields of the trained network relative to '
-                     'the run\'s config.json; drop those overrides (or use the run\'s config):\n  '
-                     + '\n  '.join(lines))
+                           'the run\'s config.json; drop those overrides (or use the run\'s config):'
+                           + describe_differences(differences))
   return apply_overrides(saved, overrides)

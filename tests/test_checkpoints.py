@@ -9,6 +9,7 @@ means its train step and init are compiled once per session.
 """
 
 import glob
+import json
 import logging
 import os
 import pathlib
@@ -157,9 +158,10 @@ def test_keeps_newest_k(tmp_path, meshes):
 
 
 def _corrupt(step_dir: pathlib.Path, how: str):
-  item = step_dir / 'default'
-  assert item.is_dir()
-  files = [p for p in item.rglob('*') if p.is_file()]
+  """Damages the train-state items of one checkpoint (params, ema_params, opt_state, meta)."""
+  items = [step_dir / name for name in checkpoints.STATE_ITEMS + (checkpoints.META_ITEM,)]
+  assert all(item.is_dir() for item in items)
+  files = [p for item in items for p in item.rglob('*') if p.is_file()]
   assert files
   if how == 'garbage':
     for p in files:
@@ -175,7 +177,7 @@ def _corrupt(step_dir: pathlib.Path, how: str):
       if p.parent.name == 'd':
         p.write_bytes(b'garbage')
   elif how == 'item_dir_deleted':
-    shutil.rmtree(item)
+    shutil.rmtree(items[0])
   else:
     raise ValueError(how)
 
@@ -186,13 +188,9 @@ def _corrupt(step_dir: pathlib.Path, how: str):
 @pytest.mark.parametrize('how', ['garbage', 'truncated', 'files_deleted', 'array_data_garbage',
                                  'item_dir_deleted'])
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, meshes, caplog, how):
-  # LIBRARY BUG (how='item_dir_deleted' fails): when the newest step directory has no
-  # 'default' item folder, orbax's CheckpointManager.restore locks the manager into
-  # multi-item mode (`_default_item` is set from whether <step>/default exists, on the first
-  # restore), so the fallback restore of step 1 with the same manager also fails ("Must
-  # provide `args` of type `Composite`") and restore_latest raises ValueError although step 1
-  # is intact. See the report: fix in diffusion_jax/checkpoints.py create_manager by passing
-  # item_handlers=ocp.StandardCheckpointHandler() (single-item mode fixed up front).
+  # 'item_dir_deleted': a step folder missing an item must not switch orbax's manager into
+  # another item mode (which made every older step unreadable with the deprecated single-item
+  # API); the handler registry of checkpoints.create_manager declares every item up front.
   mesh8, _ = meshes
   first, second = make_state(mesh8, seed=1, step=1), make_state(mesh8, seed=2, step=2)
   manager = checkpoints.create_manager(str(tmp_path), async_save=False)
@@ -241,6 +239,53 @@ def test_structure_mismatch_is_an_error_naming_the_paths(tmp_path, meshes):
   assert 'ema_params' not in message  # Only the differing paths are named.
   assert _steps_on_disk(tmp_path) == [3]
   assert not list((tmp_path / 'checkpoints').glob('*.corrupt*'))
+
+
+def test_manager_uses_only_non_deprecated_orbax_options(tmp_path, monkeypatch):
+  """orbax 0.12 deprecates item_handlers / item_names / checkpointers (use handler_registry)
+  and max_to_keep / keep_period (use preservation_policy)."""
+  seen = {}
+  real_init = ocp.CheckpointManager.__init__
+
+  def spy(self, directory, *args, **kwargs):
+    seen.update(kwargs, positional=args)
+    return real_init(self, directory, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, '__init__', spy)
+  checkpoints.create_manager(str(tmp_path), keep=2, keep_every=4).close()
+  assert seen['positional'] == ()
+  assert all(seen.get(name) is None for name in ('checkpointers', 'item_names', 'item_handlers'))
+  assert isinstance(seen['handler_registry'], ocp.handlers.DefaultCheckpointHandlerRegistry)
+  for item in checkpoints.STATE_ITEMS + (checkpoints.META_ITEM,):
+    assert seen['handler_registry'].has(item, ocp.args.StandardRestore)
+  for item in (checkpoints.CONFIG_ITEM, checkpoints.DATA_ITEM):
+    assert seen['handler_registry'].has(item, ocp.args.JsonRestore)
+  options = seen['options']
+  assert options.max_to_keep is None and options.keep_period is None
+  assert options.preservation_policy is not None
+
+
+def test_legacy_single_item_checkpoint_is_still_read(tmp_path, meshes):
+  """A checkpoint of the previous layout (the whole state as orbax's one 'default' item) is
+  restored whole, and its EMA alone, without being taken for a corrupt step."""
+  mesh8, _ = meshes
+  state = make_state(mesh8, seed=5, step=4)
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+  legacy = ocp.CheckpointManager(tmp_path / 'checkpoints', options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
+  legacy.save(4, args=ocp.args.StandardSave(state))
+  legacy.close()
+  assert (tmp_path / 'checkpoints' / '4' / 'default').is_dir()
+  manager = checkpoints.create_manager(str(tmp_path), async_save=False)
+  restored, step = checkpoints.restore_latest(manager, _zeros_like(state))
+  assert step == 4
+  assert_trees_equal(restored, state)
+  items, step = checkpoints.restore_items(manager, _zeros_like(state), ('ema_params',))
+  assert step == 4 and list(items) == ['ema_params']
+  assert_trees_equal(items['ema_params'], state.ema_params)
+  assert checkpoints.saved_run_config(manager, str(tmp_path)) == (None, '')  # Had none.
+  manager.close()
+  assert _steps_on_disk(tmp_path) == [4]
 
 
 def test_is_transient_error():
@@ -355,10 +400,13 @@ def _files(workdir):
 
 
 def _restore_step(workdir, step, like):
+  """Checkpoint `step` of `workdir` read with plain orbax (its named items) into a TrainState."""
   manager = checkpoints.create_manager(str(workdir), async_save=False)
-  restored = manager.restore(step, args=ocp.args.StandardRestore(checkpoints.abstract_like(like)))
+  items = checkpoints.state_items(checkpoints.abstract_like(like))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{name: ocp.args.StandardRestore(tree) for name, tree in items.items()}))
   manager.close()
-  return restored
+  return checkpoints.state_from_items(like, {name: restored[name] for name in items})
 
 
 @pytest.fixture(scope='module')
@@ -393,6 +441,74 @@ def test_first_run_trains_and_checkpoints(resumed_run):
   assert 'config.json' in run['after_first']['files']
   saved = run_config.load_run_config(str(run['workdir']))  # Rewritten by the last start (6).
   assert saved.training.num_train_steps == 6 and saved.model.ch_mult == (1, 2)
+
+
+def test_checkpoints_hold_their_config_and_data_position(resumed_run):
+  """Each checkpoint is a Composite of named items: the state's parts, the config it was
+  written with (step 4: the 4-step first run; step 6: the 6-step resume) and the data position."""
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  workdir = resumed_run['workdir']
+  step_dir = workdir / 'checkpoints' / '6'
+  assert {'params', 'ema_params', 'opt_state', 'meta', 'config', 'data'} <= {
+      p.name for p in step_dir.iterdir()}
+  assert not (step_dir / 'default').exists()
+  manager = checkpoints.create_manager(str(workdir), read_only=True, async_save=False)
+  for step, config in ((4, loop_config(4, async_checkpointing=True)), (6, loop_config(6))):
+    saved = run_config.config_from_json(
+        json.dumps(checkpoints.saved_json(manager, step, checkpoints.CONFIG_ITEM)))
+    assert saved.to_dict() == config.to_dict()
+    assert saved.model.ch_mult == (1, 2)  # Tuples come back as tuples.
+    data = checkpoints.saved_json(manager, step, checkpoints.DATA_ITEM)
+    assert data == {'seed': config.seed, 'global_batch_size': 8, 'dataset': config.data.dataset,
+                    'split': config.data.split, 'next_step': step}
+  saved, source = checkpoints.saved_run_config(manager, str(workdir))
+  assert source == 'checkpoint 6' and saved.training.num_train_steps == 6
+  # A resume with another seed or batch is told that the data order changes.
+  config = loop_config(6)
+  assert checkpoints.data_position_changes(manager, 6, config) == []
+  config.seed += 1
+  config.training.batch_size = 16
+  assert checkpoints.data_position_changes(manager, 6, config) == [
+      f'seed: run has {config.seed - 1}, requested {config.seed}',
+      'global_batch_size: run has 8, requested 16']
+  manager.close()
+
+
+def _tree_snapshot(root):
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in pathlib.Path(root).rglob('*') if p.is_file()}
+
+
+def test_resume_with_another_network_is_a_config_error(resumed_run, tmp_path):
+  """Resuming with changed model/diffusion fields raises ConfigError (a usage error in main.py)
+  listing each field with both values, before anything is read or written; the checkpoint's
+  own config is used, and <workdir>/config.json when the checkpoints have none."""
+  from diffusion_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  shutil.copytree(resumed_run['workdir'], workdir)
+  changed = loop_config(8)
+  changed.model.ch = 32
+  changed.diffusion.num_timesteps = 50
+  changed.optim.learning_rate = 1e-4  # Allowed: not part of the network.
+  (workdir / 'config.json').unlink()  # The checkpoint's config is the reference.
+  before = _tree_snapshot(workdir)
+  with pytest.raises(ConfigError) as info:
+    train.train_and_evaluate(changed, str(workdir))
+  message = str(info.value)
+  assert 'model.ch: run has 16, requested 32' in message
+  assert 'diffusion.num_timesteps: run has 100, requested 50' in message
+  assert 'checkpoint 6' in message and 'learning_rate' not in message
+  assert _tree_snapshot(workdir) == before  # Nothing written, moved or deleted.
+
+  # Checkpoints without a config item (written by older versions): config.json decides.
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  for step in _steps_on_disk(workdir):
+    shutil.rmtree(workdir / 'checkpoints' / str(step) / checkpoints.CONFIG_ITEM)
+  run_config.save_run_config(loop_config(6), str(workdir))
+  before = _tree_snapshot(workdir)
+  with pytest.raises(ConfigError, match=r'config\.json(.|\n)*model\.ch: run has 16, requested 32'):
+    train.train_and_evaluate(changed, str(workdir))
+  assert _tree_snapshot(workdir) == before
 
 
 def test_flatten_config_for_hparams():
