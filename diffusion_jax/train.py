@@ -21,9 +21,10 @@ import logging
 import signal
 import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, periodic_actions
 from etils import epath
@@ -62,12 +63,30 @@ def flatten_config(config) -> Dict[str, object]:
           for name, value in run_config.flatten(config).items()}
 
 
+def grid_batch_size(num_grid_samples: int, num_devices: int) -> int:
+  """The sampling batch of a grid: `num_grid_samples` rounded up to a multiple of the devices
+  that split it (e.g. 64 images on 256 chips sample a batch of 256 and keep the first 64)."""
+  return -(-num_grid_samples // num_devices) * num_devices
+
+
+def grid_labels(config, batch_size: int) -> np.ndarray:
+  """Class labels of a grid's sampling batch [batch_size] (cycling over the classes)."""
+  return default_labels(config.model.num_classes, 0, batch_size)
+
+
 def write_sample_grid(sample_fn, params, config, workdir: str, step: int,
-                      writer: metric_writers.MetricWriter) -> np.ndarray:
-  """Samples a grid with `params`, writes `<workdir>/samples/train_step_<step>.png` and TensorBoard."""
-  labels = default_labels(config.model.num_classes, 0, config.training.num_grid_samples)
-  x = sample_fn(params, jax.random.PRNGKey(config.sample.seed), labels)
-  batch = images.to_uint8(multihost.to_host(x))
+                      writer: metric_writers.MetricWriter,
+                      batch_size: Optional[int] = None) -> np.ndarray:
+  """Samples a grid with `params`, writes `<workdir>/samples/train_step_<step>.png` and TensorBoard.
+
+  `sample_fn` samples `batch_size` images (default `training.num_grid_samples`; a larger,
+  device-divisible batch from `grid_batch_size`); the first num_grid_samples are shown and
+  returned (uint8 [N, H, W, C]), the padding rows dropped.
+  """
+  num = config.training.num_grid_samples
+  x = sample_fn(params, jax.random.PRNGKey(config.sample.seed),
+                grid_labels(config, batch_size or num))
+  batch = images.to_uint8(multihost.to_host(x))[:num]
   upscale = max(1, 64 // config.data.resolution)
   grid = images.make_grid(batch, upscale=upscale)
   if jax.process_index() == 0:
@@ -76,6 +95,75 @@ def write_sample_grid(sample_fn, params, config, workdir: str, step: int,
     images.write_png(str(out_dir / f'train_step_{step:08d}.png'), grid)
   writer.write_images(step, {'samples': grid[None]})
   return batch
+
+
+def enable_compilation_cache(setting: str, workdir: str) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache for this run; returns its directory.
+
+  `setting` is `training.compilation_cache_dir`: '' = `<workdir>/compilation_cache`, a path,
+  or 'none' (off). A directory configured outside the config (JAX_COMPILATION_CACHE_DIR or
+  `jax.config.update('jax_compilation_cache_dir', ...)`, as the tests do) is kept unchanged.
+  """
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  configured = jax.config.jax_compilation_cache_dir
+  if configured:
+    logging.info('Persistent compilation cache: %s (set outside the config; kept).', configured)
+    return configured
+  if setting == 'none':
+    logging.info('Persistent compilation cache off (training.compilation_cache_dir=none).')
+    return None
+  path = setting or str(epath.Path(workdir) / 'compilation_cache')
+  jax.config.update('jax_compilation_cache_dir', path)
+  compilation_cache.reset_cache()  # Programs compiled before (none cached) do not turn it off.
+  logging.info('Persistent compilation cache: %s', path)
+  return path
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+  """Barrier of all processes through JAX's coordination service (no device collective, so
+  no 30-s gloo deadline on CPU); nothing to do in a single-process run."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  if client is None:  # Not started by jax.distributed: a device collective instead.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+def abstract_batch(config, mesh, steps_per_call: int) -> Dict[str, jax.ShapeDtypeStruct]:
+  """Shapes, dtypes and shardings of one train-step batch, as `input_pipeline.global_batches`
+  yields it: 'image' float32 [B, H, W, C] (and int32 'label' [B] when the data has labels),
+  with a leading [k] axis when steps_per_call = k > 1."""
+  k = steps_per_call
+  lead = (k,) if k > 1 else ()
+  batch_sharding = sharding.stacked_batch_sharding(mesh) if k > 1 else sharding.batch_sharding(
+      mesh)
+  res, size = config.data.resolution, config.training.batch_size
+  out = {'image': jax.ShapeDtypeStruct(lead + (size, res, res, config.data.channels),
+                                       jnp.float32, sharding=batch_sharding)}
+  if input_pipeline.has_labels(config.data):
+    out['label'] = jax.ShapeDtypeStruct(lead + (size,), jnp.int32, sharding=batch_sharding)
+  return out
+
+
+def describe_compiled(compiled: jax.stages.Compiled) -> str:
+  """'1.23 GFLOP per call; per device: arguments 1.2 MiB, outputs ..., temporaries ...'
+  from XLA's cost_analysis() and memory_analysis() (a figure a backend does not give: n/a)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  text = f'{flops / 1e9:.4g} GFLOP per call' if flops is not None else 'FLOPs n/a'
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return text + '; memory n/a'
+  mib = lambda n: f'{n / 2**20:.4g} MiB'
+  return (f'{text}; per device: arguments {mib(memory.argument_size_in_bytes)}, outputs '
+          f'{mib(memory.output_size_in_bytes)} ({mib(memory.alias_size_in_bytes)} aliased to '
+          f'arguments), temporaries {mib(memory.temp_size_in_bytes)}')
 
 
 class _PreemptionFlag:
@@ -105,9 +193,19 @@ class _PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _should_stop_for_preemption(flag: _PreemptionFlag, step: int) -> bool:
-  """The Python flag (one process) or JAX's preemption sync point (several)."""
-  return flag.requested or checkpoints.reached_preemption(step)
+def _should_stop_for_preemption(flag: _PreemptionFlag, step: int, steps_per_call: int) -> bool:
+  """The Python flag (one process) or JAX's preemption sync point (several), after the call
+  that ended at `step`.
+
+  JAX agrees on the sync point `max(last id each process passed) + 1` and reports it only to
+  a call with exactly that id, so ids must go up by one; orbax's own checks during a save pass
+  the step. So every step of the call is passed, in order (k calls to a cheap local check): all
+  processes see the sync point inside the same call and stop after it, at the same step.
+  """
+  reached = False
+  for s in range(step - steps_per_call + 1, step + 1):
+    reached = checkpoints.reached_preemption(s) or reached  # Every id is passed, in order.
+  return flag.requested or reached
 
 
 def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
@@ -136,8 +234,20 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   state, restored_step = None, None
   if checkpoints.checkpoint_dir(workdir).exists():
     reader = checkpoints.create_manager(workdir, read_only=True, async_save=False)
-    state, restored_step = checkpoints.restore_latest(reader, abstract)
-    reader.close()
+    try:  # A changed model/diffusion field is a usage error, found before any read or write.
+      saved_config, source = checkpoints.saved_run_config(reader, workdir)
+      if saved_config is not None:
+        run_config.check_resume_config(saved_config, config, f'{workdir} ({source})')
+      state, restored_step = checkpoints.restore_latest(reader, abstract)
+      if state is not None:
+        for change in checkpoints.data_position_changes(reader, restored_step, config):
+          logging.warning('Resuming with another data order than checkpoint %d was trained '
+                          'on (%s): the run continues from step %d with the new order.',
+                          restored_step, change, restored_step)
+    finally:
+      reader.close()
+  # Every process has looked for checkpoints before any of them writes one.
+  wait_for_all_processes('train_checkpoints_looked_up')
   if state is not None:
     logging.info('Resumed from checkpoint %d in %s', restored_step, workdir)
   start_step = restored_step or 0
@@ -157,6 +267,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   # itself.
   if jax.process_index() == 0:
     run_config.save_run_config(config, workdir)
+  enable_compilation_cache(tcfg.compilation_cache_dir, workdir)
   manager = checkpoints.create_manager(workdir, tcfg.keep_checkpoints, tcfg.async_checkpointing,
                                        keep_every=tcfg.keep_every_steps)
   if state is None:
@@ -168,10 +279,26 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                '%d step(s) per call.', num_params, start_step, tcfg.num_train_steps,
                jax.device_count(), dict(mesh.shape), k)
 
-  train_step = train_state.make_train_step(model, tx, schedule, config, mesh, steps_per_call=k)
-  sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, tcfg.num_grid_samples)
-  # The sampler takes replicated parameters: gather FSDP-sharded EMA weights for it.
-  gather = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
+  # Both programs are compiled ahead of time, before any data is read: an OOM shows here, and
+  # a restarted run loads them from the persistent compilation cache.
+  train_step = train_state.make_train_step(
+      model, tx, schedule, config, mesh, steps_per_call=k).lower(
+          abstract, abstract_batch(config, mesh, k)).compile()
+  logging.info('Train step (%d step(s) per call): %s', k, describe_compiled(train_step))
+  grid_batch = grid_batch_size(tcfg.num_grid_samples, mesh.devices.size)
+  sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, grid_batch)
+  compiled_grid = sample_fn.lower(abstract.ema_params, jax.random.PRNGKey(config.sample.seed),
+                                  grid_labels(config, grid_batch)).compile()
+  logging.info('Sample grid (%d images, batch %d): %s', tcfg.num_grid_samples, grid_batch,
+               describe_compiled(compiled_grid))
+  # A process that loaded its programs from the cache must not enter the first collective
+  # long before one that compiles them (gloo gives a peer 30 s).
+  wait_for_all_processes('train_compiled')
+  # In-training eval (training.eval_every_steps > 0): feature networks, reference statistics
+  # and the sampler are built once here, before the loop.
+  from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
+  train_eval = (evaluation.TrainingEvaluator(config, workdir, mesh)
+                if tcfg.eval_every_steps > 0 else None)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   if start_step == 0:
@@ -218,8 +345,12 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           writer.write_scalars(step, scalars)
         if (tcfg.sample_every_steps and step % tcfg.sample_every_steps == 0) or is_last:
           with report.timed('sample'):
-            write_sample_grid(sample_fn, gather(state.ema_params), config, workdir, step, writer)
-        preempted = _should_stop_for_preemption(preemption, step)
+            write_sample_grid(sample_fn, state.ema_params, config, workdir, step, writer,
+                              grid_batch)
+        if train_eval is not None and train_eval.due(step, is_last):
+          with report.timed('eval'):
+            train_eval(state, state.ema_params, step, writer)
+        preempted = _should_stop_for_preemption(preemption, step, k)
         if step % tcfg.checkpoint_every_steps == 0 or is_last or preempted:
           if history and on_nonfinite != 'skip':  # Never save a state after a non-finite step.
             if _mean_metrics(history)['nonfinite'] > 0:
@@ -227,7 +358,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                   f'Loss or gradients became NaN/Inf before step {step}; training stopped and '
                   'the last good checkpoint is kept.')
           with report.timed('checkpoint'):
-            checkpoints.save(manager, step, state)
+            checkpoints.save(manager, step, state, config)
         if preempted:
           logging.warning('Preempted: saved checkpoint %d; exiting.', step)
           break
@@ -235,6 +366,8 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       manager.wait_until_finished()
       manager.check_for_errors()
       manager.close()
+      if train_eval is not None:
+        train_eval.close()
       writer.flush()
   logging.info('Finished training at step %d.', step)
   return state

@@ -151,7 +151,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   `training.grad_accum_steps` = a splits every B into a micro-batches of B / a whose gradients
   are averaged before one update; noise and timesteps are still drawn for the whole B, so the
   step equals one step on B up to float rounding (exactly so when model.dropout = 0; dropout
-  masks are drawn per micro-batch).
+  masks are drawn per micro-batch). The float32 gradient sum is kept in the parameters'
+  shardings, so under FSDP a device holds only its shard of it.
   metrics: 'loss', 'grad_norm' (before clipping), 'learning_rate' (the one this update uses:
   the schedule counts applied updates, optax's count, which a skipped step does not advance),
   'nonfinite' (1 when the
@@ -161,11 +162,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   lr_schedule = learning_rate_schedule(ocfg, tcfg.num_train_steps)
   base_key = jax.random.PRNGKey(config.seed)
   num_classes = config.model.num_classes
-  cond_drop_prob = tcfg.get('cond_drop_prob', 0.0)
-  accum = int(tcfg.get('grad_accum_steps', 1))
-  k = int(tcfg.get('steps_per_call', 1) if steps_per_call is None else steps_per_call)
+  cond_drop_prob = tcfg.cond_drop_prob
+  accum = int(tcfg.grad_accum_steps)
+  k = int(tcfg.steps_per_call if steps_per_call is None else steps_per_call)
   batch_axes = sharding.batch_sharding(mesh).spec[0]
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, batch_axes))
+  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
+  state_sharding = state_shardings(model, tx, image_shape, mesh,
+                                   sharding.fsdp_min_size(config.mesh))
+  # XLA:CPU runs a convolution's weight gradient inside a while loop tens of times slower than
+  # outside one (benchmarks/scan_backward_cpu.py), so on the CPU the k steps and the
+  # micro-batches are unrolled; other backends keep rolled loops (one copy of the body to
+  # compile).
+  on_cpu = mesh.devices.flat[0].platform == 'cpu'
 
   def loss_and_grads(params, x0, noise, t, x_t, labels, drop_key):
     """Mean loss of one (micro-)batch and its gradient."""
@@ -190,16 +199,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     micro = (split(x0), split(noise), split(t), split(x_t), split(labels), jnp.arange(accum))
 
+    # The float32 gradient sum lives in the parameters' layout: under FSDP each device keeps
+    # only its shard of the sum (the micro-batch gradients are reduce-scattered into it), not a
+    # full replicated copy of every gradient.
+    as_params = lambda tree: jax.lax.with_sharding_constraint(tree, state_sharding.params)
+
     def body(carry, m):
       loss_sum, grad_sum = carry
       mx0, mnoise, mt, mx_t, mlabels, i = m
       loss, grads = loss_and_grads(params, mx0, mnoise, mt, mx_t, mlabels,
                                    jax.random.fold_in(drop_key, i))
-      grad_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads)
+      grad_sum = as_params(jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads))
       return (loss_sum + loss, grad_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+    zeros = as_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro,
+                                           unroll=accum if on_cpu else 1)
     grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
     return loss_sum / accum, grads
 
@@ -235,17 +250,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                'nonfinite': 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
-  # XLA:CPU runs a convolution's weight gradient inside a while loop tens of times slower than
-  # outside one (benchmarks/scan_backward_cpu.py), so on the CPU the k steps are unrolled; other
-  # backends keep the rolled loop (one copy of the step to compile).
-  unroll = k if mesh.devices.flat[0].platform == 'cpu' else 1
-
   def multi_step(state: TrainState, batches: Dict[str, jax.Array]):
-    return jax.lax.scan(train_step, state, batches, unroll=unroll)
+    return jax.lax.scan(train_step, state, batches, unroll=k if on_cpu else 1)
 
-  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  state_sharding = state_shardings(model, tx, image_shape, mesh,
-                                   sharding.fsdp_min_size(config.mesh))
   replicated = sharding.replicated(mesh)
   if k == 1:
     fn, batch_sharding = train_step, sharding.batch_sharding(mesh)

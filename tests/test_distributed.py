@@ -109,6 +109,51 @@ def test_fsdp_matches_data_parallel_and_is_sharded():
   assert_trees_close(s_fsdp.ema_params, s_dp.ema_params, rtol=1e-5, atol=1e-5)
 
 
+def _sharding_constraints(jaxpr):
+  """(shape, sharding) of every with_sharding_constraint in `jaxpr` and its sub-jaxprs."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'sharding_constraint':
+      found.append((tuple(eqn.outvars[0].aval.shape), eqn.params['sharding']))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += _sharding_constraints(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += _sharding_constraints(sub)
+  return found
+
+
+def test_grad_accum_sum_stays_in_the_fsdp_layout():
+  """Under FSDP the float32 gradient sum of grad_accum_steps (the scan's initial zeros and its
+  carry) is constrained to each parameter's own sharding, so a device holds 1/fsdp of it
+  rather than a replicated copy of every gradient. (Before, the only constraints were the
+  micro-batch splits.)"""
+  config = small_config(grad_accum_steps=2)
+  config.mesh.data, config.mesh.fsdp, config.mesh.fsdp_min_size = 2, 4, 256
+  mesh = sharding.create_mesh(config.mesh)
+  model = models.create_model(config.model, config.data.channels)
+  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
+  shape = (config.data.resolution, config.data.resolution, config.data.channels)
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      train_state.abstract_train_state(model, tx, shape),
+      train_state.state_shardings(model, tx, shape, mesh, 256))
+  rows = sharding.batch_sharding(mesh)
+  batch = {'image': jax.ShapeDtypeStruct((16,) + shape, jnp.float32, sharding=rows),
+           'label': jax.ShapeDtypeStruct((16,), jnp.int32, sharding=rows)}
+  step = train_state.make_train_step(model, tx, diffusion.make_schedule(config.diffusion),
+                                     config, mesh)
+  constraints = _sharding_constraints(step.trace(abstract, batch).jaxpr.jaxpr)
+  sharded = [p for p in jax.tree.leaves(abstract.params) if 'fsdp' in str(p.sharding.spec)]
+  assert len(sharded) > 10
+  for param in sharded:
+    matching = [c for c_shape, c in constraints if c_shape == param.shape and
+                c.is_equivalent_to(param.sharding, len(param.shape))]
+    # The zeros and the carry after each micro-batch (every parameter of this shape).
+    assert len(matching) >= 2, (param.shape, param.sharding.spec)
+
+
 # ------------------------------------------------------------------ steps per call, accumulation
 
 

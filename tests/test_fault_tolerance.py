@@ -1,11 +1,15 @@
-"""Faults: SIGKILL + restart is bit-identical, SIGTERM saves and exits 0, FSDP checkpoints move
-between device counts, non-finite steps are skipped, keep-every-M checkpoints are kept.
+"""Faults: SIGKILL + restart is bit-identical, SIGTERM saves and exits 0 (one process, and two
+processes through JAX's preemption sync point), FSDP checkpoints move between device counts,
+non-finite steps are skipped, keep-every-M checkpoints are kept; fast restarts (ahead-of-time
+compile with its FLOPs/memory log line, the persistent compilation cache under the workdir).
 
 (A corrupt newest checkpoint falling back to the previous one is tested in test_checkpoints.py.)
 """
 
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -17,7 +21,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import test_distributed as td  # pylint: disable=g-import-not-at-top
-from diffusion_jax import checkpoints, input_pipeline, sharding, train, train_state
+from diffusion_jax import checkpoints, input_pipeline, sharding, train
 
 
 def _steps_on_disk(workdir):
@@ -161,3 +165,144 @@ def test_skip_nonfinite_steps_and_keep_every(tmp_path, monkeypatch):
   assert sorted(td.logged_losses(tmp_path, 'train/steps_per_sec_window')) == [4, 8]
   # 7 updates were applied in 8 steps: the schedule counts applied updates.
   assert int(state.opt_state[1][0].count) == 7
+
+
+# ------------------------------------------------------------------ multi-process preemption
+
+
+def _two_processes(workdir, cache, flags):
+  port = td._free_port()  # pylint: disable=protected-access
+  return [td.run_main(workdir, 2, cache, list(flags) + [
+      f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'])
+          for i in range(2)]
+
+
+def _wait_all(procs, timeout=500):
+  outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
+
+
+def test_two_processes_sigterm_save_the_same_step_and_resume_bit_identically(tmp_path, cache):
+  """2 processes x 2 CPU devices (gloo): SIGTERM to both while training -> JAX's preemption
+  sync point -> both save the same step (< num_train_steps) and exit 0; the resumed run ends
+  bit-identical to an uninterrupted one. steps_per_call=2, so the sync point is found although
+  a call ends only at every second step (JAX needs sync ids one apart)."""
+  flags = ['--config.training.num_train_steps=100', '--config.training.steps_per_call=2',
+           '--config.training.checkpoint_every_steps=100', '--config.training.log_every_steps=100']
+  run = tmp_path / 'run'
+  procs = _two_processes(run, cache, flags)
+  start = time.time()  # Process 0 writes the hparams event right before the first step.
+  while not (run.is_dir() and any(p.startswith('events.out') for p in os.listdir(run))):
+    assert time.time() - start < 500, 'training did not start'
+    for p in procs:
+      assert p.poll() is None, p.communicate()[0][-4000:]
+    time.sleep(0.1)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outs = _wait_all(procs)
+  saved = [re.findall(r'Preempted: saved checkpoint (\d+)', out) for out in outs]
+  assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+  step = int(saved[0][0])
+  assert 0 < step < 100 and step % 2 == 0, step
+  assert _steps_on_disk(run) == [step]
+
+  resumed = _wait_all(_two_processes(run, cache, flags))
+  assert f'Resumed from checkpoint {step}' in resumed[0]
+  _wait_all(_two_processes(tmp_path / 'ref', cache, flags))
+  (ref, ref_step), (got, got_step) = td.final_state(tmp_path / 'ref'), td.final_state(run)
+  assert ref_step == got_step == 100
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):  # Params, EMA, Adam: bit for bit.
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _FakeSyncManager:
+  """JAX's preemption sync rule (xla PreemptionSyncManager): once notified, the sync point is
+  max(last id each process passed) + 1, and only a call with exactly that id returns True."""
+
+  def __init__(self):
+    self.ids, self.sync_point = [], None
+
+  def notify(self):
+    self.sync_point = max(self.ids, default=0) + 1
+
+  def __call__(self, step_id):
+    self.ids.append(step_id)
+    return step_id == self.sync_point
+
+
+@pytest.mark.parametrize('k', [1, 2, 4])
+def test_preemption_sync_ids_go_up_by_one_with_steps_per_call(monkeypatch, k):
+  """With k steps per call the loop still passes ids 1, 2, 3, ... (calling with the step, as
+  the old loop did, passes k, 2k, ... and never meets max + 1 when k > 1)."""
+  fake = _FakeSyncManager()
+  monkeypatch.setattr(checkpoints, 'reached_preemption', fake)
+  flag = train._PreemptionFlag()  # pylint: disable=protected-access
+  stopped_at = None
+  for step in range(k, 40 * k + 1, k):
+    if step == 10 * k:
+      fake.notify()  # A SIGTERM arrives during the 10th call: sync point 9k + 1.
+    if train._should_stop_for_preemption(flag, step, k):  # pylint: disable=protected-access
+      stopped_at = step
+      break
+  assert fake.ids == list(range(1, len(fake.ids) + 1))
+  assert stopped_at == 10 * k  # After the call holding the sync point.
+
+
+# ------------------------------------------------------------------ fast restarts
+
+
+def test_aot_compile_logs_cost_and_fills_a_fresh_workdir_cache(tmp_path):
+  """A tiny run with no cache configured compiles its train step and sampler ahead of time,
+  logs FLOPs and per-device memory (arguments = the replicated train state + this device's
+  batch rows), and leaves the compiled programs in <workdir>/compilation_cache. The grid has 3
+  images on 2 devices: its sampling batch is padded to 4."""
+  workdir = tmp_path / 'run'
+  env = td._env(2, tmp_path / 'unused')  # pylint: disable=protected-access
+  del env['JAX_COMPILATION_CACHE_DIR']
+  cmd = [sys.executable, os.path.join(td.ROOT, 'main.py'),
+         '--config=' + os.path.join(td.ROOT, 'configs', 'tiny.py'), f'--workdir={workdir}',
+         '--config.training.num_train_steps=2', '--config.training.log_every_steps=2',
+         '--config.training.checkpoint_every_steps=2', '--config.training.num_grid_samples=3',
+         '--config.sample.steps=2']
+  out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=500, check=False).stdout
+  assert 'Train step' in out and 'GFLOP per call' in out, out[-4000:]
+  line = re.search(r'Train step \(1 step\(s\) per call\): ([0-9.e+-]+) GFLOP per call; per '
+                   r'device: arguments ([0-9.e+-]+) MiB, outputs ([0-9.e+-]+) MiB '
+                   r'\(([0-9.e+-]+) MiB aliased', out)
+  assert line, out[-4000:]
+  gflop, arguments, outputs, aliased = map(float, line.groups())
+  state, step = td.final_state(workdir)
+  assert step == 2
+  state_mib = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)) / 2**20
+  batch_mib = 8 * 8 * 8 * 1 * 4 / 2**20 + 8 * 4 / 2**20  # 8 of the 16 rows, image + label.
+  assert gflop > 0
+  np.testing.assert_allclose(arguments, state_mib + batch_mib, rtol=1e-3)
+  assert aliased == pytest.approx(state_mib, rel=1e-3) and outputs >= aliased  # Donated state.
+  assert 'Sample grid (3 images, batch 4)' in out
+  assert os.listdir(workdir / 'samples') == ['train_step_00000002.png']
+  assert len(os.listdir(workdir / 'compilation_cache')) >= 2  # Train step and sampler at least.
+  assert 'Persistent compilation cache: ' + str(workdir / 'compilation_cache') in out
+
+
+def test_compilation_cache_setting_keeps_a_configured_directory(tmp_path):
+  """'' -> <workdir>/compilation_cache, a path -> that path, 'none' -> off; a directory set
+  outside the config (here conftest's session cache) is never replaced."""
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  session = jax.config.jax_compilation_cache_dir
+  assert session  # conftest.py's.
+  assert train.enable_compilation_cache('', str(tmp_path)) == session
+  assert train.enable_compilation_cache('none', str(tmp_path)) == session
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert train.enable_compilation_cache('none', str(tmp_path)) is None
+    assert not jax.config.jax_compilation_cache_dir
+    assert train.enable_compilation_cache('', str(tmp_path)) == str(tmp_path / 'compilation_cache')
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'compilation_cache')
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert train.enable_compilation_cache(str(tmp_path / 'c'), 'unused') == str(tmp_path / 'c')
+  finally:
+    jax.config.update('jax_compilation_cache_dir', session)
+    compilation_cache.reset_cache()
