@@ -20,6 +20,7 @@ def get_config():
   config.training.sample_every_steps = 3
   config.training.checkpoint_every_steps = 3
   config.training.num_grid_samples = 16
+  config.training.eval_every_steps = 0  # The digits demo's in-training eval is off here.
   config.training.async_checkpointing = False
   config.sample.steps = 5
   config.sample.num_samples = 24

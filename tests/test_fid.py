@@ -258,7 +258,7 @@ def test_eval_mode_writes_every_sample_metric(tmp_path):
   assert (workdir / 'eval' / 'fid_stats' / 'classifier_digits.npz').exists()
 
 
-def test_eval_mode_scores_an_existing_samples_file_with_classifier_fd(tmp_path):
+def test_eval_mode_scores_an_existing_samples_file_with_classifier_fd(tmp_path, capsys):
   from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   real, labels = input_pipeline.load_digits()
   noise = np.random.default_rng(0).integers(0, 256, size=(300, 8, 8, 1), dtype=np.uint8)
@@ -272,6 +272,8 @@ def test_eval_mode_scores_an_existing_samples_file_with_classifier_fd(tmp_path):
     config.eval.samples = str(tmp_path / f'{name}.npz')
     workdir = tmp_path / name
     results = evaluation.evaluate(config, str(workdir))
+    progress = capsys.readouterr().err  # The bar of process 0 counts the images scored.
+    assert 'samples -> features' in progress and '300/300' in progress
     written = json.loads((workdir / 'eval' / 'classifier_fd_step0.json').read_text())
     assert written == results['classifier_fd'] and written['num_samples'] == 300
     assert written['samples'] == config.eval.samples
@@ -281,3 +283,167 @@ def test_eval_mode_scores_an_existing_samples_file_with_classifier_fd(tmp_path):
   assert scores['real']['label_agreement'] == 1.0 and scores['noise']['label_agreement'] < 0.5
   assert scores['real']['classifier_fd'] * 20 < scores['noise']['classifier_fd']
   assert scores['real']['classifier_sha256'] == scores['noise']['classifier_sha256']  # Cached.
+
+
+# ------------------------------------------------------------------ in-training eval
+
+
+def _event_scalars(folder, tag):
+  """{step: value} of `tag` in the TensorBoard event files directly under `folder`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(folder.glob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          out[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField(
+              'tensor') else value.simple_value
+  return out
+
+
+def _train_eval_config(tmp_path, num_train_steps):
+  config = tiny.get_config()
+  config.model.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=())
+  config.diffusion.num_timesteps = 20
+  config.sample.update(steps=2, batch_size=16)
+  config.training.update(num_train_steps=num_train_steps, eval_every_steps=2,
+                         checkpoint_every_steps=2, keep_checkpoints=1, sample_every_steps=0,
+                         log_every_steps=2)
+  config.eval.update(train_metrics=('classifier_fd',), train_num_samples=24,
+                     fid_stats_dir=str(tmp_path / 'stats'))
+  return config
+
+
+def test_training_eval_writes_scalars_and_keeps_the_best_checkpoint(tmp_path, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  config = _train_eval_config(tmp_path, 4)
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, str(workdir))
+  values = {s: json.loads((workdir / 'eval' / f'classifier_fd_step{s}.json').read_text())
+            ['classifier_fd'] for s in (2, 4)}
+  lines = [r.getMessage() for r in caplog.records if ' at step 4: ' in r.getMessage()]
+  assert len(lines) == 1 and lines[0].startswith(f'classifier_fd at step 4: {values[4]:.6g}')
+  assert not (workdir / 'eval' / 'classifier_fd_step1.json').exists()
+  logged = _event_scalars(workdir, 'eval/classifier_fd/classifier_fd')
+  assert logged == pytest.approx(values, rel=1e-6)
+  best_step = min(values, key=values.get)
+  best = json.loads((workdir / 'eval' / 'best.json').read_text())
+  assert best == {'metric': 'classifier_fd', 'value': pytest.approx(values[best_step]),
+                  'step': best_step}
+  assert sorted(p.name for p in (workdir / 'checkpoints_best').iterdir()
+                if p.name.isdigit()) == [str(best_step)]
+  # The best checkpoint's EMA parameters score what was recorded for them.
+  mesh = sharding.create_mesh(config.mesh)
+  model = models.create_model(config.model, config.data.channels)
+  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
+  like = jax.eval_shape(lambda: train_state.create_train_state(
+      model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh))
+  like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                     sharding=sharding.replicated(mesh)), like)
+  reader = checkpoints.create_manager(str(workdir), read_only=True, async_save=False,
+                                      subdir=evaluation.BEST_SUBDIR)
+  restored, step = checkpoints.restore_items(reader, like, ('ema_params',), quarantine=False)
+  reader.close()
+  assert step == best_step
+  scorer = evaluation.SampleMetricsEvaluator(config, str(workdir), mesh, ('classifier_fd',), 24)
+  again = scorer(restored['ema_params'], best_step)['classifier_fd']['classifier_fd']
+  assert again == pytest.approx(values[best_step], rel=1e-5)
+
+  # Resume with an earlier best nothing can beat: it is read from best.json, so step 6 is
+  # not saved as best, and keep_checkpoints=1 deletes old steps but never the best one.
+  (workdir / 'eval' / 'best.json').write_text(json.dumps(dict(best, value=-1.0)))
+  train.train_and_evaluate(_train_eval_config(tmp_path, 6), str(workdir))
+  assert (workdir / 'eval' / 'classifier_fd_step6.json').exists()
+  assert json.loads((workdir / 'eval' / 'best.json').read_text())['value'] == -1.0
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['6']
+  assert sorted(p.name for p in (workdir / 'checkpoints_best').iterdir()
+                if p.name.isdigit()) == [str(best_step)]
+
+
+def test_training_eval_config_errors_name_the_fields():
+  from diffusion_jax import config_validation  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.training.eval_every_steps = 2
+  config.eval.train_metrics = ('is', 'fid')
+  config.eval.train_num_samples = 1
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate_config(config, 'train', num_devices=8)
+  message = str(e.value)
+  assert "eval.train_metrics=('is', 'fid')" in message and "'classifier_fd'" in message
+  assert 'eval.train_num_samples=1' in message
+  config.eval.update(train_metrics=('classifier_fd',), train_num_samples=32)
+  config_validation.validate_config(config, 'train', num_devices=8)
+  config.training.eval_every_steps = 0
+  config.eval.train_metrics = ('lpips',)  # Not read when the in-training eval is off.
+  config_validation.validate_config(config, 'train', num_devices=8)
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  demo = digits.get_config()  # The demo scores classifier_fd once, at its last step.
+  assert demo.training.eval_every_steps == demo.training.num_train_steps
+  assert demo.eval.train_metrics == ('classifier_fd',)
+  config_validation.validate_config(demo, 'train', num_devices=8)
+  demo.data.dataset = 'cifar10'
+  with pytest.raises(config_validation.ConfigError, match="'classifier_fd'.*data.dataset"):
+    config_validation.validate_config(demo, 'train', num_devices=8)
+
+
+# ------------------------------------------------------------------ sources and the cache
+
+
+def _pixel_features(batch):
+  """A stand-in feature network: the first 6 pixel values of each image."""
+  return {'pool3': np.asarray(batch).reshape(len(batch), -1)[:, :6].astype(np.float64)}
+
+
+def test_tfds_split_source_reads_the_prepared_split(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  assert fid.parse_tfds_source('tfds:cifar10:train[:10%]') == ('cifar10', 'train[:10%]')
+  assert fid.parse_tfds_source('tfds:imagenet_resized/64x64:validation') == (
+      'imagenet_resized/64x64', 'validation')
+  for bad in ('tfds:cifar10', 'tfds::train', 'cifar10:train'):
+    with pytest.raises(ValueError, match='tfds:NAME:SPLIT'):
+      fid.parse_tfds_source(bad)
+  with tfds.testing.mock_data(num_examples=7):
+    raw = np.stack([e['image'] for e in tfds.load('cifar10', split='test').as_numpy_iterator()])
+    from_tfds = fid.features_of_source('tfds:cifar10:test', _pixel_features, 4, keep=7,
+                                       want_logits=False)
+  assert raw.shape == (7, 32, 32, 3) and raw.std() > 0
+  np.savez(tmp_path / 'same.npz', arr_0=raw)
+  from_npz = fid.features_of_source(str(tmp_path / 'same.npz'), _pixel_features, 4, 7, False)
+  assert from_tfds.num_images == 7
+  np.testing.assert_array_equal(from_tfds.features, raw.reshape(7, -1)[:, :6])
+  np.testing.assert_allclose(from_tfds.sigma, from_npz.sigma, rtol=1e-12)
+  with pytest.raises(FileNotFoundError, match='tfds build cifar10'):
+    next(fid.tfds_batches('tfds:cifar10:test', 4, data_dir=str(tmp_path / 'empty')))
+
+
+def test_reference_statistics_are_cached_per_folder_and_reused(tmp_path, monkeypatch):
+  reads = []
+
+  def fake_dataset_batches(config, split, batch_size, limit, mesh):
+    del split, batch_size, limit, mesh
+    reads.append(config.data.folder)
+    seed = 0 if config.data.folder.endswith('a') else 1
+    yield np.random.default_rng(seed).integers(0, 256, size=(10, 8, 8, 1), dtype=np.uint8)
+
+  monkeypatch.setattr(evaluation, '_dataset_batches', fake_dataset_batches)
+  config = tiny.get_config()
+  config.data.update(dataset='folder', folder=str(tmp_path / 'images_a'))
+  config.eval.update(fid_stats_dir=str(tmp_path / 'stats'), num_kept_features=4)
+  workdir = str(tmp_path / 'run')
+  first, path_a = evaluation.reference_features(config, workdir, _pixel_features, 'abc', 4, None)
+  again, path_again = evaluation.reference_features(config, workdir, _pixel_features, 'abc', 4,
+                                                    None)
+  assert reads == [config.data.folder]  # The second evaluation read the cache file only.
+  assert path_again == path_a and again.num_images == first.num_images == 10
+  np.testing.assert_allclose(again.sigma, first.sigma, rtol=1e-12)
+  config.data.folder = str(tmp_path / 'images_b')  # Another folder: its own statistics.
+  other, path_b = evaluation.reference_features(config, workdir, _pixel_features, 'abc', 4, None)
+  assert len(reads) == 2 and path_b != path_a
+  assert not np.allclose(other.mu, first.mu)
+  assert evaluation.dataset_source_id(config.data) in path_b
+  config.data.folder = str(tmp_path / 'images_b') + '/'  # The same folder, written otherwise.
+  assert evaluation.reference_features(config, workdir, _pixel_features, 'abc', 4, None)[1] == (
+      path_b)
+  assert len(reads) == 2

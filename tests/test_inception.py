@@ -126,3 +126,59 @@ def test_classifier_weights_give_bias_free_logits(reference):
   np.testing.assert_allclose(out['pool3'], reference['pool3'][:1], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out['logits'], out['pool3'].astype(np.float64) @ fc.T.astype(
       np.float64), rtol=1e-4, atol=1e-3)
+
+
+def test_legacy_torch_save_format_is_read(tmp_path):
+  legacy = torch_weights.load_state_dict(os.path.join(FIXTURES, 'tiny_state_dict_legacy.pth'))
+  values = np.load(os.path.join(FIXTURES, 'tiny_state_dict_values.npz'))
+  assert sorted(legacy) == sorted(k.replace('__', '.') for k in values.files)
+  for key, value in legacy.items():
+    expected = values[key.replace('.', '__')]
+    np.testing.assert_array_equal(value.astype(expected.dtype), expected, err_msg=key)
+    assert value.shape == expected.shape, key
+  assert legacy['layer.steps'].dtype == np.int64 and legacy['layer.half'].dtype == np.float16
+  # A legacy file whose object pickle calls anything else is refused before it runs.
+  marker = tmp_path / 'pwned'
+  header = b''.join(pickle.dumps(x, protocol=2) for x in (
+      torch_weights.LEGACY_MAGIC, torch_weights.LEGACY_PROTOCOL, {'little_endian': True}))
+  path = tmp_path / 'evil_legacy.pth'
+  path.write_bytes(header + pickle.dumps({'weight': _Exploit(marker)}, protocol=2) +
+                   pickle.dumps([], protocol=2))
+  with pytest.raises(torch_weights.UnsafePickleError, match='system'):
+    torch_weights.load_state_dict(str(path))
+  assert not marker.exists()
+  (tmp_path / 'junk.pth').write_bytes(b'not a torch file')
+  with pytest.raises(ValueError, match='neither a zip archive nor a legacy'):
+    torch_weights.load_state_dict(str(tmp_path / 'junk.pth'))
+
+
+@needs_weights
+def test_pytorch_fid_names_map_onto_the_network(reference):
+  """NVIDIA's weights under pytorch-fid's names (the map written by the fixture script with
+  torch, which also checked the re-saved legacy file) give NVIDIA's pool3 and, with a random
+  fc, the fixture's logits; a batch-norm scale != 1 is folded in exactly."""
+  fixture = np.load(os.path.join(FIXTURES, 'pytorch_fid_fixture.npz'))
+  nvidia = torch_weights.load_state_dict(WEIGHTS)
+  state = {str(new): nvidia[str(old)] for new, old in zip(fixture['pytorch_fid_names'],
+                                                          fixture['nvidia_names'])}
+  assert len(state) == 376 and 'Mixed_6b.branch7x7dbl_4.bn.running_var' in state
+  for name in list(state):
+    if name.endswith('bn.bias'):
+      state[name.replace('bn.bias', 'bn.weight')] = np.ones_like(state[name])
+  layer = 'Mixed_7b.branch3x3dbl_3a'
+  gamma = np.random.default_rng(1).uniform(0.5, 2.0, size=state[f'{layer}.bn.bias'].shape)
+  state[f'{layer}.bn.weight'] = gamma.astype(np.float32)
+  state[f'{layer}.conv.weight'] = (state[f'{layer}.conv.weight'] / gamma[:, None, None, None])
+  state[f'{layer}.bn.running_mean'] = state[f'{layer}.bn.running_mean'] / gamma
+  rng = np.random.default_rng(int(fixture['fc_seed']))
+  state['fc.weight'] = (rng.normal(size=(1008, 2048)) * 0.01).astype(np.float32)
+  state['fc.bias'] = rng.normal(size=(1008,)).astype(np.float32)
+  assert inception.is_pytorch_fid_state_dict(state)
+  params = inception.params_from_state_dict(state, inception.NUM_LOGITS)
+  out = inception.make_feature_fn(params, inception.NUM_LOGITS, 'tf_legacy')(
+      reference['images'][:2])
+  ref = reference['pool3'][:2]
+  np.testing.assert_allclose(out['pool3'], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+  logits = fixture['logits']
+  np.testing.assert_allclose(out['logits'], logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
+  assert inception.is_known_weights('6726825d' + '0' * 56)
