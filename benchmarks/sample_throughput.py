@@ -45,15 +45,19 @@ class DiffusersSampler:
     self.torch = torch
     self.unet = unet.eval()
     dcfg, scfg = config.diffusion, config.sample
-    spacing = str(scfg.get('spacing', 'leading'))
-    thresholding = str(scfg.get('thresholding', 'static')) if scfg.clip_denoised else 'none'
+    spacing = str(scfg.spacing)
+    thresholding = scfg.thresholding
+    if thresholding == 'auto':
+      thresholding = samplers.default_thresholding(sampler)
+    if not scfg.clip_denoised:
+      thresholding = 'none'
     if sampler not in ('ddim', 'ddpm'):
       raise NotImplementedError(f'no like-for-like diffusers loop for sampler {sampler!r}.')
     if dcfg.prediction_type != 'epsilon' or config.model.learn_sigma:
       raise NotImplementedError('the diffusers loop covers epsilon prediction, fixed variance.')
     if spacing not in ('leading', 'trailing', 'linspace'):
       raise NotImplementedError(f'sample.spacing={spacing!r} has no diffusers timestep_spacing.')
-    if thresholding not in ('static', 'none') or float(scfg.get('guidance_scale', 1.0)) != 1.0:
+    if thresholding not in ('static', 'none') or float(scfg.guidance_scale) != 1.0:
       raise NotImplementedError('the diffusers loop covers static clipping without guidance.')
     betas = diffusion.beta_schedule(dcfg.beta_schedule, dcfg.num_timesteps, dcfg.beta_start,
                                     dcfg.beta_end).astype(np.float32)
@@ -61,12 +65,12 @@ class DiffusersSampler:
                   clip_sample=thresholding == 'static', prediction_type='epsilon',
                   timestep_spacing=spacing, steps_offset=0)
     if sampler == 'ddim':
-      # Our DDIM: timesteps 0, k, 2k, ... (k = T // steps), abar_prev = 1 at the last step, and
-      # eps recomputed from the clipped x0 -- diffusers' 'leading' spacing, set_alpha_to_one,
-      # use_clipped_model_output.
-      self.scheduler = DDIMScheduler(set_alpha_to_one=True, **common)
+      # The same DDIM as ours: diffusers' timestep_spacing, set_alpha_to_one and
+      # use_clipped_model_output from sample.*.
+      self.scheduler = DDIMScheduler(set_alpha_to_one=bool(scfg.set_alpha_to_one), **common)
       self.scheduler.set_timesteps(steps)
-      self.step_kwargs = dict(eta=float(scfg.eta), use_clipped_model_output=True)
+      self.step_kwargs = dict(eta=float(scfg.eta),
+                              use_clipped_model_output=bool(scfg.use_clipped_model_output))
     else:  # ddpm; steps 0 = every timestep, else the respaced schedule.
       self.scheduler = DDPMScheduler(variance_type=scfg.variance, **common)
       self.scheduler.set_timesteps(steps or dcfg.num_timesteps)

@@ -36,7 +36,6 @@ if _ROOT not in sys.path:  # `configs` and `diffusion_jax` live at the repositor
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion, models, sharding, train_state  # pylint: disable=g-import-not-at-top
@@ -282,11 +281,11 @@ class TorchTrainStep:
     self.sqrt_abar = torch.tensor(np.sqrt(abar), dtype=torch.float32)
     self.sqrt_1m_abar = torch.tensor(np.sqrt(1.0 - abar), dtype=torch.float32)
     self.num_timesteps = dcfg.num_timesteps
-    if (dcfg.prediction_type != 'epsilon' or dcfg.get('loss_weighting', 'simple') != 'simple'
+    if (dcfg.prediction_type != 'epsilon' or dcfg.loss_weighting != 'simple'
         or config.model.learn_sigma):
       raise NotImplementedError('the diffusers train step implements epsilon prediction with the '
                                 'simple (unweighted) loss and a fixed variance only.')
-    if int(config.training.get('grad_accum_steps', 1)) != 1:
+    if int(config.training.grad_accum_steps) != 1:
       raise NotImplementedError('the diffusers train step has no gradient accumulation.')
     if ocfg.optimizer == 'adamw':
       self.opt = torch.optim.AdamW(unet.parameters(), lr=ocfg.learning_rate,

@@ -3,11 +3,12 @@
   python -m diffusion_jax.convert --from=diffusers --source=DIR --workdir=RUN \\
       [--config=configs/cifar10_ddpm.py]   # the fields the diffusers folder does not set
   python -m diffusion_jax.convert --to=diffusers --workdir=RUN --out=DIR
+  python -m diffusion_jax.convert --from=openai --source=MODEL.pt --workdir=RUN \\
+      --model_flags="..." [--diffusion_flags="..."]   # see openai_checkpoints.py
 
 Our U-Net (models.py) is diffusers' DDPM-family `UNet2DModel` (DownBlock2D / AttnDownBlock2D /
-UpBlock2D / AttnUpBlock2D, sinusoidal [sin, cos] timestep features with freq_shift=1, GroupNorm
-eps 1e-6, 'SAME' stride-2 downsampling = downsample_padding=0), so a state dict maps one-to-one
-onto our parameters:
+UpBlock2D / AttnUpBlock2D; its flip_sin_to_cos, freq_shift, norm_eps and downsample_padding are
+config.model fields of the same names), so a state dict maps one-to-one onto our parameters:
 
   conv   OIHW -> HWIO               linear  [out, in] -> [in, out]
   to_q/to_k/to_v [h*d, c] -> [c, h, d]    to_out.0 [c, h*d] -> [h, d, c]
@@ -62,10 +63,11 @@ DIFFUSERS_SCHEDULER_DEFAULTS: Dict[str, Any] = dict(
 
 # Options whose value must be exactly this for our network (no config field of ours varies them).
 FIXED_UNET_OPTIONS: Dict[str, Any] = dict(
-    center_input_sample=False, time_embedding_type='positional', freq_shift=1,
-    flip_sin_to_cos=False, mid_block_type='UNetMidBlock2D', mid_block_scale_factor=1,
-    downsample_padding=0, downsample_type='conv', upsample_type='conv', act_fn='silu',
-    norm_eps=1e-6, add_attention=True, class_embed_type=None)
+    center_input_sample=False, time_embedding_type='positional',
+    mid_block_type='UNetMidBlock2D', mid_block_scale_factor=1, downsample_type='conv',
+    upsample_type='conv', act_fn='silu', add_attention=True, class_embed_type=None)
+# UNet2DModel options that are config.model fields of the same name and meaning.
+MODEL_FIELD_OPTIONS = ('flip_sin_to_cos', 'freq_shift', 'norm_eps', 'downsample_padding')
 BETA_SCHEDULES = {'linear': 'linear', 'scaled_linear': 'scaled_linear',
                   'squaredcos_cap_v2': 'cosine', 'sigmoid': 'sigmoid'}
 PREDICTION_TYPES = {'epsilon': 'epsilon', 'sample': 'x0', 'v_prediction': 'v'}
@@ -175,6 +177,13 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
   classes = opt('num_class_embeds')
   model.num_classes = 0 if classes is None else int(classes) - 1  # Ours adds the null class.
   model.learn_sigma = out_ch == 2 * in_ch
+  model.null_class = True
+  model.timestep_scale = 1.0
+  if opt('downsample_padding') not in (0, 1):
+    raise ConversionError(f'UNet2DModel option downsample_padding={opt("downsample_padding")!r} '
+                          'is not supported (0 or 1, model.downsample_padding).')
+  for name in MODEL_FIELD_OPTIONS:
+    model[name] = type(model[name])(opt(name))
   config.data.resolution = resolution
   config.data.channels = in_ch
   if scheduler_config is not None:
@@ -223,6 +232,10 @@ def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any]
   if m.resblock_updown:
     raise ConversionError('model.resblock_updown=True: the UNet2DModel DownBlock2D/UpBlock2D '
                           'layout has no resnet up/downsampling; cannot export.')
+  if m.timestep_scale != 1.0:
+    raise ConversionError(f'model.timestep_scale={m.timestep_scale} (improved-diffusion\'s '
+                          'rescale_timesteps): UNet2DModel feeds the timestep unscaled; '
+                          'cannot export.')
   channels_out = [int(m.ch * mult) for mult in m.ch_mult]
   attn = [resolution // 2**i in tuple(m.attn_resolutions) for i in range(len(m.ch_mult))]
   if m.num_head_channels > 0:
@@ -243,8 +256,9 @@ def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any]
       dropout=float(m.dropout), attention_head_dim=head_dim, norm_num_groups=int(m.num_groups),
       attn_norm_num_groups=int(m.num_groups) if m.use_scale_shift_norm else None,
       resnet_time_scale_shift='scale_shift' if m.use_scale_shift_norm else 'default',
-      num_class_embeds=int(m.num_classes) + 1 if m.num_classes > 0 else None,
+      num_class_embeds=(int(m.num_classes) + int(m.null_class)) if m.num_classes > 0 else None,
       time_embedding_dim=None, num_train_timesteps=None)
+  unet.update({name: m[name] for name in MODEL_FIELD_OPTIONS})
   d = config.diffusion
   inverse_schedules = {v: k for k, v in BETA_SCHEDULES.items()}
   inverse_predictions = {v: k for k, v in PREDICTION_TYPES.items()}
@@ -444,7 +458,7 @@ def write_workdir(config: ml_collections.ConfigDict, params: PyTree, workdir: st
       ema_params=jax.tree.map(lambda p: p.astype(jnp.float32), params), opt_state=tx.init(params))
   run_config.save_run_config(config, workdir)
   manager = checkpoints.create_manager(workdir, keep=1, async_save=False)
-  checkpoints.save(manager, 0, state)
+  checkpoints.save(manager, 0, state, config)
   manager.wait_until_finished()
   manager.close()
 
@@ -498,8 +512,17 @@ def main(argv: Sequence[str]) -> None:
   try:
     if f['from'].value is not None:
       if not f.source:
-        raise app.UsageError('--from=diffusers needs --source=DIR (a UNet2DModel folder).')
-      config = import_diffusers(f.source, f.workdir, base=f.config)
+        raise app.UsageError('--from=diffusers needs --source=DIR (a UNet2DModel folder); '
+                             '--from=openai needs --source=MODEL.pt.')
+      if f['from'].value == 'openai':
+        if not f.model_flags:
+          raise app.UsageError('--from=openai needs --model_flags="..." (the MODEL_FLAGS the '
+                               "checkpoint's README gives).")
+        from diffusion_jax import openai_checkpoints  # pylint: disable=g-import-not-at-top
+        config = openai_checkpoints.import_openai(f.source, f.workdir, f.model_flags,
+                                                  f.diffusion_flags or '', base=f.config)
+      else:
+        config = import_diffusers(f.source, f.workdir, base=f.config)
       print(f'Imported {f.source} into {f.workdir}: ch {config.model.ch}, ch_mult '
             f'{tuple(config.model.ch_mult)}, {config.data.resolution}px; its config is '
             f'{f.workdir}/config.json.')
@@ -514,7 +537,10 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_enum('from', None, ['diffusers'], 'Import a model of this format.')
+  flags.DEFINE_enum('from', None, ['diffusers', 'openai'], 'Import a model of this format.')
+  flags.DEFINE_string('model_flags', None, '--from=openai: the MODEL_FLAGS string of the '
+                      'improved/guided-diffusion README (diffusion flags may be included).')
+  flags.DEFINE_string('diffusion_flags', None, '--from=openai: the DIFFUSION_FLAGS string.')
   flags.DEFINE_enum('to', None, ['diffusers'], 'Export the run to this format.')
   flags.DEFINE_string('source', None, 'diffusers UNet2DModel folder to import.')
   flags.DEFINE_string('workdir', None, 'Run directory (written by import, read by export).')

@@ -10,12 +10,18 @@ and whose `timesteps` are the kept network inputs. Every sampler then runs over 
 respaced schedule; ancestral sampling on it is the exact reverse Markov chain of the subsequence
 (Nichol & Dhariwal 2021, Song et al. 2021).
 
-Spacings (diffusers' `timestep_spacing` names and guided-diffusion's section strings):
+Spacings (diffusers' `timestep_spacing` names and guided-diffusion's section strings). diffusers
+gives linspace and leading a different meaning per scheduler, and so does `respaced_timesteps`
+with its `convention` argument: 'ddim' (DDPMScheduler, DDIMScheduler) or 'dpm_solver'
+(DPMSolverMultistepScheduler / DPMSolverSinglestepScheduler, whose last step goes to the clean
+sample itself, so they spread S + 1 points and drop the lowest, t = 0):
 
-  linspace          round(linspace(0, T - 1, S))                 first and last step kept
-  leading, uniform  arange(S) * (T // S)                         the DDIM paper's 'uniform'
-  trailing          round(T - arange(S) T / S) - 1, ascending    last step kept
-  quadratic         int(linspace(0, sqrt(0.8 T), S)^2)           the DDIM paper's CIFAR-10 choice
+                    'ddim'                              'dpm_solver'
+  linspace          round(linspace(0, T - 1, S))        round(linspace(0, T - 1, S + 1))[1:]
+  leading           arange(S) * (T // S)                arange(1, S + 1) * (T // (S + 1))
+  trailing          round(T - arange(S) T / S) - 1, ascending, in both (last step kept)
+  uniform           arange(S) * (T // S) in both: the DDIM paper's 'uniform'
+  quadratic         int(linspace(0, sqrt(0.8 T), S)^2): the DDIM paper's CIFAR-10 choice
   'ddimN'           0, k, 2k, ... with the stride k giving exactly N steps
   'a,b,c'           T cut into len(sections) near-equal parts, part i evenly strided with a, b, c
                     steps (first and last step of each part kept); S = a + b + c
@@ -33,6 +39,8 @@ from diffusion_jax import diffusion
 from diffusion_jax.diffusion import Schedule
 
 SPACINGS = ('linspace', 'leading', 'uniform', 'trailing', 'quadratic')
+# diffusers' per-scheduler readings of linspace / leading (see the module docstring).
+CONVENTIONS = ('ddim', 'dpm_solver')
 
 
 def is_section_spacing(spacing: str) -> bool:
@@ -84,13 +92,17 @@ def _sections(num_timesteps: int, spacing: str) -> np.ndarray:
   return np.asarray(kept)
 
 
-def respaced_timesteps(num_timesteps: int, steps: Optional[int], spacing: str) -> np.ndarray:
+def respaced_timesteps(num_timesteps: int, steps: Optional[int], spacing: str,
+                       convention: str = 'ddim') -> np.ndarray:
   """The kept training steps, ascending int32 [S].
 
   For the named spacings S = `steps` (in [1, T]); the guided-diffusion strings 'ddimN' and
-  'a,b,c' fix S themselves and ignore `steps`. Raises ValueError naming `sample.spacing` or
-  `sample.steps`.
+  'a,b,c' fix S themselves and ignore `steps`. `convention` picks diffusers' reading of
+  linspace / leading for the scheduler family ('ddim' or 'dpm_solver', module docstring).
+  Raises ValueError naming `sample.spacing` or `sample.steps`.
   """
+  if convention not in CONVENTIONS:
+    raise ValueError(f'convention={convention!r} is unknown; use one of {CONVENTIONS}.')
   t = int(num_timesteps)
   if not isinstance(spacing, str):
     raise ValueError(f'sample.spacing={spacing!r} must be a string.')
@@ -104,8 +116,12 @@ def respaced_timesteps(num_timesteps: int, steps: Optional[int], spacing: str) -
                      "(e.g. 'ddim50') or section counts such as '10,15,20'.")
   else:
     s = _check_steps(t, steps)
+    dpm = convention == 'dpm_solver'
     if spacing == 'linspace':
-      kept = np.round(np.linspace(0, t - 1, s))
+      kept = np.round(np.linspace(0, t - 1, s + 1))[1:] if dpm else np.round(
+          np.linspace(0, t - 1, s))
+    elif spacing == 'leading' and dpm:
+      kept = np.arange(1, s + 1) * (t // (s + 1))
     elif spacing in ('leading', 'uniform'):
       kept = np.arange(s) * (t // s)
     elif spacing == 'trailing':

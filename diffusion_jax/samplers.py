@@ -2,9 +2,10 @@
 
 Every sampler has the signature
 
-  sampler(denoise, schedule, noise, rng, *, trajectory_every=0, **options)
+  sampler(denoise, schedule, noise, rng, *, trajectory_every=0, trajectory_images=None,
+          **options)
       -> x_0                              if trajectory_every == 0
-      -> (x_0, Trajectory(x_t, x0))       otherwise, each [K, B, H, W, C], K = ceil(steps / k)
+      -> (x_0, Trajectory(x_t, x0))       otherwise, each [K, n, H, W, C], K = ceil(steps / k)
 
 `denoise` wraps the network (see `make_denoiser`): `denoise(x_t, t)` with an int32 index t into
 the schedule the sampler is given (shared by the batch), or `denoise(x_t, timestep, sigma=s)` at
@@ -18,13 +19,19 @@ is one XLA program; jit the call (with a batch sharding) from outside.
 
 With `trajectory_every` = k > 0 the state after every k-th loop step (and after the last one) is
 recorded: x_t, the sample after the step (variance-preserving scale, so x_t[-1] is the output),
-and x0, the prediction the step was computed from.
+and x0, the prediction the step was computed from; only the first n = `trajectory_images` samples
+of the batch are recorded (None = all), so the loop carries [K, n, ...] buffers, not [K, B, ...].
+
+ddpm and ddim take `variance_noise` [steps, B, H, W, C] (diffusers' name): the standard normal
+noise of every step, used instead of draws from `rng`, e.g. to reproduce another
+implementation's run step by step.
 
 Registered names (diffusers' spellings): ddpm, ddim, dpm_solver_pp, euler, heun.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
@@ -38,6 +45,8 @@ from diffusion_jax.diffusion import Schedule
 
 VARIANCES = ('fixed_small', 'fixed_large', 'learned_range')
 THRESHOLDINGS = ('static', 'dynamic', 'none')
+# sample.thresholding also takes 'auto': each sampler's diffusers default (`default_thresholding`).
+CONFIG_THRESHOLDINGS = ('auto',) + THRESHOLDINGS
 DPM_SOLVER_TYPES = ('multistep', 'singlestep')
 CONTINUOUS_SAMPLERS = ('euler', 'heun')  # Run on Karras sigmas, not on a respaced schedule.
 
@@ -54,7 +63,8 @@ class Prediction(NamedTuple):
 
 
 class Trajectory(NamedTuple):
-  """Recorded every `trajectory_every` steps: x_t after the step and the x0 it used, [K, B, ...]."""
+  """Recorded every `trajectory_every` steps: x_t after the step and the x0 it used, [K, n, ...]
+  for the first n = `trajectory_images` samples of the batch."""
   x_t: jax.Array
   x0: jax.Array
 
@@ -74,6 +84,13 @@ def dynamic_threshold(x0: jax.Array, percentile: float = 0.995) -> jax.Array:
   s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
   s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
   return jnp.clip(x0, -s, s) / s
+
+
+def default_thresholding(sampler: str) -> str:
+  """What sample.thresholding='auto' means for `sampler`: what its diffusers scheduler does by
+  default. DDPMScheduler and DDIMScheduler clip x0 to [-1, 1] (clip_sample=True);
+  DPMSolverMultistepScheduler, EulerDiscreteScheduler and HeunDiscreteScheduler do not."""
+  return 'static' if sampler in ('ddpm', 'ddim') else 'none'
 
 
 def resolve_thresholding(clip_denoised: bool, thresholding: Optional[str]) -> str:
@@ -103,19 +120,6 @@ def _static_float(value) -> Optional[float]:
     return float(value)
   except (TypeError, jax.errors.ConcretizationTypeError):
     return None
-
-
-def _x0_eps(output: jax.Array, x_t: jax.Array, a: jax.Array, s: jax.Array,
-            prediction_type: str) -> Tuple[jax.Array, jax.Array]:
-  """(x0, eps) implied by the output, with x_t = a x0 + s eps (a = sqrt(abar), s = sqrt(1-abar))."""
-  if prediction_type == 'epsilon':
-    return (x_t - s * output) / a, output
-  if prediction_type == 'x0':
-    return output, (x_t - a * output) / s
-  if prediction_type == 'v':  # v = a eps - s x0.
-    return a * x_t - s * output, s * x_t + a * output
-  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
-                   f'use one of {diffusion.PREDICTION_TYPES}.')
 
 
 def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -182,7 +186,8 @@ def make_denoiser(apply_fn: Callable[..., jax.Array], schedule: Schedule, predic
                   dynamic_threshold_percentile: float = 0.995,
                   labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
                   guidance_scale: float = 1.0, learn_sigma: bool = False,
-                  takes_labels: Optional[bool] = None) -> Denoiser:
+                  takes_labels: Optional[bool] = None,
+                  use_clipped_model_output: bool = True) -> Denoiser:
   """Turns `apply_fn(x_t, timesteps [B][, labels [B]]) -> output` into a `Denoiser`.
 
   denoise(x_t, t) -> Prediction: t is an int32 index into `schedule` (shared by the batch); the
@@ -193,8 +198,10 @@ def make_denoiser(apply_fn: Callable[..., jax.Array], schedule: Schedule, predic
     sees the float `timestep`; log_variance is None.
 
   thresholding (default 'static' if clip_denoised else 'none'): 'static' clips x0 to [-1, 1],
-  'dynamic' applies `dynamic_threshold` with `dynamic_threshold_percentile`; eps is recomputed
-  from the thresholded x0, eps = (x_t - a x0) / s', so (x0, eps) stay consistent with x_t.
+  'dynamic' applies `dynamic_threshold` with `dynamic_threshold_percentile`. With
+  use_clipped_model_output (diffusers' name) eps is recomputed from the thresholded x0,
+  eps = (x_t - a x0) / s', so (x0, eps) stay consistent with x_t; without it eps is the model's
+  own (diffusers' DDIMScheduler default). Only DDIM uses eps; the other samplers read x0 alone.
   labels / null_label / guidance_scale / learn_sigma / takes_labels: see `make_network_fn`.
   """
   if prediction_type not in diffusion.PREDICTION_TYPES:
@@ -220,11 +227,12 @@ def make_denoiser(apply_fn: Callable[..., jax.Array], schedule: Schedule, predic
       a = jax.lax.rsqrt(1.0 + jnp.square(jnp.asarray(sigma, jnp.float32)))
       s = sigma * a
     output, v = net(x_t, timesteps)
-    x0, eps = _x0_eps(output, x_t, a, s, prediction_type)
+    x0, eps = diffusion.x0_eps_from_scaled(output, x_t, a, s, prediction_type)
     if method != 'none':
       x0 = (jnp.clip(x0, -1.0, 1.0) if method == 'static'
             else dynamic_threshold(x0, dynamic_threshold_percentile))
-      eps = (x_t - a * x0) / s
+      if use_clipped_model_output:
+        eps = (x_t - a * x0) / s
     log_var = None
     if v is not None and sigma is None:
       log_var = diffusion.learned_log_variance(schedule, v, jnp.full((batch,), t, jnp.int32))
@@ -247,37 +255,50 @@ def _f32(a) -> jax.Array:
   return jnp.asarray(a, jnp.float32)
 
 
-def _loop(step: Callable, carry: Tuple, num_steps: int, trajectory_every: int):
+def _loop(step: Callable, carry: Tuple, num_steps: int, trajectory_every: int,
+          trajectory_images: Optional[int] = None):
   """Runs `step(i, carry) -> (carry, x_t, x0)` for i < num_steps in one fori_loop.
 
-  carry[0] is the sample. Returns it, or (it, Trajectory) with slot j holding the records of the
-  last step of chunk j = i // trajectory_every (every step writes its slot, the last write wins).
+  carry[0] is the sample [B, ...]. Returns it, or (it, Trajectory) with slot j holding the records
+  of the last step of chunk j = i // trajectory_every (every step writes its slot, the last write
+  wins) for the first n = min(trajectory_images, B) samples: buffers [K, n, ...].
   """
   k = int(trajectory_every)
   if k < 0:
     raise ValueError(f'trajectory_every={trajectory_every} must be >= 0.')
   if k == 0:
     return jax.lax.fori_loop(0, num_steps, lambda i, c: step(i, c)[0], carry)[0]
+  batch = carry[0].shape[0]
+  rows = batch if trajectory_images is None else int(trajectory_images)
+  if rows < 1:
+    raise ValueError(f'trajectory_images={trajectory_images} must be >= 1 '
+                     '(sample.animation_num_images).')
+  rows = min(rows, batch)
   slots = -(-num_steps // k)
-  empty = jnp.zeros((slots,) + carry[0].shape, jnp.float32)
+  empty = jnp.zeros((slots, rows) + carry[0].shape[1:], jnp.float32)
 
   def body(i, state):
     c, xs, x0s = state
     c, x_t, x0 = step(i, c)
     j = i // k
-    return (c, jax.lax.dynamic_update_index_in_dim(xs, x_t, j, 0),
-            jax.lax.dynamic_update_index_in_dim(x0s, x0, j, 0))
+    return (c, jax.lax.dynamic_update_index_in_dim(xs, x_t[:rows], j, 0),
+            jax.lax.dynamic_update_index_in_dim(x0s, x0[:rows], j, 0))
 
   c, xs, x0s = jax.lax.fori_loop(0, num_steps, body, (carry, empty, empty))
   return c[0], Trajectory(xs, x0s)
 
 
-def _respaced(denoise: Denoiser, schedule: Schedule, steps: Optional[int], spacing: str
-             ) -> Tuple[Denoiser, Schedule]:
+def spacing_convention(sampler: str) -> str:
+  """diffusers' reading of sample.spacing linspace / leading for `sampler` (see respacing)."""
+  return 'dpm_solver' if sampler == 'dpm_solver_pp' else 'ddim'
+
+
+def _respaced(denoise: Denoiser, schedule: Schedule, steps: Optional[int], spacing: str,
+              convention: str = 'ddim') -> Tuple[Denoiser, Schedule]:
   """(denoise, schedule) on `steps` respaced steps; the denoiser keeps the original indices."""
   if steps is None:
     return denoise, schedule
-  kept = respacing.respaced_timesteps(schedule.num_timesteps, steps, spacing)
+  kept = respacing.respaced_timesteps(schedule.num_timesteps, steps, spacing, convention)
   if len(kept) == schedule.num_timesteps:
     return denoise, schedule
   original = jnp.asarray(kept, jnp.int32)
@@ -291,16 +312,30 @@ def _normal(rng: jax.Array, i: jax.Array, shape) -> jax.Array:
   return jax.random.normal(jax.random.fold_in(rng, i), shape, jnp.float32)
 
 
+def _step_noise(rng: jax.Array, variance_noise: Optional[jax.Array], num_steps: int,
+                shape) -> Callable[[jax.Array], jax.Array]:
+  """z_i of loop step i: variance_noise[i] when given ([num_steps, *shape]), else from `rng`."""
+  if variance_noise is None:
+    return lambda i: _normal(rng, i, shape)
+  if tuple(variance_noise.shape) != (num_steps,) + tuple(shape):
+    raise ValueError(f'variance_noise has shape {tuple(variance_noise.shape)}; it must be '
+                     f'[steps, B, H, W, C] = {(num_steps,) + tuple(shape)}.')
+  return lambda i: variance_noise[i].astype(jnp.float32)
+
+
 # ---------------------------------------------------------------- DDPM and DDIM
 
 
 def ddpm_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
-                variance: str = 'fixed_small', trajectory_every: int = 0, **unused):
+                variance: str = 'fixed_small', trajectory_every: int = 0,
+                trajectory_images: Optional[int] = None,
+                variance_noise: Optional[jax.Array] = None, **unused):
   """Ancestral sampling (Ho et al.) over every step of `schedule` (respace it for fewer steps).
 
   x_{t-1} = c1_t x0_hat + c2_t x_t + sigma_t z, the posterior mean of `diffusion.q_posterior`;
   sigma_t^2: 'fixed_small' beta~_t, 'fixed_large' beta_t (beta~_1 at t = 0, as guided-diffusion),
   'learned_range' exp(Prediction.log_variance) of a learn_sigma model. No noise at the last step.
+  z of loop step i is variance_noise[i] if given ([steps, B, H, W, C]), else drawn from `rng`.
   Options other than `variance` (e.g. steps) are ignored.
   """
   del unused
@@ -315,6 +350,7 @@ def ddpm_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: ja
   std[0] = 0.0
   std, coef1 = _f32(std), _f32(schedule.posterior_mean_coef1)
   coef2 = _f32(schedule.posterior_mean_coef2)
+  z_of = _step_noise(rng, variance_noise, n, noise.shape)
 
   def step(i, carry):
     (x,) = carry
@@ -327,10 +363,10 @@ def ddpm_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: ja
       sigma = jnp.where(t > 0, jnp.exp(0.5 * pred.log_variance), 0.0)
     else:
       sigma = std[t]
-    x = coef1[t] * pred.x0 + coef2[t] * x + sigma * _normal(rng, i, x.shape)
+    x = coef1[t] * pred.x0 + coef2[t] * x + sigma * z_of(i)
     return (x,), x, pred.x0
 
-  return _loop(step, (noise.astype(jnp.float32),), n, trajectory_every)
+  return _loop(step, (noise.astype(jnp.float32),), n, trajectory_every, trajectory_images)
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
@@ -340,19 +376,27 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
 
 def ddim_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
                 steps: Optional[int] = None, eta: float = 0.0, spacing: str = 'leading',
-                trajectory_every: int = 0, **unused):
+                set_alpha_to_one: bool = True, final_alpha_cumprod: Optional[float] = None,
+                trajectory_every: int = 0, trajectory_images: Optional[int] = None,
+                variance_noise: Optional[jax.Array] = None, **unused):
   """DDIM (Song et al. 2021) over every step of `schedule`; eta = 0 deterministic, 1 DDPM-like.
 
   x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
-  sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev), abar_prev = 1 at
-  the last step. With `steps` < schedule length the schedule is first respaced with `spacing`
-  ('leading' = the paper's uniform 0, k, 2k, ...). eta may be traced.
+  sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev). At the last step
+  abar_prev = 1 with set_alpha_to_one (diffusers' DDIMScheduler default), else abar of training
+  step 0: `final_alpha_cumprod` if given (needed when `schedule` is respaced without step 0),
+  else abar at index 0 of `schedule` as passed in. With `steps` < schedule length the schedule
+  is first respaced with `spacing` ('leading' = the paper's uniform 0, k, 2k, ...). eta may be
+  traced. z of loop step i is variance_noise[i] if given ([steps, B, H, W, C]), else from `rng`.
   """
   del unused
+  if not set_alpha_to_one and final_alpha_cumprod is None:
+    final_alpha_cumprod = float(respacing.alphas_cumprod64(schedule)[0])
+  final = 1.0 if set_alpha_to_one else float(final_alpha_cumprod)
   denoise, schedule = _respaced(denoise, schedule, steps, spacing)
   n = schedule.num_timesteps
   abar = respacing.alphas_cumprod64(schedule)
-  abar_prev = np.append(1.0, abar[:-1])
+  abar_prev = np.append(final, abar[:-1])
   # sigma^2 = eta^2 (1 - abar_prev) r with r = (1 - abar / abar_prev) / (1 - abar) in [0, 1], so
   # the eps coefficient sqrt(1 - abar_prev - sigma^2) = sqrt((1 - abar_prev)(1 - eta^2 r)): a
   # product, not a difference of nearly equal float32 numbers (which is ~0.5% off at the last
@@ -369,6 +413,7 @@ def ddim_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: ja
     coefficients = lambda t: (eta * jnp.sqrt(one_minus_prev[t] * ratio32[t]), jnp.sqrt(
         one_minus_prev[t] * jnp.maximum(1.0 - eta**2 * ratio32[t], 0.0)))
   sqrt_prev = _f32(np.sqrt(abar_prev))
+  z_of = _step_noise(rng, variance_noise, n, noise.shape)
 
   def step(i, carry):
     (x,) = carry
@@ -377,10 +422,10 @@ def ddim_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: ja
     sigma, eps_coef = coefficients(t)
     x = sqrt_prev[t] * pred.x0 + eps_coef * pred.eps
     if not noiseless:
-      x = x + sigma * _normal(rng, i, x.shape)
+      x = x + sigma * z_of(i)
     return (x,), x, pred.x0
 
-  return _loop(step, (noise.astype(jnp.float32),), n, trajectory_every)
+  return _loop(step, (noise.astype(jnp.float32),), n, trajectory_every, trajectory_images)
 
 
 # ---------------------------------------------------------------- DPM-Solver++
@@ -463,15 +508,18 @@ def dpm_solver_coefficients(alphas_cumprod_desc: np.ndarray, solver_order: int =
 def dpm_solver_pp_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array,
                          rng: jax.Array, *, solver_order: int = 2,
                          solver_type: str = 'multistep', steps: Optional[int] = None,
-                         spacing: str = 'linspace', trajectory_every: int = 0, **unused):
+                         spacing: str = 'linspace', trajectory_every: int = 0,
+                         trajectory_images: Optional[int] = None, **unused):
   """DPM-Solver++ (data prediction, in lambda) over every step of `schedule`, then to x_0.
 
   solver_order 2 / 3 with 'multistep' (2M default, 3M), or 2 with 'singlestep' (2S); see
   `dpm_solver_coefficients`. One model evaluation per schedule step. With `steps` < schedule
-  length the schedule is first respaced with `spacing`. Deterministic: `rng` is unused.
+  length the schedule is first respaced with `spacing`, read as diffusers'
+  DPMSolverMultistepScheduler does (linspace: 999, 949, ..., 50 for 20 of 1000 steps; see
+  respacing). Deterministic: `rng` is unused.
   """
   del unused, rng
-  denoise, schedule = _respaced(denoise, schedule, steps, spacing)
+  denoise, schedule = _respaced(denoise, schedule, steps, spacing, 'dpm_solver')
   n = schedule.num_timesteps
   w = _f32(dpm_solver_coefficients(respacing.alphas_cumprod64(schedule)[::-1], solver_order,
                                    solver_type))
@@ -485,7 +533,7 @@ def dpm_solver_pp_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array
 
   x = noise.astype(jnp.float32)
   zeros = jnp.zeros_like(x)
-  return _loop(step, (x, zeros, zeros, zeros), n, trajectory_every)
+  return _loop(step, (x, zeros, zeros, zeros), n, trajectory_every, trajectory_images)
 
 
 # ---------------------------------------------------------------- Karras / EDM samplers
@@ -524,7 +572,8 @@ def sigma_to_timestep(schedule: Schedule, sigmas: np.ndarray) -> np.ndarray:
 
 def _karras_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
                    heun: bool, steps: int, rho: float, s_churn: float, s_tmin: float,
-                   s_tmax: float, s_noise: float, trajectory_every: int):
+                   s_tmax: float, s_noise: float, trajectory_every: int,
+                   trajectory_images: Optional[int]):
   """EDM's Algorithm 2 (Heun) or its Euler variant on x = x0 + sigma eps (see `euler_sample`)."""
   all_sigmas = schedule_sigmas(schedule)
   sig = karras_sigmas(all_sigmas[0], all_sigmas[-1], int(steps), rho)
@@ -562,13 +611,13 @@ def _karras_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng:
     return (x_next,), x_next * vp_next[i], x0
 
   x = noise.astype(jnp.float32) * float(np.sqrt(1.0 + sig[0]**2))
-  return _loop(step, (x,), int(steps), trajectory_every)
+  return _loop(step, (x,), int(steps), trajectory_every, trajectory_images)
 
 
 def euler_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
                  steps: int = 50, rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = float('inf'), s_noise: float = 1.0, trajectory_every: int = 0,
-                 **unused):
+                 trajectory_images: Optional[int] = None, **unused):
   """Euler on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022).
 
   x = x_t / sqrt(abar) = x0 + sigma eps with sigma = sqrt((1 - abar) / abar); `steps` Karras
@@ -582,13 +631,14 @@ def euler_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: j
   del unused
   return _karras_sample(denoise, schedule, noise, rng, heun=False, steps=steps, rho=rho,
                         s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
-                        trajectory_every=trajectory_every)
+                        trajectory_every=trajectory_every,
+                        trajectory_images=trajectory_images)
 
 
 def heun_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
                 steps: int = 50, rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = float('inf'), s_noise: float = 1.0, trajectory_every: int = 0,
-                **unused):
+                trajectory_images: Optional[int] = None, **unused):
   """Heun's second-order method (EDM Algorithm 2) on the ODE of `euler_sample`.
 
   x_e = x + (sigma_{i+1} - sigma_hat) d,  x_{i+1} = x + (sigma_{i+1} - sigma_hat) (d + d(x_e)) / 2,
@@ -597,7 +647,8 @@ def heun_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: ja
   del unused
   return _karras_sample(denoise, schedule, noise, rng, heun=True, steps=steps, rho=rho,
                         s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
-                        trajectory_every=trajectory_every)
+                        trajectory_every=trajectory_every,
+                        trajectory_images=trajectory_images)
 
 
 # ---------------------------------------------------------------- registry and config entry
@@ -619,21 +670,32 @@ def get_sampler(name: str) -> Callable[..., Any]:
   return SAMPLERS[name]
 
 
-def _field(config, name: str, default):
-  return config.get(name, default) if hasattr(config, 'get') else getattr(config, name, default)
+@functools.lru_cache(maxsize=1)
+def _default_sample_config():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  return default.get_config().sample
+
+
+def _field(config, name: str):
+  """config.<name>, or configs/default.py's sample.<name> for a config saved without it."""
+  if (name in config) if hasattr(config, 'keys') else hasattr(config, name):
+    return config[name] if hasattr(config, 'keys') else getattr(config, name)
+  return _default_sample_config()[name]
 
 
 def sampling_schedule(schedule: Schedule, sampler: str, steps: int, spacing: str) -> Schedule:
   """The schedule a discrete sampler runs on: `schedule` respaced to `steps` with `spacing`.
 
   ddpm with steps 0 runs on the full schedule; 'ddimN' / 'a,b,c' spacings fix the steps;
-  euler / heun always get the full schedule (they pick their own sigmas).
+  euler / heun always get the full schedule (they pick their own sigmas). linspace / leading
+  follow the sampler's diffusers scheduler (`spacing_convention`).
   """
   if sampler in CONTINUOUS_SAMPLERS:
     return schedule
   if not respacing.is_section_spacing(spacing) and sampler == 'ddpm' and not steps:
     return schedule
-  kept = respacing.respaced_timesteps(schedule.num_timesteps, steps, spacing)
+  kept = respacing.respaced_timesteps(schedule.num_timesteps, steps, spacing,
+                                      spacing_convention(sampler))
   if len(kept) == schedule.num_timesteps:
     return schedule
   return respacing.respace(schedule, kept)
@@ -643,41 +705,57 @@ def sample_from_config(apply_fn: Callable[..., jax.Array], schedule: Schedule,
                        noise: jax.Array, rng: jax.Array, sample_config, *,
                        prediction_type: str, learn_sigma: bool = False,
                        labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
-                       trajectory_every: int = 0):
+                       trajectory_every: int = 0, trajectory_images: Optional[int] = None,
+                       variance_noise: Optional[jax.Array] = None):
   """Runs `config.sample` from x_T = `noise`: respaces, builds the denoiser, dispatches.
 
   apply_fn(x_t, timesteps [B], labels [B] or None) -> output (or apply_fn(x_t, timesteps)).
-  Returns x_0 [B, H, W, C], or (x_0, Trajectory) with trajectory_every > 0 (see the module
-  docstring). Fields missing from `sample_config` take the defaults of configs/default.py.
-  sample.clip_denoised=False turns thresholding off; otherwise sample.thresholding decides.
+  Returns x_0 [B, H, W, C], or (x_0, Trajectory) of the first `trajectory_images` samples
+  (None = all) with trajectory_every > 0 (see the module docstring). variance_noise
+  [steps, B, H, W, C]: the per-step noise of ddpm / ddim instead of draws from `rng`. Fields
+  missing from `sample_config` (a config saved by an older version) take configs/default.py's.
+  sample.clip_denoised=False turns thresholding off; otherwise sample.thresholding decides
+  ('auto': `default_thresholding` of the sampler).
   """
   name = sample_config.sampler
   sampler = get_sampler(name)
-  steps = int(_field(sample_config, 'steps', 0))
-  sched = sampling_schedule(schedule, name, steps,
-                            str(_field(sample_config, 'spacing', 'leading')))
-  clip = bool(_field(sample_config, 'clip_denoised', True))
+  steps = int(_field(sample_config, 'steps'))
+  sched = sampling_schedule(schedule, name, steps, str(_field(sample_config, 'spacing')))
+  thresholding = _field(sample_config, 'thresholding')
+  if thresholding == 'auto':
+    thresholding = default_thresholding(name)
   denoise = make_denoiser(
       apply_fn, sched, prediction_type,
-      thresholding=_field(sample_config, 'thresholding', 'static') if clip else 'none',
-      dynamic_threshold_percentile=_field(sample_config, 'dynamic_threshold_percentile', 0.995),
+      thresholding=thresholding if _field(sample_config, 'clip_denoised') else 'none',
+      dynamic_threshold_percentile=_field(sample_config, 'dynamic_threshold_percentile'),
       labels=labels, null_label=null_label,
-      guidance_scale=_field(sample_config, 'guidance_scale', 1.0), learn_sigma=learn_sigma)
+      guidance_scale=_field(sample_config, 'guidance_scale'), learn_sigma=learn_sigma,
+      use_clipped_model_output=bool(_field(sample_config, 'use_clipped_model_output')))
+  if variance_noise is not None and name not in ('ddpm', 'ddim'):
+    raise ValueError(f'variance_noise is taken by the ddpm and ddim samplers, not by '
+                     f'sample.sampler={name!r}.')
+  extra = {} if variance_noise is None else dict(variance_noise=variance_noise)
   if name == 'ddpm':
-    options = dict(variance=_field(sample_config, 'variance', 'fixed_small'))
+    options = dict(variance=_field(sample_config, 'variance'), **extra)
   elif name == 'ddim':
-    options = dict(eta=_field(sample_config, 'eta', 0.0))
+    set_alpha_to_one = bool(_field(sample_config, 'set_alpha_to_one'))
+    options = dict(eta=_field(sample_config, 'eta'), set_alpha_to_one=set_alpha_to_one,
+                   **extra)
+    if not set_alpha_to_one:  # abar of training step 0, which `sched` may not keep.
+      options['final_alpha_cumprod'] = float(respacing.alphas_cumprod64(schedule)[0])
   elif name == 'dpm_solver_pp':
-    options = dict(solver_order=int(_field(sample_config, 'solver_order', 2)),
-                   solver_type=_field(sample_config, 'solver_type', 'multistep'))
+    options = dict(solver_order=int(_field(sample_config, 'solver_order')),
+                   solver_type=_field(sample_config, 'solver_type'))
   elif name in CONTINUOUS_SAMPLERS:
-    options = dict(steps=steps, rho=float(_field(sample_config, 'rho', 7.0)),
-                   s_churn=float(_field(sample_config, 's_churn', 0.0)),
-                   s_tmin=float(_field(sample_config, 's_tmin', 0.0)),
-                   s_tmax=float(_field(sample_config, 's_tmax', float('inf'))),
-                   s_noise=float(_field(sample_config, 's_noise', 1.0)))
+    options = dict(steps=steps, rho=float(_field(sample_config, 'rho')),
+                   s_churn=float(_field(sample_config, 's_churn')),
+                   s_tmin=float(_field(sample_config, 's_tmin')),
+                   s_tmax=float(_field(sample_config, 's_tmax')),
+                   s_noise=float(_field(sample_config, 's_noise')))
   else:  # A sampler registered elsewhere: give it everything.
-    options = dict(sample_config)
+    options = dict(sample_config, **extra)
+  if trajectory_images is not None:
+    options['trajectory_images'] = trajectory_images
   return sampler(denoise, sched, noise, rng, trajectory_every=trajectory_every, **options)
 
 
@@ -703,7 +781,8 @@ def check_sampler_config(sample_config, model_config, num_timesteps: int) -> Lis
   elif not (sample_config.sampler == 'ddpm' and sample_config.steps == 0
             and isinstance(spacing, str) and not respacing.is_section_spacing(spacing)):
     try:  # Checks sample.spacing and sample.steps (ddpm with steps 0 uses all T steps).
-      respacing.respaced_timesteps(num_timesteps, sample_config.steps, spacing)
+      respacing.respaced_timesteps(num_timesteps, sample_config.steps, spacing,
+                                   spacing_convention(sample_config.sampler))
     except ValueError as e:
       errors.append(str(e))
   guidance = sample_config.guidance_scale
@@ -713,7 +792,12 @@ def check_sampler_config(sample_config, model_config, num_timesteps: int) -> Lis
   elif guidance != 1.0 and model_config.num_classes <= 0:
     errors.append(f'sample.guidance_scale={guidance} needs a class-conditional model '
                   '(model.num_classes > 0, trained with training.cond_drop_prob > 0); use 1.0.')
-  diffusion.check_choice(errors, 'sample.thresholding', sample_config.thresholding, THRESHOLDINGS)
+  elif guidance != 1.0 and not model_config.null_class:
+    errors.append(f'sample.guidance_scale={guidance} needs the null-class embedding, which this '
+                  'model has not (model.null_class=False, e.g. an imported guided-diffusion '
+                  'model); use 1.0.')
+  diffusion.check_choice(errors, 'sample.thresholding', sample_config.thresholding,
+                         CONFIG_THRESHOLDINGS)
   if sample_config.thresholding == 'dynamic' and not sample_config.clip_denoised:
     errors.append("sample.clip_denoised=False turns thresholding off, contradicting "
                   "sample.thresholding='dynamic'; set clip_denoised=True or thresholding='none'.")

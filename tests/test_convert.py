@@ -24,7 +24,7 @@ from diffusion_jax import (checkpoints, convert, diffusion, images, models, run_
                            sample_mode, samplers, sampling, sharding, torch_weights)
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'diffusers'
-LAYOUTS = ('attn_low_lpb1', 'attn_high_lpb2_heads', 'class_scale_shift')
+LAYOUTS = ('attn_low_lpb1', 'attn_high_lpb2_heads', 'class_scale_shift', 'openai_style_options')
 
 # google/ddpm-cifar10-32's unet config.json (its hub file has no dropout, attn_norm_num_groups,
 # ... keys: they take diffusers' defaults).
@@ -73,6 +73,11 @@ def test_derived_configs():
   heads, _, _ = _imported('attn_high_lpb2_heads')
   assert tuple(heads.model.attn_resolutions) == (8,) and heads.model.num_head_channels == 4
   assert heads.model.num_res_blocks == 2 and heads.data.channels == 1
+  openai_style, _, _ = _imported('openai_style_options')
+  m = openai_style.model
+  assert (m.flip_sin_to_cos, m.freq_shift, m.norm_eps, m.downsample_padding) == (True, 0, 1e-5, 1)
+  assert (low.model.flip_sin_to_cos, low.model.freq_shift, low.model.norm_eps,
+          low.model.downsample_padding) == (False, 1, 1e-6, 0)
   cond, _, _ = _imported('class_scale_shift')
   assert cond.model.num_classes == 3 and cond.model.learn_sigma
   assert cond.model.use_scale_shift_norm and tuple(cond.model.ch_mult) == (1, 1, 2)
@@ -191,7 +196,7 @@ def _edit_config(folder, **changes):
     ('wrong_shape', 'mid_block.resnets.0.conv1.weight'),
     ('extra_key', 'down_blocks.0.attentions.0.to_q.weight'),
     ('unknown_block', 'CrossAttnDownBlock2D'),
-    ('unsupported_option', 'flip_sin_to_cos=True'),
+    ('unsupported_option', 'center_input_sample=True'),
     ('foreign_global', 'os.system'),
 ])
 def test_bad_sources_fail_and_write_nothing(tmp_path, case, message):
@@ -207,7 +212,7 @@ def test_bad_sources_fail_and_write_nothing(tmp_path, case, message):
   elif case == 'unknown_block':
     _edit_config(folder, down_block_types=['CrossAttnDownBlock2D', 'AttnDownBlock2D'])
   elif case == 'unsupported_option':
-    _edit_config(folder, flip_sin_to_cos=True)
+    _edit_config(folder, center_input_sample=True)
   else:  # A .bin whose pickle asks for os.system.
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, 'w') as archive:
@@ -252,21 +257,81 @@ def test_sample_mode_on_converted_workdir(tmp_path):
   assert len(np.unique(arr)) > 10
 
 
-def test_ddim_trajectory_matches_diffusers_scheduler():
-  """10 DDIM steps (eta 0, leading spacing) equal diffusers' DDIMScheduler on the same network."""
+def _scheduler_trajectory(sampler, steps, spacing, noise_key=None, **sample_fields):
+  """Our x_t after each of `steps` steps of `sampler` from the fixture's x_T on the imported
+  network (NCHW like the fixture), with ref[noise_key] as the per-step noise if given."""
   config, params, _ = _imported('attn_low_lpb1')
   ref = np.load(FIXTURES / 'attn_low_lpb1' / 'outputs.npz')
   model = models.create_model(config.model, config.data.channels)
   apply_fn = lambda x, t: model.apply({'params': params}, x, t)
-  config.sample.sampler, config.sample.steps, config.sample.spacing = 'ddim', 10, 'leading'
+  config.sample.sampler, config.sample.steps, config.sample.spacing = sampler, steps, spacing
+  for field, value in sample_fields.items():
+    config.sample[field] = value
   noise = jnp.asarray(ref['ddim_noise'].transpose(0, 2, 3, 1))
+  variance_noise = (None if noise_key is None
+                    else jnp.asarray(ref[noise_key].transpose(0, 1, 3, 4, 2)))
   _, trajectory = samplers.sample_from_config(
       apply_fn, diffusion.make_schedule(config.diffusion), noise, jax.random.PRNGKey(0),
-      config.sample, prediction_type='epsilon', trajectory_every=1)
-  ours = np.asarray(trajectory.x_t).transpose(0, 1, 4, 2, 3)
+      config.sample, prediction_type='epsilon', trajectory_every=1,
+      variance_noise=variance_noise)
+  return np.asarray(trajectory.x_t).transpose(0, 1, 4, 2, 3), ref
+
+
+def _assert_float32_close(ours, ref):
+  """Each step within 1e-5 of the step's largest |value| (at least 1): float32 rounding of a
+  random unclipped network whose samples grow to |x| ~ 600 is ~1e-7 relative to that scale."""
+  scale = np.maximum(np.abs(ref).max(axis=tuple(range(1, ref.ndim))), 1.0)
+  err = np.abs(ours - ref).max(axis=tuple(range(1, ref.ndim)))
+  assert np.all(err <= 1e-5 * scale), (err, scale)
+
+
+def test_ddim_trajectory_matches_diffusers_scheduler():
+  """10 DDIM steps (eta 0, leading spacing) equal diffusers' DDIMScheduler on the same network,
+  with eps recomputed from the clipped x0 (use_clipped_model_output=True, our default) as the
+  fixture asked; diffusers' default (False) keeps the model's eps and gives another trajectory."""
+  ours, ref = _scheduler_trajectory('ddim', 10, 'leading')
   np.testing.assert_array_equal(ref['ddim_timesteps'], np.arange(900, -1, -100))
   assert ours.shape == ref['ddim_trajectory'].shape
   np.testing.assert_allclose(ours, ref['ddim_trajectory'], atol=2e-5, rtol=0)
+  unclipped_eps, _ = _scheduler_trajectory('ddim', 10, 'leading', use_clipped_model_output=False)
+  assert np.abs(unclipped_eps - ref['ddim_trajectory']).max() > 1e-3
+
+
+def test_stochastic_ddim_trajectories_match_diffusers_scheduler():
+  """DDIM with eta > 0 and diffusers' per-step `variance_noise`: eta = 1 with DDIMScheduler's
+  defaults (leading, clip_sample, use_clipped_model_output=False, set_alpha_to_one), and eta =
+  0.5 with trailing spacing, set_alpha_to_one=False (the last step stops at abar of training
+  step 0, which trailing does not keep) and no clipping. Each equals diffusers to float32
+  precision; the float64 coefficients matter at the last steps (issue 9)."""
+  ours, ref = _scheduler_trajectory('ddim', 10, 'leading', 'variance_noise', eta=1.0,
+                                   use_clipped_model_output=False)
+  _assert_float32_close(ours, ref['ddim_eta1_trajectory'])
+  np.testing.assert_array_equal(ref['ddim_trailing_timesteps'], np.arange(999, 0, -100))
+  fields = dict(eta=0.5, set_alpha_to_one=False, clip_denoised=False)
+  ours, _ = _scheduler_trajectory('ddim', 10, 'trailing', 'variance_noise', **fields)
+  _assert_float32_close(ours, ref['ddim_trailing_trajectory'])
+  # set_alpha_to_one=True would take the last step to abar = 1: a different end point.
+  to_one, _ = _scheduler_trajectory('ddim', 10, 'trailing', 'variance_noise',
+                                    **dict(fields, set_alpha_to_one=True))
+  np.testing.assert_array_equal(to_one[:-1], ours[:-1])
+  assert np.abs(to_one[-1] - ref['ddim_trailing_trajectory'][-1]).max() > 1e-2
+
+
+def test_ddpm_trajectory_matches_diffusers_scheduler():
+  """10 DDPMScheduler steps (leading, clip_sample, fixed_small) with the noise its seeded
+  generators drew, given to our ddpm sampler as variance_noise."""
+  ours, ref = _scheduler_trajectory('ddpm', 10, 'leading', 'ddpm_variance_noise')
+  _assert_float32_close(ours, ref['ddpm_trajectory'])
+
+
+def test_dpm_solver_trajectory_matches_diffusers_scheduler():
+  """10 DPM-Solver++(2M) steps with sample.spacing='linspace' run on diffusers'
+  DPMSolverMultistepScheduler timesteps (999, 899, ..., 100, then the clean sample) and, with
+  thresholding 'auto' (no clipping for dpm_solver_pp, as diffusers), give its trajectory."""
+  ours, ref = _scheduler_trajectory('dpm_solver_pp', 10, 'linspace')
+  np.testing.assert_array_equal(ref['dpm_timesteps'], [999, 899, 799, 699, 599, 500, 400, 300,
+                                                       200, 100])
+  _assert_float32_close(ours, ref['dpm_trajectory'])
 
 
 def test_command_line_import_and_export(tmp_path):
@@ -330,10 +395,24 @@ def test_scheduler_options_map_or_fail():
                        ({'rescale_betas_zero_snr': True}, 'rescale_betas_zero_snr')]:
     with pytest.raises(convert.ConversionError, match=message):
       convert.config_from_diffusers(DDPM_CIFAR10_UNET, bad)
-  for option, value in [('downsample_padding', 1), ('norm_eps', 1e-5), ('add_attention', False),
+  for option, value in [('downsample_padding', 2), ('add_attention', False),
                         ('time_embedding_type', 'fourier'), ('mid_block_scale_factor', 2)]:
     with pytest.raises(convert.ConversionError, match=f'{option}={value!r}'):
       convert.config_from_diffusers({**DDPM_CIFAR10_UNET, option: value})
   config.model.resblock_updown = True
   with pytest.raises(convert.ConversionError, match='model.resblock_updown'):
+    convert.diffusers_configs(config)
+
+
+def test_export_of_openai_conventions():
+  """An imported improved/guided-diffusion model exports its U-Net options; a rescaled timestep
+  (which UNet2DModel cannot express) and its absent null class are handled, not dropped."""
+  config, _, _ = _imported('class_scale_shift')
+  config.model.null_class = False
+  config.model.flip_sin_to_cos, config.model.freq_shift = True, 0
+  unet, _ = convert.diffusers_configs(config)
+  assert unet['num_class_embeds'] == config.model.num_classes  # No extra null row.
+  assert (unet['flip_sin_to_cos'], unet['freq_shift']) == (True, 0)
+  config.model.timestep_scale = 0.25
+  with pytest.raises(convert.ConversionError, match='model.timestep_scale=0.25'):
     convert.diffusers_configs(config)

@@ -20,7 +20,9 @@ sd^2 / (sd^2 + smin^2) >= 0.9975 (sd >= 0.2, smin = 0.01) and a mean offset of |
 """
 
 import functools
+import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -678,7 +680,7 @@ def test_sample_from_config_dispatches(monkeypatch):
 
   schedule, options = dispatch(_sample_config(sampler='ddim', steps=20, eta=0.5))
   np.testing.assert_array_equal(schedule.timesteps, np.arange(0, T, 50))  # leading
-  assert options == dict(eta=0.5, trajectory_every=0)
+  assert options == dict(eta=0.5, set_alpha_to_one=True, trajectory_every=0)
   schedule, options = dispatch(_sample_config(sampler='dpm_solver_pp', steps=10,
                                               spacing='trailing', solver_order=3))
   np.testing.assert_array_equal(schedule.timesteps, np.arange(99, T, 100))
@@ -702,9 +704,14 @@ def test_sample_from_config_dispatches(monkeypatch):
   expected = samplers.make_denoiser(exact_apply_fn(), short, 'epsilon')
   np.testing.assert_allclose(jax.jit(seen['denoise'])(noise, 1).eps,
                              jax.jit(expected)(noise, 1).eps, rtol=1e-6)
-  # ... with the configured thresholding; clip_denoised=False turns it off.
+  # ... with the configured thresholding; clip_denoised=False turns it off; 'auto' (the default)
+  # clips for ddpm / ddim only, as diffusers' schedulers do.
   for overrides, expected in [
       (dict(), np.clip(big, -1, 1)),
+      (dict(sampler='ddpm'), np.clip(big, -1, 1)),
+      (dict(sampler='dpm_solver_pp'), big),
+      (dict(sampler='heun', steps=3), big),
+      (dict(sampler='dpm_solver_pp', thresholding='static'), np.clip(big, -1, 1)),
       (dict(thresholding='none'), big),
       (dict(clip_denoised=False), big),
       (dict(thresholding='dynamic', dynamic_threshold_percentile=0.5),
@@ -712,6 +719,14 @@ def test_sample_from_config_dispatches(monkeypatch):
     dispatch(_sample_config(**overrides), apply_fn=x0_model, prediction_type='x0')
     np.testing.assert_allclose(jax.jit(seen['denoise'])(noise, 3).x0, expected, rtol=1e-6,
                                err_msg=str(overrides))
+  # eps: the one of the clipped x0 by default (use_clipped_model_output=True), or the model's
+  # own with diffusers' default use_clipped_model_output=False; x_t = a x0 + s eps at index 3.
+  a, s = SCHEDULE.sqrt_alphas_cumprod[3], SCHEDULE.sqrt_one_minus_alphas_cumprod[3]
+  for use_clipped, x0 in [(False, big), (True, np.clip(big, -1, 1))]:
+    dispatch(_sample_config(steps=1000, use_clipped_model_output=use_clipped),
+             apply_fn=x0_model, prediction_type='x0')
+    np.testing.assert_allclose(jax.jit(seen['denoise'])(noise, 3).eps,
+                               (np.asarray(noise) - a * x0) / s, rtol=1e-5, atol=1e-5)
   # ... and guidance.
   labels = jnp.arange(4, dtype=jnp.int32)
   schedule, _ = dispatch(_sample_config(guidance_scale=2.0), apply_fn=_toy_labelled(),
@@ -723,8 +738,8 @@ def test_sample_from_config_dispatches(monkeypatch):
   # Configs without the new fields (e.g. saved with an older version) get the defaults.
   old = ml_collections.ConfigDict(dict(sampler='dpm_solver_pp', steps=20, eta=0.5,
                                        variance='fixed_small', clip_denoised=True))
-  schedule, options = dispatch(old)
-  np.testing.assert_array_equal(schedule.timesteps, np.arange(0, T, 50))
+  schedule, options = dispatch(old)  # 'leading' as DPMSolverMultistepScheduler reads it.
+  np.testing.assert_array_equal(schedule.timesteps, np.arange(1, 21) * (T // 21))
   assert options == dict(solver_order=2, solver_type='multistep', trajectory_every=0)
 
 
@@ -738,6 +753,12 @@ def test_sample_from_config_end_to_end():
       null_label=10, trajectory_every=4))(noise, key, labels)
   assert out.shape == noise.shape and traj.x_t.shape == (2, 32) + SHAPE
   np.testing.assert_array_equal(traj.x_t[-1], out)
+  out_5, traj_5 = jax.jit(lambda n, k, y: samplers.sample_from_config(
+      _toy_labelled(), SCHEDULE, n, k, config, prediction_type='epsilon', labels=y,
+      null_label=10, trajectory_every=4, trajectory_images=5))(noise, key, labels)
+  assert traj_5.x_t.shape == traj_5.x0.shape == (2, 5) + SHAPE
+  np.testing.assert_array_equal(out_5, out)
+  np.testing.assert_allclose(traj_5.x0, traj.x0[:, :5], atol=1e-6)
 
 
 def test_config_validation_of_sampling_fields():
@@ -816,3 +837,177 @@ def test_ddim_eta_coefficients_are_float64_exact(eta_is_traced):
                                        rcond=None)[0]
     np.testing.assert_allclose([fit_c, fit_sigma], [coef[t], sigma[t]], rtol=2e-6 if not
                                eta_is_traced else 1e-4, err_msg=f'step {i} (t={t})')
+
+
+# ------------------------------------------------------------------ recorded trajectory rows
+
+
+@pytest.mark.parametrize('name,opts,steps', [ALL_SAMPLERS[1], ALL_SAMPLERS[2], ALL_SAMPLERS[4]])
+def test_trajectory_records_only_the_requested_rows(name, opts, steps):
+  """trajectory_images=n records the first n samples inside the loop: the loop's carried
+  buffers are [K, n, ...] (never [K, B, ...]) and hold the rows of the full-batch record."""
+  denoise, schedule = _short_setup(name)
+  noise, key = _noise(8, 16), _key(9)
+  sampler = functools.partial(samplers.get_sampler(name), denoise, schedule,
+                              trajectory_every=7, **opts)
+  fn = jax.jit(sampler, static_argnames='trajectory_images')
+  out_all, traj_all = fn(noise, key)
+  out_3, traj_3 = fn(noise, key, trajectory_images=3)
+  slots = math.ceil(steps / 7)
+  assert traj_3.x_t.shape == traj_3.x0.shape == (slots, 3) + SHAPE
+  np.testing.assert_array_equal(out_3, out_all)
+  for field in ('x_t', 'x0'):
+    np.testing.assert_allclose(getattr(traj_3, field), getattr(traj_all, field)[:, :3],
+                               atol=1e-6)
+  closed = jax.make_jaxpr(functools.partial(sampler, trajectory_images=3))(noise, key)
+  (loop,) = [e for e in closed.jaxpr.eqns if e.primitive.name in ('while', 'scan')]
+  carried = [tuple(v.aval.shape) for v in loop.outvars]
+  assert carried.count((slots, 3) + SHAPE) == 2, carried
+  assert (slots, 16) + SHAPE not in carried, carried
+  with pytest.raises(ValueError, match='animation_num_images'):
+    jax.make_jaxpr(functools.partial(sampler, trajectory_images=0))(noise, key)
+
+
+# ------------------------------------------------------------------ explicit per-step noise
+
+
+@pytest.mark.parametrize('name,opts', [('ddpm', dict(variance='fixed_large')),
+                                       ('ddim', dict(eta=0.7))])
+def test_variance_noise_replaces_the_rng_draws(name, opts):
+  """variance_noise[i] is step i's z: the noise the rng would draw reproduces the rng run, and
+  other noise gives another sample; a wrong shape or a sampler without noise is an error."""
+  denoise, schedule = _short_setup(name)
+  noise, key = _noise(3, 8), _key(4)
+  run = jax.jit(lambda n, k, z: samplers.get_sampler(name)(denoise, schedule, n, k,
+                                                           variance_noise=z, **opts))
+  drawn = jnp.stack([samplers._normal(key, i, noise.shape)  # pylint: disable=protected-access
+                     for i in range(schedule.num_timesteps)])
+  reference = samplers.get_sampler(name)(denoise, schedule, noise, key, **opts)
+  np.testing.assert_allclose(run(noise, key, drawn), reference, atol=1e-6)
+  other = run(noise, key, -drawn)
+  assert np.abs(np.asarray(other) - np.asarray(reference)).mean() > 0.05
+  with pytest.raises(ValueError, match=r'\[steps, B, H, W, C\]'):
+    samplers.get_sampler(name)(denoise, schedule, noise, key, variance_noise=drawn[1:], **opts)
+  with pytest.raises(ValueError, match='variance_noise'):
+    samplers.sample_from_config(exact_apply_fn(), SCHEDULE, noise, key,
+                                _sample_config(sampler='dpm_solver_pp', steps=40),
+                                prediction_type='epsilon', variance_noise=drawn)
+
+
+def test_ddim_set_alpha_to_one():
+  """The last DDIM step goes to abar = 1 (x = x0_hat) with set_alpha_to_one, else to abar_0 of
+  the training schedule: x = sqrt(abar_0) x0_hat + sqrt(1 - abar_0) eps_hat (eta = 0), also when
+  the respaced schedule does not keep training step 0 (trailing)."""
+  denoise = samplers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon', thresholding='none')
+  noise = _noise(5, 8)
+  for spacing in ('leading', 'trailing'):
+    run = lambda one: samplers.ddim_sample(denoise, SCHEDULE, noise, _key(0), steps=10,
+                                           spacing=spacing, set_alpha_to_one=one,
+                                           trajectory_every=1)
+    x_one, traj_one = run(True)
+    x_zero, traj_zero = run(False)
+    np.testing.assert_array_equal(traj_one.x_t[:-1], traj_zero.x_t[:-1])
+    np.testing.assert_allclose(x_one, traj_one.x0[-1], atol=1e-6)
+    a0 = ABAR[0]
+    x0_hat = np.asarray(traj_zero.x0[-1], np.float64)
+    last_t = 0 if spacing == 'leading' else 99
+    x_prev = np.asarray(traj_zero.x_t[-2], np.float64)
+    eps_hat = (x_prev - np.sqrt(ABAR[last_t]) * x0_hat) / np.sqrt(1 - ABAR[last_t])
+    np.testing.assert_allclose(x_zero, np.sqrt(a0) * x0_hat + np.sqrt(1 - a0) * eps_hat,
+                               atol=2e-5, err_msg=spacing)
+    assert np.abs(np.asarray(x_zero) - np.asarray(x_one)).max() > 2e-4  # 10x the tolerance.
+
+
+# ------------------------------------------------------------------ diffusers' conventions
+
+
+DIFFUSERS = pathlib.Path(__file__).parent / 'fixtures' / 'diffusers'
+SAMPLER_OF_SCHEDULER = {'DDPMScheduler': 'ddpm', 'DDIMScheduler': 'ddim',
+                        'DPMSolverMultistepScheduler': 'dpm_solver_pp',
+                        'DPMSolverSinglestepScheduler': 'dpm_solver_pp'}
+
+
+def test_spacings_give_diffusers_timesteps_per_scheduler():
+  """sample.spacing linspace / leading / trailing give, for each sampler, the timesteps of its
+  diffusers scheduler (diffusers 0.42.1, tests/fixtures/make_diffusers_fixture.py) for 1, 7, 10,
+  20, 30 and 333 of 1000 steps; DPM-Solver++'s linspace is 999, 949, ..., 50, DDIM's ends at 0."""
+  table = json.loads((DIFFUSERS / 'scheduler_timesteps.json').read_text())
+  assert set(table) == set(SAMPLER_OF_SCHEDULER)
+  checked = 0
+  for scheduler, spacings in table.items():
+    sampler = SAMPLER_OF_SCHEDULER[scheduler]
+    for spacing, by_steps in spacings.items():
+      for steps, expected in by_steps.items():
+        kept = respacing.respaced_timesteps(T, int(steps), spacing,
+                                            samplers.spacing_convention(sampler))
+        np.testing.assert_array_equal(kept[::-1], expected, err_msg=f'{scheduler} {spacing}')
+        schedule = samplers.sampling_schedule(SCHEDULE, sampler, int(steps), spacing)
+        np.testing.assert_array_equal(np.asarray(schedule.timesteps)[::-1], expected)
+        checked += 1
+  assert checked == 60
+  dpm, ddim = (table[k]['linspace']['20'] for k in ('DPMSolverMultistepScheduler',
+                                                      'DDIMScheduler'))
+  assert dpm[:2] + dpm[-2:] == [999, 949, 100, 50] and ddim[:2] + ddim[-1:] == [999, 946, 0]
+
+
+def _diffusers_3m_weights(abar_desc):
+  """DPM-Solver++(3M) weights as diffusers' DPMSolverMultistepScheduler (and Lu et al.'s code)
+  steps, in the W [S, 5] form of `samplers.dpm_solver_coefficients` (whose first two rows and
+  final first-order row it shares). For rows 2 <= i <= S - 2, with h, h0, h1 the last three
+  lambda steps, r0 = h0 / h, r1 = h1 / h:
+    E0 = (D_i - D_{i-1}) / r0,  E1 = (D_{i-1} - D_{i-2}) / r1,
+    E = E0 + r0 / (r0 + r1) (E0 - E1),  F = (E0 - E1) / (r0 + r1)   (~ h D' and h^2 D'' / 2),
+    x_{i+1} = (s_{i+1} / s_i) x_i + a_{i+1} [(1 - e^-h) D_i + (1 - (1 - e^-h) / h) E
+                                             - ((h - 1 + e^-h) / h^2 - 1/2) F].
+  The F term is half of the Taylor expansion's (h^2/2 - h + 1 - e^-h) D''."""
+  w = samplers.dpm_solver_coefficients(abar_desc, 3, 'multistep').copy()
+  alpha, sigma = np.sqrt(abar_desc), np.sqrt(1.0 - abar_desc)
+  lam = np.log(alpha / sigma)
+  for i in range(2, len(abar_desc) - 1):
+    h, h0, h1 = lam[i + 1] - lam[i], lam[i] - lam[i - 1], lam[i - 1] - lam[i - 2]
+    r0, r1 = h0 / h, h1 / h
+    e0, e1 = np.array([1.0, -1.0, 0.0]) / r0, np.array([0.0, 1.0, -1.0]) / r1
+    e, f = e0 + r0 / (r0 + r1) * (e0 - e1), (e0 - e1) / (r0 + r1)
+    em = -np.expm1(-h)  # 1 - e^-h
+    w[i, 2:5] = alpha[i + 1] * (em * np.array([1.0, 0.0, 0.0]) + (1.0 - em / h) * e
+                                - ((h - em) / h**2 - 0.5) * f)
+  return w
+
+
+def _solve_gaussian(w, abar_desc, x_t, mu, sd):
+  """Runs weights W on scalar data N(mu, sd^2) with its exact x0 prediction."""
+  x, hist = x_t, [0.0 * x_t] * 3  # x_prev, D_prev, D_prev2
+  for i, a in enumerate(abar_desc):
+    d = mu + np.sqrt(a) * sd**2 / (a * sd**2 + 1 - a) * (x - np.sqrt(a) * mu)
+    x, hist = w[i] @ np.array([x, hist[0], d, hist[1], hist[2]]), [x, d, hist[1]]
+  return x
+
+
+def test_third_order_dpm_solver_converges_at_third_order_where_diffusers_does_not():
+  """Our 3M weights (Taylor expansion to D'') have global error O(h^3); diffusers' 3M halves the
+  D'' term and converges at second order. First `_diffusers_3m_weights` is checked against
+  diffusers itself (fixture: 20 linspace steps of DPMSolverMultistepScheduler(solver_order=3)
+  on the exact denoiser of N(0.3, 0.2^2)), then both are run on lambda-uniform grids."""
+  ref = np.load(DIFFUSERS / 'dpm3_gaussian.npz')
+  mu, sd = float(ref['mu']), float(ref['sd'])
+  abar = ABAR[ref['timesteps']]  # Descending noise, as the scheduler's timesteps.
+  theirs = _solve_gaussian(_diffusers_3m_weights(abar), abar, ref['x_t'], mu, sd)
+  ours = _solve_gaussian(samplers.dpm_solver_coefficients(abar, 3), abar, ref['x_t'], mu, sd)
+  np.testing.assert_allclose(theirs, ref['out'], atol=1e-6)
+  assert np.abs(ours - ref['out']).max() > 30 * np.abs(theirs - ref['out']).max()
+
+  x_t = 1.3
+  rates = {}
+  for name, weights in [('ours', lambda a: samplers.dpm_solver_coefficients(a, 3)),
+                        ('diffusers', _diffusers_3m_weights)]:
+    errs = []
+    for n in (41, 81, 161, 321):
+      abar = 1.0 / (1.0 + np.exp(-2.0 * np.linspace(-3.0, 3.0, n)))
+      sig = np.sqrt((1 - abar) / abar)
+      x_end = mu + (x_t / np.sqrt(abar[0]) - mu) * np.sqrt(sd**2 + sig[-1]**2) / np.sqrt(
+          sd**2 + sig[0]**2)
+      exact = mu + sd**2 / (sd**2 + sig[-1]**2) * (x_end - mu)
+      errs.append(abs(_solve_gaussian(weights(abar), abar, x_t, mu, sd) - exact))
+    rates[name] = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
+  assert abs(rates['ours'][-1] - 3.0) < 0.25, rates
+  assert abs(rates['diffusers'][-1] - 2.0) < 0.25, rates
