@@ -18,12 +18,19 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-  """Sinusoidal embedding [B, dim] of timesteps t [B]: [sin(t f_i), cos(t f_i)], f_i = P^(-i/(d/2-1))."""
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0,
+                       flip_sin_to_cos: bool = False, freq_shift: float = 1.0) -> jax.Array:
+  """Sinusoidal embedding [B, dim] of timesteps t [B] (float32).
+
+  [sin(t f_i), cos(t f_i)] (or [cos, sin] with `flip_sin_to_cos`), i < d/2, with
+  f_i = P^(-i / (d/2 - freq_shift)): freq_shift=1 is Ho et al.'s (and diffusers' freq_shift=1),
+  flip_sin_to_cos=True with freq_shift=0 is improved/guided-diffusion's.
+  """
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  emb = jnp.concatenate(parts, axis=-1)
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
@@ -34,17 +41,18 @@ class GroupNorm32(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-6, dtype=jnp.float32,
+    y = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=jnp.float32,
                      param_dtype=self.param_dtype)(x.astype(jnp.float32))
     return y.astype(self.dtype)
 
 
 def _conv(features: int, module: nn.Module, kernel: int = 3, stride: int = 1,
-          zero_init: bool = False, name: Optional[str] = None) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
+          zero_init: bool = False, name: Optional[str] = None, padding: Any = 'SAME') -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  dtype=module.dtype, param_dtype=module.param_dtype, name=name,
                  kernel_init=nn.initializers.zeros if zero_init else nn.initializers.lecun_normal())
 
@@ -71,10 +79,12 @@ class ResBlock(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
-    norm = lambda name: GroupNorm32(self.num_groups, self.dtype, self.param_dtype, name=name)
+    norm = lambda name: GroupNorm32(self.num_groups, self.dtype, self.param_dtype, self.norm_eps,
+                                    name=name)
     h = nn.silu(norm('norm1')(x))
     h = _resample(h, self.resample)
     x = _resample(x, self.resample)
@@ -102,6 +112,7 @@ class AttentionBlock(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -110,7 +121,7 @@ class AttentionBlock(nn.Module):
     if c % heads:
       raise ValueError(f'attention channels {c} are not divisible by {heads} heads; '
                        'change model.num_heads / model.num_head_channels.')
-    h = GroupNorm32(self.num_groups, self.dtype, self.param_dtype, name='norm')(x)
+    h = GroupNorm32(self.num_groups, self.dtype, self.param_dtype, self.norm_eps, name='norm')(x)
     h = h.reshape(b, height * width, c)
     dense = lambda name: nn.DenseGeneral((heads, c // heads), dtype=self.dtype,
                                          param_dtype=self.param_dtype, name=name)
@@ -139,27 +150,43 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  flip_sin_to_cos: bool = False
+  freq_shift: float = 1.0
+  timestep_scale: float = 1.0
+  norm_eps: float = 1e-6
+  downsample_padding: int = 0
+  null_class: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None,
                train: bool = False) -> jax.Array:
-    """x [B,H,W,C] in [-1,1] at noise level t [B] (int or float); y [B] class ids (num_classes = null)."""
+    """x [B,H,W,C] in [-1,1] at noise level t [B] (int or float); y [B] class ids (num_classes =
+    null, with model.null_class). The network embeds t * timestep_scale."""
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
-    common = dict(num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+    common = dict(num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype,
+                  norm_eps=self.norm_eps)
     res_block = lambda out_ch, name, resample=None: block_cls(
         out_ch, self.dropout, self.use_scale_shift_norm, resample, name=name, **common)
     attention = lambda name: attn_cls(self.num_heads, self.num_head_channels, name=name, **common)
 
     temb_dim = 4 * self.ch
-    temb = timestep_embedding(t, self.ch)
+    t = jnp.asarray(t, jnp.float32)
+    if self.timestep_scale != 1.0:  # improved-diffusion's rescale_timesteps: t * 1000 / T.
+      t = t * jnp.float32(self.timestep_scale)
+    temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
+                              freq_shift=self.freq_shift)
     temb = dense(temb_dim, 'temb_dense0')(temb.astype(self.dtype))
     temb = dense(temb_dim, 'temb_dense1')(nn.silu(temb))
     if self.num_classes > 0:
       if y is None:
+        if not self.null_class:
+          raise ValueError('This class-conditional model has no null class (model.null_class='
+                           'False): pass class labels y.')
         y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)  # The null (unconditional) class.
-      temb = temb + nn.Embed(self.num_classes + 1, temb_dim, dtype=self.dtype,
+      rows = self.num_classes + 1 if self.null_class else self.num_classes
+      temb = temb + nn.Embed(rows, temb_dim, dtype=self.dtype,
                              param_dtype=self.param_dtype, name='class_embed')(y)
 
     h = _conv(self.ch, self, name='conv_in')(x.astype(self.dtype))
@@ -175,7 +202,9 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = res_block(h.shape[-1], f'down_{level}_downsample', 'down')(h, temb, train)
         else:
-          h = _conv(h.shape[-1], self, stride=2, name=f'down_{level}_downsample')(h)
+          padding = ((1, 1), (1, 1)) if self.downsample_padding else 'SAME'
+          h = _conv(h.shape[-1], self, stride=2, name=f'down_{level}_downsample',
+                    padding=padding)(h)
         skips.append(h)
 
     h = res_block(h.shape[-1], 'mid_res_0')(h, temb, train)
@@ -195,7 +224,8 @@ class UNet(nn.Module):
           h = _conv(h.shape[-1], self, name=f'up_{level}_upsample')(_resample(h, 'up'))
     assert not skips
 
-    h = nn.silu(GroupNorm32(self.num_groups, self.dtype, self.param_dtype, name='norm_out')(h))
+    h = nn.silu(GroupNorm32(self.num_groups, self.dtype, self.param_dtype, self.norm_eps,
+                            name='norm_out')(h))
     out_ch = self.out_channels * (2 if self.learn_sigma else 1)
     out = _conv(out_ch, self, zero_init=True, name='conv_out')(h)
     return out.astype(jnp.float32)
@@ -213,7 +243,10 @@ def create_model(model_config, channels: int) -> UNet:
       num_groups=model_config.num_groups, num_classes=model_config.num_classes,
       learn_sigma=model_config.learn_sigma, out_channels=channels,
       dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
-      remat=model_config.remat)
+      remat=model_config.remat, flip_sin_to_cos=model_config.flip_sin_to_cos,
+      freq_shift=model_config.freq_shift, timestep_scale=model_config.timestep_scale,
+      norm_eps=model_config.norm_eps, downsample_padding=model_config.downsample_padding,
+      null_class=model_config.null_class)
 
 
 def check_model_config(model_config, resolution: int) -> List[str]:
@@ -257,4 +290,15 @@ def check_model_config(model_config, resolution: int) -> List[str]:
                     'bfloat16.')
   if model_config.num_classes < 0:
     errors.append(f'model.num_classes={model_config.num_classes} must be >= 0 (0 = unconditional).')
+  if model_config.downsample_padding not in (0, 1):
+    errors.append(f'model.downsample_padding={model_config.downsample_padding} must be 0 (pad '
+                  'bottom/right, as TF SAME) or 1 (one pixel on every side, as openai).')
+  if not model_config.norm_eps > 0:
+    errors.append(f'model.norm_eps={model_config.norm_eps} must be > 0 (1e-6 ours, 1e-5 openai).')
+  if not model_config.timestep_scale > 0:
+    errors.append(f'model.timestep_scale={model_config.timestep_scale} must be > 0 (1.0 = the '
+                  'network sees the training step t).')
+  if not model_config.freq_shift < model_config.ch // 2:
+    errors.append(f'model.freq_shift={model_config.freq_shift} must be < model.ch / 2 = '
+                  f'{model_config.ch // 2} (1 ours, 0 openai).')
   return errors
