@@ -3,6 +3,7 @@
   python main.py --config=configs/digits.py --workdir=runs/digits               # train (resumes)
   python main.py --config=configs/digits.py --workdir=runs/digits --mode=sample # samples.npz + grid
   python main.py --config=configs/digits.py --workdir=runs/digits --mode=eval   # bits/dim
+  python main.py --config=configs/digits.py --workdir=runs/digits --mode=export # jax.export sampler
   python main.py --config=configs/cifar10_ddpm.py --workdir=gs://bucket/run \\
       --config.training.batch_size=256                                          # any field
 
@@ -21,7 +22,7 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and TensorBoard events.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'export'], 'What to do.')
 flags.DEFINE_bool('distributed', None,
                   'Call jax.distributed.initialize() (default: when a cluster of several '
                   'processes is detected: SLURM, Open MPI, a Cloud TPU VM or GKE TPU pod, or '
@@ -71,6 +72,10 @@ def main(argv):
       from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
       results = evaluation.evaluate(config, FLAGS.workdir)
       print(eval_summary(results, FLAGS.workdir))
+    elif FLAGS.mode == 'export':
+      from diffusion_jax import export  # pylint: disable=g-import-not-at-top
+      out_dir = export.export(config, FLAGS.workdir)
+      print(f'Exported sampler written to {out_dir}')
     else:
       out_dir = sample_mode.generate(config, FLAGS.workdir)
       print(f'Samples written to {out_dir}')
@@ -81,13 +86,17 @@ def main(argv):
 
 
 def run_config_for_mode(config, workdir: str):
-  """--mode=sample|eval: the run's own <workdir>/config.json (when there is one) with the
+  """--mode=sample|eval|export: the run's own <workdir>/config.json (when there is one) with the
   command-line overrides applied; a --config or override changing a model/diffusion field of
-  the saved run raises run_config.LockedFieldError naming each field."""
+  the saved run raises run_config.LockedFieldError naming each field. Sections the run's
+  config.json predates (e.g. `export`) come from --config."""
   from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
   saved = run_config.load_run_config(workdir)
   if saved is None:
     return config
+  for section in config.keys():
+    if section not in saved:
+      saved[section] = config.to_dict()[section]
   overrides = config_flags.get_override_values(FLAGS['config'])
   merged = run_config.config_for_run(saved, config, overrides)
   logging.info('Using the run\'s own %s with overrides %s', run_config.config_path(workdir),

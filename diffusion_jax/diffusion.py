@@ -152,44 +152,38 @@ def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array
   return mean, var, log_var
 
 
-def x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-  """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
-  return ((x_t - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * eps) /
-          extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim))
-
-
-def eps_from_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
-  """eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
-  return ((x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x0) /
-          extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim))
-
-
 def v_from_x0_eps(schedule: Schedule, t: jax.Array, x0: jax.Array, eps: jax.Array) -> jax.Array:
   """The velocity target of Salimans & Ho: v = sqrt(abar) eps - sqrt(1 - abar) x0."""
   return (extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * eps -
           extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
 
 
-def x0_eps_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array
-                 ) -> Tuple[jax.Array, jax.Array]:
-  """Inverts v: x0 = sqrt(abar) x_t - sqrt(1-abar) v, eps = sqrt(1-abar) x_t + sqrt(abar) v."""
-  a = extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim)
-  s = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
-  return a * x_t - s * v, s * x_t + a * v
+def x0_eps_from_scaled(output: jax.Array, x_t: jax.Array, a: jax.Array, s: jax.Array,
+                       prediction_type: str) -> Tuple[jax.Array, jax.Array]:
+  """(x0, eps) implied by a network output where x_t = a x0 + s eps, in float32.
+
+  a = sqrt(abar), s = sqrt(1 - abar) (broadcastable to x_t; any noise level, discrete or
+  continuous). epsilon: x0 = (x_t - s eps) / a; x0: eps = (x_t - a x0) / s;
+  v = a eps - s x0 (Salimans & Ho): x0 = a x_t - s v, eps = s x_t + a v.
+  The one conversion every caller (loss, samplers, likelihood) uses.
+  """
+  output, x_t = output.astype(jnp.float32), x_t.astype(jnp.float32)
+  if prediction_type == 'epsilon':
+    return (x_t - s * output) / a, output
+  if prediction_type == 'x0':
+    return output, (x_t - a * output) / s
+  if prediction_type == 'v':
+    return a * x_t - s * output, s * x_t + a * output
+  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+                   f'use one of {PREDICTION_TYPES}.')
 
 
 def x0_eps_from_output(schedule: Schedule, output: jax.Array, x_t: jax.Array, t: jax.Array,
                        prediction_type: str) -> Tuple[jax.Array, jax.Array]:
-  """Converts a network output of `prediction_type` to the implied (x0, eps)."""
-  output, x_t = output.astype(jnp.float32), x_t.astype(jnp.float32)
-  if prediction_type == 'epsilon':
-    return x0_from_eps(schedule, x_t, t, output), output
-  if prediction_type == 'x0':
-    return output, eps_from_x0(schedule, x_t, t, output)
-  if prediction_type == 'v':
-    return x0_eps_from_v(schedule, x_t, t, output)
-  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
-                   f'use one of {PREDICTION_TYPES}.')
+  """Converts a network output of `prediction_type` at training steps t [B] to (x0, eps)."""
+  return x0_eps_from_scaled(output, x_t, extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim),
+                            extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim),
+                            prediction_type)
 
 
 def split_learned_sigma(output: jax.Array, learn_sigma: bool

@@ -85,25 +85,6 @@ def network_timestep(schedule: Schedule, tau: jax.Array) -> jax.Array:
                     schedule.timesteps.astype(jnp.float32))
 
 
-def eps_from_output(output: jax.Array, x: jax.Array, log_abar: jax.Array,
-                    prediction_type: str) -> jax.Array:
-  """eps_hat implied by a network output at a (continuous) noise level abar = e^log_abar.
-
-  epsilon: output; x0: (x - sqrt(abar) x0_hat) / sqrt(1 - abar); v: sqrt(1 - abar) x + sqrt(abar) v.
-  """
-  output, x = output.astype(jnp.float32), x.astype(jnp.float32)
-  sqrt_abar = jnp.exp(0.5 * log_abar)
-  sigma = jnp.sqrt(-jnp.expm1(log_abar))
-  if prediction_type == 'epsilon':
-    return output
-  if prediction_type == 'x0':
-    return (x - sqrt_abar * output) / sigma
-  if prediction_type == 'v':
-    return sigma * x + sqrt_abar * output
-  raise ValueError(f'prediction_type={prediction_type!r} is unknown; '
-                   f'use one of {diffusion.PREDICTION_TYPES}.')
-
-
 def probability_flow_drift(apply_fn: ApplyFn, schedule: Schedule, prediction_type: str,
                            learn_sigma: bool = False
                            ) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -115,8 +96,9 @@ def probability_flow_drift(apply_fn: ApplyFn, schedule: Schedule, prediction_typ
     t_net = jnp.full((x.shape[0],), network_timestep(schedule, tau), jnp.float32)
     output, _ = diffusion.split_learned_sigma(apply_fn(x, t_net), learn_sigma)
     log_abar = continuous_log_alphas_cumprod(schedule, tau)
-    eps = eps_from_output(output, x, log_abar, prediction_type)
     sigma = jnp.sqrt(-jnp.expm1(log_abar))
+    _, eps = diffusion.x0_eps_from_scaled(output, x, jnp.exp(0.5 * log_abar), sigma,
+                                          prediction_type)
     return -0.5 * continuous_beta(schedule, tau) * (x.astype(jnp.float32) - eps / sigma)
   return drift
 

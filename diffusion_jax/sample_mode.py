@@ -9,6 +9,8 @@ merges them into `samples.npz`, checking that indices 0..N-1 each appear exactly
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from typing import Any, Optional
@@ -29,18 +31,32 @@ SHARD_PATTERN = 'samples_p*_b*.npz'
 FRAME_MS, LAST_FRAME_MS = 100, 1500  # Display times of the animation's frames.
 
 
+# Sample fields that do not change which images are drawn (only what else is written).
+_TAG_IGNORED_FIELDS = ('animation', 'animation_every', 'animation_num_images')
+
+
 def sample_tag(config, step: int) -> str:
-  """Folder name of a sampling run: checkpoint step, sampler, steps, eta, guidance, labels, seed."""
+  """Folder name of a sampling run: a readable prefix and a hash of every image-changing field.
+
+  'step3000_ddim_100_seed0_ema_1a2b3c4d': step, sampler, steps, eta, guidance, labels, seed and
+  EMA are spelled out; the 8-hex suffix hashes the whole `sample` section (spacing, variance,
+  thresholding, solver, rho, churn, batch size, ...) and the checkpoint step, so two runs that
+  differ in any such field never share a folder (each deletes its own shards when it starts).
+  """
   scfg = config.sample
   tag = f'step{step}_{scfg.sampler}_{scfg.steps if scfg.sampler != "ddpm" else "full"}'
   if scfg.eta and scfg.sampler != 'ddpm':
     tag += f'_eta{scfg.eta:g}'
   if config.model.num_classes > 0:
-    tag += f'_g{scfg.get("guidance_scale", 1.0):g}'
-    labels = parse_class_labels(scfg.get('class_labels', ''), config.model.num_classes)
+    tag += f'_g{scfg.guidance_scale:g}'
+    labels = parse_class_labels(scfg.class_labels, config.model.num_classes)
     if labels is not None:
       tag += '_y' + '-'.join(str(v) for v in labels[:8]) + ('-etc' if len(labels) > 8 else '')
-  return tag + f'_seed{scfg.seed}{"_ema" if scfg.use_ema else ""}'
+  fields = {name: value for name, value in scfg.to_dict().items()
+            if name not in _TAG_IGNORED_FIELDS}
+  digest = hashlib.sha256(
+      json.dumps([step, fields], sort_keys=True, default=str).encode()).hexdigest()[:8]
+  return tag + f'_seed{scfg.seed}{"_ema" if scfg.use_ema else ""}_{digest}'
 
 
 def shard_path(shard_dir: epath.Path, process: int, batch: int) -> epath.Path:

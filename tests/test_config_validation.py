@@ -163,8 +163,8 @@ POD_PROCESSES = (1, 2, 4, 8, 16, 32)
 
 def _mode_batch(config, mode):
   """The global batch `mode` splits over the devices (None: it splits none)."""
-  if mode == 'train':
-    return min(config.training.batch_size, config.training.num_grid_samples)
+  if mode == 'train':  # The grid's sampling batch is padded to the devices: any size works.
+    return config.training.batch_size
   if mode == 'sample':
     return config.sample.batch_size
   return config.eval.batch_size
@@ -190,6 +190,12 @@ def test_shipped_configs_validate_at_pod_scales(name, monkeypatch):
         validate_config(config, mode=mode, num_devices=devices, num_processes=processes)
         checked += 1
   assert checked >= 3 * 10  # Every mode ran at least on 1 and 8 devices.
+  # Pod training keeps the shipped grid size (it need not divide over the chips); the batch
+  # is raised to one image per chip where the shipped one is smaller.
+  for devices in (128, 256):
+    pod = config.copy_and_resolve_references()
+    pod.training.batch_size = max(pod.training.batch_size, devices)
+    validate_config(pod, mode='train', num_devices=devices, num_processes=devices // 4)
 
 
 @pytest.mark.parametrize('name', ['cifar10_ddpm', 'cifar10_cond', 'cifar10_improved'])
@@ -222,13 +228,15 @@ def test_sample_batch_is_only_checked_when_sampling():
 
 
 def test_grid_samples_are_only_checked_in_train():
+  """Any positive grid size trains on any device count (train pads the grid's sampling batch
+  to a multiple of the devices); a grid of no images is an error in train mode only."""
   config = tiny.get_config()
   config.training.num_grid_samples = 12
-  validate_config(config, mode='sample', num_devices=8)
-  with pytest.raises(ConfigError, match='training.num_grid_samples=12'):
-    validate_config(config, mode='train', num_devices=8)
-  config.training.sample_every_steps = 0  # No grids: nothing to split.
   validate_config(config, mode='train', num_devices=8)
+  config.training.num_grid_samples = 0
+  validate_config(config, mode='sample', num_devices=8)
+  with pytest.raises(ConfigError, match='training.num_grid_samples=0'):
+    validate_config(config, mode='train', num_devices=8)
 
 
 LATE_FAILURES = {
@@ -353,3 +361,18 @@ def test_eval_summary_prints_each_kind_of_metric():
   only_samples = {'kid': {'kid': 0.015, 'kid_std': 0.002, 'step': 3}, 'step': 3}
   assert main.eval_summary(only_samples, 'w') == ('kid: kid=0.015, kid_std=0.002\n'
                                                    'Step 3; details in w/eval/')
+
+
+def test_a_model_without_null_class_refuses_guidance_and_label_dropout():
+  """model.null_class=False (an imported guided-diffusion model) has no null embedding row."""
+  config = tiny.get_config()  # digits: 10 classes.
+  config.model.num_classes = 10
+  config.model.null_class = False
+  validate_config(config, mode='train', num_devices=8)
+  validate_config(config, mode='sample', num_devices=8)
+  config.training.cond_drop_prob = 0.1
+  with pytest.raises(ConfigError, match='training.cond_drop_prob=0.1'):
+    validate_config(config, mode='train', num_devices=8)
+  config.sample.guidance_scale = 3.0
+  with pytest.raises(ConfigError, match='sample.guidance_scale=3.0 needs the null-class'):
+    validate_config(config, mode='sample', num_devices=8)

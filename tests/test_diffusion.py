@@ -255,13 +255,13 @@ def test_conversions_round_trip():
   np.testing.assert_allclose(_np(xt), xt_ref, atol=1e-5)
   np.testing.assert_allclose(_np(v), v_ref, atol=1e-5)
 
-  x0_v, eps_v = diffusion.x0_eps_from_v(s, xt, t_j, v)
+  x0_v, eps_v = diffusion.x0_eps_from_output(s, v, xt, t_j, 'v')
   np.testing.assert_allclose(_np(x0_v), x0, atol=1e-5)
   np.testing.assert_allclose(_np(eps_v), eps, atol=1e-5)
   # x0 from eps divides by sqrt(abar) (>= 0.0064 at t = 999) and eps from x0 by sqrt(1 - abar)
   # (>= 0.01 at t = 0): float32 rounding of x_t is amplified accordingly.
-  x0_e = diffusion.x0_from_eps(s, xt, t_j, eps_j)
-  eps_x = diffusion.eps_from_x0(s, xt, t_j, x0_j)
+  x0_e, _ = diffusion.x0_eps_from_output(s, eps_j, xt, t_j, 'epsilon')
+  _, eps_x = diffusion.x0_eps_from_output(s, x0_j, xt, t_j, 'x0')
   np.testing.assert_allclose(_np(x0_e), x0, atol=1e-6 / a.min() * 10)
   np.testing.assert_allclose(_np(eps_x), eps, atol=1e-6 / sig.min() * 10)
   # Where conditioning is good the round trip is tight.

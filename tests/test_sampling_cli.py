@@ -7,6 +7,7 @@ their merge, the grid and the animation.
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -56,6 +57,39 @@ def _save_random_checkpoint(config, workdir: str) -> None:
   manager.close()
 
 
+def _sample_dir(workdir: str, prefix: str) -> epath.Path:
+  """The one sample folder whose tag is `prefix` plus the 8-hex hash of the sample fields."""
+  found = [d for d in (epath.Path(workdir) / 'samples').iterdir()
+           if re.fullmatch(re.escape(prefix) + r'_[0-9a-f]{8}', d.name)]
+  assert len(found) == 1, found
+  return found[0]
+
+
+def test_sample_tags_differ_in_every_image_changing_field():
+  """Two runs that differ in any sample field but the animation ones get different folders.
+
+  (A shared folder made the second run delete the first one's shards.)
+  """
+  config = _config()
+  base = sample_mode.sample_tag(config, 7)
+  assert re.fullmatch(r'step7_ddim_5_seed0_ema_[0-9a-f]{8}', base), base
+  changes = {'spacing': 'trailing', 'thresholding': 'dynamic', 'variance': 'fixed_large',
+             'solver_order': 3, 'rho': 5.0, 's_churn': 1.0, 'batch_size': 8,
+             'clip_denoised': False}
+  tags = {base}
+  for field, value in changes.items():
+    changed = _config()
+    changed.sample[field] = value
+    tag = sample_mode.sample_tag(changed, 7)
+    assert tag not in tags, field
+    tags.add(tag)
+  assert sample_mode.sample_tag(config, 8) != base
+  same = _config()
+  same.sample.animation = True
+  same.sample.animation_num_images = 4
+  assert sample_mode.sample_tag(same, 7) == base
+
+
 @pytest.fixture(scope='module')
 def uncond_workdir(tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp('uncond'))
@@ -87,7 +121,7 @@ def test_cli_writes_exactly_num_samples_distinct_in_shards(uncond_workdir):
        '--config.sample.steps=4', '--config.sample.seed=3'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  out_dir = epath.Path(uncond_workdir) / 'samples' / 'step1_ddim_4_seed3_ema'
+  out_dir = _sample_dir(uncond_workdir, 'step1_ddim_4_seed3_ema')
   assert f'Samples written to {out_dir}' in result.stdout
 
   with np.load(str(out_dir / 'samples.npz')) as data:
@@ -121,7 +155,7 @@ def test_conditional_labels_and_animation(cond_workdir):
   config.sample.animation_every = 2
   config.sample.animation_num_images = 4
   out_dir = sample_mode.generate(config, cond_workdir)
-  assert out_dir.name == 'step1_ddim_6_g2_y3-7-1_seed0_ema'
+  assert re.fullmatch(r'step1_ddim_6_g2_y3-7-1_seed0_ema_[0-9a-f]{8}', out_dir.name), out_dir
 
   with np.load(str(out_dir / 'samples.npz')) as data:
     arr_0, arr_1 = data['arr_0'], data['arr_1']
@@ -178,7 +212,7 @@ def test_two_processes_write_disjoint_shards(cond_workdir):
         p.kill()
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
-  out_dir = epath.Path(cond_workdir) / 'samples' / 'step1_ddim_5_g1_seed5_ema'
+  out_dir = _sample_dir(cond_workdir, 'step1_ddim_5_g1_seed5_ema')
   with np.load(str(out_dir / 'samples.npz')) as data:
     arr_0, arr_1 = data['arr_0'], data['arr_1']
   assert arr_0.shape == (40, 8, 8, 1)
