@@ -23,7 +23,6 @@ and a batch it gives the same images (the per-batch key is `fold_in(PRNGKey(seed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any, Dict, List, Mapping
@@ -33,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import checkpoints, diffusion, models, sampling, sharding
+from diffusion_jax import (checkpoints, diffusion, models, sampling, serving, sharding,
+                           torch_weights)
 from diffusion_jax.class_labels import parse_class_labels
 from diffusion_jax.config_validation import validate_config
 
@@ -82,27 +82,6 @@ def flatten_params(params: PyTree) -> Dict[str, np.ndarray]:
         flat[f'{prefix}{key}'] = np.asarray(jax.device_get(value))
   walk(params, '')
   return flat
-
-
-def unflatten_params(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
-  """Inverse of `flatten_params`: nested plain dicts (the export's input tree)."""
-  tree: Dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split('/')
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
-
-
-def sha256_file(path: epath.Path) -> str:
-  """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-  digest = hashlib.sha256()
-  with path.open('rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def export_sampler(config, params: PyTree, platforms) -> jax.export.Exported:
@@ -172,7 +151,7 @@ def export(config, workdir: str) -> epath.Path:
   mesh = sharding.create_mesh(config.mesh)  # Restoring raises NoCheckpointError (no writes).
   params, step = checkpoints.restore_params(config, workdir, mesh, config.sample.use_ema)
   flat = flatten_params(params)
-  host_params = unflatten_params(flat)  # Plain nested dicts: the exported input tree.
+  host_params = serving.unflatten_params(flat)  # Plain nested dicts: the exported input tree.
   platforms = tuple(config.export.platforms)
   logging.info('Exporting the %s sampler of step %d for %s', config.sample.sampler, step,
                platforms)
@@ -188,7 +167,7 @@ def export(config, workdir: str) -> epath.Path:
   (tmp_dir / ARTIFACT_FILE).write_bytes(bytes(exported.serialize()))
   stored = {k: v.astype(np.float32) if v.dtype == jnp.bfloat16 else v for k, v in flat.items()}
   (tmp_dir / WEIGHTS_FILE).write_bytes(safetensors_numpy.save(stored))
-  files = {name: {'sha256': sha256_file(tmp_dir / name), 'bytes': (tmp_dir / name).stat().length}
+  files = {name: {'sha256': torch_weights.sha256(str(tmp_dir / name)), 'bytes': (tmp_dir / name).stat().length}
            for name in (ARTIFACT_FILE, WEIGHTS_FILE)}
   card = _card(config, step, exported, flat, files)
   (tmp_dir / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -42,7 +42,7 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def _unflatten(flat: Dict[str, np.ndarray]) -> Dict[str, Any]:
+def unflatten_params(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
   """{'a/b': x} -> {'a': {'b': x}}: the params tree the artifact was exported with."""
   tree: Dict[str, Any] = {}
   for name, value in flat.items():
@@ -162,7 +162,7 @@ def load(export_dir: Union[str, os.PathLike]) -> Sampler:
                           'file was modified or corrupted; export again.')
   with open(paths[ARTIFACT_FILE], 'rb') as f:
     exported = jax_export.deserialize(bytearray(f.read()))
-  params = _unflatten(safetensors_numpy.load_file(paths[WEIGHTS_FILE]))
+  params = unflatten_params(safetensors_numpy.load_file(paths[WEIGHTS_FILE]))
   return Sampler(export_dir, card, exported, _as_inputs(params, exported, paths[WEIGHTS_FILE]))
 
 
@@ -181,5 +181,5 @@ def _as_inputs(params: Dict[str, Any], exported: Any, path: str) -> Dict[str, An
     if tuple(have[name].shape) != tuple(aval.shape):
       raise ValueError(f'{path}: {name} has shape {have[name].shape}; the artifact expects '
                        f'{tuple(aval.shape)}.')
-  return _unflatten({name: np.asarray(have[name]).astype(aval.dtype)
+  return unflatten_params({name: np.asarray(have[name]).astype(aval.dtype)
                      for name, aval in want.items()})
