@@ -416,3 +416,25 @@ def test_export_of_openai_conventions():
   config.model.timestep_scale = 0.25
   with pytest.raises(convert.ConversionError, match='model.timestep_scale=0.25'):
     convert.diffusers_configs(config)
+
+
+def test_fine_tuning_resumes_from_the_imported_weights(tmp_path):
+  """--mode=train on an imported run starts from its step-0 checkpoint (the diffusers weights,
+  EMA too) and trains on: the 8x8x1 fixture model fine-tunes on the digits for 2 steps."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  config = convert.import_diffusers(str(FIXTURES / 'attn_high_lpb2_heads'), workdir,
+                                    base=tiny.get_config())
+  assert (config.data.dataset, config.data.channels) == ('digits', 1)
+  config.training.num_train_steps = 2
+  config.training.sample_every_steps = 0
+  config.training.checkpoint_every_steps = 2
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 2 and checkpoints.latest_step_on_disk(workdir) == 2
+  _, imported, _ = _imported('attn_high_lpb2_heads')
+  mesh = sharding.create_mesh(config.mesh)
+  start, _ = checkpoints.restore_params(config, workdir, mesh, use_ema=False)  # Newest: 2.
+  changed = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), start, imported)
+  assert max(jax.tree.leaves(changed)) > 0  # Trained on from the imported weights ...
+  assert max(jax.tree.leaves(changed)) < 0.05  # ... by two small warm-up Adam steps, not anew.
