@@ -4,6 +4,8 @@
   python main.py --config=configs/digits.py --workdir=runs/digits --mode=sample # samples.npz + grid
   python main.py --config=configs/digits.py --workdir=runs/digits --mode=eval   # bits/dim
   python main.py --config=configs/digits.py --workdir=runs/digits --mode=export # jax.export sampler
+  python main.py --config=... --workdir=... --mode=posthoc_ema \\
+      --config.posthoc_ema.sigma_rel=0.08    # EDM2 post-hoc EMA from the run's EMA snapshots
   python main.py --config=configs/cifar10_ddpm.py --workdir=gs://bucket/run \\
       --config.training.batch_size=256                                          # any field
 
@@ -22,7 +24,8 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and TensorBoard events.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'export'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'export', 'posthoc_ema'],
+                  'What to do.')
 flags.DEFINE_bool('distributed', None,
                   'Call jax.distributed.initialize() (default: when a cluster of several '
                   'processes is detected: SLURM, Open MPI, a Cloud TPU VM or GKE TPU pod, or '
@@ -72,6 +75,10 @@ def main(argv):
       from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
       results = evaluation.evaluate(config, FLAGS.workdir)
       print(eval_summary(results, FLAGS.workdir))
+    elif FLAGS.mode == 'posthoc_ema':
+      from diffusion_jax import posthoc_ema  # pylint: disable=g-import-not-at-top
+      out_dir = posthoc_ema.reconstruct(config, FLAGS.workdir)
+      print(f'Post-hoc EMA written to {out_dir}')
     elif FLAGS.mode == 'export':
       from diffusion_jax import export  # pylint: disable=g-import-not-at-top
       out_dir = export.export(config, FLAGS.workdir)

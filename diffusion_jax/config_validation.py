@@ -14,10 +14,10 @@ from typing import List, Optional
 
 import jax
 
-from diffusion_jax import diffusion, models, samplers, sharding
+from diffusion_jax import diffusion, ema, models, objectives, samplers, sharding
 
 LOCAL_DATASETS = ('digits', 'folder')
-MODES = ('train', 'sample', 'eval', 'export')
+MODES = ('train', 'sample', 'eval', 'export', 'posthoc_ema')
 ODE_SOLVERS = ('tsit5', 'dopri5')
 ODE_PROBES = ('rademacher', 'gaussian', 'exact')
 SAMPLE_VARIANCES = ('fixed_small', 'fixed_large')
@@ -49,8 +49,11 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
   errors.extend(diffusion.check_diffusion_config(config.diffusion))
   mesh_errors, data_devices = sharding.check_mesh_config(config.mesh, num_devices)
   errors.extend(mesh_errors)
-  errors.extend(samplers.check_sampler_config(config.sample, config.model,
-                                              config.diffusion.num_timesteps))
+  errors.extend(objectives.check_objective_config(config))
+  errors.extend(ema.check_ema_config(config, mode))  # optim.ema_*, sample/eval.ema, posthoc_ema
+  if config.diffusion.objective == 'ddpm':  # Other objectives check config.sample themselves.
+    errors.extend(samplers.check_sampler_config(config.sample, config.model,
+                                                config.diffusion.num_timesteps))
   if mode == 'train':
     _check_data_source(errors, config, mode)
     _check_optim(errors, config.optim)

@@ -164,6 +164,7 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
   head_dim = opt('attention_head_dim')
   resolution = int(size)
   model = config.model
+  model.arch = 'unet'  # A UNet2DModel, whatever --config's network was.
   model.ch = ch
   model.ch_mult = tuple(int(c // ch) for c in channels_out)
   model.num_res_blocks = int(opt('layers_per_block'))
@@ -229,6 +230,9 @@ def _apply_scheduler(config: ml_collections.ConfigDict, scheduler: Mapping[str, 
 def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """(UNet2DModel config.json, DDPMScheduler scheduler_config.json) for our config."""
   m, resolution = config.model, config.data.resolution
+  if m.arch != 'unet':
+    raise ConversionError(f"model.arch={m.arch!r}: only the U-Net (model.arch='unet') exports "
+                          'as a diffusers UNet2DModel; use --mode=export for this run.')
   if m.resblock_updown:
     raise ConversionError('model.resblock_updown=True: the UNet2DModel DownBlock2D/UpBlock2D '
                           'layout has no resnet up/downsampling; cannot export.')

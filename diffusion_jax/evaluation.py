@@ -100,15 +100,15 @@ def make_ode_nll_fn(model: models.UNet, schedule: diffusion.Schedule, config, me
   """Returns jitted `ode_nll(params, x [B,H,W,C] in [-1,1], labels [B], rng) -> (bpd [B], steps)`.
 
   bpd is the dequantised PF-ODE NLL (NaN where the solver failed); steps the solver's step count.
+  The ODE is that of config.diffusion.objective (`likelihood.objective_log_likelihood`).
   """
   ecfg = config.eval
 
   def ode_nll(params, x, labels, rng):
     deq_key, probe_key = jax.random.split(rng)
     apply_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, labels, train=False)
-    result = likelihood.ode_log_likelihood(
-        apply_fn, schedule, likelihood.dequantize(x, deq_key), probe_key,
-        prediction_type=config.diffusion.prediction_type,
+    result = likelihood.objective_log_likelihood(
+        apply_fn, schedule, config.diffusion, likelihood.dequantize(x, deq_key), probe_key,
         learn_sigma=config.model.learn_sigma, probe=ecfg.ode_probe,
         num_probes=ecfg.ode_num_probes, solver=ecfg.ode_solver, rtol=ecfg.ode_rtol,
         atol=ecfg.ode_atol, max_steps=ecfg.ode_max_steps)
@@ -172,7 +172,7 @@ def _likelihood_eval(config, workdir: str, mesh: Mesh) -> Dict[str, Any]:
   """
   ecfg = config.eval
   metrics = tuple(m for m in ecfg.metrics if m in fid.LIKELIHOOD_METRICS)
-  params, step = checkpoints.restore_params(config, workdir, mesh, ecfg.use_ema)
+  params, step = checkpoints.restore_params(config, workdir, mesh, ecfg.use_ema, ecfg.ema)
   model = models.create_model(config.model, config.data.channels)
   schedule = diffusion.make_schedule(config.diffusion)
   num_timesteps = schedule.num_timesteps
@@ -601,7 +601,8 @@ def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any
   if ecfg.samples:
     params, step = None, checkpoints.latest_step_on_disk(workdir)  # 0 without checkpoints.
   else:
-    params, step = checkpoints.restore_params(config, workdir, mesh, config.sample.use_ema)
+    params, step = checkpoints.restore_params(config, workdir, mesh, config.sample.use_ema,
+                                              config.sample.ema)
   sample_results = _sample_metrics_eval(config, workdir, mesh, params, step)
   write_sample_results(workdir, step, sample_results)
   multihost_utils.sync_global_devices('sample metrics done')

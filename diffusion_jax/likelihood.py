@@ -30,6 +30,21 @@ y, the density of k + U on [0, 256)^D is p_Y(y) (2/256)^D, and Jensen gives
 
   -log2 P(k) <= E_U[-log2 p_Y(y)] + D log2(128),  i.e.  bpd = -log p_Y(y) / (D ln 2) + 7.
 
+The other objectives (`objective_log_likelihood` dispatches on diffusion.objective) use the same
+solver (`solve_log_likelihood`: a drift f(s, x), an interval [s0, s1] and a prior N(0,
+prior_std^2 I) at s1):
+
+* 'flow_matching' (`flow_log_likelihood`): dx/dt = v(x, t) on t in [t0, 1] with the prior
+  N(0, I) at t = 1, which is exactly the path's end x_1 = eps. t0 = 0 for velocity models; an
+  x-prediction model's v = (x - x0_hat) / t is 0/0 at t = 0, so its density is that of
+  x_{t0} with t0 = FLOW_X0_T0 (the data plus 1e-5 N(0, I), far below the 1/128 dequantisation
+  bins).
+* 'edm' (`edm_log_likelihood`): dx/dsigma = (x - D(x; sigma)) / sigma from edm_sigma_min to
+  edm_sigma_max, prior N(0, sigma_max^2 I) (x = x0 + sigma_max eps with sigma_max >> the data).
+  It is integrated in s = ln(sigma), dx/ds = x - D(x; e^s), which spreads the steps evenly over
+  the noise levels; the divergence integral is the same in either variable. The density is that
+  of the data plus sigma_min noise, as the model never saw less.
+
 All functions are pure and traceable; jit the call (evaluation.py shards the batch over a mesh).
 """
 
@@ -163,18 +178,21 @@ def _solver(name: str) -> diffrax.AbstractSolver:
   raise ValueError(f'solver={name!r} is unknown; use one of {SOLVERS}.')
 
 
-def ode_log_likelihood(apply_fn: ApplyFn, schedule: Schedule, y: jax.Array, rng: jax.Array, *,
-                       prediction_type: str, learn_sigma: bool = False,
-                       probe: str = 'rademacher', num_probes: int = 1, solver: str = 'tsit5',
-                       rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096
-                       ) -> ODELikelihood:
-  """log p_0(y) [B] of continuous data y [B, H, W, C] (nats) by solving the PF-ODE to tau = 1.
+# f(s, x [B, ...]) -> dx/ds [B, ...]: the ODE that carries the data at s0 to the prior at s1.
+Drift = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def solve_log_likelihood(drift: Drift, y: jax.Array, rng: jax.Array, *, t0: float, t1: float,
+                         prior_std: float = 1.0, probe: str = 'rademacher', num_probes: int = 1,
+                         solver: str = 'tsit5', rtol: float = 1e-5, atol: float = 1e-5,
+                         max_steps: int = 4096) -> ODELikelihood:
+  """log p(y) [B] (nats) of y [B, H, W, C] at s = t0 under dx/ds = drift(s, x) and the prior
+  N(0, prior_std^2 I) at s = t1: log N(x(t1)) + int_{t0}^{t1} div drift ds.
 
   The state (x [B, ...], int div f [B]) is integrated jointly, the step size controlled on the
   whole batch. probe: 'rademacher' | 'gaussian' (Hutchinson, `num_probes` fixed probes per
   example averaged inside the drift) | 'exact' (D Jacobian-vector products per evaluation).
   """
-  drift = probability_flow_drift(apply_fn, schedule, prediction_type, learn_sigma)
   y = y.astype(jnp.float32)
   probes = _probes(rng, y, probe, num_probes)
   reduce_dims = tuple(range(2, probes.ndim))
@@ -188,17 +206,85 @@ def ode_log_likelihood(apply_fn: ApplyFn, schedule: Schedule, y: jax.Array, rng:
     return f, div
 
   solution = diffrax.diffeqsolve(
-      diffrax.ODETerm(vector_field), _solver(solver), t0=0.0, t1=1.0, dt0=None,
+      diffrax.ODETerm(vector_field), _solver(solver), t0=t0, t1=t1, dt0=None,
       y0=(y, jnp.zeros((y.shape[0],), jnp.float32)), args=probes,
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
       max_steps=max_steps, throw=False)
   x1, delta = jax.tree.map(lambda a: a[-1], solution.ys)
   dims = math.prod(y.shape[1:])
+  if prior_std != 1.0:  # log N(x; 0, s^2 I) = log N(x / s; 0, I) - D log s.
+    x1 = x1 / jnp.float32(prior_std)
   prior = (-0.5 * jnp.sum(jnp.square(x1), axis=tuple(range(1, x1.ndim)))
            - 0.5 * dims * math.log(2.0 * math.pi))
+  if prior_std != 1.0:
+    prior = prior - dims * math.log(prior_std)
   successful = solution.result == diffrax.RESULTS.successful
   return ODELikelihood(log_prob=prior + delta, prior_log_prob=prior, delta_log_prob=delta,
                        num_steps=solution.stats['num_steps'], successful=successful)
+
+
+def ode_log_likelihood(apply_fn: ApplyFn, schedule: Schedule, y: jax.Array, rng: jax.Array, *,
+                       prediction_type: str, learn_sigma: bool = False,
+                       probe: str = 'rademacher', num_probes: int = 1, solver: str = 'tsit5',
+                       rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096
+                       ) -> ODELikelihood:
+  """log p_0(y) [B] of continuous data y [B, H, W, C] (nats) under a 'ddpm' model: the PF-ODE
+  (`probability_flow_drift`) from tau = 0 to 1 with the prior N(0, I); see
+  `solve_log_likelihood` for the solver options."""
+  drift = probability_flow_drift(apply_fn, schedule, prediction_type, learn_sigma)
+  return solve_log_likelihood(drift, y, rng, t0=0.0, t1=1.0, probe=probe,
+                              num_probes=num_probes, solver=solver, rtol=rtol, atol=atol,
+                              max_steps=max_steps)
+
+
+# An x-prediction flow model's velocity (x - x0_hat) / t is 0/0 at t = 0: its density is taken
+# at t = FLOW_X0_T0 (the data plus 1e-5 N(0, I)), as Song et al. start VP likelihoods at 1e-5.
+FLOW_X0_T0 = 1e-5
+
+
+def flow_log_likelihood(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], y: jax.Array,
+                        rng: jax.Array, *, t0: float = 0.0, **solver_options) -> ODELikelihood:
+  """log p_{t0}(y) [B] of a flow-matching model: dx/dt = velocity_fn(x, t) (x [B, ...], t a
+  scalar) from t0 to 1 with the prior N(0, I) at t = 1; `solve_log_likelihood`'s options."""
+  return solve_log_likelihood(lambda t, x: velocity_fn(x, t), y, rng, t0=t0, t1=1.0,
+                              **solver_options)
+
+
+def edm_log_likelihood(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], y: jax.Array,
+                       rng: jax.Array, *, sigma_min: float, sigma_max: float,
+                       **solver_options) -> ODELikelihood:
+  """log p_{sigma_min}(y) [B] of an EDM model D = denoise_fn(x, sigma scalar): the ODE
+  dx/dsigma = (x - D) / sigma written in s = ln sigma (dx/ds = x - D) from ln sigma_min to
+  ln sigma_max, prior N(0, sigma_max^2 I); `solve_log_likelihood`'s options."""
+  def drift(s, x):
+    return x.astype(jnp.float32) - denoise_fn(x, jnp.exp(s))
+  return solve_log_likelihood(drift, y, rng, t0=math.log(sigma_min), t1=math.log(sigma_max),
+                              prior_std=sigma_max, **solver_options)
+
+
+def objective_log_likelihood(apply_fn: ApplyFn, schedule: Schedule, diffusion_config,
+                             y: jax.Array, rng: jax.Array, *, learn_sigma: bool = False,
+                             **solver_options) -> ODELikelihood:
+  """log p(y) [B] of the model of `diffusion_config.objective` through its probability-flow
+  ODE: `ode_log_likelihood` ('ddpm'), `flow_log_likelihood` ('flow_matching') or
+  `edm_log_likelihood` ('edm'). apply_fn(x, t [B]) is the network (labels closed over)."""
+  objective = diffusion_config.objective
+  if objective == 'ddpm':
+    return ode_log_likelihood(apply_fn, schedule, y, rng,
+                              prediction_type=diffusion_config.prediction_type,
+                              learn_sigma=learn_sigma, **solver_options)
+  if objective == 'flow_matching':
+    from diffusion_jax import flow  # pylint: disable=g-import-not-at-top
+    t0 = 0.0 if diffusion_config.flow_prediction == 'velocity' else FLOW_X0_T0
+    return flow_log_likelihood(flow.make_velocity_fn(apply_fn, diffusion_config), y, rng,
+                               t0=t0, **solver_options)
+  if objective == 'edm':
+    from diffusion_jax import edm  # pylint: disable=g-import-not-at-top
+    return edm_log_likelihood(
+        lambda x, sigma: edm.denoise(apply_fn, x, sigma, None, diffusion_config), y, rng,
+        sigma_min=float(diffusion_config.edm_sigma_min),
+        sigma_max=float(diffusion_config.edm_sigma_max), **solver_options)
+  raise ValueError(f'diffusion.objective={objective!r} has no ODE likelihood here.')
 
 
 def ode_nll_bpd(apply_fn: ApplyFn, schedule: Schedule, x: jax.Array, rng: jax.Array, *,

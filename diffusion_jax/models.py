@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+ARCHS = ('unet', 'dit')  # model.arch: the U-Net below or the DiT of dit.py.
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0,
@@ -231,8 +232,15 @@ class UNet(nn.Module):
     return out.astype(jnp.float32)
 
 
-def create_model(model_config, channels: int) -> UNet:
-  """The U-Net described by `config.model` for images with `channels` channels."""
+def create_model(model_config, channels: int) -> nn.Module:
+  """The network of `config.model` for images with `channels` channels: the U-Net
+  (model.arch = 'unet') or the DiT (model.arch = 'dit', diffusion_jax/dit.py); both are called
+  as (x [B,H,W,C], t [B], y [B] | None, train=bool) -> [B,H,W,C or 2C]."""
+  if model_config.arch == 'dit':
+    from diffusion_jax import dit  # pylint: disable=g-import-not-at-top (dit imports this module)
+    return dit.create_dit(model_config, channels)
+  if model_config.arch != 'unet':
+    raise ValueError(f'model.arch={model_config.arch!r} is unknown; use one of {ARCHS}.')
   return UNet(
       ch=model_config.ch, ch_mult=tuple(model_config.ch_mult),
       num_res_blocks=model_config.num_res_blocks,
@@ -251,7 +259,37 @@ def create_model(model_config, channels: int) -> UNet:
 
 def check_model_config(model_config, resolution: int) -> List[str]:
   """Problems with `config.model` for images of `resolution` (empty list = fine); each names the
-  field and the fix. Every level of model.ch_mult after the first halves the feature map."""
+  field and the fix. The fields of model.arch's network are checked (the U-Net's here, the
+  DiT's by dit.check_dit_config), then the fields both share."""
+  errors: List[str] = []
+  if model_config.arch == 'unet':
+    errors.extend(_check_unet_config(model_config, resolution))
+  elif model_config.arch == 'dit':
+    from diffusion_jax import dit  # pylint: disable=g-import-not-at-top (dit imports this module)
+    errors.extend(dit.check_dit_config(model_config, resolution))
+  else:
+    errors.append(f'model.arch={model_config.arch!r} is unknown; use one of {ARCHS}.')
+  if not 0.0 <= model_config.dropout < 1.0:
+    errors.append(f'model.dropout={model_config.dropout} must be in [0, 1).')
+  for field in ('dtype', 'param_dtype'):
+    try:
+      jnp.dtype(model_config[field])
+    except TypeError:
+      errors.append(f'model.{field}={model_config[field]!r} is not a dtype; use float32 or '
+                    'bfloat16.')
+  if model_config.num_classes < 0:
+    errors.append(f'model.num_classes={model_config.num_classes} must be >= 0 (0 = unconditional).')
+  if not model_config.norm_eps > 0:
+    errors.append(f'model.norm_eps={model_config.norm_eps} must be > 0 (1e-6 ours, 1e-5 openai).')
+  if not model_config.timestep_scale > 0:
+    errors.append(f'model.timestep_scale={model_config.timestep_scale} must be > 0 (1.0 = the '
+                  'network sees the training step t).')
+  return errors
+
+
+def _check_unet_config(model_config, resolution: int) -> List[str]:
+  """The U-Net's own fields (model.arch = 'unet'). Every level of model.ch_mult after the first
+  halves the feature map."""
   errors: List[str] = []
   levels = len(model_config.ch_mult)
   if levels < 1:
@@ -280,24 +318,9 @@ def check_model_config(model_config, resolution: int) -> List[str]:
                     f'channel counts {bad}.')
   elif model_config.num_heads < 1:
     errors.append('model.num_heads must be >= 1 (or set model.num_head_channels > 0).')
-  if not 0.0 <= model_config.dropout < 1.0:
-    errors.append(f'model.dropout={model_config.dropout} must be in [0, 1).')
-  for field in ('dtype', 'param_dtype'):
-    try:
-      jnp.dtype(model_config[field])
-    except TypeError:
-      errors.append(f'model.{field}={model_config[field]!r} is not a dtype; use float32 or '
-                    'bfloat16.')
-  if model_config.num_classes < 0:
-    errors.append(f'model.num_classes={model_config.num_classes} must be >= 0 (0 = unconditional).')
   if model_config.downsample_padding not in (0, 1):
     errors.append(f'model.downsample_padding={model_config.downsample_padding} must be 0 (pad '
                   'bottom/right, as TF SAME) or 1 (one pixel on every side, as openai).')
-  if not model_config.norm_eps > 0:
-    errors.append(f'model.norm_eps={model_config.norm_eps} must be > 0 (1e-6 ours, 1e-5 openai).')
-  if not model_config.timestep_scale > 0:
-    errors.append(f'model.timestep_scale={model_config.timestep_scale} must be > 0 (1.0 = the '
-                  'network sees the training step t).')
   if not model_config.freq_shift < model_config.ch // 2:
     errors.append(f'model.freq_shift={model_config.freq_shift} must be < model.ch / 2 = '
                   f'{model_config.ch // 2} (1 ours, 0 openai).')

@@ -136,10 +136,10 @@ def write_animation(path: epath.Path, trajectory: Any, config) -> int:
 def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
   """`--mode=sample`: writes `sample.num_samples` images from the newest checkpoint.
 
-  Output in `<workdir>/samples/<tag>/`: `samples.npz`, `grid.png`, `shards/` (each process's
-  rows, see the module docstring) and, with `sample.animation`, `animation.gif` of the first
-  batch. Labels cycle through `sample.class_labels` (all classes when empty) by sample index.
-  Returns that folder.
+  Output in `<workdir>/samples/<tag>/`: `samples.npz`, `grid.png` (captioned with step,
+  sampler and steps), `shards/` (each process's rows, see the module docstring) and, with
+  `sample.animation`, `animation.gif` of the first batch. Labels cycle through
+  `sample.class_labels` (all classes when empty) by sample index. Returns that folder.
   """
   validate_config(config, mode='sample')
   mesh = mesh or sharding.create_mesh(config.mesh)
@@ -150,7 +150,7 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
     class_labels = parse_class_labels(scfg.get('class_labels', ''), num_classes)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  params, step = checkpoints.restore_params(config, workdir, mesh, scfg.use_ema)
+  params, step = checkpoints.restore_params(config, workdir, mesh, scfg.use_ema, scfg.ema)
   model = models.create_model(config.model, config.data.channels)
   schedule = diffusion.make_schedule(config.diffusion)
   batch_size, num_samples = scfg.batch_size, scfg.num_samples
@@ -207,8 +207,12 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
       np.savez(f, **arrays)
     ncols = _grid_columns(config)
     num_grid = min(len(arr_0), ncols * ncols if ncols else 256)
+    label = images.grid_label(step, scfg.sampler, scfg.steps or config.diffusion.num_timesteps,
+                              ema=(scfg.ema or True) if scfg.use_ema else False,
+                              guidance_scale=scfg.guidance_scale if conditional else None)
     images.write_png(str(out_dir / 'grid.png'),
-                     images.make_grid(arr_0[:num_grid], ncols=ncols, upscale=_grid_upscale(config)))
+                     images.make_grid(arr_0[:num_grid], ncols=ncols, upscale=_grid_upscale(config),
+                                      label=label))
     logging.info('Wrote %d samples of step %d to %s', len(arr_0), step, out_dir)
   multihost_utils.sync_global_devices('sampling done')
   return out_dir

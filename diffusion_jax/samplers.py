@@ -570,48 +570,91 @@ def sigma_to_timestep(schedule: Schedule, sigmas: np.ndarray) -> np.ndarray:
                    np.asarray(schedule.timesteps, np.float64))
 
 
-def _karras_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
-                   heun: bool, steps: int, rho: float, s_churn: float, s_tmin: float,
-                   s_tmax: float, s_noise: float, trajectory_every: int,
-                   trajectory_images: Optional[int]):
-  """EDM's Algorithm 2 (Heun) or its Euler variant on x = x0 + sigma eps (see `euler_sample`)."""
-  all_sigmas = schedule_sigmas(schedule)
-  sig = karras_sigmas(all_sigmas[0], all_sigmas[-1], int(steps), rho)
+def karras_loop(x0_of: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+                sigmas: np.ndarray, x: jax.Array, rng: jax.Array, *, heun: bool,
+                s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float('inf'),
+                s_noise: float = 1.0, sigma_floor: Optional[float] = None,
+                timestep_of: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                trajectory_every: int = 0, trajectory_images: Optional[int] = None):
+  """EDM's sampler loop (Karras et al. 2022): Algorithm 2, i.e. Algorithm 1 plus churn.
+
+  Integrates dx/dsigma = (x - D(x; sigma)) / sigma over x = x0 + sigma eps from `x` at sigmas[0]
+  down the float64 noise levels `sigmas` [N + 1] (decreasing, sigmas[N] = 0; `karras_sigmas`).
+  `x0_of(x, sigma, timestep) -> D(x; sigma)` [B, ...] is the denoiser at a float32 scalar sigma;
+  timestep = `timestep_of`(sigma) is computed in float64 at trace time (the caller's network
+  time; sigma itself when None). Step i: with churn (s_tmin <= sigma_i <= s_tmax) sigma_hat =
+  sigma_i (1 + gamma), gamma = min(s_churn / N, sqrt(2) - 1), x += s_noise sqrt(sigma_hat^2 -
+  sigma_i^2) z; then an Euler step to sigma_{i+1}, and with `heun` (not into sigma = 0) the
+  trapezoidal correction x + (sigma_{i+1} - sigma_hat) (d + d(x_euler)) / 2: N model calls
+  (Euler) or 2N - 1 (Heun). The correction's branch is never taken at sigma = 0, and is traced at
+  max(sigma_{i+1}, `sigma_floor`) (default: the smallest positive sigma). Trajectories record
+  x / sqrt(1 + sigma^2) after each step (the variance-preserving scale, equal to the output at
+  sigma = 0) and the D of the step (see `_loop`). Shared by the ddpm euler / heun samplers and
+  by the EDM objective (edm.py).
+  """
+  sig = np.asarray(sigmas, np.float64)
+  steps = len(sig) - 1
+  if steps < 1 or sig[-1] != 0.0 or np.any(np.diff(sig) >= 0) or sig[-2] <= 0:
+    raise ValueError(f'karras_loop needs decreasing positive noise levels followed by 0, got '
+                     f'{sig}.')
   if s_churn < 0 or s_noise < 0:
     raise ValueError(f'sample.s_churn={s_churn} and sample.s_noise={s_noise} must be >= 0.')
+  if sigma_floor is None:
+    sigma_floor = sig[-2]
+  if timestep_of is None:
+    timestep_of = lambda s: s
   in_range = (sig[:-1] >= s_tmin) & (sig[:-1] <= s_tmax)
   gamma = np.where(in_range, min(s_churn / steps, math.sqrt(2.0) - 1.0), 0.0)
   sig_hat = sig[:-1] * (1.0 + gamma)
   churn_std = s_noise * np.sqrt(sig_hat**2 - sig[:-1]**2)
   churn = bool(np.any(churn_std > 0))
-  t_hat, t_next = sigma_to_timestep(schedule, sig_hat), sigma_to_timestep(schedule, sig[1:])
   sig_next = sig[1:]
-  safe_next = np.maximum(sig_next, all_sigmas[0])  # Never evaluated at sigma = 0.
-  vp_next = 1.0 / np.sqrt(1.0 + sig_next**2)       # x_t = x / sqrt(1 + sigma^2).
+  safe_next = np.maximum(sig_next, sigma_floor)  # Never evaluated at sigma = 0.
+  t_hat, t_next = timestep_of(sig_hat), timestep_of(safe_next)
+  vp_next = 1.0 / np.sqrt(1.0 + sig_next**2)      # x_t = x / sqrt(1 + sigma^2).
   (sig_hat, t_hat, t_next, sig_next, safe_next, vp_next, churn_std) = (
       _f32(a) for a in (sig_hat, t_hat, t_next, sig_next, safe_next, vp_next, churn_std))
 
-  def d_dsigma(x, timestep, sigma):
+  def d_dsigma(x, sigma, timestep):
     """dx/dsigma = (x - D(x, sigma)) / sigma, and D."""
-    x0 = denoise(x * jax.lax.rsqrt(1.0 + sigma**2), timestep, sigma=sigma).x0
+    x0 = x0_of(x, sigma, timestep)
     return (x - x0) / sigma, x0
 
   def step(i, carry):
     (x,) = carry
     if churn:
       x = x + churn_std[i] * _normal(rng, i, x.shape)
-    d, x0 = d_dsigma(x, t_hat[i], sig_hat[i])
+    d, x0 = d_dsigma(x, sig_hat[i], t_hat[i])
     dt = sig_next[i] - sig_hat[i]
     x_next = x + dt * d
     if heun:
       def correct(x_euler):
-        d2, _ = d_dsigma(x_euler, t_next[i], safe_next[i])
+        d2, _ = d_dsigma(x_euler, safe_next[i], t_next[i])
         return x + dt * 0.5 * (d + d2)
       x_next = jax.lax.cond(sig_next[i] > 0, correct, lambda x_euler: x_euler, x_next)
     return (x_next,), x_next * vp_next[i], x0
 
+  return _loop(step, (x.astype(jnp.float32),), steps, trajectory_every, trajectory_images)
+
+
+def _karras_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
+                   heun: bool, steps: int, rho: float, s_churn: float, s_tmin: float,
+                   s_tmax: float, s_noise: float, trajectory_every: int,
+                   trajectory_images: Optional[int]):
+  """EDM's Algorithm 2 (Heun) or its Euler variant on x = x0 + sigma eps (see `euler_sample`):
+  `karras_loop` with D(x; sigma) the model at x / sqrt(1 + sigma^2) and the interpolated
+  timestep of sigma."""
+  all_sigmas = schedule_sigmas(schedule)
+  sig = karras_sigmas(all_sigmas[0], all_sigmas[-1], int(steps), rho)
+
+  def x0_of(x, sigma, timestep):
+    return denoise(x * jax.lax.rsqrt(1.0 + sigma**2), timestep, sigma=sigma).x0
+
   x = noise.astype(jnp.float32) * float(np.sqrt(1.0 + sig[0]**2))
-  return _loop(step, (x,), int(steps), trajectory_every, trajectory_images)
+  return karras_loop(x0_of, sig, x, rng, heun=heun, s_churn=s_churn, s_tmin=s_tmin,
+                     s_tmax=s_tmax, s_noise=s_noise, sigma_floor=float(all_sigmas[0]),
+                     timestep_of=lambda s: sigma_to_timestep(schedule, s),
+                     trajectory_every=trajectory_every, trajectory_images=trajectory_images)
 
 
 def euler_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: jax.Array, *,
@@ -706,7 +749,7 @@ def sample_from_config(apply_fn: Callable[..., jax.Array], schedule: Schedule,
                        prediction_type: str, learn_sigma: bool = False,
                        labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
                        trajectory_every: int = 0, trajectory_images: Optional[int] = None,
-                       variance_noise: Optional[jax.Array] = None):
+                       variance_noise: Optional[jax.Array] = None, diffusion_config=None):
   """Runs `config.sample` from x_T = `noise`: respaces, builds the denoiser, dispatches.
 
   apply_fn(x_t, timesteps [B], labels [B] or None) -> output (or apply_fn(x_t, timesteps)).
@@ -715,8 +758,15 @@ def sample_from_config(apply_fn: Callable[..., jax.Array], schedule: Schedule,
   [steps, B, H, W, C]: the per-step noise of ddpm / ddim instead of draws from `rng`. Fields
   missing from `sample_config` (a config saved by an older version) take configs/default.py's.
   sample.clip_denoised=False turns thresholding off; otherwise sample.thresholding decides
-  ('auto': `default_thresholding` of the sampler).
+  ('auto': `default_thresholding` of the sampler). With a `diffusion_config` whose objective is
+  not 'ddpm' (edm, flow_matching) the objective's own samplers run (`objectives.sample`).
   """
+  if diffusion_config is not None and diffusion_config.objective != 'ddpm':
+    from diffusion_jax import objectives  # pylint: disable=g-import-not-at-top
+    return objectives.sample(apply_fn, diffusion_config, noise, rng, sample_config,
+                             labels=labels, null_label=null_label,
+                             trajectory_every=trajectory_every,
+                             trajectory_images=trajectory_images)
   name = sample_config.sampler
   sampler = get_sampler(name)
   steps = int(_field(sample_config, 'steps'))
@@ -763,7 +813,6 @@ def check_sampler_config(sample_config, model_config, num_timesteps: int) -> Lis
   """Problems with the sampling algorithm in `config.sample` (sampler, steps, spacing, guidance,
   thresholding, solver, EDM churn, class labels) for `model_config` trained on `num_timesteps`
   steps (empty list = fine). Device-independent; each message names the field and the fix."""
-  from diffusion_jax import class_labels as class_labels_lib  # pylint: disable=g-import-not-at-top
   errors: List[str] = []
   if sample_config.sampler not in SAMPLERS:
     errors.append(f'sample.sampler={sample_config.sampler!r} is unknown; use one of '
@@ -785,17 +834,7 @@ def check_sampler_config(sample_config, model_config, num_timesteps: int) -> Lis
                                    spacing_convention(sample_config.sampler))
     except ValueError as e:
       errors.append(str(e))
-  guidance = sample_config.guidance_scale
-  if guidance < 0:
-    errors.append(f'sample.guidance_scale={guidance} must be >= 0 (0 = the unconditional '
-                  'model, 1 = the conditional one, > 1 = classifier-free guidance).')
-  elif guidance != 1.0 and model_config.num_classes <= 0:
-    errors.append(f'sample.guidance_scale={guidance} needs a class-conditional model '
-                  '(model.num_classes > 0, trained with training.cond_drop_prob > 0); use 1.0.')
-  elif guidance != 1.0 and not model_config.null_class:
-    errors.append(f'sample.guidance_scale={guidance} needs the null-class embedding, which this '
-                  'model has not (model.null_class=False, e.g. an imported guided-diffusion '
-                  'model); use 1.0.')
+  errors.extend(check_guidance_and_labels(sample_config, model_config))
   diffusion.check_choice(errors, 'sample.thresholding', sample_config.thresholding,
                          CONFIG_THRESHOLDINGS)
   if sample_config.thresholding == 'dynamic' and not sample_config.clip_denoised:
@@ -810,6 +849,39 @@ def check_sampler_config(sample_config, model_config, num_timesteps: int) -> Lis
   elif sample_config.solver_type == 'singlestep' and sample_config.solver_order == 3:
     errors.append("sample.solver_order=3 is only available with sample.solver_type="
                   "'multistep'; use 2 for singlestep (DPM-Solver++(2S)).")
+  errors.extend(check_karras_config(sample_config))
+  if not 0.0 <= sample_config.eta <= 1.0:
+    errors.append(f'sample.eta={sample_config.eta} must be in [0, 1].')
+  return errors
+
+
+def check_guidance_and_labels(sample_config, model_config) -> List[str]:
+  """Problems with sample.guidance_scale and sample.class_labels for `model_config`, shared by
+  every objective's sampler checks (empty list = fine)."""
+  from diffusion_jax import class_labels as class_labels_lib  # pylint: disable=g-import-not-at-top
+  errors: List[str] = []
+  guidance = sample_config.guidance_scale
+  if guidance < 0:
+    errors.append(f'sample.guidance_scale={guidance} must be >= 0 (0 = the unconditional '
+                  'model, 1 = the conditional one, > 1 = classifier-free guidance).')
+  elif guidance != 1.0 and model_config.num_classes <= 0:
+    errors.append(f'sample.guidance_scale={guidance} needs a class-conditional model '
+                  '(model.num_classes > 0, trained with training.cond_drop_prob > 0); use 1.0.')
+  elif guidance != 1.0 and not model_config.null_class:
+    errors.append(f'sample.guidance_scale={guidance} needs the null-class embedding, which this '
+                  'model has not (model.null_class=False, e.g. an imported guided-diffusion '
+                  'model); use 1.0.')
+  try:
+    class_labels_lib.parse_class_labels(sample_config.class_labels, model_config.num_classes)
+  except ValueError as e:
+    errors.append(str(e))
+  return errors
+
+
+def check_karras_config(sample_config) -> List[str]:
+  """The Karras / EDM sampler fields sample.rho, s_churn, s_tmin, s_tmax, s_noise (any
+  objective whose samplers run `karras_loop`)."""
+  errors: List[str] = []
   if sample_config.rho <= 0:
     errors.append(f'sample.rho={sample_config.rho} must be positive (7 in Karras et al.).')
   for field in ('s_churn', 's_tmin', 's_noise'):
@@ -818,10 +890,4 @@ def check_sampler_config(sample_config, model_config, num_timesteps: int) -> Lis
   if sample_config.s_tmax < sample_config.s_tmin:
     errors.append(f'sample.s_tmax={sample_config.s_tmax} must be >= sample.s_tmin='
                   f'{sample_config.s_tmin}.')
-  if not 0.0 <= sample_config.eta <= 1.0:
-    errors.append(f'sample.eta={sample_config.eta} must be in [0, 1].')
-  try:
-    class_labels_lib.parse_class_labels(sample_config.class_labels, model_config.num_classes)
-  except ValueError as e:
-    errors.append(str(e))
   return errors

@@ -47,7 +47,8 @@ def make_sample_body(model: models.UNet, schedule: diffusion.Schedule, config, *
         labels=labels if conditional else None,
         null_label=num_classes if conditional else None,
         trajectory_every=trajectory_every,
-        trajectory_images=min(trajectory_images, batch_size) if trajectory_every else None)
+        trajectory_images=min(trajectory_images, batch_size) if trajectory_every else None,
+        diffusion_config=config.diffusion)
     if not trajectory_every:
       return jnp.clip(out, -1.0, 1.0)
     x, trajectory = out

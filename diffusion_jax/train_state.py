@@ -10,7 +10,7 @@ depend on how many devices share the batch.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax
 import flax.linen as nn
@@ -19,18 +19,24 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from diffusion_jax import diffusion, sharding
+from diffusion_jax import diffusion, ema as ema_lib, objectives, sharding
 
 PyTree = Any
 
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a run needs to continue: `step` counts applied optimizer updates."""
+  """Everything a run needs to continue: `step` counts applied optimizer updates.
+
+  `ema_params` is the primary EMA (`optim.ema_decay`); `extra_emas` the EMAs of
+  `optim.ema_decays` / `optim.ema_sigma_rels` ({ema.EmaSpec.key: float32 tree}, see ema.py),
+  None when none is configured (the state and checkpoint layout are then those of before).
+  """
   step: jax.Array
   params: PyTree
   ema_params: PyTree
   opt_state: PyTree
+  extra_emas: Optional[Dict[str, PyTree]] = None
 
 
 def learning_rate_schedule(optim_config, num_train_steps: int) -> optax.Schedule:
@@ -105,37 +111,45 @@ def init_params(model: nn.Module, rng: jax.Array, image_shape: Tuple[int, int, i
 
 
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                         image_shape: Tuple[int, int, int]) -> TrainState:
-  """Shapes and dtypes of the initial state (nothing is computed or allocated)."""
-  return jax.eval_shape(lambda: _init_state(model, tx, jax.random.PRNGKey(0), image_shape))
+                         image_shape: Tuple[int, int, int],
+                         ema_keys: Sequence[str] = ()) -> TrainState:
+  """Shapes and dtypes of the initial state (nothing is computed or allocated); `ema_keys`
+  (`ema.ema_keys(config.optim)`) are the extra EMAs."""
+  return jax.eval_shape(
+      lambda: _init_state(model, tx, jax.random.PRNGKey(0), image_shape, ema_keys))
 
 
 def _init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                image_shape: Tuple[int, int, int]) -> TrainState:
+                image_shape: Tuple[int, int, int], ema_keys: Sequence[str] = ()) -> TrainState:
   params = init_params(model, rng, image_shape)
   ema = jax.tree.map(lambda p: p.astype(jnp.float32), params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
-                    opt_state=tx.init(params))
+                    opt_state=tx.init(params),
+                    extra_emas=ema_lib.init_emas(params, ema_keys) if ema_keys else None)
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
                     image_shape: Tuple[int, int, int], mesh: Mesh,
-                    fsdp_min_size: int = sharding.DEFAULT_FSDP_MIN_SIZE) -> TrainState:
-  """The NamedSharding of every leaf of the train state (FSDP rule of `sharding.py`)."""
-  return sharding.state_shardings(abstract_train_state(model, tx, image_shape), mesh,
+                    fsdp_min_size: int = sharding.DEFAULT_FSDP_MIN_SIZE,
+                    ema_keys: Sequence[str] = ()) -> TrainState:
+  """The NamedSharding of every leaf of the train state (FSDP rule of `sharding.py`); the
+  extra EMAs get the same shardings as the parameters (same shapes, same rule)."""
+  return sharding.state_shardings(abstract_train_state(model, tx, image_shape, ema_keys), mesh,
                                   fsdp_min_size)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        image_shape: Tuple[int, int, int], mesh: Mesh,
-                       fsdp_min_size: int = sharding.DEFAULT_FSDP_MIN_SIZE) -> TrainState:
-  """Initialises the state directly in its sharded layout; EMA starts at the params.
+                       fsdp_min_size: int = sharding.DEFAULT_FSDP_MIN_SIZE,
+                       ema_keys: Sequence[str] = ()) -> TrainState:
+  """Initialises the state directly in its sharded layout; every EMA starts at the params.
 
   The init is one `jit` whose outputs carry the FSDP shardings, so no device ever holds
   a full copy of a sharded tensor (with mesh.fsdp = 1 everything is replicated).
   """
-  shardings = state_shardings(model, tx, image_shape, mesh, fsdp_min_size)
-  return jax.jit(lambda: _init_state(model, tx, rng, image_shape), out_shardings=shardings)()
+  shardings = state_shardings(model, tx, image_shape, mesh, fsdp_min_size, ema_keys)
+  return jax.jit(lambda: _init_state(model, tx, rng, image_shape, ema_keys),
+                 out_shardings=shardings)()
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -168,28 +182,33 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   batch_axes = sharding.batch_sharding(mesh).spec[0]
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, batch_axes))
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
+  extra_ema_specs = ema_lib.ema_specs(ocfg)
   state_sharding = state_shardings(model, tx, image_shape, mesh,
-                                   sharding.fsdp_min_size(config.mesh))
+                                   sharding.fsdp_min_size(config.mesh),
+                                   ema_lib.ema_keys(ocfg))
   # XLA:CPU runs a convolution's weight gradient inside a while loop tens of times slower than
   # outside one (benchmarks/scan_backward_cpu.py), so on the CPU the k steps and the
   # micro-batches are unrolled; other backends keep rolled loops (one copy of the body to
   # compile).
   on_cpu = mesh.devices.flat[0].platform == 'cpu'
 
-  def loss_and_grads(params, x0, noise, t, x_t, labels, drop_key):
-    """Mean loss of one (micro-)batch and its gradient."""
+  learn_sigma = config.model.learn_sigma
+
+  def loss_and_grads(params, example, labels, drop_key):
+    """Mean loss of one (micro-)batch and its gradient.
+
+    `example` holds per-example arrays (leading axis B): the network input 'x_t' at network time
+    't', and what the objective's loss needs (`objectives.training_example`).
+    """
 
     def loss_fn(params):
-      out = model.apply({'params': params}, x_t, t, labels, train=True,
+      out = model.apply({'params': params}, example['x_t'], example['t'], labels, train=True,
                         rngs={'dropout': drop_key})
-      # L_simple, or with a learned variance the hybrid L_simple + lambda L_vlb.
-      per_example = diffusion.training_losses(schedule, out, x0, noise, t, x_t, dcfg,
-                                              config.model.learn_sigma)
-      return jnp.mean(per_example)
+      return jnp.mean(objectives.per_example_loss(schedule, dcfg, out, example, learn_sigma))
 
     return jax.value_and_grad(loss_fn)(params)
 
-  def accumulated(params, x0, noise, t, x_t, labels, drop_key):
+  def accumulated(params, example, labels, drop_key):
     """Mean loss and gradient over `accum` equal micro-batches of the global batch."""
     def split(x):  # [B, ...] -> [accum, B / accum, ...]; micro-batch i = rows i, i + a, ...
       if x is None:
@@ -197,7 +216,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
       return jax.lax.with_sharding_constraint(x, micro_sharding)
 
-    micro = (split(x0), split(noise), split(t), split(x_t), split(labels), jnp.arange(accum))
+    micro = (jax.tree.map(split, example), split(labels), jnp.arange(accum))
 
     # The float32 gradient sum lives in the parameters' layout: under FSDP each device keeps
     # only its shard of the sum (the micro-batch gradients are reduce-scattered into it), not a
@@ -206,9 +225,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     def body(carry, m):
       loss_sum, grad_sum = carry
-      mx0, mnoise, mt, mx_t, mlabels, i = m
-      loss, grads = loss_and_grads(params, mx0, mnoise, mt, mx_t, mlabels,
-                                   jax.random.fold_in(drop_key, i))
+      mexample, mlabels, i = m
+      loss, grads = loss_and_grads(params, mexample, mlabels, jax.random.fold_in(drop_key, i))
       grad_sum = as_params(jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads))
       return (loss_sum + loss, grad_sum), None
 
@@ -222,9 +240,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     x0 = batch['image'].astype(jnp.float32)
     step_key = jax.random.fold_in(jax.random.fold_in(base_key, 1), state.step)
     t_key, noise_key, drop_key, label_key = jax.random.split(step_key, 4)
-    t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    # The corrupted input, the network's time input and the loss targets of the objective.
+    example = objectives.training_example(schedule, dcfg, x0, noise, t_key)
     labels = None
     if num_classes > 0:
       labels = batch['label'].astype(jnp.int32)
@@ -233,15 +251,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         labels = jnp.where(drop, num_classes, labels)
 
     grad_fn = loss_and_grads if accum == 1 else accumulated
-    loss, grads = grad_fn(state.params, x0, noise, t, x_t, labels, drop_key)
+    loss, grads = grad_fn(state.params, example, labels, drop_key)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema_params, params,
                      ema_decay_at(state.step, ocfg.ema_decay, ocfg.ema_warmup))
+    extra_emas = None
+    if extra_ema_specs:  # optim.ema_decays / ema_sigma_rels, in float32 (ema.py).
+      extra_emas = ema_lib.update_emas(
+          state.extra_emas, params, state.step, extra_ema_specs,
+          lambda d: ema_decay_at(state.step, d, ocfg.ema_warmup))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
-                           opt_state=opt_state)
+                           opt_state=opt_state, extra_emas=extra_emas)
     # A non-finite step leaves the state untouched, so no NaN ever reaches params or EMA.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                              state.replace(step=state.step + 1))

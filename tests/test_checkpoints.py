@@ -381,6 +381,10 @@ def loop_config(num_train_steps, **training):
   config.training.checkpoint_every_steps = 2
   config.training.log_every_steps = 2
   config.training.sample_every_steps = 0  # Only the final grid.
+  # Extra EMAs (ema.py) and power-EMA snapshots: the resume below is bit-exact with them too.
+  config.optim.ema_decays = (0.9,)
+  config.optim.ema_sigma_rels = (0.1,)
+  config.optim.ema_snapshot_every_steps = 2
   config.training.update(training)
   return config
 
@@ -536,7 +540,10 @@ def test_resume_continues_from_the_checkpoint(resumed_run):
   # A resume that restarted from scratch, skipped the restore or replayed other batches
   # would not reproduce the uninterrupted run.
   assert int(run['uninterrupted'].step) == 6
-  assert_trees_equal(second, run['uninterrupted'])
+  assert sorted(second.extra_emas) == ['decay_0p9', 'sigma_rel_0p1']
+  assert_trees_equal(second, run['uninterrupted'])  # Including the extra EMAs.
+  assert sorted(int(p.name) for p in (run['workdir'] / 'ema_snapshots').iterdir()
+                if p.name.isdigit()) == [2, 4, 6]
   assert_trees_equal(_restore_step(run['reference_dir'], 4, first), first)
 
 

@@ -152,6 +152,8 @@ def test_sample_mode_writes_npz_and_grid(trained, cli_env):
 
   grid = _png(out_dir / 'grid.png')
   assert grid.dtype == np.uint8 and grid.ndim == 2
+  from diffusion_jax import images  # pylint: disable=g-import-not-at-top
+  grid = grid[:grid.shape[0] - images.label_band_height()]  # The caption band below the tiles.
   # The grid tiles (2-pixel gaps, then the whole grid upscaled 64 // res times) are the
   # samples in row-major order.
   up, pad = 64 // res, 2

@@ -138,7 +138,7 @@ def test_cli_writes_exactly_num_samples_distinct_in_shards(uncond_workdir):
   for s in shards:
     np.testing.assert_array_equal(arr_0[s['index']], s['image'])
   grid = np.asarray(Image.open(str(out_dir / 'grid.png')))
-  assert grid.shape == images.make_grid(arr_0, upscale=8).shape[:2]
+  assert grid.shape == images.make_grid(arr_0, upscale=8, label='step').shape[:2]  # + caption.
 
 
 def test_conditional_labels_and_animation(cond_workdir):
