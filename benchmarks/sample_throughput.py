@@ -128,6 +128,15 @@ def main(argv):
   if config.model.num_classes > 0:
     labels = (np.arange(batch_size) % config.model.num_classes).astype(np.int32)
 
+  # FLOPs of one network call on the whole batch (XLA's cost analysis of the compiled forward;
+  # a sampler's while loop is counted once by XLA, so MFU multiplies this by its calls).
+  x_probe = jax.ShapeDtypeStruct((batch_size, res, res, ch), np.float32)
+  forward = jax.jit(lambda p, x, t, y: model.apply({'params': p}, x, t, y, train=False))
+  gflops_per_eval = tt.gflops(forward.lower(params, x_probe, np.zeros((batch_size,), np.int32),
+                                            labels).compile())
+  if gflops_per_eval is not None:
+    gflops_per_eval = round(gflops_per_eval / mesh.devices.size, 4)  # Per device.
+
   unet, unet_error = None, None
   if compare and tt.comparison_blocker():
     compare, unet_error = False, tt.comparison_blocker()
@@ -183,6 +192,9 @@ def main(argv):
         'batch_s_min': round(ours['min_s'], 3),
         'ms_per_network_eval': round(1e3 * ours['median_s'] / evals, 2),
         'first_call_s': round(first_call_s, 2),
+        'gflops_per_network_eval': gflops_per_eval,
+        'mfu': tt.mfu(None if gflops_per_eval is None else gflops_per_eval * evals,
+                      ours['median_s'], jax.devices()[0].device_kind, str(config.model.dtype)),
         'compile_s': round(max(first_call_s - ours['median_s'], 0.0), 2),
         'params': n_params,
         'repeats': repeats,

@@ -259,6 +259,36 @@ def gflops(compiled) -> Optional[float]:
     return None
 
 
+# Dense peak FLOP/s per JAX device (one chip; a TPU v2/v3 core is half a chip) from the
+# vendors' data sheets: (substring of device_kind, bf16 peak, fp32 peak or None when fp32 matmuls
+# do not run on the matrix units at a published rate). Order matters: first match wins.
+PEAK_FLOPS = (
+    ('H200', 989.4e12, 66.9e12), ('H100', 989.4e12, 66.9e12),  # SXM; TF32 off for fp32.
+    ('A100', 312e12, 19.5e12), ('L4', 121e12, 30.3e12),
+    ('TPU v6', 918e12, None), ('TPU v5p', 459e12, None), ('TPU v5', 197e12, None),
+    ('TPU v4', 275e12, None), ('TPU v3', 61.5e12, None), ('TPU v2', 22.5e12, None),
+)
+
+
+def peak_flops(device_kind: str, dtype: str) -> Optional[float]:
+  """The device's dense peak FLOP/s for `dtype` ('bfloat16' / 'float32'), None when unknown
+  (every CPU: its peak depends on cores, clocks and vector width, so no MFU is claimed)."""
+  for name, bf16, fp32 in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return bf16 if dtype == 'bfloat16' else fp32
+  return None
+
+
+def mfu(gflops_per_call: Optional[float], seconds_per_call: float, device_kind: str,
+        dtype: str) -> Optional[float]:
+  """Model FLOPs utilisation: XLA's FLOP count of one call (per device, as the SPMD-partitioned
+  module's cost analysis reports it) over the time of the call, divided by the device's peak."""
+  peak = peak_flops(device_kind, dtype)
+  if peak is None or gflops_per_call is None or seconds_per_call <= 0:
+    return None
+  return round(gflops_per_call * 1e9 / seconds_per_call / peak, 4)
+
+
 # ------------------------------------------------------------------------------ theirs
 
 
@@ -391,6 +421,8 @@ def main(argv):
       'step_ms_min': round(1e3 * ours['min_s'], 2),
       'compile_s': round(compile_s, 2),
       'gflops_per_step': gflops(compiled),
+      'mfu': mfu(gflops(compiled), ours['median_s'], jax.devices()[0].device_kind,
+                 str(config.model.dtype)),
       'peak_memory_bytes': peak_bytes,
       'memory_source': memory_source,
       'params': n_params,

@@ -1,28 +1,31 @@
-"""The CPU demo with a DiT backbone: the digits DDPM of configs/digits.py, its U-Net replaced by
-a small Diffusion Transformer (Peebles & Xie 2023; model.arch = 'dit').
+"""The CPU demo with a DiT backbone: a small Diffusion Transformer (Peebles & Xie 2023;
+model.arch = 'dit') trained by flow matching on the 8x8 digits of configs/digits.py.
 
   python main.py --config=configs/digits_dit.py --workdir=runs/digits_dit
   python main.py --config=configs/digits_dit.py --workdir=runs/digits_dit --mode=sample
 
-8x8 digits in 2x2 patches are 16 tokens of width 128; 6 adaLN-Zero blocks with 4 heads
-(1.86M parameters, 8.2 GFLOP per train step of 64 images against the U-Net's 5.1). Same data,
-objective (DDPM, epsilon, T = 1000), step count, EMA, sampler (DDIM, 100 steps) and in-training
-eval (classifier_fd on 512 EMA samples at the last step) as the U-Net demo, so the two logs
-compare directly: `classifier_fd at step 3000: ...`.
+8x8 digits in 2x2 patches are 16 tokens of width 128; 6 adaLN-Zero blocks with 4 heads (1.86M
+parameters, 8.2 GFLOP per train step of 64 images against the U-Net's 5.1). Same data, batch,
+step count, EMA and in-training eval (classifier_fd on 512 EMA samples at step 3000) as the
+U-Net demo; the objective and sampler are those of configs/digits_flow.py (rectified flow,
+logit-normal t, Heun on 50 steps = 99 network calls against DDIM's 100).
 
-Measured on a shared 2-core CPU (2026-12-02, both runs on the same busy machine): the U-Net demo
-reached classifier_fd 3.15 at step 3000 in 17 min wall-clock (332 s of CPU); this DiT reached
-27.4 at step 2000 (--mode=eval on that checkpoint) after ~55 min, at about 4x the U-Net's CPU
-time per step and with a higher training loss (0.10 against 0.08 at step 1800). On 8x8 images
-the U-Net is the better demo; this config shows the DiT path end to end and does not match the
-U-Net yet (untried: dit_patch_size=1, i.e. 64 one-pixel tokens, and learning rate 1e-3).
+Measured on the 2-core CPU (2026-12-03, two runs side by side, then alone): classifier_fd 2.97
+at step 3000, against 3.15 for the U-Net demo (configs/digits.py). A step takes 180 ms against
+the U-Net's 97 ms on an idle machine (benchmarks/train_throughput.py, batch 64), so the run
+takes about twice the U-Net demo's time (~10 min). Recipes tried at the same 3000 steps:
+  - DDPM objective (epsilon, DDIM 100), Adam 5e-4, warm-up 200: 27.4 (step 2000)
+  - DDPM objective, Adam 1e-3, warm-up 100: 10.1
+  - flow matching, Adam 1e-3, warm-up 100: 3.60
+  - flow matching, Adam 2e-3, warm-up 200 (this config): 2.97
+  - flow matching, 96 wide x 4 deep (74 ms a step), Adam 1e-3, 5000 steps: 3.36
 """
 
-from configs import digits
+from configs import digits_flow
 
 
 def get_config():
-  config = digits.get_config()
+  config = digits_flow.get_config()
   config.model.arch = 'dit'
   config.model.dit_hidden_size = 128
   config.model.dit_depth = 6
@@ -31,8 +34,8 @@ def get_config():
   config.model.dit_patch_size = 2       # 8x8 -> 4x4 = 16 tokens.
   config.model.dit_pos_embed = 'sincos'
   config.model.dropout = 0.0
-  # A transformer wants a gentler step than the U-Net demo's 1e-3: Adam at 5e-4 with a longer
-  # warm-up, then the same cosine decay to 0.
-  config.optim.learning_rate = 5e-4
+  # The adaLN-Zero gates start at 0, so the transformer wants a larger step than the U-Net's
+  # 1e-3 to get going in 3000 steps; the longer warm-up keeps the first updates stable.
+  config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 200
   return config

@@ -49,7 +49,7 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
   errors.extend(diffusion.check_diffusion_config(config.diffusion))
   mesh_errors, data_devices = sharding.check_mesh_config(config.mesh, num_devices)
   errors.extend(mesh_errors)
-  errors.extend(objectives.check_objective_config(config))
+  errors.extend(objectives.check_objective_config(config, mode))
   errors.extend(ema.check_ema_config(config, mode))  # optim.ema_*, sample/eval.ema, posthoc_ema
   if config.diffusion.objective == 'ddpm':  # Other objectives check config.sample themselves.
     errors.extend(samplers.check_sampler_config(config.sample, config.model,

@@ -214,6 +214,7 @@ def _apply_scheduler(config: ml_collections.ConfigDict, scheduler: Mapping[str, 
     raise ConversionError(f'scheduler option clip_sample_range={opt("clip_sample_range")} is '
                           'not 1.0, the range sample.clip_denoised clips to.')
   d = config.diffusion
+  d.objective = 'ddpm'  # What a DDPM/DDIM scheduler describes, whatever --config's was.
   d.num_timesteps = int(opt('num_train_timesteps'))
   d.beta_schedule = BETA_SCHEDULES[opt('beta_schedule')]
   d.beta_start, d.beta_end = float(opt('beta_start')), float(opt('beta_end'))
@@ -233,6 +234,10 @@ def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any]
   if m.arch != 'unet':
     raise ConversionError(f"model.arch={m.arch!r}: only the U-Net (model.arch='unet') exports "
                           'as a diffusers UNet2DModel; use --mode=export for this run.')
+  if config.diffusion.objective != 'ddpm':
+    raise ConversionError(f'diffusion.objective={config.diffusion.objective!r}: a diffusers '
+                          'DDPMScheduler describes the discrete-time ddpm objective only; use '
+                          '--mode=export for this run.')
   if m.resblock_updown:
     raise ConversionError('model.resblock_updown=True: the UNet2DModel DownBlock2D/UpBlock2D '
                           'layout has no resnet up/downsampling; cannot export.')

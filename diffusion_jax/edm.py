@@ -179,11 +179,6 @@ def check_config(config) -> List[str]:
   if dcfg.loss_weighting != 'simple':
     errors.append(f'diffusion.loss_weighting={dcfg.loss_weighting!r} applies to objective '
                   "'ddpm'; objective 'edm' weights by lambda(sigma): leave it at 'simple'.")
-  metrics = (config.eval.metrics,) if isinstance(config.eval.metrics, str) else tuple(
-      config.eval.metrics)
-  if 'vlb' in metrics:
-    errors.append("eval.metrics has 'vlb', the discrete-time bound of objective 'ddpm'; "
-                  "remove it for diffusion.objective='edm' (e.g. eval.metrics=('fid',)).")
   if scfg.sampler not in SAMPLERS:
     errors.append(f"sample.sampler={scfg.sampler!r} is not a sampler of diffusion.objective="
                   f"'edm'; use one of {SAMPLERS} ('heun' with 18 steps is the paper's CIFAR-10 "

@@ -285,8 +285,8 @@ def _check_selection(errors: List[str], field: str, name: str, optim_config) -> 
 
 def check_ema_config(config, mode: str) -> List[str]:
   """Problems with the EMA fields `mode` reads: optim.ema_decays / ema_sigma_rels /
-  ema_snapshot_every_steps (train), sample.ema (sample, eval drawing samples), eval.ema (eval),
-  posthoc_ema.* (posthoc_ema)."""
+  ema_snapshot_every_steps (train), sample.ema (sample, export, eval drawing samples), eval.ema
+  (eval), posthoc_ema.* (posthoc_ema)."""
   errors: List[str] = []
   ocfg = config.optim
   if mode == 'train':
@@ -312,17 +312,14 @@ def check_ema_config(config, mode: str) -> List[str]:
     if every > 0 and k > 1 and every % k:
       errors.append(f'optim.ema_snapshot_every_steps={every} must be a multiple of '
                     f'training.steps_per_call={k}.')
-  if mode in ('sample', 'eval'):
+  if mode in ('sample', 'eval', 'export'):
     _check_selection(errors, 'sample.ema', config.sample.ema, ocfg)
   if mode == 'eval':
     _check_selection(errors, 'eval.ema', config.eval.ema, ocfg)
-  if mode in ('sample', 'eval') and not config.sample.use_ema and config.sample.ema:
+  if mode in ('sample', 'eval', 'export') and not config.sample.use_ema and config.sample.ema:
     errors.append(f'sample.ema={config.sample.ema!r} needs sample.use_ema=True.')
   if mode == 'eval' and not config.eval.use_ema and config.eval.ema:
     errors.append(f'eval.ema={config.eval.ema!r} needs eval.use_ema=True.')
-  if mode == 'export' and config.sample.ema:
-    errors.append(f'sample.ema={config.sample.ema!r}: --mode=export reads the primary EMA only; '
-                  "set --config.sample.ema=''.")
   if mode == 'posthoc_ema':
     pcfg = config.posthoc_ema
     if not 0.0 < pcfg.sigma_rel < SIGMA_REL_MAX:

@@ -149,7 +149,8 @@ def export(config, workdir: str) -> epath.Path:
   from diffusion_jax import sample_mode  # pylint: disable=g-import-not-at-top
   validate_config(config, mode='export')
   mesh = sharding.create_mesh(config.mesh)  # Restoring raises NoCheckpointError (no writes).
-  params, step = checkpoints.restore_params(config, workdir, mesh, config.sample.use_ema)
+  params, step = checkpoints.restore_params(config, workdir, mesh, config.sample.use_ema,
+                                            config.sample.ema)  # The EMA sample mode reads.
   flat = flatten_params(params)
   host_params = serving.unflatten_params(flat)  # Plain nested dicts: the exported input tree.
   platforms = tuple(config.export.platforms)

@@ -282,9 +282,4 @@ def check_config(config) -> List[str]:
     errors.append(f'sample.flow_shift={scfg.flow_shift} must be >= 0 (0 = '
                   'diffusion.flow_time_shift).')
   errors.extend(samplers.check_guidance_and_labels(scfg, config.model))
-  metrics = (config.eval.metrics,) if isinstance(config.eval.metrics, str) else config.eval.metrics
-  if 'vlb' in metrics:
-    errors.append("eval.metrics contains 'vlb', the discrete-time bound of "
-                  "diffusion.objective='ddpm'; use 'ode_nll' for the exact likelihood of a "
-                  'flow_matching model.')
   return errors

@@ -184,6 +184,7 @@ def config_from_flags(flags: Mapping[str, Any],
   # Their blocks get attention where the downsample factor 2**level is listed; ours names the
   # feature-map size of those levels. Listed factors no level reaches add nothing (no weights).
   m = config.model
+  m.arch = 'unet'  # Their UNetModel, whatever the base config's network was.
   m.ch, m.ch_mult, m.num_res_blocks = int(f['num_channels']), mult, int(f['num_res_blocks'])
   m.attn_resolutions = tuple(size // 2**level for level in range(len(mult))
                              if 2**level in factors)
@@ -201,6 +202,7 @@ def config_from_flags(flags: Mapping[str, Any],
   config.data.resolution, config.data.channels = size, 3
 
   d = config.diffusion
+  d.objective = 'ddpm'  # improved/guided-diffusion's discrete-time objective.
   d.num_timesteps = steps
   if f['noise_schedule'] == 'linear':  # Their linear schedule scales with T (Ho et al.'s at 1000).
     scale = 1000 / steps  # In their order of operations, so the float64 betas are identical.

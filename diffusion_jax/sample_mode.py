@@ -112,7 +112,7 @@ def _grid_columns(config) -> int:
   num_classes = config.model.num_classes
   if not 4 <= num_classes <= 16:
     return 0
-  cycling = parse_class_labels(config.sample.get('class_labels', ''), num_classes) is None
+  cycling = parse_class_labels(config.sample.class_labels, num_classes) is None
   return num_classes if cycling else 0
 
 
@@ -147,7 +147,7 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
   num_classes = config.model.num_classes
   conditional = num_classes > 0
   try:
-    class_labels = parse_class_labels(scfg.get('class_labels', ''), num_classes)
+    class_labels = parse_class_labels(scfg.class_labels, num_classes)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   params, step = checkpoints.restore_params(config, workdir, mesh, scfg.use_ema, scfg.ema)
@@ -155,7 +155,7 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
   schedule = diffusion.make_schedule(config.diffusion)
   batch_size, num_samples = scfg.batch_size, scfg.num_samples
   sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, batch_size)
-  animation = bool(scfg.get('animation', False))
+  animation = bool(scfg.animation)
   if animation:
     animate_fn = sampling.make_sample_fn(model, schedule, config, mesh, batch_size,
                                 trajectory_every=scfg.animation_every,

@@ -35,7 +35,7 @@ TPU_NAME="${TPU_NAME:-diffusion-pod}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"          # 16 chips, 4 hosts.
 RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 SPOT="${SPOT---spot}"                                   # SPOT="" for on-demand.
-REPO_URL="${REPO_URL:-https://github.com/your-org/diffusion-jax.git}"
+REPO_URL="${REPO_URL:-https://github.com/diffusion-jax/diffusion-jax.git}"
 BRANCH="${BRANCH:-main}"
 CONFIG="${CONFIG:-configs/cifar10_ddpm.py}"
 WORKDIR="${WORKDIR:-gs://my-bucket/runs/cifar10_ddpm}"

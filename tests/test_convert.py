@@ -52,6 +52,20 @@ def _forward(config, params, x_nchw, t, y=None):
   return np.asarray(out).transpose(0, 3, 1, 2)
 
 
+def test_import_onto_a_dit_or_edm_base_makes_a_ddpm_unet_and_export_refuses_them():
+  """A UNet2DModel + DDPMScheduler is a ddpm U-Net whatever --config was; a DiT or non-ddpm run
+  has no diffusers form and says so (naming the field) instead of writing a wrong folder."""
+  from configs import digits_dit, digits_edm  # pylint: disable=g-import-not-at-top
+  unet_config, scheduler_config, _ = convert.load_diffusers_folder(str(FIXTURES / 'attn_low_lpb1'))
+  for base in (digits_dit.get_config(), digits_edm.get_config()):
+    config = convert.config_from_diffusers(unet_config, scheduler_config, base=base)
+    assert (config.model.arch, config.diffusion.objective) == ('unet', 'ddpm')
+  with pytest.raises(convert.ConversionError, match=r"model.arch='dit'.*--mode=export"):
+    convert.diffusers_configs(digits_dit.get_config())
+  with pytest.raises(convert.ConversionError, match=r"diffusion.objective='edm'.*--mode=export"):
+    convert.diffusers_configs(digits_edm.get_config())
+
+
 @pytest.mark.parametrize('name', LAYOUTS)
 def test_imported_forward_matches_diffusers(name):
   """Our U-Net with the imported weights gives diffusers' output on the same (x, t, y)."""

@@ -194,6 +194,10 @@ def test_config_errors_name_the_fields():
     validate_config(config, 'sample')
   config.sample.ema = 'decay:0.99'
   validate_config(config, 'sample')
+  validate_config(config, 'export')  # --mode=export writes the sampler of the EMA sample reads.
+  config.sample.ema = 'decay:0.9'
+  with pytest.raises(ConfigError, match=r"sample.ema='decay:0.9' is not among"):
+    validate_config(config, 'export')
   config.sample.ema = 'sigma_rel:0.07'
   with pytest.raises(ConfigError, match='posthoc_ema.sigma_rel=0.07'):
     validate_config(config, 'sample')

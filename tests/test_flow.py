@@ -356,7 +356,6 @@ BAD = {
     'steps': ({'sample__steps': 0}, ['sample.steps']),
     'noise_scale': ({'sample__flow_noise_scale': -1.0}, ['sample.flow_noise_scale']),
     'sample_shift': ({'sample__flow_shift': -2.0}, ['sample.flow_shift']),
-    'vlb': ({'eval__metrics': ('vlb',)}, ['eval.metrics', 'vlb', 'ode_nll']),
     'guidance_unconditional': ({'sample__guidance_scale': 2.0}, ['sample.guidance_scale']),
 }
 
@@ -369,6 +368,13 @@ def test_bad_flow_config_raises_naming_the_field(name):
     validate_config(_flow_config(**overrides))  # ... and each override is not.
   for field in fields:
     assert field in str(info.value), (field, str(info.value))
+
+
+def test_vlb_metric_stops_only_eval_mode():
+  config = _flow_config(eval__metrics=('vlb', 'ode_nll'))
+  validate_config(config, 'train')  # A plain objective override trains as is ...
+  with pytest.raises(ConfigError, match=r"eval.metrics has 'vlb'.*'flow_matching'.*'ode_nll'"):
+    validate_config(config, 'eval')  # ... only --mode=eval reads eval.metrics.
 
 
 # ------------------------------------------------------------------ training

@@ -392,3 +392,18 @@ def test_timestep_embedding_formula(dim):
   np.testing.assert_array_equal(
       np.asarray(models.timestep_embedding(jnp.array([0, 17, 999]), dim)),
       np.asarray(emb)[[0, 3, 5]])
+
+
+def test_upsampling_is_nearest_neighbour_forward_and_backward():
+  """models._resample('up') equals jax.image.resize 'nearest' (the reference) in value and in
+  gradient: each input pixel's gradient is the sum over its 2x2 output block."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 10, 4))
+  ours = lambda v: models._resample(v, 'up')  # pylint: disable=protected-access
+  ref = lambda v: jax.image.resize(v, (2, 6, 10, 4), method='nearest')
+  np.testing.assert_array_equal(ours(x), ref(x))
+  grad = jax.grad(lambda v: jnp.sum(w * ours(v)))(x)
+  # Equal up to the order of the four-term sums.
+  np.testing.assert_allclose(grad, jax.grad(lambda v: jnp.sum(w * ref(v)))(x), atol=1e-6)
+  block_sums = w.reshape(2, 3, 2, 5, 2, 4).sum(axis=(2, 4))
+  np.testing.assert_allclose(grad, block_sums, atol=1e-6)

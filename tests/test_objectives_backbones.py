@@ -30,8 +30,6 @@ def _config(objective: str, arch: str):
   config.sample.num_samples = 16
   config.model.arch = arch
   config.model.dropout = 0.0
-  if objective != 'ddpm':  # 'vlb' is the discrete-time bound of ddpm.
-    config.eval.metrics = ('ode_nll',)
   if arch == 'dit':
     config.model.dit_hidden_size = 32
     config.model.dit_depth = 2

@@ -68,6 +68,11 @@ def test_flags_become_config_fields():
   assert (cifar.diffusion.num_timesteps, cifar.diffusion.beta_schedule) == (4000, 'cosine')
   assert cifar.diffusion.vlb_weight == 0.001  # rescale_learned_sigmas=True: (T/1000) L_t.
   assert (cifar.sample.sampler, cifar.sample.variance) == ('ddpm', 'learned_range')
+  from configs import digits_dit  # pylint: disable=g-import-not-at-top
+  onto_dit = openai_checkpoints.config_from_flags(openai_checkpoints.parse_flags(
+      '--image_size 32 --num_channels 128 --num_res_blocks 3', '--diffusion_steps 4000'),
+                                                  base=digits_dit.get_config())
+  assert (onto_dit.model.arch, onto_dit.diffusion.objective) == ('unet', 'ddpm')
   guided = openai_checkpoints.config_from_flags(openai_checkpoints.parse_flags(
       '--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 128 '
       '--learn_sigma True --noise_schedule linear --num_channels 256 --num_heads 4 '
