@@ -407,6 +407,7 @@ def main(argv):
 
   times = interleaved_timing(runners, steps, f.rounds)
   ours = summarize(times['ours'], batch_size)
+  step_gflops = gflops(compiled)
   line: Dict[str, Any] = {
       'benchmark': 'train_step',
       'config': config_name(config_file()),
@@ -420,8 +421,8 @@ def main(argv):
       'step_ms_mean': round(1e3 * ours['mean_s'], 2),
       'step_ms_min': round(1e3 * ours['min_s'], 2),
       'compile_s': round(compile_s, 2),
-      'gflops_per_step': gflops(compiled),
-      'mfu': mfu(gflops(compiled), ours['median_s'], jax.devices()[0].device_kind,
+      'gflops_per_step': step_gflops,
+      'mfu': mfu(step_gflops, ours['median_s'], jax.devices()[0].device_kind,
                  str(config.model.dtype)),
       'peak_memory_bytes': peak_bytes,
       'memory_source': memory_source,

@@ -49,7 +49,7 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
   errors.extend(diffusion.check_diffusion_config(config.diffusion))
   mesh_errors, data_devices = sharding.check_mesh_config(config.mesh, num_devices)
   errors.extend(mesh_errors)
-  errors.extend(objectives.check_objective_config(config, mode))
+  errors.extend(objectives.check_objective_config(config))
   errors.extend(ema.check_ema_config(config, mode))  # optim.ema_*, sample/eval.ema, posthoc_ema
   if config.diffusion.objective == 'ddpm':  # Other objectives check config.sample themselves.
     errors.extend(samplers.check_sampler_config(config.sample, config.model,
@@ -235,6 +235,11 @@ def _check_eval(errors: List[str], config, data_devices: int, num_processes: int
     errors.append(f'eval.metrics={ecfg.metrics!r} must be a tuple, e.g. ({ecfg.metrics!r},).')
   errors.extend(fid.check_eval_config(config, num_devices))
   metrics = _eval_metrics(ecfg)
+  objective = config.diffusion.objective
+  if objective != 'ddpm' and 'vlb' in metrics:  # Only --mode=eval reads eval.metrics.
+    errors.append(f"eval.metrics has 'vlb', the discrete-time bound of objective 'ddpm'; "
+                  f"for diffusion.objective={objective!r} use 'ode_nll' (its exact "
+                  "likelihood through the probability-flow ODE) or a sample metric ('fid').")
   if not any(m in fid.LIKELIHOOD_METRICS for m in metrics):
     return
   _check_batch(errors, 'eval.batch_size', ecfg.batch_size, data_devices, num_processes)

@@ -314,12 +314,12 @@ def check_ema_config(config, mode: str) -> List[str]:
                     f'training.steps_per_call={k}.')
   if mode in ('sample', 'eval', 'export'):
     _check_selection(errors, 'sample.ema', config.sample.ema, ocfg)
+    if not config.sample.use_ema and config.sample.ema:
+      errors.append(f'sample.ema={config.sample.ema!r} needs sample.use_ema=True.')
   if mode == 'eval':
     _check_selection(errors, 'eval.ema', config.eval.ema, ocfg)
-  if mode in ('sample', 'eval', 'export') and not config.sample.use_ema and config.sample.ema:
-    errors.append(f'sample.ema={config.sample.ema!r} needs sample.use_ema=True.')
-  if mode == 'eval' and not config.eval.use_ema and config.eval.ema:
-    errors.append(f'eval.ema={config.eval.ema!r} needs eval.use_ema=True.')
+    if not config.eval.use_ema and config.eval.ema:
+      errors.append(f'eval.ema={config.eval.ema!r} needs eval.use_ema=True.')
   if mode == 'posthoc_ema':
     pcfg = config.posthoc_ema
     if not 0.0 < pcfg.sigma_rel < SIGMA_REL_MAX:
