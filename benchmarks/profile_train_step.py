@@ -6,7 +6,8 @@ Compiles the step that `train_throughput.build_ours` builds, runs --steps calls 
 `jax.profiler.trace` (with XLA:CPU's per-thunk trace events on), reads the Perfetto JSON the
 profiler writes and sums each op's time, grouping ops whose names differ only in the numeric
 suffix (`ynn_fusion.77` -> `ynn_fusion`). Prints one JSON line: the step's wall time, the
-kernels' total and the top op kinds (ms per step, share, calls per step). On CPU, `ynn_fusion`
+kernels' total and the top op kinds (ms per step, share, calls per step); ops run on several
+threads at once, so their total can exceed the wall time. On CPU, `ynn_fusion`
 are the convolutions and matmuls XLA hands to YNNPACK; `*_fusion` elementwise/transposes
 fused by XLA; `copy` layout copies.
 """
@@ -39,21 +40,16 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 _NOT_OPS = re.compile(r'^\$|ThunkExecutor|PjRt|Pjit|^Handle input|^ParseArguments')
 
 
-def op_times(trace_events, calls: int) -> collections.Counter:
-  """Microseconds per call summed by op kind (name without its '.N' suffix)."""
-  per_kind: collections.Counter = collections.Counter()
-  for event in trace_events:
-    if event.get('ph') == 'X' and not _NOT_OPS.search(event['name']):
-      per_kind[re.sub(r'\.\d+$', '', event['name'])] += event.get('dur', 0) / calls
-  return per_kind
-
-
-def op_counts(trace_events, calls: int) -> collections.Counter:
+def op_times(trace_events, calls: int) -> tuple[collections.Counter, collections.Counter]:
+  """(microseconds, calls) per step, summed by op kind (the name without its '.N' suffix)."""
+  micros: collections.Counter = collections.Counter()
   counts: collections.Counter = collections.Counter()
   for event in trace_events:
     if event.get('ph') == 'X' and not _NOT_OPS.search(event['name']):
-      counts[re.sub(r'\.\d+$', '', event['name'])] += 1
-  return collections.Counter({k: v // calls for k, v in counts.items()})
+      kind = re.sub(r'\.\d+$', '', event['name'])
+      micros[kind] += event.get('dur', 0) / calls
+      counts[kind] += 1
+  return micros, collections.Counter({k: v // calls for k, v in counts.items()})
 
 
 def main(argv):
@@ -75,7 +71,7 @@ def main(argv):
     with gzip.open(path) as fh:
       trace = json.load(fh)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  times, counts = op_times(events, f.steps), op_counts(events, f.steps)
+  times, counts = op_times(events, f.steps)
   total_us = sum(times.values())
   print(json.dumps({
       'benchmark': 'profile_train_step',

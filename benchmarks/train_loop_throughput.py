@@ -74,14 +74,15 @@ def time_bare_step(config, batch_size: int, steps: int) -> List[float]:
   """Per-call wall times of the bare compiled step (after 2 warm-up calls)."""
   train_step, state, batch, _, _ = train_throughput.build_ours(config, batch_size)
   compiled = train_step.lower(state, batch).compile()
-  times = []
-  for i in range(steps + 2):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    if i >= 2:
-      times.append(time.perf_counter() - t0)
-  return times
+  holder = {'state': state}
+
+  def run() -> None:
+    holder['state'], metrics = compiled(holder['state'], batch)
+    jax.block_until_ready((holder['state'], metrics))
+
+  for _ in range(2):
+    run()
+  return train_throughput.interleaved_timing({'bare step': run}, steps, 1)['bare step']
 
 
 def main(argv):

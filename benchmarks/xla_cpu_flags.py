@@ -21,7 +21,8 @@ from absl import app, flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> XLA_FLAGS added to whatever XLA_FLAGS the caller set. 'default' must come first.
+# name -> XLA_FLAGS added to whatever XLA_FLAGS the caller set; 'default' is the baseline and
+# always runs.
 VARIANTS = {
     'default': '',
     'onednn': '--xla_cpu_use_onednn=true',

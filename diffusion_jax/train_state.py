@@ -150,7 +150,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
   shardings = state_shardings(model, tx, image_shape, mesh, fsdp_min_size, ema_keys)
   init = jax.jit(lambda key: _init_state(model, tx, key, image_shape, ema_keys),
                  out_shardings=shardings)
-  if isinstance(rng, jax.core.Tracer):  # Under jax.eval_shape / jit: only traced.
+  # Under jax.eval_shape / jit it is only traced (and jax.jit's compiler_options are refused on
+  # a nested jit, hence the explicit compile below rather than that argument).
+  if isinstance(rng, jax.core.Tracer):
     return init(rng)
   # The init runs once and is mostly inlined threefry rounds: on XLA:CPU, LLVM's optimisation of
   # it took ~3x longer than without (11.4 s -> 4.3 s for the digits U-Net, whose run is
