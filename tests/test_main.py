@@ -188,3 +188,39 @@ def test_sample_override_of_a_network_field_is_a_usage_error(trained, cli_env):
   assert f'model.ch: run has {CONFIG.model.ch}, requested 64' in proc.stderr, _tail(proc)
   assert 'Traceback' not in proc.stderr
   assert sorted(str(p) for p in trained.rglob('*')) == before
+
+
+def test_readme_demo_command_trains_scores_and_samples(tmp_path, cli_env):
+  """The README's first command (configs/digits_flow.py), shortened to 4 steps: the 701,345-
+  parameter U-Net trains, the last step's in-training eval logs its classifier_fd line and
+  writes the figure, and --mode=sample then draws distinct digits from the run's config.json."""
+  workdir = tmp_path / 'digits_flow'
+  short = ['--config.training.num_train_steps=4', '--config.training.eval_every_steps=4',
+           '--config.training.sample_every_steps=4', '--config.training.checkpoint_every_steps=4',
+           '--config.training.log_every_steps=2', '--config.training.batch_size=16',
+           '--config.training.num_grid_samples=16', '--config.eval.train_num_samples=16',
+           '--config.eval.batch_size=16', '--config.sample.steps=3']
+  proc = subprocess.run([sys.executable, 'main.py', '--config=configs/digits_flow.py',
+                         f'--workdir={workdir}', *short], cwd=REPO, env=cli_env,
+                        capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+  assert proc.returncode == 0, _tail(proc)
+  assert 'Model has 701345 parameters' in proc.stderr, _tail(proc)
+  line = re.search(r'classifier_fd at step 4: (\S+) \(best \S+ at step 4, saved\)', proc.stderr)
+  assert line, _tail(proc)
+  import json  # pylint: disable=g-import-not-at-top
+  written = json.loads((workdir / 'eval' / 'classifier_fd_step4.json').read_text())
+  assert written['num_samples'] == 16 and written['classifier_fd'] > 0
+  assert float(line.group(1)) == pytest.approx(written['classifier_fd'], rel=1e-5)
+  assert (workdir / 'samples' / 'train_step_00000004.png').exists()
+
+  proc = subprocess.run([sys.executable, 'main.py', '--config=configs/digits_flow.py',
+                         f'--workdir={workdir}', '--mode=sample', '--config.sample.num_samples=16',
+                         '--config.sample.batch_size=16'], cwd=REPO, env=cli_env,
+                        capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+  assert proc.returncode == 0, _tail(proc)
+  found = glob.glob(str(workdir / 'samples' / 'step4_heun_3_seed0_ema_*' / 'samples.npz'))
+  assert len(found) == 1, _tail(proc)
+  with np.load(found[0]) as npz:
+    samples = npz['arr_0']
+  assert samples.dtype == np.uint8 and samples.shape == (16, 8, 8, 1)
+  assert len({s.tobytes() for s in samples}) == 16
