@@ -1,6 +1,6 @@
 """The README's CPU demo: flow matching with configs/digits.py's U-Net, half its steps at
-twice its learning rate; objective 'flow_matching' (rectified-flow path, velocity targets, logit-normal t),
-Heun ODE sampler.
+twice its learning rate; objective 'flow_matching' (rectified-flow path, velocity targets,
+logit-normal t), Heun ODE sampler.
 
   python main.py --config=configs/digits_flow.py --workdir=runs/digits_flow
   python main.py --config=configs/digits_flow.py --workdir=runs/digits_flow --mode=sample

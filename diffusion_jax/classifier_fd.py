@@ -55,7 +55,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray) -> Tuple[PyTree, fl
   """
   model = DigitsClassifier()
   x, y = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
-  # Jitted, like the step below: run op by op, init and apply compile each op separately.
+  # Jitted, like the step below: run op by op, init would compile each op separately.
   params = jax.jit(model.init)(jax.random.PRNGKey(SEED), x[:1])['params']
   tx = optax.adam(LEARNING_RATE)
 
@@ -71,8 +71,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray) -> Tuple[PyTree, fl
   opt_state = jax.jit(tx.init)(params)
   for _ in range(TRAIN_STEPS):
     params, opt_state = step(params, opt_state)
-  _, logits = jax.jit(model.apply)({'params': params}, x)
-  return params, float(jnp.mean(jnp.argmax(logits, -1) == y))
+  _, logits = features_and_logits(params, images)
+  return params, float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
 
 
 def _save_params(path: epath.Path, params: PyTree) -> None:
