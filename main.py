@@ -58,11 +58,20 @@ def main(argv):
                                          FLAGS.process_id)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  from diffusion_jax import checkpoints, config_validation, run_config, sample_mode, sharding, train  # pylint: disable=g-import-not-at-top
+  try:  # Before any backend starts: how many XLA devices the CPU is split into.
+    cpu_devices = sharding.configure_cpu_devices(
+        FLAGS.config.mesh, config_validation.batch_sizes(FLAGS.config), cluster.is_multi_process)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   distributed.initialize_distributed(cluster, FLAGS.distributed)
-  from diffusion_jax import checkpoints, config_validation, run_config, sample_mode, train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  if jax.devices()[0].platform == 'cpu' and cpu_devices is not None:
+    logging.info('The CPU is split into %d XLA devices (mesh.cpu_devices=%d; 0 = one per core '
+                 'of the %d usable, as many as every batch splits over).', cpu_devices,
+                 FLAGS.config.mesh.cpu_devices, sharding.usable_cores())
   # Only a bad config and a missing checkpoint are usage errors; anything else (orbax, JAX,
   # tfds) keeps its traceback.
   try:

@@ -55,6 +55,7 @@ def op_times(trace_events, calls: int) -> tuple[collections.Counter, collections
 def main(argv):
   del argv
   f = flags.FLAGS
+  train_throughput.split_cpu(f.config, f.batch_size)
   train_step, state, batch, _, _ = train_throughput.build_ours(f.config, f.batch_size)
   compiled = train_step.lower(state, batch).compile()
   for _ in range(3):

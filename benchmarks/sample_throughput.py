@@ -103,6 +103,7 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   batch_size, repeats = f.batch_size, f.repeats
+  tt.split_cpu(config, batch_size)
   if repeats <= 0:
     raise SystemExit('--repeats must be > 0.')
   compare = tt.resolve_compare(f.compare_diffusers)

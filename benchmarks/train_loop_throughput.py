@@ -90,6 +90,7 @@ def main(argv):
   f = flags.FLAGS
   if f.steps <= 0 or f.steps % max(1, f.config.training.steps_per_call):
     raise app.UsageError('--steps must be > 0 and a multiple of training.steps_per_call.')
+  train_throughput.split_cpu(f.config, f.batch_size)
   config = loop_config(f.config, f.batch_size, f.steps)
   if f.fake_data:
     input_pipeline.step_indexed_dataset = fake_step_indexed_dataset

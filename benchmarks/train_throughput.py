@@ -355,12 +355,20 @@ class TorchTrainStep:
 # ------------------------------------------------------------------------------ main
 
 
+def split_cpu(config, batch_size: int) -> None:
+  """Splits the CPU into XLA devices as `main.py` does (`mesh.cpu_devices`; 0 = one per core
+  that `batch_size` splits over), before JAX starts its backend; `--config.mesh.cpu_devices=1`
+  times one device."""
+  sharding.configure_cpu_devices(config.mesh, [batch_size])
+
+
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   config = f.config
   batch_size, steps, warmup = f.batch_size, f.steps, f.warmup
+  split_cpu(config, batch_size)
   if steps <= 0 or warmup < 0:
     raise SystemExit('--steps must be > 0 and --warmup >= 0.')
   compare = resolve_compare(f.compare_diffusers)

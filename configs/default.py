@@ -313,4 +313,9 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.fsdp_min_size = 2**14     # Tensors with fewer elements stay replicated.
   mesh.allow_idle_devices = False  # data x fsdp < the device count is an error unless this
                                    # opt-in is set (then a loud warning: devices sit idle).
+  mesh.cpu_devices = 0           # On the CPU: XLA devices per process (data parallel over the
+                                 # cores); 0 = one per core, as many as every batch splits over,
+                                 # except under an explicit XLA_FLAGS
+                                 # --xla_force_host_platform_device_count and in multi-process
+                                 # jobs (left to them); 1 = one device.
   return config

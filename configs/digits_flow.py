@@ -10,8 +10,9 @@ Ends, like the DDPM demo, with one in-training eval of 512 EMA samples (`classif
 sweep is in benchmarks/RESULTS.md, "The demo's recipe"):
   - this config (1500 steps, Adam 2e-3, Heun 18 steps = 35 calls): 2.68, against 3.15 for
     configs/digits.py (DDPM, 3000 steps, DDIM 100) in half its wall-clock time: 2 min 30 s
-    against 4 min 57 s, run one after the other on the idle machine (with one step per call;
-    two per call, as now, took 167 s against 182 s for one per call on a busier machine);
+    against 4 min 57 s, run one after the other on the idle machine on one device; split into
+    one device per core, as main.py now does, 147 s and 168 s against 163 s and 181 s for one
+    device with two steps per call, run right after each;
   - 1000 / 1200 steps at 2e-3: 3.40 / 3.56; 1000 steps at 1e-3: 3.49;
   - 3000 steps at 1e-3 with Heun 50 (the earlier version of this config): 2.66.
 The DDPM objective does not get there in 1500 steps (4.90 at 2e-3; 4.16 with v-prediction and
@@ -32,9 +33,9 @@ def get_config():
   config.eval.metrics = ('ode_nll',)   # 'vlb' is the discrete-time (ddpm) bound.
 
   config.optim.learning_rate = 2e-3
-  # Two steps per compiled call (unrolled on the CPU): ~10 s more to compile, ~1.18x the steps
-  # per second, so ~15 s less in all (benchmarks/RESULTS.md); the same samples to 4 digits.
-  config.training.steps_per_call = 2
+  # One step per compiled call: with the CPU split into one device per core (mesh.cpu_devices),
+  # two unrolled steps per call no longer pay for their longer compile (benchmarks/RESULTS.md).
+  config.training.steps_per_call = 1
   config.training.num_train_steps = 1500
   config.training.eval_every_steps = 1500
   config.training.sample_every_steps = 500

@@ -83,6 +83,15 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
 
 
+def batch_sizes(config) -> List[int]:
+  """The global batches that must split evenly over the data-axis devices (training's
+  micro-batch, sampling, likelihood eval, feature extraction): what `mesh.cpu_devices=0`
+  divides."""
+  accum = max(int(config.training.grad_accum_steps), 1)
+  return [int(config.training.batch_size) // accum, int(config.sample.batch_size),
+          int(config.eval.batch_size), int(config.eval.feature_batch_size)]
+
+
 def _check_batch(errors: List[str], field: str, value: int, data_devices: int,
                  num_processes: int) -> None:
   """A global batch must split evenly over the devices on the data axes and the processes."""

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import (checkpoints, diffusion, input_pipeline, models, sharding,
-                           train_state)
+from diffusion_jax import (checkpoints, config_validation, diffusion, input_pipeline, models,
+                           sharding, train_state)
 
 
 def small_config(**training):
@@ -78,6 +78,75 @@ def test_mesh_shape_and_fsdp_rule():
   assert sharding.fsdp_spec((64,), 4, 100) == P()        # Too small.
   assert sharding.fsdp_spec((3, 3, 5, 7), 4, 1) == P()    # Nothing divisible.
   assert sharding.fsdp_spec((3, 3, 32, 64), 1, 1) == P()  # No fsdp axis.
+
+
+def test_cpu_device_count_is_one_per_core_that_every_batch_splits_over():
+  mesh = small_config().mesh
+  assert mesh.cpu_devices == 0  # Auto by default.
+  count = sharding.cpu_device_count
+  assert count(mesh, [64, 256, 256, 64], num_cores=2) == 2
+  assert count(mesh, [64, 256, 256, 64], num_cores=8) == 8
+  assert count(mesh, [64, 256], num_cores=6) == 4       # 6 and 5 do not divide 64.
+  assert count(mesh, [48, 64, 256], num_cores=16) == 16  # gcd 16.
+  assert count(mesh, [48, 64, 256], num_cores=12) == 8
+  assert count(mesh, [64, 30], num_cores=4) == 2          # gcd 2.
+  assert count(mesh, [63], num_cores=2) == 1              # Odd batch: one device.
+  assert count(mesh, [40, 120], num_cores=8) == 8
+  assert count(mesh, [40, 120], num_cores=7) == 5
+  mesh.fsdp = 4  # data = the rest: only multiples of 4 fit whole.
+  assert count(mesh, [64], num_cores=6) == 4
+  assert count(mesh, [64], num_cores=3) == 1  # Nothing fits; validation then names mesh.fsdp.
+  mesh.data, mesh.fsdp = 2, 1  # A fixed mesh uses exactly 2 devices.
+  assert count(mesh, [64], num_cores=8) == 2
+  mesh.data, mesh.fsdp, mesh.cpu_devices = -1, 1, 3  # Explicit: taken as it is.
+  assert count(mesh, [64], num_cores=2) == 3
+  for bad in (-1, 1.5, True):  # (ConfigDict itself refuses a float or bool for an int field.)
+    bad_mesh = dict(mesh.to_dict(), cpu_devices=bad)
+    with pytest.raises(ValueError, match='mesh.cpu_devices'):
+      count(bad_mesh, [64], num_cores=2)
+    errors, _ = sharding.check_mesh_config(bad_mesh, 1)
+    assert any('mesh.cpu_devices' in e for e in errors), errors
+
+
+def test_auto_cpu_devices_defer_to_an_explicit_xla_flag_and_to_clusters():
+  mesh = small_config().mesh
+  jax.devices()  # This process's backend is up: setting a count now raises.
+  flag = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  assert sharding.configure_cpu_devices(mesh, [64], environ=flag) is None  # JAX untouched.
+  # Nor in a multi-process job (GPU/TPU clusters; the CPU launcher sets its own count).
+  assert sharding.configure_cpu_devices(mesh, [64], multi_process=True, environ={}) is None
+  mesh.cpu_devices = 2  # An explicit count is set even over the flag (too late in this process).
+  with pytest.raises(RuntimeError, match='jax_num_cpu_devices'):
+    sharding.configure_cpu_devices(mesh, [64], environ=flag)
+
+
+@pytest.mark.parametrize('cpu_devices, expect_error', [(0, False), (-2, True)])
+def test_main_splits_the_cpu_into_devices_before_jax_starts(tmp_path, cpu_devices, expect_error):
+  """Without XLA_FLAGS, main.py gives JAX one CPU device per core (here the first two cores),
+  trains on all of them; a bad mesh.cpu_devices stops it before anything is written."""
+  cores = sorted(os.sched_getaffinity(0))[:2]
+  env = {k: v for k, v in _env(1, tmp_path / 'cache').items() if k != 'XLA_FLAGS'}
+  workdir = tmp_path / 'run'
+  main_cmd = [sys.executable, os.path.join(ROOT, 'main.py'),
+              '--config=' + os.path.join(ROOT, 'configs', 'tiny.py'), f'--workdir={workdir}',
+              f'--config.mesh.cpu_devices={cpu_devices}'] + TRAIN_FLAGS
+  pin_then_exec = (f'import os, sys; os.sched_setaffinity(0, {set(cores)!r}); '
+                   'os.execv(sys.argv[1], sys.argv[1:])')
+  proc = subprocess.run([sys.executable, '-c', pin_then_exec] + main_cmd, env=env,
+                        capture_output=True, text=True, timeout=400)
+  if expect_error:
+    assert proc.returncode != 0
+    assert 'mesh.cpu_devices=-2 must be an integer >= 0' in proc.stderr, proc.stderr[-2000:]
+    assert not workdir.exists()
+    return
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = tiny.get_config()
+  n = sharding.cpu_device_count(config.mesh, config_validation.batch_sizes(config), len(cores))
+  assert n == len(cores)  # tiny's batches are even.
+  assert f'{n} local / {n} global devices (cpu)' in proc.stderr
+  assert f'The CPU is split into {n} XLA devices' in proc.stderr
+  assert f'on {n} devices' in proc.stderr  # The train loop's mesh.
+  assert checkpoints.latest_step_on_disk(str(workdir)) == 4
 
 
 def test_fsdp_matches_data_parallel_and_is_sharded():
