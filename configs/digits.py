@@ -3,9 +3,9 @@
   python main.py --config=configs/digits.py --workdir=runs/digits
   python main.py --config=configs/digits.py --workdir=runs/digits --mode=sample
 
-Trains in about 5 minutes on an idle 2-core CPU (4 min 57 s measured 2026-12-03: 3000 steps at
-~12 steps/s, plus compilation and the final eval); configs/digits_flow.py (the README's
-demo) gets better samples in half the time. Notebook 01 and the DDPM samplers use this one.
+Trains in about 4 minutes on a 2-core CPU split into one device per core (4 min 12 s measured
+2026-12-03; 4 min 57 s on one device, idle): 3000 steps plus compilation and the final eval;
+configs/digits_flow.py (the README's demo) gets better samples in about 60% of the time. Notebook 01 and the DDPM samplers use this one.
 Sample grids appear in runs/digits/samples/. At the end of training the in-training eval scores 512 EMA samples with `classifier_fd` (the Fréchet
 distance in the features of a small digits classifier, trained once in seconds and cached; lower
 is better) and logs it in one line, e.g. `classifier_fd at step 3000: ...`; the figures are also
