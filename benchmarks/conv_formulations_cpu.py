@@ -1,12 +1,14 @@
-"""3x3 convolutions on the CPU: XLA's convolution against an im2col matmul, and against PyTorch.
+"""3x3 convolutions on the CPU: XLA's, an im2col matmul, oneDNN's custom call, and PyTorch's.
 
   python benchmarks/conv_formulations_cpu.py                       # per-layer, U-Net shapes
   python benchmarks/conv_formulations_cpu.py --whole_model=digits  # the digits U-Net's gradient
 
 Per layer (NHWC, C -> C channels, 'SAME' padding) it times the forward, the input gradient and
 the weight gradient of `lax.conv_general_dilated` and of the same convolution written as nine
-shifted slices concatenated on channels and one matmul (im2col), and, when torch is installed,
-torch's Conv2d forward and forward + backward (oneDNN) on as many threads as JAX's CPU client.
+shifted slices concatenated on channels and one matmul (im2col), of `model.conv_backend='onednn'`'s
+custom calls when oneDNN is installed (`diffusion_jax/onednn_conv.py`), and, when torch is
+installed, torch's Conv2d forward and forward + backward (oneDNN) on as many threads as JAX's CPU
+client.
 With --whole_model it instead times the loss gradient of a whole U-Net config with its
 convolutions swapped for the im2col form (through flax's `nn.Conv(conv_general_dilated=...)`),
 strictly alternating. One JSON line per shape or per variant; median milliseconds.
@@ -64,6 +66,12 @@ def conv_im2col(x, w, window_strides=(1, 1), padding='SAME', lhs_dilation=None,
   return jnp.einsum('bhwk,kd->bhwd', patches, w.reshape(kh * kw * cin, cout), precision=precision)
 
 
+def conv_onednn(x: jax.Array, w: jax.Array) -> jax.Array:
+  from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+  return onednn_conv.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
   jax.block_until_ready(fn())
   times = []
@@ -83,14 +91,20 @@ def layer_rows(repeats: int) -> List[Dict[str, object]]:
     w = jax.random.normal(k[1], (3, 3, c, c)) * 0.1
     gy = jax.random.normal(k[2], (b, side, side, c))
     row: Dict[str, object] = {'benchmark': 'conv_layer', 'batch': b, 'side': side, 'channels': c}
-    for name, conv in (('xla', conv_xla), ('im2col', conv_im2col)):
+    from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+    convs = [('xla', conv_xla), ('im2col', conv_im2col)]
+    if onednn_conv.unavailable_reason() is None:
+      convs.append(('onednn', conv_onednn))
+    for name, conv in convs:
       fwd = jax.jit(conv)
       dx = jax.jit(lambda x, w, gy, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](gy)[0])
       dw = jax.jit(lambda x, w, gy, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](gy)[0])
       row[f'{name}_fwd_ms'] = median_ms(lambda: fwd(x, w), repeats)
       row[f'{name}_dx_ms'] = median_ms(lambda: dx(x, w, gy), repeats)
       row[f'{name}_dw_ms'] = median_ms(lambda: dw(x, w, gy), repeats)
-    row['xla_total_ms'] = round(row['xla_fwd_ms'] + row['xla_dx_ms'] + row['xla_dw_ms'], 3)
+    for name, _ in convs:
+      row[f'{name}_total_ms'] = round(sum(row[f'{name}_{part}_ms'] for part in ('fwd', 'dx', 'dw')),
+                                      3)
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
@@ -110,7 +124,8 @@ def layer_rows(repeats: int) -> List[Dict[str, object]]:
 
     row['torch_fwd_ms'] = median_ms(torch_fwd, repeats)
     row['torch_total_ms'] = median_ms(torch_both, repeats)
-    row['xla_over_torch_total'] = round(row['xla_total_ms'] / row['torch_total_ms'], 3)
+    for name, _ in convs:
+      row[f'{name}_over_torch_total'] = round(row[f'{name}_total_ms'] / row['torch_total_ms'], 3)
     rows.append(row)
   return rows
 

@@ -87,6 +87,9 @@ def flatten_params(params: PyTree) -> Dict[str, np.ndarray]:
 def export_sampler(config, params: PyTree, platforms) -> jax.export.Exported:
   """Lowers the sampling loop of `config.sample` for `platforms`, batch size symbolic."""
   model = models.create_model(config.model, config.data.channels)
+  if isinstance(model, models.UNet) and model.conv_backend != 'xla':
+    # oneDNN's custom calls exist in this process only; the same parameters serve XLA's convs.
+    model = model.clone(conv_backend='xla')
   schedule = diffusion.make_schedule(config.diffusion)
   fn = sampling.make_sample_body(model, schedule, config)
   key = jax.random.PRNGKey(0)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 Dtype = Any
 ARCHS = ('unet', 'dit')  # model.arch: the U-Net below or the DiT of dit.py.
+CONV_BACKENDS = ('xla', 'onednn')  # model.conv_backend: XLA's convolutions or oneDNN's (CPU).
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0,
@@ -53,9 +54,15 @@ class GroupNorm32(nn.Module):
 
 def _conv(features: int, module: nn.Module, kernel: int = 3, stride: int = 1,
           zero_init: bool = False, name: Optional[str] = None, padding: Any = 'SAME') -> nn.Conv:
+  """A conv of `module`'s dtypes, computed by XLA or (`conv_backend='onednn'`, CPU) oneDNN."""
+  conv_fn = None
+  if module.conv_backend == 'onednn':
+    from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+    conv_fn = onednn_conv.conv_general_dilated
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  dtype=module.dtype, param_dtype=module.param_dtype, name=name,
-                 kernel_init=nn.initializers.zeros if zero_init else nn.initializers.lecun_normal())
+                 kernel_init=nn.initializers.zeros if zero_init else nn.initializers.lecun_normal(),
+                 conv_general_dilated=conv_fn)
 
 
 def _resample(x: jax.Array, mode: Optional[str]) -> jax.Array:
@@ -84,6 +91,7 @@ class ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   norm_eps: float = 1e-6
+  conv_backend: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -160,6 +168,7 @@ class UNet(nn.Module):
   norm_eps: float = 1e-6
   downsample_padding: int = 0
   null_class: bool = True
+  conv_backend: str = 'xla'            # 'xla' | 'onednn' (CPU only; see onednn_conv.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None,
@@ -172,7 +181,8 @@ class UNet(nn.Module):
     common = dict(num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype,
                   norm_eps=self.norm_eps)
     res_block = lambda out_ch, name, resample=None: block_cls(
-        out_ch, self.dropout, self.use_scale_shift_norm, resample, name=name, **common)
+        out_ch, self.dropout, self.use_scale_shift_norm, resample, name=name,
+        conv_backend=self.conv_backend, **common)
     attention = lambda name: attn_cls(self.num_heads, self.num_head_channels, name=name, **common)
 
     temb_dim = 4 * self.ch
@@ -244,6 +254,9 @@ def create_model(model_config, channels: int) -> nn.Module:
     return dit.create_dit(model_config, channels)
   if model_config.arch != 'unet':
     raise ValueError(f'model.arch={model_config.arch!r} is unknown; use one of {ARCHS}.')
+  if model_config.conv_backend == 'onednn' and jax.default_backend() != 'cpu':
+    raise ValueError(f'model.conv_backend=onednn runs on the CPU only, and JAX runs on '
+                     f'{jax.default_backend()}; use model.conv_backend=xla.')
   return UNet(
       ch=model_config.ch, ch_mult=tuple(model_config.ch_mult),
       num_res_blocks=model_config.num_res_blocks,
@@ -257,7 +270,7 @@ def create_model(model_config, channels: int) -> nn.Module:
       remat=model_config.remat, flip_sin_to_cos=model_config.flip_sin_to_cos,
       freq_shift=model_config.freq_shift, timestep_scale=model_config.timestep_scale,
       norm_eps=model_config.norm_eps, downsample_padding=model_config.downsample_padding,
-      null_class=model_config.null_class)
+      null_class=model_config.null_class, conv_backend=model_config.conv_backend)
 
 
 def check_model_config(model_config, resolution: int) -> List[str]:
@@ -287,7 +300,24 @@ def check_model_config(model_config, resolution: int) -> List[str]:
   if not model_config.timestep_scale > 0:
     errors.append(f'model.timestep_scale={model_config.timestep_scale} must be > 0 (1.0 = the '
                   'network sees the training step t).')
+  errors.extend(_check_conv_backend(model_config))
   return errors
+
+
+def _check_conv_backend(model_config) -> List[str]:
+  """model.conv_backend: a known name, and for 'onednn' the U-Net and an installed oneDNN."""
+  if model_config.conv_backend not in CONV_BACKENDS:
+    return [f'model.conv_backend={model_config.conv_backend!r} is unknown; use one of '
+            f'{CONV_BACKENDS}.']
+  if model_config.conv_backend == 'onednn':
+    if model_config.arch != 'unet':
+      return [f'model.conv_backend=onednn applies to the U-Net only (model.arch='
+              f'{model_config.arch!r}); use xla.']
+    from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+    reason = onednn_conv.unavailable_reason()
+    if reason:
+      return [reason]
+  return []
 
 
 def _check_unet_config(model_config, resolution: int) -> List[str]:

@@ -81,6 +81,8 @@ class LockedFieldError(ValueError):
 
 # Fields that fix the trained network: a sample/eval run must use the saved run's values.
 LOCKED_SECTIONS = ('model', 'diffusion')
+# ... except those that choose how the same network is computed (same parameters, same maths).
+FREE_FIELDS = ('model.conv_backend',)
 
 
 def flatten(config: ml_collections.ConfigDict | Dict[str, Any], prefix: str = ''
@@ -100,14 +102,17 @@ def flatten(config: ml_collections.ConfigDict | Dict[str, Any], prefix: str = ''
 def locked_differences(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict,
                        sections: Tuple[str, ...] = LOCKED_SECTIONS
                        ) -> List[Tuple[str, Any, Any]]:
-  """(dotted field, saved value, requested value) for each field of `sections` that differs.
+  """(dotted field, saved value, requested value) for each field of `sections` that differs
+  (`FREE_FIELDS` aside).
 
   Tuples and lists compare equal element-wise (JSON has no tuples).
   """
   def norm(value):
     return list(value) if isinstance(value, tuple) else value
-  old = {k: v for k, v in flatten(saved).items() if k.split('.')[0] in sections}
-  new = {k: v for k, v in flatten(requested).items() if k.split('.')[0] in sections}
+  def locked(name):
+    return name.split('.')[0] in sections and name not in FREE_FIELDS
+  old = {k: v for k, v in flatten(saved).items() if locked(k)}
+  new = {k: v for k, v in flatten(requested).items() if locked(k)}
   return [(name, old.get(name), new.get(name)) for name in sorted(set(old) | set(new))
           if norm(old.get(name)) != norm(new.get(name))]
 

@@ -1,0 +1,235 @@
+"""model.conv_backend='onednn': the U-Net's convolutions as oneDNN custom calls on the CPU.
+
+Checked against XLA's own convolution (an independent implementation) and a closed form, on one
+device and partitioned over the 8 virtual devices of conftest.py, down to a whole train step.
+"""
+
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import tiny  # pylint: disable=g-import-not-at-top
+from diffusion_jax import (config_validation, diffusion, models, onednn_conv, sharding,
+                           train_state)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def kernel_cache(tmp_path_factory):
+  """The compiled kernel goes to a fresh cache: the build itself is under test."""
+  previous = os.environ.get('XDG_CACHE_HOME')
+  os.environ['XDG_CACHE_HOME'] = str(tmp_path_factory.mktemp('xdg_cache'))
+  yield
+  if previous is None:
+    del os.environ['XDG_CACHE_HOME']
+  else:
+    os.environ['XDG_CACHE_HOME'] = previous
+
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')  # As flax.linen.Conv passes them (lax's default is NCHW).
+
+
+def _xla_conv(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def _onednn_conv(x, w, strides, padding, **kwargs):
+  return onednn_conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, **kwargs)
+
+
+def _loss_and_grads(conv):
+  """A loss whose cotangent differs per output element, so every gradient entry is exercised."""
+  def loss(x, w, strides, padding):
+    y = conv(x, w, strides, padding)
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=(2, 3))
+
+
+def _assert_close(got, want, rtol):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g), np.asarray(w)
+    assert np.max(np.abs(g - w)) <= rtol * np.max(np.abs(w)), np.max(np.abs(g - w))
+
+
+CASES = [  # (batch, size, in channels, out channels, kernel, stride, padding)
+    (4, 8, 16, 32, 3, 1, 'SAME'),
+    (4, 8, 16, 16, 3, 2, 'SAME'),               # TF 'SAME' at stride 2: pad bottom/right only.
+    (4, 8, 16, 16, 3, 2, ((1, 1), (1, 1))),     # The U-Net's downsample_padding=1.
+    (2, 6, 8, 24, 1, 1, 'VALID'),               # The residual blocks' 1x1 skip.
+    (3, 5, 4, 6, 3, 1, ((2, 0), (0, 1))),       # Odd sizes, uneven padding.
+]
+
+
+def test_onednn_conv_bypasses_xla_and_builds_once():
+  assert onednn_conv.unavailable_reason() is None, onednn_conv.unavailable_reason()
+  library = onednn_conv.build()
+  assert library.parent == onednn_conv._cache_dir() and library.exists()
+  assert onednn_conv.build() == library  # Cached by content: the second call compiles nothing.
+  x, w = jnp.ones((2, 4, 4, 8)), jnp.ones((3, 3, 8, 8))
+  hlo = jax.jit(lambda x, w: _onednn_conv(x, w, (1, 1), 'SAME')).lower(
+      x, w).as_text()
+  assert 'dj_onednn_conv_forward' in hlo and 'convolution' not in hlo
+
+
+@pytest.mark.parametrize('case', CASES, ids=[str(i) for i in range(len(CASES))])
+def test_onednn_conv_and_both_gradients_match_xla(case):
+  n, size, cin, cout, k, stride, padding = case
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((n, size, size, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+  got = _loss_and_grads(_onednn_conv)(x, w, (stride, stride), padding)
+  want = _loss_and_grads(_xla_conv)(x, w, (stride, stride), padding)
+  _assert_close(got, want, rtol=1e-5)
+
+
+def test_a_centred_delta_kernel_is_the_identity_and_its_gradient_a_sum():
+  """Closed form: y = conv(x, delta) = x; d/dw sum(y * c) at the centre = sum(x * c), and at the
+  other taps the sum of x shifted against c (zero-padded)."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 5, 5, 3)).astype(np.float32)
+  c = rng.standard_normal((2, 5, 5, 3)).astype(np.float32)
+  delta = np.zeros((3, 3, 3, 3), np.float32)
+  delta[1, 1] = np.eye(3)
+  y = _onednn_conv(jnp.asarray(x), jnp.asarray(delta), (1, 1), 'SAME')
+  np.testing.assert_allclose(np.asarray(y), x, rtol=0, atol=0)
+  dw = jax.grad(lambda w: jnp.sum(_onednn_conv(x, w, (1, 1), 'SAME') * c))(
+      jnp.asarray(delta))
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.stack([np.stack([np.einsum('nhwi,nhwo->io', xp[:, i:i + 5, j:j + 5], c)
+                             for j in range(3)]) for i in range(3)])
+  np.testing.assert_allclose(np.asarray(dw), want, rtol=1e-5, atol=1e-5)
+
+
+def test_other_convolutions_fall_back_to_xla():
+  """bfloat16, dilation and grouped convolutions are not the U-Net's: lax computes them."""
+  x, w = jnp.ones((1, 6, 6, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 4), jnp.bfloat16)
+  for kwargs in (dict(), dict(rhs_dilation=(2, 2))):
+    fn = lambda x, w: _onednn_conv(x, w, (1, 1), 'SAME', **kwargs)  # pylint: disable=cell-var-from-loop
+    assert 'dj_onednn' not in jax.jit(fn).lower(x, w).as_text()
+  grouped = jax.jit(lambda x, w: _onednn_conv(x, w, (1, 1), 'SAME', feature_group_count=2))
+  x32, w32 = jnp.ones((1, 6, 6, 4)), jnp.ones((3, 3, 2, 4))
+  assert 'dj_onednn' not in grouped.lower(x32, w32).as_text()
+  np.testing.assert_array_equal(grouped(x32, w32), lax.conv_general_dilated(
+      x32, w32, (1, 1), 'SAME', dimension_numbers=NHWC, feature_group_count=2))
+
+
+def test_partitioned_over_the_batch_with_no_gather_and_the_same_values():
+  """On 8 devices with the batch sharded: each device convolves its own rows (no all-gather of
+  activations), the kernel gradient is one all-reduce, and the values are those of one device.
+  Several runs give bit-identical results: concurrent calls do not share oneDNN's scratchpad."""
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((16, 8, 8, 16)).astype(np.float32)
+  w = (rng.standard_normal((3, 3, 16, 32)) / 12).astype(np.float32)
+  fn = _loss_and_grads(_onednn_conv)
+  xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+  got = [fn(xs, jnp.asarray(w), (1, 1), 'SAME') for _ in range(3)]
+  hlo = fn.lower(xs, jnp.asarray(w), (1, 1), 'SAME').compile().as_text()
+  assert len(re.findall(r'custom_call_target="dj_onednn_conv_', hlo)) == 3, hlo
+  assert 'all-gather' not in hlo
+  assert got[0][1][0].sharding.spec == P('data')  # dx stays sharded like x.
+  for other in got[1:]:
+    for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(other)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  one_device = fn(jnp.asarray(x), jnp.asarray(w), (1, 1), 'SAME')
+  _assert_close(got[0], one_device, rtol=1e-5)
+  _assert_close(got[0], _loss_and_grads(_xla_conv)(jnp.asarray(x), jnp.asarray(w), (1, 1),
+                                                   'SAME'), rtol=1e-5)
+
+
+def _build(config, mesh):
+  model = models.create_model(config.model, config.data.channels)
+  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
+  shape = (config.data.resolution, config.data.resolution, config.data.channels)
+  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed), shape, mesh,
+                                         sharding.fsdp_min_size(config.mesh))
+  step = train_state.make_train_step(model, tx, diffusion.make_schedule(config.diffusion), config,
+                                     mesh)
+  return state, step
+
+
+@pytest.mark.parametrize('fsdp', [1, 4])
+def test_train_steps_with_onednn_match_xla(fsdp):
+  """The same parameters (one init, one layout) and, after three steps on data-parallel or
+  data x FSDP meshes, the same loss and parameters as XLA's convolutions."""
+  configs = {}
+  for backend in ('xla', 'onednn'):
+    config = tiny.get_config()
+    config.model.dropout = 0.0
+    config.optim.warmup_steps = 0
+    config.model.conv_backend = backend
+    config.mesh.fsdp, config.mesh.fsdp_min_size = fsdp, 256
+    configs[backend] = config
+  mesh = sharding.create_mesh(configs['xla'].mesh)
+  (s_xla, step_xla), (s_dnn, step_dnn) = _build(configs['xla'], mesh), _build(configs['onednn'], mesh)
+  step_dnn = step_dnn.lower(s_dnn, _batch(16, mesh)).compile()
+  assert 'custom_call_target="dj_onednn_conv_kernel_grad"' in step_dnn.as_text()
+  for a, b in zip(jax.tree.leaves(s_xla.params), jax.tree.leaves(s_dnn.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for i in range(3):
+    batch = _batch(16, mesh, seed=i)
+    s_xla, m_xla = step_xla(s_xla, batch)
+    s_dnn, m_dnn = step_dnn(s_dnn, batch)
+    np.testing.assert_allclose(float(m_dnn['loss']), float(m_xla['loss']), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s_xla.params), jax.tree.leaves(s_dnn.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+def _batch(n, mesh, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32)
+  return jax.device_put({'image': images, 'label': np.zeros((n,), np.int32)},
+                        sharding.batch_sharding(mesh))
+
+
+def test_conv_backend_errors_name_the_field_and_the_fix(monkeypatch):
+  config = tiny.get_config()
+  config.model.conv_backend = 'mkldnn'
+  errors = models.check_model_config(config.model, config.data.resolution)
+  assert any("model.conv_backend='mkldnn' is unknown" in e for e in errors), errors
+  config.model.conv_backend = 'onednn'
+  config.model.arch = 'dit'
+  errors = models.check_model_config(config.model, config.data.resolution)
+  assert any('U-Net only' in e for e in errors), errors
+  config.model.arch = 'unet'
+  assert not models.check_model_config(config.model, config.data.resolution)
+  monkeypatch.setattr(onednn_conv, '_dist_file', lambda *args: None)  # Wheels not installed.
+  with pytest.raises(ValueError, match=r"model.conv_backend=onednn needs the oneDNN wheels: pip "
+                     r"install 'diffusion-jax\[onednn\]'"):
+    config_validation.validate_config(config)
+
+
+def test_export_serves_the_same_parameters_with_xla_convolutions():
+  """jax.export cannot carry this process's custom calls: the exported sampler uses XLA's
+  convolutions on the same parameters."""
+  from diffusion_jax import export  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.conv_backend = 'onednn'
+  model = models.create_model(config.model, config.data.channels)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))['params']
+  text = export.export_sampler(config, params, ('cpu',)).mlir_module()
+  assert 'dj_onednn' not in text and 'convolution' in text
+
+
+def test_a_run_moves_between_conv_backends():
+  """The backend is how the same network is computed: a run trained with one resumes, samples
+  or evaluates with the other (e.g. trained with oneDNN on a CPU, sampled with XLA on a GPU),
+  while a real change of the network is still refused."""
+  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  saved, requested = tiny.get_config(), tiny.get_config()
+  saved.model.conv_backend = 'onednn'
+  assert run_config.locked_differences(saved, requested) == []
+  run_config.check_resume_config(saved, requested, 'the run')
+  merged = run_config.config_for_run(saved, requested, {'model.conv_backend': 'xla'})
+  assert merged.model.conv_backend == 'xla'
+  requested.model.ch = 2 * saved.model.ch
+  assert [name for name, _, _ in run_config.locked_differences(saved, requested)] == ['model.ch']
