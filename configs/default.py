@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.param_dtype = 'float32'        # Parameter storage dtype.
   model.remat = False                  # Rematerialise each block in the backward pass.
   model.conv_backend = 'xla'           # 'onednn': the U-Net's convolutions through oneDNN on the
-                                       # CPU, 1.2x faster training there (pip install
+                                       # CPU, up to 1.2x faster training there (pip install
                                        # 'diffusion-jax[onednn]'; diffusion_jax/onednn_conv.py).
   # Variants of the same network (the defaults are Ho et al.'s; `convert --from=openai` sets
   # improved/guided-diffusion's: flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5,

@@ -1,6 +1,6 @@
 """oneDNN convolutions for XLA:CPU (`model.conv_backend = 'onednn'`).
 
-XLA:CPU computes the U-Net's 3x3 convolutions, and above all their kernel gradients, 1.1-1.7x
+XLA:CPU computes the U-Net's 3x3 convolutions, and above all their kernel gradients, 1.2-2.6x
 slower than oneDNN, the library PyTorch uses on the CPU (benchmarks/RESULTS.md). This module swaps
 `lax.conv_general_dilated` for three XLA FFI custom calls into oneDNN (csrc/onednn_conv.cc): the
 forward convolution, its input gradient and its kernel gradient, tied together by a
