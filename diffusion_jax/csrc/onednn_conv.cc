@@ -58,6 +58,7 @@ Descriptors MakeDescriptors(const Geometry& g) {
 // Primitives use caller-provided scratchpads: XLA runs the devices' calls on several threads at
 // once, and oneDNN's own (library-managed) scratchpad is shared between them.
 struct Plan {
+  Descriptors descriptors;
   dnnl::primitive convolution;
   memory::desc scratchpad;
   memory::desc kernel_layout;  // oneDNN's preferred kernel layout for this primitive.
@@ -73,11 +74,12 @@ dnnl::primitive_attr UserScratchpad() {
 }
 
 Plan MakePlan(Direction direction, const Geometry& g) {
-  const Descriptors d = MakeDescriptors(g);
+  Plan plan;
+  plan.descriptors = MakeDescriptors(g);
+  const Descriptors& d = plan.descriptors;
   const auto forward_hint = dnnl::convolution_forward::primitive_desc(
       CpuEngine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.x,
       d.kernel_any, d.y, d.strides, d.pad_before, d.pad_after, UserScratchpad());
-  Plan plan;
   if (direction == Direction::kForward) {
     plan.convolution = dnnl::convolution_forward(forward_hint);
     plan.kernel_layout = forward_hint.weights_desc();
@@ -127,7 +129,7 @@ ffi::Error Run(Direction direction, const Geometry& g, float* x, float* kernel, 
   try {
     omp_set_num_threads(static_cast<int>(g[15]));  // This calling thread's OpenMP teams only.
     const Plan& plan = CachedPlan(direction, g);
-    const Descriptors d = MakeDescriptors(g);
+    const Descriptors& d = plan.descriptors;
     dnnl::stream stream(CpuEngine());
     memory x_mem(d.x, CpuEngine(), x), y_mem(d.y, CpuEngine(), y);
     memory kernel_hwio(d.kernel_hwio, CpuEngine(), kernel);
