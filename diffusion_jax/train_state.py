@@ -263,21 +263,34 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     grad_fn = loss_and_grads if accum == 1 else accumulated
     loss, grads = grad_fn(state.params, example, labels, drop_key)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params,
-                     ema_decay_at(state.step, ocfg.ema_decay, ocfg.ema_warmup))
-    extra_emas = None
-    if extra_ema_specs:  # optim.ema_decays / ema_sigma_rels, in float32 (ema.py).
-      extra_emas = ema_lib.update_emas(
-          state.extra_emas, params, state.step, extra_ema_specs,
-          lambda d: ema_decay_at(state.step, d, ocfg.ema_warmup))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
-                           opt_state=opt_state, extra_emas=extra_emas)
-    # A non-finite step leaves the state untouched, so no NaN ever reaches params or EMA.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                             state.replace(step=state.step + 1))
+
+    def updated(state: TrainState) -> TrainState:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema = ema_update(state.ema_params, params,
+                       ema_decay_at(state.step, ocfg.ema_decay, ocfg.ema_warmup))
+      extra_emas = None
+      if extra_ema_specs:  # optim.ema_decays / ema_sigma_rels, in float32 (ema.py).
+        extra_emas = ema_lib.update_emas(
+            state.extra_emas, params, state.step, extra_ema_specs,
+            lambda d: ema_decay_at(state.step, d, ocfg.ema_warmup))
+      return TrainState(step=state.step + 1, params=params, ema_params=ema,
+                        opt_state=opt_state, extra_emas=extra_emas)
+
+    def skipped(state: TrainState) -> TrainState:
+      return state.replace(step=state.step + 1)
+
+    # A non-finite step leaves the state untouched, so no NaN ever reaches params or EMA. On the
+    # CPU a `lax.cond` does that in place; a `where(finite, new, old)` over the donated state
+    # makes XLA copy the old parameters and Adam moments every step (3x the model's size, 429 MB
+    # for cifar10_ddpm; benchmarks/RESULTS.md). Other backends keep the `where`: XLA's
+    # conditional there reads the predicate back to the host before the update's kernels.
+    if on_cpu:
+      new_state = jax.lax.cond(finite, updated, skipped, state)
+    else:
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated(state),
+                               skipped(state))
     metrics = {'loss': loss, 'grad_norm': grad_norm,
                'learning_rate': applied_learning_rate(state.opt_state, lr_schedule),
                'nonfinite': 1.0 - finite.astype(jnp.float32)}

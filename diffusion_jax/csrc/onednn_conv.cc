@@ -8,10 +8,12 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -124,6 +126,34 @@ const Plan& CachedPlan(Direction direction, const Geometry& g) {
   return *it->second;
 }
 
+// Memory that a call needs only while it runs (the scratchpads, the kernel in oneDNN's layout),
+// kept per calling thread and only ever grown: a fresh allocation per call costs page faults
+// that are a visible part of a small convolution. XLA runs one call at a time on each thread.
+class ThreadBuffer {
+ public:
+  ThreadBuffer() = default;
+  ThreadBuffer(const ThreadBuffer&) = delete;
+  ThreadBuffer& operator=(const ThreadBuffer&) = delete;
+  ~ThreadBuffer() { std::free(data_); }
+  void* Get(size_t bytes) {
+    if (bytes > size_ || data_ == nullptr) {
+      std::free(data_);
+      size_ = (bytes + 64) / 64 * 64;  // At least 64: a zero-size scratchpad still gets a pointer.
+      data_ = std::aligned_alloc(64, size_);
+      if (data_ == nullptr) throw std::bad_alloc();
+    }
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+memory ThreadMemory(const memory::desc& desc, ThreadBuffer& buffer) {
+  return memory(desc, CpuEngine(), buffer.Get(desc.get_size()));
+}
+
 // x, kernel and y point at the three buffers of `direction` (one written, two read).
 ffi::Error Run(Direction direction, const Geometry& g, float* x, float* kernel, float* y) {
   try {
@@ -133,10 +163,12 @@ ffi::Error Run(Direction direction, const Geometry& g, float* x, float* kernel, 
     dnnl::stream stream(CpuEngine());
     memory x_mem(d.x, CpuEngine(), x), y_mem(d.y, CpuEngine(), y);
     memory kernel_hwio(d.kernel_hwio, CpuEngine(), kernel);
-    memory kernel_mem = plan.reorder_kernel ? memory(plan.kernel_layout, CpuEngine()) : kernel_hwio;
-    memory scratchpad(plan.scratchpad, CpuEngine());
+    thread_local ThreadBuffer kernel_buffer, scratchpad_buffer, reorder_scratchpad_buffer;
+    memory kernel_mem =
+        plan.reorder_kernel ? ThreadMemory(plan.kernel_layout, kernel_buffer) : kernel_hwio;
+    memory scratchpad = ThreadMemory(plan.scratchpad, scratchpad_buffer);
     auto reorder_kernel = [&](memory& from, memory& to) {
-      memory reorder_scratchpad(plan.reorder_scratchpad, CpuEngine());
+      memory reorder_scratchpad = ThreadMemory(plan.reorder_scratchpad, reorder_scratchpad_buffer);
       plan.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
                                            {DNNL_ARG_SCRATCHPAD, reorder_scratchpad}});
     };
