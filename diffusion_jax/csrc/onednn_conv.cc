@@ -127,8 +127,8 @@ const Plan& CachedPlan(Direction direction, const Geometry& g) {
 }
 
 // Memory that a call needs only while it runs (the scratchpads, the kernel in oneDNN's layout),
-// kept per calling thread and only ever grown: a fresh allocation per call costs page faults
-// that are a visible part of a small convolution. XLA runs one call at a time on each thread.
+// kept per calling thread and only ever grown, so that calls do not allocate (and fault in) it
+// each time. XLA runs one call at a time on each thread.
 class ThreadBuffer {
  public:
   ThreadBuffer() = default;
