@@ -344,13 +344,12 @@ def _copied_floats(compiled_text):
              for dims in re.findall(r'= f32\[([\d,]*)\]\{[^}]*\} copy\(', entry))
 
 
-@pytest.mark.parametrize('mesh_name', ['mesh1', 'mesh8'])
-def test_cpu_step_updates_the_donated_state_in_place(env, mesh_name):
+@pytest.mark.parametrize('mesh_name,step_name', [('mesh1', 'step1'), ('mesh8', 'step8')])
+def test_cpu_step_updates_the_donated_state_in_place(env, mesh_name, step_name):
   """The non-finite guard is a conditional on the CPU, so XLA updates the donated parameters,
   EMA and Adam moments in place. (A `where(finite, new, old)` over the state made it copy the
   old values every step: three times the parameter count.)"""
-  mesh = getattr(env, mesh_name)
-  step = getattr(env, 'step1' if mesh_name == 'mesh1' else 'step8')
+  mesh, step = getattr(env, mesh_name), getattr(env, step_name)
   text = step.lower(env.put(env.init, mesh), env.batch(mesh)).compile().as_text()
   num_params = sum(x.size for x in jax.tree.leaves(env.init.params))
   assert _copied_floats(text) < 0.05 * num_params
