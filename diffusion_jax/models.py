@@ -38,8 +38,25 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0,
   return emb
 
 
+class _GroupNormParams(nn.Module):
+  """GroupNorm's per-channel scale (ones) and bias (zeros), under flax's `GroupNorm_0` names."""
+  channels: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    return (self.param('scale', nn.initializers.ones, (self.channels,), self.param_dtype),
+            self.param('bias', nn.initializers.zeros, (self.channels,), self.param_dtype))
+
+
 class GroupNorm32(nn.Module):
-  """GroupNorm computed in float32; the result is cast back to `dtype`."""
+  """GroupNorm over [B, ..., C] computed in float32; the result is cast back to `dtype`.
+
+  The same function and parameters as flax's `nn.GroupNorm` (variance E[x^2] - E[x]^2), computed
+  in a cheaper order: sums per channel over the spatial axes, then per group (XLA:CPU runs one
+  reduction over (H*W, C/G) ~10x slower than these two), and y = x * a + c with a, c per
+  (batch, channel), which makes the backward pass reduce per channel too.
+  """
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -47,8 +64,21 @@ class GroupNorm32(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=jnp.float32,
-                     param_dtype=self.param_dtype)(x.astype(jnp.float32))
+    b, c, g = x.shape[0], x.shape[-1], self.num_groups
+    if c % g:
+      raise ValueError(f'GroupNorm: {c} channels are not divisible by {g} groups; '
+                       'change model.num_groups.')
+    scale, bias = _GroupNormParams(c, self.param_dtype, name='GroupNorm_0')()
+    x32 = x.astype(jnp.float32)
+    flat = x32.reshape(b, -1, c)
+    count = flat.shape[1] * (c // g)
+    mean = jnp.sum(flat, axis=1).reshape(b, g, -1).sum(-1) / count           # [B, G]
+    mean_sq = jnp.sum(flat * flat, axis=1).reshape(b, g, -1).sum(-1) / count
+    rstd = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + self.epsilon)
+    a = rstd[:, :, None] * scale.astype(jnp.float32).reshape(g, -1)          # [B, G, C/G]
+    shift = bias.astype(jnp.float32) - (mean[:, :, None] * a).reshape(b, c)
+    per_channel = (b,) + (1,) * (x.ndim - 2) + (c,)
+    y = x32 * a.reshape(per_channel) + shift.reshape(per_channel)
     return y.astype(self.dtype)
 
 

@@ -8,6 +8,7 @@ NumPy, and compile with LLVM's expensive passes off (`fast_jit`; the shapes are 
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -407,3 +408,47 @@ def test_upsampling_is_nearest_neighbour_forward_and_backward():
   np.testing.assert_allclose(grad, jax.grad(lambda v: jnp.sum(w * ref(v)))(x), atol=1e-6)
   block_sums = w.reshape(2, 3, 2, 5, 2, 4).sum(axis=(2, 4))
   np.testing.assert_allclose(grad, block_sums, atol=1e-6)
+
+
+# ------------------------------------------------------------------ GroupNorm
+
+
+@pytest.mark.parametrize('shape,groups', [((3, 5, 7, 64), 32), ((2, 4, 4, 96), 8),
+                                          ((2, 10, 12), 4)])
+def test_group_norm_matches_float64_reference_and_flax_gradients(shape, groups):
+  """GroupNorm32 (per-channel sums, then per group) against a two-pass float64 NumPy GroupNorm
+  in value, and against flax's nn.GroupNorm in gradient; it keeps flax's parameter names, so
+  checkpoints and the converters see the same tree."""
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=shape) * 3.0 + 1.5).astype(np.float32)  # A mean away from 0.
+  scale = rng.normal(size=shape[-1]).astype(np.float32)
+  bias = rng.normal(size=shape[-1]).astype(np.float32)
+  params = {'params': {'GroupNorm_0': {'scale': jnp.asarray(scale), 'bias': jnp.asarray(bias)}}}
+  norm = models.GroupNorm32(groups, epsilon=1e-6)
+  init_tree = jax.eval_shape(norm.init, jax.random.PRNGKey(0), x)
+  assert jax.tree.map(lambda a: a.shape, init_tree) == jax.tree.map(lambda a: a.shape, params)
+
+  grouped = x.astype(np.float64).reshape(shape[0], -1, groups, shape[-1] // groups)
+  mean = grouped.mean(axis=(1, 3), keepdims=True)
+  var = ((grouped - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  ref = ((grouped - mean) / np.sqrt(var + 1e-6)).reshape(shape) * scale + bias
+  np.testing.assert_allclose(norm.apply(params, x), ref, atol=2e-5, rtol=0)
+
+  flax_norm = nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+  weights = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  loss = lambda apply: lambda p, v: jnp.sum(weights * jnp.tanh(apply(p, v)))
+  ours = jax.grad(loss(norm.apply), argnums=(0, 1))(params, x)
+  theirs = jax.grad(loss(lambda p, v: flax_norm.apply(
+      {'params': p['params']['GroupNorm_0']}, v)), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.max(jnp.abs(b))), rtol=0)
+
+  bf16 = models.GroupNorm32(groups, dtype=jnp.bfloat16, epsilon=1e-6)
+  y16 = bf16.apply(params, x.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y16, np.float32), ref, atol=0.05 * np.abs(ref).max())
+
+
+def test_group_norm_channels_must_divide_into_groups():
+  with pytest.raises(ValueError, match='model.num_groups'):
+    models.GroupNorm32(32).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 48)))
