@@ -5,7 +5,8 @@ sharded, donated and checkpointed as is; the model and optimizer are passed expl
 One train step is one `jax.jit` with explicit shardings over the mesh: the global batch is
 split over the `data` axis, the state replicated, and the step's noise, timesteps and dropout
 are drawn for the *global* batch from a key folded with the step, so the result does not
-depend on how many devices share the batch.
+depend on how many devices share the batch (up to the order of float sums). On the CPU, without
+dropout, the gradient is taken per device in a `shard_map` and averaged as one flat vector.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, PartitionSpec as P
 
 from diffusion_jax import diffusion, ema as ema_lib, objectives, sharding
 
@@ -190,7 +192,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   accum = int(tcfg.grad_accum_steps)
   k = int(tcfg.steps_per_call if steps_per_call is None else steps_per_call)
   batch_axes = sharding.batch_sharding(mesh).spec[0]
-  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, batch_axes))
+  micro_sharding = jax.sharding.NamedSharding(mesh, P(None, batch_axes))
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
   extra_ema_specs = ema_lib.ema_specs(ocfg)
   state_sharding = state_shardings(model, tx, image_shape, mesh,
@@ -203,6 +205,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   on_cpu = mesh.devices.flat[0].platform == 'cpu'
 
   learn_sigma = config.model.learn_sigma
+  # XLA:CPU's in-process all-reduce of the gradients costs ~30 us per tensor, and the devices
+  # wait on each other around it: a quarter of a digits step on two devices. So on the CPU, with
+  # a replicated state, each device takes the gradient of its own rows (a shard_map) and the
+  # devices average it as one flat vector: 1.15x the digits step (benchmarks/RESULTS.md). Only
+  # without dropout: inside the shard_map each device would draw its own masks, which would then
+  # depend on the device count.
+  per_device_grads = (on_cpu and mesh.size > 1 and mesh.shape[sharding.FSDP_AXIS] == 1
+                      and config.model.dropout == 0)
 
   def loss_and_grads(params, example, labels, drop_key):
     """Mean loss of one (micro-)batch and its gradient.
@@ -211,12 +221,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     't', and what the objective's loss needs (`objectives.training_example`).
     """
 
-    def loss_fn(params):
+    def loss_fn(params, example, labels):
       out = model.apply({'params': params}, example['x_t'], example['t'], labels, train=True,
                         rngs={'dropout': drop_key})
       return jnp.mean(objectives.per_example_loss(schedule, dcfg, out, example, learn_sigma))
 
-    return jax.value_and_grad(loss_fn)(params)
+    if not per_device_grads:
+      return jax.value_and_grad(loss_fn)(params, example, labels)
+
+    def device_mean(params, example, labels):  # On one device's rows of the batch.
+      loss, grads = jax.value_and_grad(loss_fn)(params, example, labels)
+      flat, unflatten = ravel_pytree(grads)
+      return jax.lax.pmean(loss, batch_axes), unflatten(jax.lax.pmean(flat, batch_axes))
+
+    # check_vma=False: the oneDNN convolutions' custom VJP does not annotate varying axes.
+    return jax.shard_map(device_mean, mesh=mesh, in_specs=(P(), P(batch_axes), P(batch_axes)),
+                         out_specs=P(), check_vma=False)(params, example, labels)
 
   def accumulated(params, example, labels, drop_key):
     """Mean loss and gradient over `accum` equal micro-batches of the global batch."""
