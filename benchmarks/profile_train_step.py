@@ -66,7 +66,8 @@ def op_times(trace_events, calls: int) -> tuple[collections.Counter, collections
 _LAYERS = (('convolution', re.compile(r'conv|ffi_call')), ('dropout', re.compile(r'Dropout')),
            ('silu', re.compile(r'silu')), ('groupnorm', re.compile(r'/norm[^/]*/')),
            ('attention', re.compile(r'attn')), ('optimizer+ema', re.compile(r'cond/branch|optax')))
-_COLLECTIVES = re.compile(r'^(all-reduce|all-gather|reduce-scatter|collective-permute|Rendezvous)')
+# Collective ops; their waits for the other devices ('Rendezvous') are spans inside them.
+_COLLECTIVES = re.compile(r'^(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)')
 # diffusers' side: aten op -> category.
 _TORCH_LAYERS = (
     ('convolution', re.compile(r'convolution|mkldnn_conv')),

@@ -206,7 +206,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   learn_sigma = config.model.learn_sigma
   # XLA:CPU's in-process all-reduce of the gradients costs ~30 us per tensor, and the devices
-  # wait on each other around it: a quarter of a digits step on two devices. So on the CPU, with
+  # wait on each other in it: a sixth of a digits step on two devices. So on the CPU, with
   # a replicated state, each device takes the gradient of its own rows (a shard_map) and the
   # devices average it as one flat vector: 1.15x the digits step (benchmarks/RESULTS.md). Only
   # without dropout: inside the shard_map each device would draw its own masks, which would then
