@@ -1,8 +1,8 @@
-"""Where the compiled train step's time goes, by XLA op kind and by layer, from a jax.profiler trace.
+"""Where the compiled train step's time goes, by XLA op kind and by layer (jax.profiler trace).
 
   python benchmarks/profile_train_step.py --config=configs/digits.py --batch_size=64 --steps=10
   python benchmarks/profile_train_step.py --config=configs/cifar10_ddpm.py --batch_size=16 \
-      --steps=2 --config.model.conv_backend=onednn --compare_diffusers
+      --steps=2 --config.model.conv_backend=onednn --compare_diffusers=true
 
 Compiles the step that `train_throughput.build_ours` builds, runs --steps calls under
 `jax.profiler.trace` (with XLA:CPU's per-thunk trace events on), reads the Perfetto JSON the
@@ -15,10 +15,11 @@ fused by XLA; `copy` layout copies.
 
 `by_layer` maps each traced op to the layer it came from (the `op_name` that the compiled HLO
 records for it) and sums per device: convolutions, attention blocks, GroupNorm, SiLU, dropout,
-the optimizer/EMA update, collectives, the rest. With --compare_diffusers (on by default where torch and diffusers import), `diffusers_by_layer`
-does the same for diffusers' step (`train_throughput.TorchTrainStep`) from a torch.profiler
-trace, grouping aten ops into the nearest categories (its `matmul` holds the attention
-projections and the time-embedding layers; ours counts the former under `attention`).
+the optimizer/EMA update, collectives, the rest. With --compare_diffusers (`auto`, the default:
+when torch and diffusers import), `diffusers_by_layer` does the same for diffusers' step
+(`train_throughput.TorchTrainStep`) from a torch.profiler trace, grouping aten ops into the
+nearest categories (its `matmul` holds the attention projections and the time-embedding layers;
+ours counts the former under `attention`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def op_times(trace_events, calls: int) -> tuple[collections.Counter, collections
 
 
 # Layer of an op, from the op_name of its HLO instruction; the first pattern that matches wins.
-_LAYERS = (('convolution', re.compile(r'conv|ffi_call')), ('dropout', re.compile(r'Dropout')),
+_LAYERS = (('convolution', re.compile(r'conv')), ('dropout', re.compile(r'Dropout')),
            ('silu', re.compile(r'silu')), ('groupnorm', re.compile(r'/norm[^/]*/')),
            ('attention', re.compile(r'attn')), ('optimizer+ema', re.compile(r'cond/branch|optax')))
 # Collective ops; their waits for the other devices ('Rendezvous') are spans inside them.
@@ -89,8 +90,8 @@ def layer_times(trace_events, hlo_text: str, calls: int, devices: int) -> Dict[s
     if _COLLECTIVES.search(name):
       layer = 'collectives'
     elif name in op_names:
-      layer = next((k for k, pattern in _LAYERS if pattern.search(op_names[name])), 'other')
-      layer = 'convolution' if name.startswith('ffi_call') else layer
+      layer = 'convolution' if name.startswith('ffi_call') else next(  # ffi_call: oneDNN's.
+          (k for k, pattern in _LAYERS if pattern.search(op_names[name])), 'other')
     else:
       continue  # Runtime events (thread-pool waits, buffer handling), not ops of the program.
     micros[layer] += event.get('dur', 0)

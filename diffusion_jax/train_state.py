@@ -211,7 +211,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   # devices average it as one flat vector: 1.15x the digits step (benchmarks/RESULTS.md). Only
   # without dropout: inside the shard_map each device would draw its own masks, which would then
   # depend on the device count.
-  per_device_grads = (on_cpu and mesh.size > 1 and mesh.shape[sharding.FSDP_AXIS] == 1
+  per_device_grads = (on_cpu and mesh.size > 1 and mesh.shape.get(sharding.FSDP_AXIS, 1) == 1
                       and config.model.dropout == 0)
 
   def loss_and_grads(params, example, labels, drop_key):
