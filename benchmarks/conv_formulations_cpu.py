@@ -1,4 +1,5 @@
-"""3x3 convolutions on the CPU: XLA's, an im2col matmul, oneDNN's custom call, and PyTorch's.
+"""3x3 convolutions on the CPU: XLA's, an im2col matmul, oneDNN's custom call (direct and
+Winograd), and PyTorch's.
 
   python benchmarks/conv_formulations_cpu.py                       # per-layer, U-Net shapes
   python benchmarks/conv_formulations_cpu.py --whole_model=digits  # the digits U-Net's gradient
@@ -6,7 +7,8 @@
 Per layer (NHWC, C -> C channels, 'SAME' padding) it times the forward, the input gradient and
 the weight gradient of `lax.conv_general_dilated` and of the same convolution written as nine
 shifted slices concatenated on channels and one matmul (im2col), of `model.conv_backend='onednn'`'s
-custom calls when oneDNN is installed (`diffusion_jax/onednn_conv.py`), and, when torch is
+and `'onednn_winograd'`'s custom calls when oneDNN is installed (`diffusion_jax/onednn_conv.py`;
+the Winograd rule may leave a small layer direct), and, when torch is
 installed, torch's Conv2d forward and forward + backward (oneDNN) on as many threads as JAX's CPU
 client.
 With --whole_model it instead times the loss gradient of a whole U-Net config with its
@@ -14,6 +16,7 @@ convolutions swapped for the im2col form (through flax's `nn.Conv(conv_general_d
 strictly alternating. One JSON line per shape or per variant; median milliseconds.
 """
 
+import functools
 import json
 import os
 import sys
@@ -66,10 +69,11 @@ def conv_im2col(x, w, window_strides=(1, 1), padding='SAME', lhs_dilation=None,
   return jnp.einsum('bhwk,kd->bhwd', patches, w.reshape(kh * kw * cin, cout), precision=precision)
 
 
-def conv_onednn(x: jax.Array, w: jax.Array) -> jax.Array:
+def conv_onednn(x: jax.Array, w: jax.Array, winograd: bool = False) -> jax.Array:
   from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
   return onednn_conv.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                          winograd=winograd)
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -95,6 +99,7 @@ def layer_rows(repeats: int) -> List[Dict[str, object]]:
     convs = [('xla', conv_xla), ('im2col', conv_im2col)]
     if onednn_conv.unavailable_reason() is None:
       convs.append(('onednn', conv_onednn))
+      convs.append(('winograd', functools.partial(conv_onednn, winograd=True)))
     for name, conv in convs:
       fwd = jax.jit(conv)
       dx = jax.jit(lambda x, w, gy, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](gy)[0])

@@ -8,6 +8,7 @@ are computed in float32 whatever `dtype` the convolutions use.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, List, Optional, Sequence
 
@@ -17,7 +18,10 @@ import jax.numpy as jnp
 
 Dtype = Any
 ARCHS = ('unet', 'dit')  # model.arch: the U-Net below or the DiT of dit.py.
-CONV_BACKENDS = ('xla', 'onednn')  # model.conv_backend: XLA's convolutions or oneDNN's (CPU).
+# model.conv_backend: XLA's convolutions, oneDNN's (CPU), or oneDNN's with Winograd's algorithm
+# for the large 3x3 ones (CPU; diffusion_jax/onednn_conv.py).
+CONV_BACKENDS = ('xla', 'onednn', 'onednn_winograd')
+ONEDNN_BACKENDS = ('onednn', 'onednn_winograd')
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0,
@@ -84,11 +88,13 @@ class GroupNorm32(nn.Module):
 
 def _conv(features: int, module: nn.Module, kernel: int = 3, stride: int = 1,
           zero_init: bool = False, name: Optional[str] = None, padding: Any = 'SAME') -> nn.Conv:
-  """A conv of `module`'s dtypes, computed by XLA or (`conv_backend='onednn'`, CPU) oneDNN."""
+  """A conv of `module`'s dtypes, computed by XLA or (`conv_backend='onednn[_winograd]'`, CPU)
+  oneDNN."""
   conv_fn = None
-  if module.conv_backend == 'onednn':
+  if module.conv_backend in ONEDNN_BACKENDS:
     from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
-    conv_fn = onednn_conv.conv_general_dilated
+    conv_fn = functools.partial(onednn_conv.conv_general_dilated,
+                                winograd=module.conv_backend == 'onednn_winograd')
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  dtype=module.dtype, param_dtype=module.param_dtype, name=name,
                  kernel_init=nn.initializers.zeros if zero_init else nn.initializers.lecun_normal(),
@@ -198,7 +204,7 @@ class UNet(nn.Module):
   norm_eps: float = 1e-6
   downsample_padding: int = 0
   null_class: bool = True
-  conv_backend: str = 'xla'            # 'xla' | 'onednn' (CPU only; see onednn_conv.py).
+  conv_backend: str = 'xla'            # One of CONV_BACKENDS (onednn*: CPU only).
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None,
@@ -284,9 +290,9 @@ def create_model(model_config, channels: int) -> nn.Module:
     return dit.create_dit(model_config, channels)
   if model_config.arch != 'unet':
     raise ValueError(f'model.arch={model_config.arch!r} is unknown; use one of {ARCHS}.')
-  if model_config.conv_backend == 'onednn' and jax.default_backend() != 'cpu':
-    raise ValueError(f'model.conv_backend=onednn runs on the CPU only, and JAX runs on '
-                     f'{jax.default_backend()}; use model.conv_backend=xla.')
+  if model_config.conv_backend in ONEDNN_BACKENDS and jax.default_backend() != 'cpu':
+    raise ValueError(f'model.conv_backend={model_config.conv_backend} runs on the CPU only, and '
+                     f'JAX runs on {jax.default_backend()}; use model.conv_backend=xla.')
   return UNet(
       ch=model_config.ch, ch_mult=tuple(model_config.ch_mult),
       num_res_blocks=model_config.num_res_blocks,
@@ -335,14 +341,14 @@ def check_model_config(model_config, resolution: int) -> List[str]:
 
 
 def _check_conv_backend(model_config) -> List[str]:
-  """model.conv_backend: a known name, and for 'onednn' the U-Net and an installed oneDNN."""
+  """model.conv_backend: a known name, and for the oneDNN ones the U-Net and an installed oneDNN."""
   if model_config.conv_backend not in CONV_BACKENDS:
     return [f'model.conv_backend={model_config.conv_backend!r} is unknown; use one of '
             f'{CONV_BACKENDS}.']
-  if model_config.conv_backend == 'onednn':
+  if model_config.conv_backend in ONEDNN_BACKENDS:
     if model_config.arch != 'unet':
-      return [f'model.conv_backend=onednn applies to the U-Net only (model.arch='
-              f'{model_config.arch!r}); use xla.']
+      return [f'model.conv_backend={model_config.conv_backend} applies to the U-Net only '
+              f'(model.arch={model_config.arch!r}); use xla.']
     from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
     reason = onednn_conv.unavailable_reason()
     if reason:

@@ -7,6 +7,12 @@ forward convolution, its input gradient and its kernel gradient, tied together b
 `jax.custom_vjp`. The parameters, their layout and the maths are unchanged, so a checkpoint
 trained with one backend loads into the other.
 
+`model.conv_backend = 'onednn_winograd'` also lets the kernel compute the 3x3, stride-1 convolutions
+of large enough layers (all three directions) with Winograd's F(4x4, 3x3) algorithm: 2.25
+multiplications per output instead of 9, 1.2-2.1x faster on those layers (benchmarks/RESULTS.md),
+at a rounding error about 10x the direct convolution's (~1e-5 of the output's scale in float32).
+csrc/onednn_conv.cc (`WinogradApplies`) says which layers qualify.
+
 The kernel is compiled with the system C++ compiler on first use, against the jaxlib FFI headers
 and the oneDNN of the `onednn` extra (`pip install 'diffusion-jax[onednn]'`), and cached under
 `$XDG_CACHE_HOME/diffusion_jax` (default `~/.cache/diffusion_jax`). Under a device mesh each call
@@ -102,7 +108,7 @@ def build() -> pathlib.Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     partial = pathlib.Path(tmp) / target.name
-    command = [_compiler(), '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', str(_SOURCE),
+    command = [_compiler(), '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', str(_SOURCE),
                '-o', str(partial), '-I', jax.ffi.include_dir(), '-I', str(headers), str(library),
                f'-Wl,-rpath,{library.parent}']
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -186,31 +192,36 @@ _kernel_grad_op = _partitioned('dj_onednn_conv_kernel_grad')
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]
 
 
-def _attrs(strides: Tuple[int, int], pads: Pads) -> Tuple[Tuple[str, int], ...]:
+def _attrs(strides: Tuple[int, int], pads: Pads, winograd: bool) -> Tuple[Tuple[str, int], ...]:
   (top, bottom), (left, right) = pads
   return (('stride_h', strides[0]), ('stride_w', strides[1]), ('pad_top', top),
           ('pad_bottom', bottom), ('pad_left', left), ('pad_right', right),
-          ('threads', _threads()))
+          ('threads', _threads()), ('winograd', int(winograd)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int], pads: Pads) -> jax.Array:
-  """y[n, p, q, o] = sum_{i, j, c} xpad[n, p*sh + i, q*sw + j, c] kernel[i, j, c, o] (f32 NHWC/HWIO)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int], pads: Pads,
+           winograd: bool = False) -> jax.Array:
+  """y[n, p, q, o] = sum_{i, j, c} xpad[n, p*sh + i, q*sw + j, c] kernel[i, j, c, o] (f32 NHWC/HWIO).
+
+  `winograd`: the kernel may use Winograd's algorithm where it applies (3x3, stride 1, padding 1,
+  large enough), in all three directions.
+  """
   _register()
   n, h, w, _ = x.shape
   kh, kw, _, co = kernel.shape
   out_shape = (n, (h + sum(pads[0]) - kh) // strides[0] + 1,
                (w + sum(pads[1]) - kw) // strides[1] + 1, co)
-  return _forward_op(x, kernel, out_shape, _attrs(strides, pads))
+  return _forward_op(x, kernel, out_shape, _attrs(strides, pads, winograd))
 
 
-def _conv2d_fwd(x, kernel, strides, pads):
-  return conv2d(x, kernel, strides, pads), (x, kernel)
+def _conv2d_fwd(x, kernel, strides, pads, winograd):
+  return conv2d(x, kernel, strides, pads, winograd), (x, kernel)
 
 
-def _conv2d_bwd(strides, pads, residuals, dy):
+def _conv2d_bwd(strides, pads, winograd, residuals, dy):
   x, kernel = residuals
-  attrs = _attrs(strides, pads)
+  attrs = _attrs(strides, pads, winograd)
   return (_input_grad_op(dy, kernel, x.shape, attrs),
           _kernel_grad_op(x, dy, kernel.shape, attrs))
 
@@ -222,11 +233,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          padding: Any, lhs_dilation: Optional[Sequence[int]] = None,
                          rhs_dilation: Optional[Sequence[int]] = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1,
-                         precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+                         precision: Any = None, preferred_element_type: Any = None,
+                         winograd: bool = False) -> jax.Array:
   """`lax.conv_general_dilated` (as `flax.linen.Conv` calls it) through oneDNN where it can be.
 
   oneDNN takes float32 NHWC x HWIO 2-D convolutions without dilation or groups, the U-Net's;
-  anything else goes to `lax.conv_general_dilated` unchanged.
+  anything else goes to `lax.conv_general_dilated` unchanged. `winograd`: see `conv2d`.
   """
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   plain = (lhs.ndim == 4 and feature_group_count == 1 and preferred_element_type is None and
@@ -242,4 +254,4 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+  return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads, winograd)

@@ -178,6 +178,102 @@ def _batch(n, mesh, seed=0):
                         sharding.batch_sharding(mesh))
 
 
+# Layers that the Winograd rule (csrc/onednn_conv.cc: 3x3, stride 1, padding 1, maps of at least
+# 4x4, >= 32 output tiles of 4x4 and >= 64 channels in and out) hands to F(4x4, 3x3): sizes that are and are not
+# multiples of the tile, channels that are not multiples of oneDNN's vector width.
+WINOGRAD_CASES = [  # (batch, height, width, in channels, out channels)
+    (2, 16, 16, 64, 64),
+    (3, 13, 10, 64, 72),
+    (8, 8, 8, 96, 64),
+]
+
+
+def _float64_conv(x, w):
+  """SAME 3x3 convolution in float64 numpy: the reference for both algorithms' rounding."""
+  n, h, wd, _ = x.shape
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  w = np.asarray(w, np.float64)
+  return sum(np.einsum('nhwc,co->nhwo', xp[:, i:i + h, j:j + wd], w[i, j])
+             for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize('case', WINOGRAD_CASES, ids=[str(i) for i in range(len(WINOGRAD_CASES))])
+def test_winograd_conv_and_both_gradients_match_xla(case):
+  """F(4x4, 3x3) in all three directions against XLA's direct convolution, to ~1e-5 of the
+  outputs' scale; it is a different computation from oneDNN's direct one (not bit-identical),
+  and its forward error against float64 is within 20x the direct algorithm's."""
+  n, h, w_, cin, cout = case
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((n, h, w_, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+  conv = lambda winograd: lambda x, w, s, p: _onednn_conv(x, w, s, p, winograd=winograd)
+  got = _loss_and_grads(conv(True))(x, w, (1, 1), 'SAME')
+  want = _loss_and_grads(_xla_conv)(x, w, (1, 1), 'SAME')
+  _assert_close(got, want, rtol=5e-5)
+  direct = _loss_and_grads(conv(False))(x, w, (1, 1), 'SAME')
+  assert not np.array_equal(np.asarray(got[1][1]), np.asarray(direct[1][1]))
+  exact = _float64_conv(x, w)
+  error = lambda y: np.max(np.abs(np.asarray(y, np.float64) - exact)) / np.max(np.abs(exact))
+  wino_error = error(_onednn_conv(x, w, (1, 1), 'SAME', winograd=True))
+  direct_error = error(_onednn_conv(x, w, (1, 1), 'SAME'))
+  assert wino_error < max(20 * direct_error, 1e-6), (wino_error, direct_error)
+
+
+def test_winograd_delta_kernel_is_the_identity_and_its_gradient_a_sum():
+  """The closed form of test_a_centred_delta_kernel_..., on a layer large enough for Winograd
+  (the transforms make the identity exact only up to rounding)."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((4, 12, 12, 64)).astype(np.float32)
+  c = rng.standard_normal((4, 12, 12, 64)).astype(np.float32)
+  delta = np.zeros((3, 3, 64, 64), np.float32)
+  delta[1, 1] = np.eye(64)
+  conv = lambda x, w: _onednn_conv(x, w, (1, 1), 'SAME', winograd=True)
+  np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x), jnp.asarray(delta))), x, atol=2e-5)
+  dw = jax.grad(lambda w: jnp.sum(conv(x, w) * c))(jnp.asarray(delta))
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.stack([np.stack([np.einsum('nhwi,nhwo->io', xp[:, i:i + 12, j:j + 12], c)
+                             for j in range(3)]) for i in range(3)])
+  np.testing.assert_allclose(np.asarray(dw), want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize('case', CASES + [(8, 4, 64, 64, 3, 1, 'SAME'), (4, 8, 32, 64, 3, 1, 'SAME'),
+                                  (64, 2, 64, 64, 3, 1, 'SAME')],
+                         ids=[str(i) for i in range(len(CASES) + 3)])
+def test_layers_outside_the_winograd_rule_stay_direct(case):
+  """Other kernels, strides, paddings, too few tiles (8 images of 4x4 = 8 tiles), channels
+  (32 in) or maps smaller than a tile (2x2): winograd=True computes exactly what winograd=False
+  does."""
+  n, size, cin, cout, k, stride, padding = case
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((n, size, size, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+  conv = lambda winograd: lambda x, w, s, p: _onednn_conv(x, w, s, p, winograd=winograd)
+  got = _loss_and_grads(conv(True))(x, w, (stride, stride), padding)
+  want = _loss_and_grads(conv(False))(x, w, (stride, stride), padding)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_train_steps_with_winograd_match_xla():
+  """conv_backend='onednn_winograd' on one device, with a U-Net whose 8x8 level (64 channels,
+  64 tiles) takes Winograd's algorithm: three steps give XLA's loss and parameters to ~1e-4."""
+  states, steps = {}, {}
+  mesh = sharding.create_mesh(tiny.get_config().mesh, jax.devices()[:1])
+  for backend in ('xla', 'onednn_winograd'):
+    config = tiny.get_config()
+    config.model.ch, config.model.dropout, config.optim.warmup_steps = 64, 0.0, 0
+    config.model.conv_backend = backend
+    states[backend], steps[backend] = build(config, mesh)
+  compiled = steps['onednn_winograd'].lower(states['onednn_winograd'], _batch(16, mesh)).compile()
+  assert re.search(r'dj_onednn_conv_forward.*winograd = 1', compiled.as_text()), 'no winograd attr'
+  for i in range(3):
+    batch = _batch(16, mesh, seed=i)
+    states['xla'], m_xla = steps['xla'](states['xla'], batch)
+    states['onednn_winograd'], m_wino = compiled(states['onednn_winograd'], batch)
+    np.testing.assert_allclose(float(m_wino['loss']), float(m_xla['loss']), rtol=1e-4)
+  assert_trees_close(states['onednn_winograd'].params, states['xla'].params, rtol=1e-3, atol=1e-5)
+
+
 def test_conv_backend_errors_name_the_field_and_the_fix(monkeypatch):
   config = tiny.get_config()
   config.model.conv_backend = 'mkldnn'
@@ -187,6 +283,10 @@ def test_conv_backend_errors_name_the_field_and_the_fix(monkeypatch):
   config.model.arch = 'dit'
   errors = models.check_model_config(config.model, config.data.resolution)
   assert any('U-Net only' in e for e in errors), errors
+  config.model.conv_backend = 'onednn_winograd'
+  errors = models.check_model_config(config.model, config.data.resolution)
+  assert any('model.conv_backend=onednn_winograd applies to the U-Net only' in e
+             for e in errors), errors
   config.model.arch = 'unet'
   assert not models.check_model_config(config.model, config.data.resolution)
   monkeypatch.setattr(onednn_conv, '_dist_file', lambda *args: None)  # Wheels not installed.

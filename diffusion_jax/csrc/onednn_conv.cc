@@ -154,10 +154,311 @@ memory ThreadMemory(const memory::desc& desc, ThreadBuffer& buffer) {
   return memory(desc, CpuEngine(), buffer.Get(desc.get_size()));
 }
 
-// x, kernel and y point at the three buffers of `direction` (one written, two read).
-ffi::Error Run(Direction direction, const Geometry& g, float* x, float* kernel, float* y) {
+// ---------------------------------------------------------------------------------------------
+// Winograd F(4x4, 3x3). Output tiles of 4x4 (m) from input tiles of 6x6 (a = m + 2), at the
+// interpolation points 0, 1, -1, 2, -2 and infinity:
+//   Y = A^T [ (G w G^T) . (B^T d B) ] A   per tile d, summed over input channels,
+// where "." is the elementwise product over the 36 positions; for each position t that sum over
+// channels is a matrix product V[t] (tiles x C) @ U[t] (C x O).
+constexpr int kM = 4, kA = 6, kT = kA * kA;
+constexpr float kBT[kA][kA] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                               {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+constexpr float kG[kA][3] = {{1.f / 4, 0, 0},
+                             {-1.f / 6, -1.f / 6, -1.f / 6},
+                             {-1.f / 6, 1.f / 6, -1.f / 6},
+                             {1.f / 24, 1.f / 12, 1.f / 6},
+                             {1.f / 24, -1.f / 12, 1.f / 6},
+                             {0, 0, 1}};
+constexpr float kAT[kM][kA] = {
+    {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+constexpr int64_t kChannelBlock = 64;  // Channels transformed together (the vectorized loop).
+
+// Below these sizes the 36 matrix products are too small to beat the direct convolution
+// (benchmarks/RESULTS.md): tiles per call and channels on either side. Feature maps smaller than
+// a tile would waste most of it (a 2x2 map takes as many products as the direct algorithm).
+constexpr int64_t kMinWinogradTiles = 32, kMinWinogradChannels = 64;
+
+// The tiles of one call: images n of h x w, covered by th x tw output tiles.
+struct TileGrid {
+  int64_t n, h, w, th, tw, count;
+  TileGrid(int64_t n, int64_t h, int64_t w)
+      : n(n), h(h), w(w), th((h + kM - 1) / kM), tw((w + kM - 1) / kM), count(n * th * tw) {}
+  int64_t Image(int64_t tile) const { return tile / (th * tw); }
+  int64_t Row(int64_t tile) const { return (tile / tw) % th * kM; }  // First row of the output tile.
+  int64_t Col(int64_t tile) const { return tile % tw * kM; }
+};
+
+bool WinogradApplies(const Geometry& g) {
+  const bool three_by_three_same = g[4] == 3 && g[5] == 3 && g[9] == 1 && g[10] == 1 &&
+                                   g[11] == 1 && g[12] == 1 && g[13] == 1 && g[14] == 1;
+  return three_by_three_same && std::min(g[1], g[2]) >= kM &&
+         TileGrid(g[0], g[1], g[2]).count >= kMinWinogradTiles &&
+         std::min(g[3], g[6]) >= kMinWinogradChannels;
+}
+
+// out[k] = sum_i coef[i] * in[i][k] over the nonzero coefficients, k < width (vectorized).
+template <int N>
+inline void Combine(const float (&coef)[N], const float* const (&in)[N], int64_t width,
+                    float* out) {
+  for (int64_t k = 0; k < width; ++k) out[k] = 0.f;
+  for (int i = 0; i < N; ++i) {
+    if (coef[i] == 0.f) continue;
+    const float f = coef[i];
+    const float* src = in[i];
+    for (int64_t k = 0; k < width; ++k) out[k] += f * src[k];
+  }
+}
+
+// v[t][tile][c] = (B^T d B)[t] for the 6x6 tile d of x [n, h, w, c] (zero outside the image:
+// the padding of 1) whose output tile starts at (Row, Col).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void InputTransform(const float* x, int64_t c, const TileGrid& grid, float* v) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t tile = 0; tile < grid.count; ++tile) {
+    for (int64_t c0 = 0; c0 < c; c0 += kChannelBlock) {
+      const int64_t width = std::min(kChannelBlock, c - c0);
+      alignas(64) float d[kA][kA][kChannelBlock];
+      alignas(64) float rows[kA][kA][kChannelBlock];  // (B^T d)[i][s]
+      const float* column[kA];
+      for (int r = 0; r < kA; ++r) {
+        const int64_t y = grid.Row(tile) + r - 1;
+        for (int s = 0; s < kA; ++s) {
+          const int64_t x_col = grid.Col(tile) + s - 1;
+          if (y < 0 || y >= grid.h || x_col < 0 || x_col >= grid.w) {
+            std::fill(d[r][s], d[r][s] + width, 0.f);
+          } else {
+            const float* src = x + ((grid.Image(tile) * grid.h + y) * grid.w + x_col) * c + c0;
+            std::copy(src, src + width, d[r][s]);
+          }
+        }
+      }
+      for (int i = 0; i < kA; ++i) {
+        for (int s = 0; s < kA; ++s) {
+          for (int r = 0; r < kA; ++r) column[r] = d[r][s];
+          Combine(kBT[i], column, width, rows[i][s]);
+        }
+        for (int j = 0; j < kA; ++j) {
+          for (int s = 0; s < kA; ++s) column[s] = rows[i][s];
+          Combine(kBT[j], column, width, v + ((i * kA + j) * grid.count + tile) * c + c0);
+        }
+      }
+    }
+  }
+}
+
+// u[t][c][o] = (G w G^T)[t] for the kernel w [3, 3, c, o], or with `flip` for w[2-r][2-s]
+// (the input gradient's kernel, used transposed).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void KernelTransform(const float* w, int64_t c, int64_t o, bool flip, float* u) {
+  const int64_t co = c * o;
+#pragma omp parallel for schedule(static)
+  for (int64_t ci = 0; ci < c; ++ci) {
+    std::vector<float> rows(kA * 3 * o);  // (G w)[i][s]
+    const float* taps[3];
+    for (int i = 0; i < kA; ++i) {
+      for (int s = 0; s < 3; ++s) {
+        for (int r = 0; r < 3; ++r) {
+          taps[r] = w + ((flip ? 2 - r : r) * 3 + (flip ? 2 - s : s)) * co + ci * o;
+        }
+        Combine(kG[i], taps, o, &rows[(i * 3 + s) * o]);
+      }
+      for (int j = 0; j < kA; ++j) {
+        for (int s = 0; s < 3; ++s) taps[s] = &rows[(i * 3 + s) * o];
+        Combine(kG[j], taps, o, u + (i * kA + j) * co + ci * o);
+      }
+    }
+  }
+}
+
+// y [n, h, w, o] from m[t][tile][o]: the 4x4 output tile (A^T M A), cut at the image's edge.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void OutputTransform(const float* m, int64_t o, const TileGrid& grid, float* y) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t tile = 0; tile < grid.count; ++tile) {
+    for (int64_t o0 = 0; o0 < o; o0 += kChannelBlock) {
+      const int64_t width = std::min(kChannelBlock, o - o0);
+      alignas(64) float rows[kM][kA][kChannelBlock];  // (A^T M)[p][j]
+      alignas(64) float out[kChannelBlock];
+      const float* column[kA];
+      for (int p = 0; p < kM; ++p) {
+        for (int j = 0; j < kA; ++j) {
+          for (int i = 0; i < kA; ++i) column[i] = m + ((i * kA + j) * grid.count + tile) * o + o0;
+          Combine(kAT[p], column, width, rows[p][j]);
+        }
+      }
+      for (int p = 0; p < kM && grid.Row(tile) + p < grid.h; ++p) {
+        for (int q = 0; q < kM && grid.Col(tile) + q < grid.w; ++q) {
+          for (int j = 0; j < kA; ++j) column[j] = rows[p][j];
+          Combine(kAT[q], column, width, out);
+          float* dst = y + ((grid.Image(tile) * grid.h + grid.Row(tile) + p) * grid.w +
+                            grid.Col(tile) + q) * o + o0;
+          std::copy(out, out + width, dst);
+        }
+      }
+    }
+  }
+}
+
+// The transpose of OutputTransform: dm[t][tile][o] = (A dY A^T)[t] for the 4x4 tile of dy
+// (zero beyond the image's edge).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void OutputTransformTranspose(const float* dy, int64_t o, const TileGrid& grid, float* dm) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t tile = 0; tile < grid.count; ++tile) {
+    for (int64_t o0 = 0; o0 < o; o0 += kChannelBlock) {
+      const int64_t width = std::min(kChannelBlock, o - o0);
+      alignas(64) float d[kM][kM][kChannelBlock];
+      alignas(64) float rows[kA][kM][kChannelBlock];  // (A dY)[i][q]
+      const float* column[kM];
+      float at[kA][kM];  // A, i.e. kAT transposed.
+      for (int i = 0; i < kA; ++i) {
+        for (int p = 0; p < kM; ++p) at[i][p] = kAT[p][i];
+      }
+      for (int p = 0; p < kM; ++p) {
+        for (int q = 0; q < kM; ++q) {
+          const int64_t row = grid.Row(tile) + p, col = grid.Col(tile) + q;
+          if (row >= grid.h || col >= grid.w) {
+            std::fill(d[p][q], d[p][q] + width, 0.f);
+          } else {
+            const float* src = dy + ((grid.Image(tile) * grid.h + row) * grid.w + col) * o + o0;
+            std::copy(src, src + width, d[p][q]);
+          }
+        }
+      }
+      for (int i = 0; i < kA; ++i) {
+        for (int q = 0; q < kM; ++q) {
+          for (int p = 0; p < kM; ++p) column[p] = d[p][q];
+          Combine(at[i], column, width, rows[i][q]);
+        }
+        for (int j = 0; j < kA; ++j) {
+          for (int q = 0; q < kM; ++q) column[q] = rows[i][q];
+          Combine(at[j], column, width, dm + ((i * kA + j) * grid.count + tile) * o + o0);
+        }
+      }
+    }
+  }
+}
+
+// The transpose of KernelTransform: dw[r][s][c][o] = (G^T dU G)[r][s].
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void KernelTransformTranspose(const float* du, int64_t c, int64_t o, float* dw) {
+  const int64_t co = c * o;
+  float gt[3][kA];  // G transposed.
+  for (int r = 0; r < 3; ++r) {
+    for (int i = 0; i < kA; ++i) gt[r][i] = kG[i][r];
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t ci = 0; ci < c; ++ci) {
+    std::vector<float> rows(3 * kA * o);  // (G^T dU)[r][j]
+    const float* taps[kA];
+    for (int r = 0; r < 3; ++r) {
+      for (int j = 0; j < kA; ++j) {
+        for (int i = 0; i < kA; ++i) taps[i] = du + (i * kA + j) * co + ci * o;
+        Combine(gt[r], taps, o, &rows[(r * kA + j) * o]);
+      }
+      for (int s = 0; s < 3; ++s) {
+        for (int j = 0; j < kA; ++j) taps[j] = &rows[(r * kA + j) * o];
+        Combine(gt[s], taps, o, dw + (r * 3 + s) * co + ci * o);
+      }
+    }
+  }
+}
+
+// c[b] = a[b] @ k[b] for b < batch: a [m, k] (or, `a_transposed`, stored as [k, m]), k [k, n]
+// (or stored as [n, k]); oneDNN's matmul, created once per shape.
+struct MatmulPlan {
+  dnnl::matmul matmul;
+  memory::desc a, b, c, scratchpad;
+};
+
+const MatmulPlan& CachedMatmul(const std::vector<int64_t>& key) {
+  static std::mutex mutex;
+  static auto* plans = new std::map<std::vector<int64_t>, std::unique_ptr<MatmulPlan>>();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = plans->find(key);
+  if (it == plans->end()) {
+    const int64_t batch = key[0], m = key[1], k = key[2], n = key[3];
+    auto plan = std::make_unique<MatmulPlan>();
+    plan->a = memory::desc({batch, m, k}, Type::f32,
+                           key[4] ? memory::dims{m * k, 1, m} : memory::dims{m * k, k, 1});
+    plan->b = memory::desc({batch, k, n}, Type::f32,
+                           key[5] ? memory::dims{k * n, 1, k} : memory::dims{k * n, n, 1});
+    plan->c = memory::desc({batch, m, n}, Type::f32, memory::dims{m * n, n, 1});
+    const auto pd =
+        dnnl::matmul::primitive_desc(CpuEngine(), plan->a, plan->b, plan->c, UserScratchpad());
+    plan->matmul = dnnl::matmul(pd);
+    plan->scratchpad = pd.scratchpad_desc();
+    it = plans->emplace(key, std::move(plan)).first;
+  }
+  return *it->second;
+}
+
+void BatchedMatmul(int64_t batch, int64_t m, int64_t k, int64_t n, bool a_transposed,
+                   bool b_transposed, const float* a, const float* b, float* c, int64_t threads) {
+  const MatmulPlan& plan = CachedMatmul({batch, m, k, n, a_transposed, b_transposed, threads});
+  thread_local ThreadBuffer scratchpad_buffer;
+  dnnl::stream stream(CpuEngine());
+  memory a_mem(plan.a, CpuEngine(), const_cast<float*>(a));
+  memory b_mem(plan.b, CpuEngine(), const_cast<float*>(b));
+  memory c_mem(plan.c, CpuEngine(), c);
+  plan.matmul.execute(stream, {{DNNL_ARG_SRC, a_mem},
+                               {DNNL_ARG_WEIGHTS, b_mem},
+                               {DNNL_ARG_DST, c_mem},
+                               {DNNL_ARG_SCRATCHPAD, ThreadMemory(plan.scratchpad, scratchpad_buffer)}});
+  stream.wait();
+}
+
+float* ThreadFloats(ThreadBuffer& buffer, int64_t count) {
+  return static_cast<float*>(buffer.Get(sizeof(float) * count));
+}
+
+// Forward: y = x * w. Input gradient (`input_gradient`): dx = dy * flip(w) with the kernel's
+// channels swapped, the same algorithm on (dy, w). in/out are the activations read and written.
+void WinogradConvolution(const Geometry& g, bool input_gradient, const float* in,
+                         const float* kernel, float* out) {
+  const TileGrid grid(g[0], g[1], g[2]);
+  const int64_t c = g[3], o = g[6];
+  const int64_t c_in = input_gradient ? o : c, c_out = input_gradient ? c : o;
+  thread_local ThreadBuffer v_buffer, u_buffer, m_buffer;
+  float* v = ThreadFloats(v_buffer, kT * grid.count * c_in);
+  float* u = ThreadFloats(u_buffer, kT * c * o);
+  float* m = ThreadFloats(m_buffer, kT * grid.count * c_out);
+  InputTransform(in, c_in, grid, v);
+  KernelTransform(kernel, c, o, input_gradient, u);  // u[t] is [c, o]: used as [o, c] for dx.
+  BatchedMatmul(kT, grid.count, c_in, c_out, false, input_gradient, v, u, m, g[15]);
+  OutputTransform(m, c_out, grid, out);
+}
+
+// dw = sum over tiles of V^T dM per position, transformed back to the 3x3 kernel.
+void WinogradKernelGradient(const Geometry& g, const float* x, const float* dy, float* dw) {
+  const TileGrid grid(g[0], g[1], g[2]);
+  const int64_t c = g[3], o = g[6];
+  thread_local ThreadBuffer v_buffer, dm_buffer, du_buffer;
+  float* v = ThreadFloats(v_buffer, kT * grid.count * c);
+  float* dm = ThreadFloats(dm_buffer, kT * grid.count * o);
+  float* du = ThreadFloats(du_buffer, kT * c * o);
+  InputTransform(x, c, grid, v);
+  OutputTransformTranspose(dy, o, grid, dm);
+  BatchedMatmul(kT, c, grid.count, o, true, false, v, dm, du, g[15]);
+  KernelTransformTranspose(du, c, o, dw);
+}
+
+// x, kernel and y point at the three buffers of `direction` (one written, two read);
+// `winograd` allows the Winograd algorithm where it applies.
+ffi::Error Run(Direction direction, const Geometry& g, bool winograd, float* x, float* kernel,
+               float* y) {
   try {
     omp_set_num_threads(static_cast<int>(g[15]));  // This calling thread's OpenMP teams only.
+    if (winograd && WinogradApplies(g)) {
+      if (direction == Direction::kKernelGradient) {
+        WinogradKernelGradient(g, x, y, kernel);
+      } else if (direction == Direction::kForward) {
+        WinogradConvolution(g, false, x, kernel, y);
+      } else {
+        WinogradConvolution(g, true, y, kernel, x);
+      }
+      return ffi::Error::Success();
+    }
     const Plan& plan = CachedPlan(direction, g);
     const Descriptors& d = plan.descriptors;
     dnnl::stream stream(CpuEngine());
@@ -210,28 +511,31 @@ Geometry MakeGeometry(Dims x, Dims kernel, Dims y, int64_t stride_h, int64_t str
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
                    int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-                   int64_t threads) {
+                   int64_t threads, int64_t winograd) {
   const Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), stride_h,
                                   stride_w, pad_top, pad_bottom, pad_left, pad_right, threads);
-  return Run(Direction::kForward, g, x.typed_data(), kernel.typed_data(), y->typed_data());
+  return Run(Direction::kForward, g, winograd != 0, x.typed_data(), kernel.typed_data(),
+             y->typed_data());
 }
 
 ffi::Error InputGradient(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                          ffi::ResultBuffer<ffi::F32> dx, int64_t stride_h, int64_t stride_w,
                          int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-                         int64_t threads) {
+                         int64_t threads, int64_t winograd) {
   const Geometry g = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), stride_h,
                                   stride_w, pad_top, pad_bottom, pad_left, pad_right, threads);
-  return Run(Direction::kInputGradient, g, dx->typed_data(), kernel.typed_data(), dy.typed_data());
+  return Run(Direction::kInputGradient, g, winograd != 0, dx->typed_data(), kernel.typed_data(),
+             dy.typed_data());
 }
 
 ffi::Error KernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dkernel, int64_t stride_h, int64_t stride_w,
                           int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-                          int64_t threads) {
+                          int64_t threads, int64_t winograd) {
   const Geometry g = MakeGeometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(), stride_h,
                                   stride_w, pad_top, pad_bottom, pad_left, pad_right, threads);
-  return Run(Direction::kKernelGradient, g, x.typed_data(), dkernel->typed_data(), dy.typed_data());
+  return Run(Direction::kKernelGradient, g, winograd != 0, x.typed_data(), dkernel->typed_data(),
+             dy.typed_data());
 }
 
 }  // namespace
@@ -247,7 +551,8 @@ ffi::Error KernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       .Attr<int64_t>("pad_bottom")                                                            \
       .Attr<int64_t>("pad_left")                                                              \
       .Attr<int64_t>("pad_right")                                                             \
-      .Attr<int64_t>("threads")
+      .Attr<int64_t>("threads")                                                               \
+      .Attr<int64_t>("winograd")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConvForward, Forward, DJ_CONV_SIGNATURE);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConvInputGradient, InputGradient, DJ_CONV_SIGNATURE);
