@@ -122,15 +122,19 @@ def test_other_convolutions_fall_back_to_xla():
       x32, w32, (1, 1), 'SAME', dimension_numbers=NHWC, feature_group_count=2))
 
 
-def test_partitioned_over_the_batch_with_no_gather_and_the_same_values():
+@pytest.mark.parametrize('winograd', [False, True])
+def test_partitioned_over_the_batch_with_no_gather_and_the_same_values(winograd):
   """On 8 devices with the batch sharded: each device convolves its own rows (no all-gather of
   activations), the kernel gradient is one all-reduce, and the values are those of one device.
-  Several runs give bit-identical results: concurrent calls do not share oneDNN's scratchpad."""
+  Several runs give bit-identical results: concurrent calls do not share oneDNN's scratchpad
+  (nor, with Winograd, each other's transform buffers; 8 images of 8x8 and 64 channels per
+  device qualify)."""
   mesh = Mesh(np.array(jax.devices()), ('data',))
   rng = np.random.default_rng(2)
-  x = rng.standard_normal((16, 8, 8, 16)).astype(np.float32)
-  w = (rng.standard_normal((3, 3, 16, 32)) / 12).astype(np.float32)
-  fn = _loss_and_grads(_onednn_conv)
+  n, cin, cout = (64, 64, 64) if winograd else (16, 16, 32)
+  x = rng.standard_normal((n, 8, 8, cin)).astype(np.float32)
+  w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+  fn = _loss_and_grads(lambda x, w, s, p: _onednn_conv(x, w, s, p, winograd=winograd))
   xs = jax.device_put(x, NamedSharding(mesh, P('data')))
   got = [fn(xs, jnp.asarray(w), (1, 1), 'SAME') for _ in range(3)]
   hlo = fn.lower(xs, jnp.asarray(w), (1, 1), 'SAME').compile().as_text()
@@ -143,7 +147,7 @@ def test_partitioned_over_the_batch_with_no_gather_and_the_same_values():
   one_device = fn(jnp.asarray(x), jnp.asarray(w), (1, 1), 'SAME')
   _assert_close(got[0], one_device, rtol=1e-5)
   _assert_close(got[0], _loss_and_grads(_xla_conv)(jnp.asarray(x), jnp.asarray(w), (1, 1),
-                                                   'SAME'), rtol=1e-5)
+                                                   'SAME'), rtol=5e-5 if winograd else 1e-5)
 
 
 @pytest.mark.parametrize('fsdp', [1, 4])
