@@ -503,11 +503,17 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   last_log_time, last_log_step = time.time(), start_step
   skipped_total = 0
   step = start_step
+  # XLA:CPU's in-process collectives can deadlock when one device runs a step ahead of another
+  # (a step dispatched before the previous one finished): the tests' tiny two-device runs hung in
+  # the gradient all-reduce. On a CPU mesh of several devices each step waits for the last.
+  one_step_in_flight = mesh.devices.flat[0].platform == 'cpu' and mesh.size > 1
   with _PreemptionFlag() as preemption:
     try:
       while step < tcfg.num_train_steps:
         with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
           batch = next(batches)
+          if one_step_in_flight:
+            jax.block_until_ready(state)
           state, metrics = train_step(state, batch)
           history.append(metrics)
         step += k
