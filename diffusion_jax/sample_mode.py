@@ -187,6 +187,8 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
     indices = b * batch_size + np.arange(batch_size)
     labels = labels_for(indices, class_labels, num_classes)
     key = jax.random.fold_in(rng, b)
+    if pending is not None:
+      sharding.finish_before_next_program(mesh, pending[1])
     if animation and b == 0:
       x, trajectory = animate_fn(params, key, labels)
       if process == 0:

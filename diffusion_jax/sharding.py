@@ -91,6 +91,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def finish_before_next_program(mesh: Mesh, outputs: PyTree) -> None:
+  """Waits for `outputs` (the last program's results) when `mesh` is several XLA:CPU devices.
+
+  XLA:CPU's in-process collectives can deadlock when a program is dispatched on the mesh while
+  the previous one still runs on some device (one device a program ahead of another): the
+  tests' two-device train runs hung in the gradient all-reduce. Loops that dispatch program
+  after program call this before each dispatch; elsewhere it returns at once, so dispatch stays
+  asynchronous on GPUs and TPUs.
+  """
+  if mesh.size > 1 and mesh.devices.flat[0].platform == 'cpu':
+    jax.block_until_ready(outputs)
+
+
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
   """PartitionSpec of one state tensor: its largest fsdp-divisible dimension on 'fsdp'.
 

@@ -503,17 +503,12 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   last_log_time, last_log_step = time.time(), start_step
   skipped_total = 0
   step = start_step
-  # XLA:CPU's in-process collectives can deadlock when one device runs a step ahead of another
-  # (a step dispatched before the previous one finished): the tests' tiny two-device runs hung in
-  # the gradient all-reduce. On a CPU mesh of several devices each step waits for the last.
-  one_step_in_flight = mesh.devices.flat[0].platform == 'cpu' and mesh.size > 1
   with _PreemptionFlag() as preemption:
     try:
       while step < tcfg.num_train_steps:
         with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
           batch = next(batches)
-          if one_step_in_flight:
-            jax.block_until_ready(state)
+          sharding.finish_before_next_program(mesh, state)
           state, metrics = train_step(state, batch)
           history.append(metrics)
         step += k
@@ -544,11 +539,15 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           writer.write_scalars(step, scalars)
           metrics_log.append(step, scalars)  # train_metrics.jsonl and loss_curve.png.
           progress.update(step, loss=summary['loss'])
-        if (tcfg.sample_every_steps and step % tcfg.sample_every_steps == 0) or is_last:
+        sample_due = (tcfg.sample_every_steps and step % tcfg.sample_every_steps == 0) or is_last
+        eval_due = train_eval is not None and train_eval.due(step, is_last)
+        if sample_due or eval_due:
+          sharding.finish_before_next_program(mesh, state)
+        if sample_due:
           with report.timed('sample'):
             write_sample_grid(sample_fn, state.ema_params, config, workdir, step, writer,
                               grid_batch)
-        if train_eval is not None and train_eval.due(step, is_last):
+        if eval_due:
           with report.timed('eval'):
             train_eval(state, state.ema_params, step, writer)
         preempted = _should_stop_for_preemption(preemption, step, k)

@@ -120,6 +120,29 @@ def test_auto_cpu_devices_defer_to_an_explicit_xla_flag_and_to_clusters():
     sharding.configure_cpu_devices(mesh, [64], environ=flag)
 
 
+def test_programs_finish_one_at_a_time_only_on_a_multi_device_cpu_mesh():
+  """XLA:CPU's in-process collectives deadlocked with two programs in flight; loops wait there,
+  and only there (one device, or GPUs/TPUs, keep asynchronous dispatch)."""
+
+  class Pending:
+    waited = 0
+
+    def block_until_ready(self):
+      Pending.waited += 1
+      return self
+
+  outputs = {'state': Pending(), 'metrics': [Pending()]}
+  sharding.finish_before_next_program(sharding.create_mesh(small_config().mesh), outputs)
+  assert Pending.waited == 2  # Eight CPU devices: every leaf waited for.
+  one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), sharding.BATCH_AXES)
+  sharding.finish_before_next_program(one_device, outputs)
+  assert Pending.waited == 2
+  gpu_like = type('FakeMesh', (), {'size': 8, 'devices': np.array([type('D', (), {
+      'platform': 'gpu'})()] * 8)})()
+  sharding.finish_before_next_program(gpu_like, outputs)
+  assert Pending.waited == 2
+
+
 @pytest.mark.parametrize('cpu_devices, expect_error', [(0, False), (-2, True)])
 def test_main_splits_the_cpu_into_devices_before_jax_starts(tmp_path, cpu_devices, expect_error):
   """Without XLA_FLAGS, main.py gives JAX one CPU device per core (here the first two cores),
