@@ -7,6 +7,7 @@
 // geometry and thread count and then reused.
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -171,6 +172,25 @@ constexpr float kG[kA][3] = {{1.f / 4, 0, 0},
                              {0, 0, 1}};
 constexpr float kAT[kM][kA] = {
     {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+// The transposes, for the gradients: G^T takes a 6x6 kernel gradient back to 3x3, A takes a 4x4
+// output gradient to the 36 positions.
+constexpr float kGT[3][kA] = {{1.f / 4, -1.f / 6, -1.f / 6, 1.f / 24, 1.f / 24, 0},
+                              {0, -1.f / 6, 1.f / 6, 1.f / 12, -1.f / 12, 0},
+                              {0, -1.f / 6, -1.f / 6, 1.f / 6, 1.f / 6, 1}};
+constexpr float kAMatrix[kA][kM] = {{1, 0, 0, 0},  {1, 1, 1, 1},  {1, -1, 1, -1},
+                                    {1, 2, 4, 8},  {1, -2, 4, -8}, {0, 0, 0, 1}};
+
+template <int R, int C>
+constexpr bool IsTranspose(const float (&a)[R][C], const float (&b)[C][R]) {
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < C; ++j) {
+      if (a[i][j] != b[j][i]) return false;
+    }
+  }
+  return true;
+}
+static_assert(IsTranspose(kG, kGT) && IsTranspose(kAT, kAMatrix), "transposes out of step");
+
 constexpr int64_t kChannelBlock = 64;  // Channels transformed together (the vectorized loop).
 
 // Below these sizes the 36 matrix products are too small to beat the direct convolution
@@ -198,8 +218,9 @@ bool WinogradApplies(const Geometry& g) {
 
 // out[k] = sum_i coef[i] * in[i][k] over the nonzero coefficients, k < width (vectorized).
 template <int N>
-inline void Combine(const float (&coef)[N], const float* const (&in)[N], int64_t width,
-                    float* out) {
+__attribute__((always_inline)) inline void Combine(const float (&coef)[N],
+                                                   const float* const (&in)[N], int64_t width,
+                                                   float* out) {
   for (int64_t k = 0; k < width; ++k) out[k] = 0.f;
   for (int i = 0; i < N; ++i) {
     if (coef[i] == 0.f) continue;
@@ -209,63 +230,93 @@ inline void Combine(const float (&coef)[N], const float* const (&in)[N], int64_t
   }
 }
 
-// v[t][tile][c] = (B^T d B)[t] for the 6x6 tile d of x [n, h, w, c] (zero outside the image:
-// the padding of 1) whose output tile starts at (Row, Col).
+// out[i][j] = (T d T^T)[i][j] for the In x In tile d = in[r][s] and the Out x In matrix T, per
+// channel k < width <= kChannelBlock: T applied to the tile's columns, then to its rows. Every
+// Winograd transform, and each transform's transpose, is this with its own T.
+template <int In, int Out>
+__attribute__((always_inline)) inline void TransformTile(const float (&t)[Out][In],
+                                                         const float* const (&in)[In][In],
+                                                         int64_t width,
+                                                         float* const (&out)[Out][Out]) {
+  alignas(64) float rows[Out][In][kChannelBlock];  // (T d)[i][s]
+  const float* column[In];
+  for (int i = 0; i < Out; ++i) {
+    for (int s = 0; s < In; ++s) {
+      for (int r = 0; r < In; ++r) column[r] = in[r][s];
+      Combine(t[i], column, width, rows[i][s]);
+    }
+    for (int j = 0; j < Out; ++j) {
+      for (int s = 0; s < In; ++s) column[s] = rows[i][s];
+      Combine(t[j], column, width, out[i][j]);
+    }
+  }
+}
+
+// The N x N tile of the feature map `map` [n, h, w, channels] whose top-left pixel is `offset`
+// rows and columns from the output tile's, channels c0 .. c0 + width; zero outside the image.
+template <int N>
+__attribute__((always_inline)) inline void GatherTile(const float* map, int64_t channels,
+                                                      const TileGrid& grid, int64_t tile,
+                                                      int64_t offset, int64_t c0, int64_t width,
+                                                      float (&d)[N][N][kChannelBlock],
+                                                      const float* (&pointers)[N][N]) {
+  for (int r = 0; r < N; ++r) {
+    for (int s = 0; s < N; ++s) {
+      const int64_t y = grid.Row(tile) + r + offset, x = grid.Col(tile) + s + offset;
+      if (y < 0 || y >= grid.h || x < 0 || x >= grid.w) {
+        std::fill(d[r][s], d[r][s] + width, 0.f);
+      } else {
+        const float* src = map + ((grid.Image(tile) * grid.h + y) * grid.w + x) * channels + c0;
+        std::copy(src, src + width, d[r][s]);
+      }
+      pointers[r][s] = d[r][s];
+    }
+  }
+}
+
+// For one tile and channel block: the N x N tile of `map` (see GatherTile) times T on both
+// sides, written to out[t][tile][channels] at the kA x kA positions t. (The OpenMP loops over
+// tiles stay in the target_clones functions: a parallel region is outlined where it is written,
+// and only the clones are compiled for AVX-512 and AVX2.)
+template <int N>
+__attribute__((always_inline)) inline void TransformTileOfMap(const float (&t)[kA][N],
+                                                              const float* map, int64_t channels,
+                                                              const TileGrid& grid, int64_t tile,
+                                                              int64_t offset, int64_t c0,
+                                                              float* out) {
+  const int64_t width = std::min(kChannelBlock, channels - c0);
+  alignas(64) float d[N][N][kChannelBlock];
+  const float* in[N][N];
+  float* positions[kA][kA];
+  GatherTile(map, channels, grid, tile, offset, c0, width, d, in);
+  for (int i = 0; i < kA; ++i) {
+    for (int j = 0; j < kA; ++j) {
+      positions[i][j] = out + ((i * kA + j) * grid.count + tile) * channels + c0;
+    }
+  }
+  TransformTile(t, in, width, positions);
+}
+
+// v[t][tile][c] = (B^T d B)[t] for the 6x6 tile d of x [n, h, w, c] around the output tile (the
+// convolution's padding of 1: one pixel before it, zeros outside the image).
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void InputTransform(const float* x, int64_t c, const TileGrid& grid, float* v) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t tile = 0; tile < grid.count; ++tile) {
     for (int64_t c0 = 0; c0 < c; c0 += kChannelBlock) {
-      const int64_t width = std::min(kChannelBlock, c - c0);
-      alignas(64) float d[kA][kA][kChannelBlock];
-      alignas(64) float rows[kA][kA][kChannelBlock];  // (B^T d)[i][s]
-      const float* column[kA];
-      for (int r = 0; r < kA; ++r) {
-        const int64_t y = grid.Row(tile) + r - 1;
-        for (int s = 0; s < kA; ++s) {
-          const int64_t x_col = grid.Col(tile) + s - 1;
-          if (y < 0 || y >= grid.h || x_col < 0 || x_col >= grid.w) {
-            std::fill(d[r][s], d[r][s] + width, 0.f);
-          } else {
-            const float* src = x + ((grid.Image(tile) * grid.h + y) * grid.w + x_col) * c + c0;
-            std::copy(src, src + width, d[r][s]);
-          }
-        }
-      }
-      for (int i = 0; i < kA; ++i) {
-        for (int s = 0; s < kA; ++s) {
-          for (int r = 0; r < kA; ++r) column[r] = d[r][s];
-          Combine(kBT[i], column, width, rows[i][s]);
-        }
-        for (int j = 0; j < kA; ++j) {
-          for (int s = 0; s < kA; ++s) column[s] = rows[i][s];
-          Combine(kBT[j], column, width, v + ((i * kA + j) * grid.count + tile) * c + c0);
-        }
-      }
+      TransformTileOfMap(kBT, x, c, grid, tile, -1, c0, v);
     }
   }
 }
 
-// u[t][c][o] = (G w G^T)[t] for the kernel w [3, 3, c, o], or with `flip` for w[2-r][2-s]
-// (the input gradient's kernel, used transposed).
+// The transpose of OutputTransform: dm[t][tile][o] = (A dY A^T)[t] for the 4x4 tile dY of dy
+// (zero beyond the image's edge).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void KernelTransform(const float* w, int64_t c, int64_t o, bool flip, float* u) {
-  const int64_t co = c * o;
-#pragma omp parallel for schedule(static)
-  for (int64_t ci = 0; ci < c; ++ci) {
-    std::vector<float> rows(kA * 3 * o);  // (G w)[i][s]
-    const float* taps[3];
-    for (int i = 0; i < kA; ++i) {
-      for (int s = 0; s < 3; ++s) {
-        for (int r = 0; r < 3; ++r) {
-          taps[r] = w + ((flip ? 2 - r : r) * 3 + (flip ? 2 - s : s)) * co + ci * o;
-        }
-        Combine(kG[i], taps, o, &rows[(i * 3 + s) * o]);
-      }
-      for (int j = 0; j < kA; ++j) {
-        for (int s = 0; s < 3; ++s) taps[s] = &rows[(i * 3 + s) * o];
-        Combine(kG[j], taps, o, u + (i * kA + j) * co + ci * o);
-      }
+void OutputTransformTranspose(const float* dy, int64_t o, const TileGrid& grid, float* dm) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t tile = 0; tile < grid.count; ++tile) {
+    for (int64_t o0 = 0; o0 < o; o0 += kChannelBlock) {
+      TransformTileOfMap(kAMatrix, dy, o, grid, tile, 0, o0, dm);
     }
   }
 }
@@ -277,64 +328,59 @@ void OutputTransform(const float* m, int64_t o, const TileGrid& grid, float* y) 
   for (int64_t tile = 0; tile < grid.count; ++tile) {
     for (int64_t o0 = 0; o0 < o; o0 += kChannelBlock) {
       const int64_t width = std::min(kChannelBlock, o - o0);
-      alignas(64) float rows[kM][kA][kChannelBlock];  // (A^T M)[p][j]
-      alignas(64) float out[kChannelBlock];
-      const float* column[kA];
-      for (int p = 0; p < kM; ++p) {
+      alignas(64) float out[kM][kM][kChannelBlock];
+      const float* positions[kA][kA];
+      float* pixels[kM][kM];
+      for (int i = 0; i < kA; ++i) {
         for (int j = 0; j < kA; ++j) {
-          for (int i = 0; i < kA; ++i) column[i] = m + ((i * kA + j) * grid.count + tile) * o + o0;
-          Combine(kAT[p], column, width, rows[p][j]);
+          positions[i][j] = m + ((i * kA + j) * grid.count + tile) * o + o0;
         }
       }
+      for (int p = 0; p < kM; ++p) {
+        for (int q = 0; q < kM; ++q) pixels[p][q] = out[p][q];
+      }
+      TransformTile(kAT, positions, width, pixels);
       for (int p = 0; p < kM && grid.Row(tile) + p < grid.h; ++p) {
         for (int q = 0; q < kM && grid.Col(tile) + q < grid.w; ++q) {
-          for (int j = 0; j < kA; ++j) column[j] = rows[p][j];
-          Combine(kAT[q], column, width, out);
-          float* dst = y + ((grid.Image(tile) * grid.h + grid.Row(tile) + p) * grid.w +
-                            grid.Col(tile) + q) * o + o0;
-          std::copy(out, out + width, dst);
+          std::copy(out[p][q], out[p][q] + width,
+                    y + ((grid.Image(tile) * grid.h + grid.Row(tile) + p) * grid.w +
+                         grid.Col(tile) + q) * o + o0);
         }
       }
     }
   }
 }
 
-// The transpose of OutputTransform: dm[t][tile][o] = (A dY A^T)[t] for the 4x4 tile of dy
-// (zero beyond the image's edge).
+// For input channel ci and output channels o0 ..: the In x In taps of a kernel [In, In, c, o]
+// times T on both sides, written as [Out, Out, c, o]; `flip` reads tap (In-1-r, In-1-s) for (r, s).
+template <int In, int Out>
+__attribute__((always_inline)) inline void TransformKernelChannels(const float (&t)[Out][In],
+                                                                   const float* kernel, int64_t c,
+                                                                   int64_t o, bool flip,
+                                                                   int64_t ci, int64_t o0,
+                                                                   float* out) {
+  const int64_t co = c * o, offset = ci * o + o0, width = std::min(kChannelBlock, o - o0);
+  const float* taps[In][In];
+  float* transformed[Out][Out];
+  for (int r = 0; r < In; ++r) {
+    for (int s = 0; s < In; ++s) {
+      taps[r][s] = kernel + ((flip ? In - 1 - r : r) * In + (flip ? In - 1 - s : s)) * co + offset;
+    }
+  }
+  for (int i = 0; i < Out; ++i) {
+    for (int j = 0; j < Out; ++j) transformed[i][j] = out + (i * Out + j) * co + offset;
+  }
+  TransformTile(t, taps, width, transformed);
+}
+
+// u[t][c][o] = (G w G^T)[t] for the kernel w [3, 3, c, o], or with `flip` for w[2-r][2-s]
+// (the input gradient's kernel, used transposed).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void OutputTransformTranspose(const float* dy, int64_t o, const TileGrid& grid, float* dm) {
+void KernelTransform(const float* w, int64_t c, int64_t o, bool flip, float* u) {
 #pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t tile = 0; tile < grid.count; ++tile) {
+  for (int64_t ci = 0; ci < c; ++ci) {
     for (int64_t o0 = 0; o0 < o; o0 += kChannelBlock) {
-      const int64_t width = std::min(kChannelBlock, o - o0);
-      alignas(64) float d[kM][kM][kChannelBlock];
-      alignas(64) float rows[kA][kM][kChannelBlock];  // (A dY)[i][q]
-      const float* column[kM];
-      float at[kA][kM];  // A, i.e. kAT transposed.
-      for (int i = 0; i < kA; ++i) {
-        for (int p = 0; p < kM; ++p) at[i][p] = kAT[p][i];
-      }
-      for (int p = 0; p < kM; ++p) {
-        for (int q = 0; q < kM; ++q) {
-          const int64_t row = grid.Row(tile) + p, col = grid.Col(tile) + q;
-          if (row >= grid.h || col >= grid.w) {
-            std::fill(d[p][q], d[p][q] + width, 0.f);
-          } else {
-            const float* src = dy + ((grid.Image(tile) * grid.h + row) * grid.w + col) * o + o0;
-            std::copy(src, src + width, d[p][q]);
-          }
-        }
-      }
-      for (int i = 0; i < kA; ++i) {
-        for (int q = 0; q < kM; ++q) {
-          for (int p = 0; p < kM; ++p) column[p] = d[p][q];
-          Combine(at[i], column, width, rows[i][q]);
-        }
-        for (int j = 0; j < kA; ++j) {
-          for (int q = 0; q < kM; ++q) column[q] = rows[i][q];
-          Combine(at[j], column, width, dm + ((i * kA + j) * grid.count + tile) * o + o0);
-        }
-      }
+      TransformKernelChannels(kG, w, c, o, flip, ci, o0, u);
     }
   }
 }
@@ -342,24 +388,10 @@ void OutputTransformTranspose(const float* dy, int64_t o, const TileGrid& grid, 
 // The transpose of KernelTransform: dw[r][s][c][o] = (G^T dU G)[r][s].
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void KernelTransformTranspose(const float* du, int64_t c, int64_t o, float* dw) {
-  const int64_t co = c * o;
-  float gt[3][kA];  // G transposed.
-  for (int r = 0; r < 3; ++r) {
-    for (int i = 0; i < kA; ++i) gt[r][i] = kG[i][r];
-  }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for collapse(2) schedule(static)
   for (int64_t ci = 0; ci < c; ++ci) {
-    std::vector<float> rows(3 * kA * o);  // (G^T dU)[r][j]
-    const float* taps[kA];
-    for (int r = 0; r < 3; ++r) {
-      for (int j = 0; j < kA; ++j) {
-        for (int i = 0; i < kA; ++i) taps[i] = du + (i * kA + j) * co + ci * o;
-        Combine(gt[r], taps, o, &rows[(r * kA + j) * o]);
-      }
-      for (int s = 0; s < 3; ++s) {
-        for (int j = 0; j < kA; ++j) taps[j] = &rows[(r * kA + j) * o];
-        Combine(gt[s], taps, o, dw + (r * 3 + s) * co + ci * o);
-      }
+    for (int64_t o0 = 0; o0 < o; o0 += kChannelBlock) {
+      TransformKernelChannels(kGT, du, c, o, false, ci, o0, dw);
     }
   }
 }
