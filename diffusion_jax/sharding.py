@@ -92,16 +92,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def finish_before_next_program(mesh: Mesh, outputs: PyTree) -> None:
-  """Waits for `outputs` (the last program's results) when `mesh` is several XLA:CPU devices.
+  """Waits for the last program (whose results are `outputs`) when `mesh` is several XLA:CPU
+  devices.
 
   XLA:CPU's in-process collectives can deadlock when a program is dispatched on the mesh while
   the previous one still runs on some device (one device a program ahead of another): the
   tests' two-device train runs hung in the gradient all-reduce. Loops that dispatch program
   after program call this before each dispatch; elsewhere it returns at once, so dispatch stays
-  asynchronous on GPUs and TPUs.
+  asynchronous on GPUs and TPUs. One output is waited for: every output of a program on the mesh
+  has a shard on each device, ready when the program ends there, and waiting for all of a train
+  state's leaves cost the digits loop 2-7% more (benchmarks/RESULTS.md).
   """
   if mesh.size > 1 and mesh.devices.flat[0].platform == 'cpu':
-    jax.block_until_ready(outputs)
+    leaves = jax.tree.leaves(outputs)
+    if leaves:
+      jax.block_until_ready(leaves[0])
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
