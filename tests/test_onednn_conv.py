@@ -189,6 +189,7 @@ WINOGRAD_CASES = [  # (batch, height, width, in channels, out channels)
     (2, 16, 16, 64, 64),
     (3, 13, 10, 64, 72),
     (8, 8, 8, 96, 64),
+    (9, 64, 61, 64, 64),  # 2,304 tiles: two passes of kTilesPerPass (2,048), the second ragged.
 ]
 
 

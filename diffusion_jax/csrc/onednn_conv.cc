@@ -197,6 +197,10 @@ constexpr int64_t kChannelBlock = 64;  // Channels transformed together (the vec
 // (benchmarks/RESULTS.md): tiles per call and channels on either side. Feature maps smaller than
 // a tile would waste most of it (a 2x2 map takes as many products as the direct algorithm).
 constexpr int64_t kMinWinogradTiles = 32, kMinWinogradChannels = 64;
+// Tiles per pass: the transformed tiles of a call (36 x tiles x channels floats on either side)
+// are made and multiplied this many tiles at a time, so their buffers stay bounded (~75 MB at 256
+// channels) whatever the batch, and each of the 36 matrix products stays large.
+constexpr int64_t kTilesPerPass = 2048;
 
 // The tiles of one call: images n of h x w, covered by th x tw output tiles.
 struct TileGrid {
@@ -275,13 +279,15 @@ __attribute__((always_inline)) inline void GatherTile(const float* map, int64_t 
 }
 
 // For one tile and channel block: the N x N tile of `map` (see GatherTile) times T on both
-// sides, written to out[t][tile][channels] at the kA x kA positions t. (The OpenMP loops over
+// sides, written to out[t][k][channels] at the kA x kA positions t, k = tile - first being the
+// tile's row in a pass of `count` tiles. (The OpenMP loops over
 // tiles stay in the target_clones functions: a parallel region is outlined where it is written,
 // and only the clones are compiled for AVX-512 and AVX2.)
 template <int N>
 __attribute__((always_inline)) inline void TransformTileOfMap(const float (&t)[kA][N],
                                                               const float* map, int64_t channels,
-                                                              const TileGrid& grid, int64_t tile,
+                                                              const TileGrid& grid, int64_t first,
+                                                              int64_t count, int64_t tile,
                                                               int64_t offset, int64_t c0,
                                                               float* out) {
   const int64_t width = std::min(kChannelBlock, channels - c0);
@@ -291,41 +297,46 @@ __attribute__((always_inline)) inline void TransformTileOfMap(const float (&t)[k
   GatherTile(map, channels, grid, tile, offset, c0, width, d, in);
   for (int i = 0; i < kA; ++i) {
     for (int j = 0; j < kA; ++j) {
-      positions[i][j] = out + ((i * kA + j) * grid.count + tile) * channels + c0;
+      positions[i][j] = out + ((i * kA + j) * count + tile - first) * channels + c0;
     }
   }
   TransformTile(t, in, width, positions);
 }
 
-// v[t][tile][c] = (B^T d B)[t] for the 6x6 tile d of x [n, h, w, c] around the output tile (the
-// convolution's padding of 1: one pixel before it, zeros outside the image).
+// v[t][tile - first][c] = (B^T d B)[t] for the 6x6 tile d of x [n, h, w, c] around the output
+// tile (the convolution's padding of 1: one pixel before it, zeros outside the image), for the
+// `count` tiles from `first`.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void InputTransform(const float* x, int64_t c, const TileGrid& grid, float* v) {
+void InputTransform(const float* x, int64_t c, const TileGrid& grid, int64_t first,
+                    int64_t count, float* v) {
 #pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t tile = 0; tile < grid.count; ++tile) {
+  for (int64_t tile = first; tile < first + count; ++tile) {
     for (int64_t c0 = 0; c0 < c; c0 += kChannelBlock) {
-      TransformTileOfMap(kBT, x, c, grid, tile, -1, c0, v);
+      TransformTileOfMap(kBT, x, c, grid, first, count, tile, -1, c0, v);
     }
   }
 }
 
-// The transpose of OutputTransform: dm[t][tile][o] = (A dY A^T)[t] for the 4x4 tile dY of dy
-// (zero beyond the image's edge).
+// The transpose of OutputTransform: dm[t][tile - first][o] = (A dY A^T)[t] for the 4x4 tile dY
+// of dy (zero beyond the image's edge), for the `count` tiles from `first`.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void OutputTransformTranspose(const float* dy, int64_t o, const TileGrid& grid, float* dm) {
+void OutputTransformTranspose(const float* dy, int64_t o, const TileGrid& grid, int64_t first,
+                              int64_t count, float* dm) {
 #pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t tile = 0; tile < grid.count; ++tile) {
+  for (int64_t tile = first; tile < first + count; ++tile) {
     for (int64_t o0 = 0; o0 < o; o0 += kChannelBlock) {
-      TransformTileOfMap(kAMatrix, dy, o, grid, tile, 0, o0, dm);
+      TransformTileOfMap(kAMatrix, dy, o, grid, first, count, tile, 0, o0, dm);
     }
   }
 }
 
-// y [n, h, w, o] from m[t][tile][o]: the 4x4 output tile (A^T M A), cut at the image's edge.
+// y [n, h, w, o] from m[t][tile - first][o]: the 4x4 output tiles (A^T M A) of the `count` tiles
+// from `first`, cut at the image's edge.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void OutputTransform(const float* m, int64_t o, const TileGrid& grid, float* y) {
+void OutputTransform(const float* m, int64_t o, const TileGrid& grid, int64_t first,
+                     int64_t count, float* y) {
 #pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t tile = 0; tile < grid.count; ++tile) {
+  for (int64_t tile = first; tile < first + count; ++tile) {
     for (int64_t o0 = 0; o0 < o; o0 += kChannelBlock) {
       const int64_t width = std::min(kChannelBlock, o - o0);
       alignas(64) float out[kM][kM][kChannelBlock];
@@ -333,7 +344,7 @@ void OutputTransform(const float* m, int64_t o, const TileGrid& grid, float* y) 
       float* pixels[kM][kM];
       for (int i = 0; i < kA; ++i) {
         for (int j = 0; j < kA; ++j) {
-          positions[i][j] = m + ((i * kA + j) * grid.count + tile) * o + o0;
+          positions[i][j] = m + ((i * kA + j) * count + tile - first) * o + o0;
         }
       }
       for (int p = 0; p < kM; ++p) {
@@ -396,8 +407,9 @@ void KernelTransformTranspose(const float* du, int64_t c, int64_t o, float* dw) 
   }
 }
 
-// c[b] = a[b] @ k[b] for b < batch: a [m, k] (or, `a_transposed`, stored as [k, m]), k [k, n]
-// (or stored as [n, k]); oneDNN's matmul, created once per shape.
+// c[b] = a[b] @ k[b] (or, `accumulate`, c[b] += a[b] @ k[b]) for b < batch: a [m, k] (or,
+// `a_transposed`, stored as [k, m]), k [k, n] (or stored as [n, k]); oneDNN's matmul, created
+// once per shape.
 struct MatmulPlan {
   dnnl::matmul matmul;
   memory::desc a, b, c, scratchpad;
@@ -416,8 +428,13 @@ const MatmulPlan& CachedMatmul(const std::vector<int64_t>& key) {
     plan->b = memory::desc({batch, k, n}, Type::f32,
                            key[5] ? memory::dims{k * n, 1, k} : memory::dims{k * n, n, 1});
     plan->c = memory::desc({batch, m, n}, Type::f32, memory::dims{m * n, n, 1});
-    const auto pd =
-        dnnl::matmul::primitive_desc(CpuEngine(), plan->a, plan->b, plan->c, UserScratchpad());
+    dnnl::primitive_attr attr = UserScratchpad();
+    if (key[7]) {
+      dnnl::post_ops sum;
+      sum.append_sum(1.f);
+      attr.set_post_ops(sum);
+    }
+    const auto pd = dnnl::matmul::primitive_desc(CpuEngine(), plan->a, plan->b, plan->c, attr);
     plan->matmul = dnnl::matmul(pd);
     plan->scratchpad = pd.scratchpad_desc();
     it = plans->emplace(key, std::move(plan)).first;
@@ -426,8 +443,10 @@ const MatmulPlan& CachedMatmul(const std::vector<int64_t>& key) {
 }
 
 void BatchedMatmul(int64_t batch, int64_t m, int64_t k, int64_t n, bool a_transposed,
-                   bool b_transposed, const float* a, const float* b, float* c, int64_t threads) {
-  const MatmulPlan& plan = CachedMatmul({batch, m, k, n, a_transposed, b_transposed, threads});
+                   bool b_transposed, const float* a, const float* b, float* c, int64_t threads,
+                   bool accumulate = false) {
+  const MatmulPlan& plan =
+      CachedMatmul({batch, m, k, n, a_transposed, b_transposed, threads, accumulate});
   thread_local ThreadBuffer scratchpad_buffer;
   dnnl::stream stream(CpuEngine());
   memory a_mem(plan.a, CpuEngine(), const_cast<float*>(a));
@@ -445,33 +464,41 @@ float* ThreadFloats(ThreadBuffer& buffer, int64_t count) {
 }
 
 // Forward: y = x * w. Input gradient (`input_gradient`): dx = dy * flip(w) with the kernel's
-// channels swapped, the same algorithm on (dy, w). in/out are the activations read and written.
+// channels swapped, the same algorithm on (dy, w). in/out are the activations read and written;
+// the tiles go kTilesPerPass at a time.
 void WinogradConvolution(const Geometry& g, bool input_gradient, const float* in,
                          const float* kernel, float* out) {
   const TileGrid grid(g[0], g[1], g[2]);
-  const int64_t c = g[3], o = g[6];
+  const int64_t c = g[3], o = g[6], pass = std::min(grid.count, kTilesPerPass);
   const int64_t c_in = input_gradient ? o : c, c_out = input_gradient ? c : o;
   thread_local ThreadBuffer v_buffer, u_buffer, m_buffer;
-  float* v = ThreadFloats(v_buffer, kT * grid.count * c_in);
+  float* v = ThreadFloats(v_buffer, kT * pass * c_in);
   float* u = ThreadFloats(u_buffer, kT * c * o);
-  float* m = ThreadFloats(m_buffer, kT * grid.count * c_out);
-  InputTransform(in, c_in, grid, v);
+  float* m = ThreadFloats(m_buffer, kT * pass * c_out);
   KernelTransform(kernel, c, o, input_gradient, u);  // u[t] is [c, o]: used as [o, c] for dx.
-  BatchedMatmul(kT, grid.count, c_in, c_out, false, input_gradient, v, u, m, g[15]);
-  OutputTransform(m, c_out, grid, out);
+  for (int64_t first = 0; first < grid.count; first += pass) {
+    const int64_t count = std::min(pass, grid.count - first);
+    InputTransform(in, c_in, grid, first, count, v);
+    BatchedMatmul(kT, count, c_in, c_out, false, input_gradient, v, u, m, g[15]);
+    OutputTransform(m, c_out, grid, first, count, out);
+  }
 }
 
-// dw = sum over tiles of V^T dM per position, transformed back to the 3x3 kernel.
+// dw = sum over tiles of V^T dM per position (accumulated pass by pass), transformed back to the
+// 3x3 kernel.
 void WinogradKernelGradient(const Geometry& g, const float* x, const float* dy, float* dw) {
   const TileGrid grid(g[0], g[1], g[2]);
-  const int64_t c = g[3], o = g[6];
+  const int64_t c = g[3], o = g[6], pass = std::min(grid.count, kTilesPerPass);
   thread_local ThreadBuffer v_buffer, dm_buffer, du_buffer;
-  float* v = ThreadFloats(v_buffer, kT * grid.count * c);
-  float* dm = ThreadFloats(dm_buffer, kT * grid.count * o);
+  float* v = ThreadFloats(v_buffer, kT * pass * c);
+  float* dm = ThreadFloats(dm_buffer, kT * pass * o);
   float* du = ThreadFloats(du_buffer, kT * c * o);
-  InputTransform(x, c, grid, v);
-  OutputTransformTranspose(dy, o, grid, dm);
-  BatchedMatmul(kT, c, grid.count, o, true, false, v, dm, du, g[15]);
+  for (int64_t first = 0; first < grid.count; first += pass) {
+    const int64_t count = std::min(pass, grid.count - first);
+    InputTransform(x, c, grid, first, count, v);
+    OutputTransformTranspose(dy, o, grid, first, count, dm);
+    BatchedMatmul(kT, c, count, o, true, false, v, dm, du, g[15], first > 0);
+  }
   KernelTransformTranspose(du, c, o, dw);
 }
 
