@@ -101,7 +101,7 @@ def finish_before_next_program(mesh: Mesh, outputs: PyTree) -> None:
   after program call this before each dispatch; elsewhere it returns at once, so dispatch stays
   asynchronous on GPUs and TPUs. One output is waited for: every output of a program on the mesh
   has a shard on each device, ready when the program ends there, and waiting for all of a train
-  state's leaves cost the digits loop 2-7% more (benchmarks/RESULTS.md).
+  state's leaves slowed the digits loop by ~5% (benchmarks/RESULTS.md).
   """
   if mesh.size > 1 and mesh.devices.flat[0].platform == 'cpu':
     leaves = jax.tree.leaves(outputs)
