@@ -280,9 +280,9 @@ __attribute__((always_inline)) inline void GatherTile(const float* map, int64_t 
 
 // For one tile and channel block: the N x N tile of `map` (see GatherTile) times T on both
 // sides, written to out[t][k][channels] at the kA x kA positions t, k = tile - first being the
-// tile's row in a pass of `count` tiles. (The OpenMP loops over
-// tiles stay in the target_clones functions: a parallel region is outlined where it is written,
-// and only the clones are compiled for AVX-512 and AVX2.)
+// tile's row in a pass of `count` tiles. (The OpenMP loops over tiles stay in the target_clones
+// functions: a parallel region is outlined where it is written, and only the clones are compiled
+// for AVX-512 and AVX2.)
 template <int N>
 __attribute__((always_inline)) inline void TransformTileOfMap(const float (&t)[kA][N],
                                                               const float* map, int64_t channels,
