@@ -256,6 +256,12 @@ __attribute__((always_inline)) inline void TransformTile(const float (&t)[Out][I
   }
 }
 
+// Where channel c0 of row k (of a pass of `count` tiles) at position t lies in a transformed
+// buffer [kT, count, channels]: the layout of V, M and dM that the batched matmuls read and write.
+inline int64_t TransformedOffset(int t, int64_t count, int64_t k, int64_t channels, int64_t c0) {
+  return (t * count + k) * channels + c0;
+}
+
 // The N x N tile of the feature map `map` [n, h, w, channels] whose top-left pixel is `offset`
 // rows and columns from the output tile's, channels c0 .. c0 + width; zero outside the image.
 template <int N>
@@ -297,7 +303,7 @@ __attribute__((always_inline)) inline void TransformTileOfMap(const float (&t)[k
   GatherTile(map, channels, grid, tile, offset, c0, width, d, in);
   for (int i = 0; i < kA; ++i) {
     for (int j = 0; j < kA; ++j) {
-      positions[i][j] = out + ((i * kA + j) * count + tile - first) * channels + c0;
+      positions[i][j] = out + TransformedOffset(i * kA + j, count, tile - first, channels, c0);
     }
   }
   TransformTile(t, in, width, positions);
@@ -344,7 +350,7 @@ void OutputTransform(const float* m, int64_t o, const TileGrid& grid, int64_t fi
       float* pixels[kM][kM];
       for (int i = 0; i < kA; ++i) {
         for (int j = 0; j < kA; ++j) {
-          positions[i][j] = m + ((i * kA + j) * count + tile - first) * o + o0;
+          positions[i][j] = m + TransformedOffset(i * kA + j, count, tile - first, o, o0);
         }
       }
       for (int p = 0; p < kM; ++p) {
