@@ -183,10 +183,12 @@ def _batch(n, mesh, seed=0):
 
 
 # Layers that the Winograd rule (csrc/onednn_conv.cc: 3x3, stride 1, padding 1, maps of at least
-# 4x4, >= 32 output tiles of 4x4 and >= 64 channels in and out) hands to F(4x4, 3x3): sizes that are and are not
-# multiples of the tile, channels that are not multiples of oneDNN's vector width.
+# 4x4, >= 16 output tiles of 4x4 and >= 32 channels in and out) hands to F(4x4, 3x3): sizes that
+# are and are not multiples of the tile, channels that are not multiples of the transforms' 16
+# lanes or 64-channel blocks.
 WINOGRAD_CASES = [  # (batch, height, width, in channels, out channels)
     (2, 16, 16, 64, 64),
+    (4, 8, 8, 32, 40),  # The smallest layer inside the rule: 16 tiles, 32 channels in.
     (3, 13, 10, 64, 72),
     (8, 8, 8, 96, 64),
     (9, 64, 61, 64, 64),  # 2,304 tiles: two passes of kTilesPerPass (2,048), the second ragged.
@@ -241,12 +243,12 @@ def test_winograd_delta_kernel_is_the_identity_and_its_gradient_a_sum():
   np.testing.assert_allclose(np.asarray(dw), want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
 
 
-@pytest.mark.parametrize('case', CASES + [(8, 4, 64, 64, 3, 1, 'SAME'), (4, 8, 32, 64, 3, 1, 'SAME'),
+@pytest.mark.parametrize('case', CASES + [(8, 4, 64, 64, 3, 1, 'SAME'), (32, 8, 16, 64, 3, 1, 'SAME'),
                                   (64, 2, 64, 64, 3, 1, 'SAME')],
                          ids=[str(i) for i in range(len(CASES) + 3)])
 def test_layers_outside_the_winograd_rule_stay_direct(case):
   """Other kernels, strides, paddings, too few tiles (8 images of 4x4 = 8 tiles), channels
-  (32 in) or maps smaller than a tile (2x2): winograd=True computes exactly what winograd=False
+  (16 in) or maps smaller than a tile (2x2): winograd=True computes exactly what winograd=False
   does."""
   n, size, cin, cout, k, stride, padding = case
   rng = np.random.default_rng(5)

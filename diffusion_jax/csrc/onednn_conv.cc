@@ -196,7 +196,7 @@ constexpr int64_t kChannelBlock = 64;  // Channels transformed together (the vec
 // Below these sizes the 36 matrix products are too small to beat the direct convolution
 // (benchmarks/RESULTS.md): tiles per call and channels on either side. Feature maps smaller than
 // a tile would waste most of it (a 2x2 map takes as many products as the direct algorithm).
-constexpr int64_t kMinWinogradTiles = 32, kMinWinogradChannels = 64;
+constexpr int64_t kMinWinogradTiles = 16, kMinWinogradChannels = 32;
 // Tiles per pass: the transformed tiles of a call (36 x tiles x channels floats on either side)
 // are made and multiplied this many tiles at a time, so their buffers stay bounded (~75 MB at 256
 // channels) whatever the batch, and each of the 36 matrix products stays large.
@@ -220,38 +220,64 @@ bool WinogradApplies(const Geometry& g) {
          std::min(g[3], g[6]) >= kMinWinogradChannels;
 }
 
-// out[k] = sum_i coef[i] * in[i][k] over the nonzero coefficients, k < width (vectorized).
-template <int N>
-__attribute__((always_inline)) inline void Combine(const float (&coef)[N],
-                                                   const float* const (&in)[N], int64_t width,
-                                                   float* out) {
-  for (int64_t k = 0; k < width; ++k) out[k] = 0.f;
-  for (int i = 0; i < N; ++i) {
-    if (coef[i] == 0.f) continue;
-    const float f = coef[i];
-    const float* src = in[i];
-    for (int64_t k = 0; k < width; ++k) out[k] += f * src[k];
-  }
-}
-
 // out[i][j] = (T d T^T)[i][j] for the In x In tile d = in[r][s] and the Out x In matrix T, per
-// channel k < width <= kChannelBlock: T applied to the tile's columns, then to its rows. Every
-// Winograd transform, and each transform's transpose, is this with its own T.
+// channel k < width <= kChannelBlock: T applied to the tile's columns, then to its rows, kLanes
+// channels at a time with every loop over the tile unrolled, so that T's entries are constants
+// (its zeros cost nothing) and a slice of the tile stays in vector registers.
+constexpr int64_t kLanes = 16;
 template <int In, int Out>
 __attribute__((always_inline)) inline void TransformTile(const float (&t)[Out][In],
                                                          const float* const (&in)[In][In],
                                                          int64_t width,
                                                          float* const (&out)[Out][Out]) {
-  alignas(64) float rows[Out][In][kChannelBlock];  // (T d)[i][s]
-  const float* column[In];
-  for (int i = 0; i < Out; ++i) {
-    for (int s = 0; s < In; ++s) {
-      for (int r = 0; r < In; ++r) column[r] = in[r][s];
-      Combine(t[i], column, width, rows[i][s]);
+  for (int64_t k0 = 0; k0 < width; k0 += kLanes) {
+    const int64_t lanes = std::min(kLanes, width - k0);  // Fewer only in the last channels.
+    float d[In][In][kLanes], rows[Out][In][kLanes];  // The tile's slice, then (T d)[i][s].
+    if (lanes == kLanes) {
+#pragma GCC unroll 8
+      for (int r = 0; r < In; ++r)
+#pragma GCC unroll 8
+        for (int s = 0; s < In; ++s)
+#pragma GCC unroll 16
+          for (int l = 0; l < kLanes; ++l) d[r][s][l] = in[r][s][k0 + l];
+    } else {
+      for (int r = 0; r < In; ++r)
+        for (int s = 0; s < In; ++s)
+          for (int l = 0; l < kLanes; ++l) d[r][s][l] = l < lanes ? in[r][s][k0 + l] : 0.f;
     }
-    for (int j = 0; j < Out; ++j) {
-      for (int s = 0; s < In; ++s) column[s] = rows[i][s];
-      Combine(t[j], column, width, out[i][j]);
+#pragma GCC unroll 8
+    for (int i = 0; i < Out; ++i) {
+#pragma GCC unroll 8
+      for (int s = 0; s < In; ++s) {
+        float acc[kLanes] = {};
+#pragma GCC unroll 8
+        for (int r = 0; r < In; ++r) {
+          if (t[i][r] == 0.f) continue;
+#pragma GCC unroll 16
+          for (int l = 0; l < kLanes; ++l) acc[l] += t[i][r] * d[r][s][l];
+        }
+#pragma GCC unroll 16
+        for (int l = 0; l < kLanes; ++l) rows[i][s][l] = acc[l];
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < Out; ++i) {
+#pragma GCC unroll 8
+      for (int j = 0; j < Out; ++j) {
+        float acc[kLanes] = {};
+#pragma GCC unroll 8
+        for (int s = 0; s < In; ++s) {
+          if (t[j][s] == 0.f) continue;
+#pragma GCC unroll 16
+          for (int l = 0; l < kLanes; ++l) acc[l] += t[j][s] * rows[i][s][l];
+        }
+        if (lanes == kLanes) {
+#pragma GCC unroll 16
+          for (int l = 0; l < kLanes; ++l) out[i][j][k0 + l] = acc[l];
+        } else {
+          for (int l = 0; l < lanes; ++l) out[i][j][k0 + l] = acc[l];
+        }
+      }
     }
   }
 }
@@ -262,29 +288,26 @@ inline int64_t TransformedOffset(int t, int64_t count, int64_t k, int64_t channe
   return (t * count + k) * channels + c0;
 }
 
-// The N x N tile of the feature map `map` [n, h, w, channels] whose top-left pixel is `offset`
-// rows and columns from the output tile's, channels c0 .. c0 + width; zero outside the image.
+// Pointers to the N x N tile of the feature map `map` [n, h, w, channels] whose top-left pixel
+// is `offset` rows and columns from the output tile's, at channel c0; pixels outside the image
+// point at `zeros` (at least kChannelBlock zeros).
 template <int N>
-__attribute__((always_inline)) inline void GatherTile(const float* map, int64_t channels,
-                                                      const TileGrid& grid, int64_t tile,
-                                                      int64_t offset, int64_t c0, int64_t width,
-                                                      float (&d)[N][N][kChannelBlock],
-                                                      const float* (&pointers)[N][N]) {
+__attribute__((always_inline)) inline void TilePointers(const float* map, int64_t channels,
+                                                        const TileGrid& grid, int64_t tile,
+                                                        int64_t offset, int64_t c0,
+                                                        const float* zeros,
+                                                        const float* (&pointers)[N][N]) {
   for (int r = 0; r < N; ++r) {
     for (int s = 0; s < N; ++s) {
       const int64_t y = grid.Row(tile) + r + offset, x = grid.Col(tile) + s + offset;
-      if (y < 0 || y >= grid.h || x < 0 || x >= grid.w) {
-        std::fill(d[r][s], d[r][s] + width, 0.f);
-      } else {
-        const float* src = map + ((grid.Image(tile) * grid.h + y) * grid.w + x) * channels + c0;
-        std::copy(src, src + width, d[r][s]);
-      }
-      pointers[r][s] = d[r][s];
+      pointers[r][s] = (y < 0 || y >= grid.h || x < 0 || x >= grid.w)
+                           ? zeros
+                           : map + ((grid.Image(tile) * grid.h + y) * grid.w + x) * channels + c0;
     }
   }
 }
 
-// For one tile and channel block: the N x N tile of `map` (see GatherTile) times T on both
+// For one tile and channel block: the N x N tile of `map` (see TilePointers) times T on both
 // sides, written to out[t][k][channels] at the kA x kA positions t, k = tile - first being the
 // tile's row in a pass of `count` tiles. (The OpenMP loops over tiles stay in the target_clones
 // functions: a parallel region is outlined where it is written, and only the clones are compiled
@@ -297,10 +320,10 @@ __attribute__((always_inline)) inline void TransformTileOfMap(const float (&t)[k
                                                               int64_t offset, int64_t c0,
                                                               float* out) {
   const int64_t width = std::min(kChannelBlock, channels - c0);
-  alignas(64) float d[N][N][kChannelBlock];
+  alignas(64) static const float zeros[kChannelBlock] = {};
   const float* in[N][N];
   float* positions[kA][kA];
-  GatherTile(map, channels, grid, tile, offset, c0, width, d, in);
+  TilePointers(map, channels, grid, tile, offset, c0, zeros, in);
   for (int i = 0; i < kA; ++i) {
     for (int j = 0; j < kA; ++j) {
       positions[i][j] = out + TransformedOffset(i * kA + j, count, tile - first, channels, c0);
@@ -345,7 +368,7 @@ void OutputTransform(const float* m, int64_t o, const TileGrid& grid, int64_t fi
   for (int64_t tile = first; tile < first + count; ++tile) {
     for (int64_t o0 = 0; o0 < o; o0 += kChannelBlock) {
       const int64_t width = std::min(kChannelBlock, o - o0);
-      alignas(64) float out[kM][kM][kChannelBlock];
+      alignas(64) float beyond[kChannelBlock];  // Where the outputs beyond the image's edge go.
       const float* positions[kA][kA];
       float* pixels[kM][kM];
       for (int i = 0; i < kA; ++i) {
@@ -354,16 +377,14 @@ void OutputTransform(const float* m, int64_t o, const TileGrid& grid, int64_t fi
         }
       }
       for (int p = 0; p < kM; ++p) {
-        for (int q = 0; q < kM; ++q) pixels[p][q] = out[p][q];
-      }
-      TransformTile(kAT, positions, width, pixels);
-      for (int p = 0; p < kM && grid.Row(tile) + p < grid.h; ++p) {
-        for (int q = 0; q < kM && grid.Col(tile) + q < grid.w; ++q) {
-          std::copy(out[p][q], out[p][q] + width,
-                    y + ((grid.Image(tile) * grid.h + grid.Row(tile) + p) * grid.w +
-                         grid.Col(tile) + q) * o + o0);
+        for (int q = 0; q < kM; ++q) {
+          const int64_t row = grid.Row(tile) + p, col = grid.Col(tile) + q;
+          pixels[p][q] = row < grid.h && col < grid.w
+                             ? y + ((grid.Image(tile) * grid.h + row) * grid.w + col) * o + o0
+                             : beyond;
         }
       }
+      TransformTile(kAT, positions, width, pixels);
     }
   }
 }
