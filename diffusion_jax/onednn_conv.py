@@ -8,8 +8,8 @@ forward convolution, its input gradient and its kernel gradient, tied together b
 trained with one backend loads into the other.
 
 `model.conv_backend = 'onednn_winograd'` also lets the kernel compute the 3x3, stride-1 convolutions
-of large enough layers (all three directions) with Winograd's F(4x4, 3x3) algorithm: 2.25
-multiplications per output instead of 9, 1.2-2.1x faster on those layers (benchmarks/RESULTS.md),
+of all but the smallest layers (all three directions) with Winograd's F(4x4, 3x3) algorithm: 2.25
+multiplications per output instead of 9, 1.4-2.6x faster on those layers (benchmarks/RESULTS.md),
 at a rounding error about 10x the direct convolution's (~1e-5 of the output's scale in float32).
 csrc/onednn_conv.cc (`WinogradApplies`) says which layers qualify.
 
@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import jax
 from jax import lax
@@ -92,13 +92,22 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(root) / 'diffusion_jax'
 
 
+def compile_command(source: pathlib.Path, output: pathlib.Path, shared: bool = True) -> List[str]:
+  """The compiler command line that builds `source` against the jaxlib FFI headers and oneDNN
+  (a shared library, or with `shared=False` a program: benchmarks/winograd_phases.py)."""
+  library = _dist_file(_LIBRARY_DIST, 'libdnnl.so.3')
+  headers = _dist_file(_HEADERS_DIST, 'oneapi/dnnl/dnnl.hpp').parents[2]
+  return [_compiler(), '-O3', '-std=c++17', *(['-shared', '-fPIC'] if shared else []),
+          '-fopenmp', str(source), '-o', str(output), '-I', jax.ffi.include_dir(), '-I',
+          str(headers), str(library), f'-Wl,-rpath,{library.parent}']
+
+
 def build() -> pathlib.Path:
   """Compiles csrc/onednn_conv.cc once per source, jaxlib and oneDNN; returns the shared library."""
   reason = unavailable_reason()
   if reason:
     raise RuntimeError(reason)
   library = _dist_file(_LIBRARY_DIST, 'libdnnl.so.3')
-  headers = _dist_file(_HEADERS_DIST, 'oneapi/dnnl/dnnl.hpp').parents[2]
   source = _SOURCE.read_bytes()
   digest = hashlib.sha256(source + jax.ffi.include_dir().encode() + str(library).encode() +
                           importlib.metadata.version('jaxlib').encode()).hexdigest()[:16]
@@ -108,9 +117,7 @@ def build() -> pathlib.Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     partial = pathlib.Path(tmp) / target.name
-    command = [_compiler(), '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', str(_SOURCE),
-               '-o', str(partial), '-I', jax.ffi.include_dir(), '-I', str(headers), str(library),
-               f'-Wl,-rpath,{library.parent}']
+    command = compile_command(_SOURCE, partial)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
       raise RuntimeError('Compiling the oneDNN convolution kernel failed (model.conv_backend='

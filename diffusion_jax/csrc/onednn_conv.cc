@@ -193,9 +193,10 @@ static_assert(IsTranspose(kG, kGT) && IsTranspose(kAT, kAMatrix), "transposes ou
 
 constexpr int64_t kChannelBlock = 64;  // Channels transformed together (the vectorized loop).
 
-// Below these sizes the 36 matrix products are too small to beat the direct convolution
-// (benchmarks/RESULTS.md): tiles per call and channels on either side. Feature maps smaller than
-// a tile would waste most of it (a 2x2 map takes as many products as the direct algorithm).
+// Below these sizes the direct convolution is as fast or faster (benchmarks/RESULTS.md, "Winograd
+// transforms in registers"): tiles per call and channels on either side (at 8 tiles or 16
+// channels the two algorithms tie, at 4 tiles the direct one wins). Feature maps smaller than a
+// tile would waste most of it (a 2x2 map takes as many products as the direct algorithm).
 constexpr int64_t kMinWinogradTiles = 16, kMinWinogradChannels = 32;
 // Tiles per pass: the transformed tiles of a call (36 x tiles x channels floats on either side)
 // are made and multiplied this many tiles at a time, so their buffers stay bounded (~75 MB at 256
