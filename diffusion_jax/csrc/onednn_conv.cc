@@ -191,7 +191,7 @@ constexpr bool IsTranspose(const float (&a)[R][C], const float (&b)[C][R]) {
 }
 static_assert(IsTranspose(kG, kGT) && IsTranspose(kAT, kAMatrix), "transposes out of step");
 
-constexpr int64_t kChannelBlock = 64;  // Channels transformed together (the vectorized loop).
+constexpr int64_t kChannelBlock = 64;  // Channels per OpenMP work item of the transforms.
 
 // Below these sizes the direct convolution is as fast or faster (benchmarks/RESULTS.md, "Winograd
 // transforms in registers"): tiles per call and channels on either side (at 8 tiles or 16
