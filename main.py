@@ -59,6 +59,8 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   from diffusion_jax import checkpoints, config_validation, run_config, sample_mode, sharding  # pylint: disable=g-import-not-at-top
+  if FLAGS.mode == 'train':  # Only training needs TensorFlow (its import takes ~4 s).
+    from diffusion_jax import train  # pylint: disable=g-import-not-at-top
   try:  # Before any backend starts: how many XLA devices the CPU is split into.
     cpu_devices = sharding.configure_cpu_devices(
         FLAGS.config.mesh, config_validation.batch_sizes(FLAGS.config), cluster.is_multi_process)
@@ -79,7 +81,6 @@ def main(argv):
     if FLAGS.mode != 'train':
       config = run_config_for_mode(config, FLAGS.workdir)
     if FLAGS.mode == 'train':
-      from diffusion_jax import train  # pylint: disable=g-import-not-at-top (imports TensorFlow)
       train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == 'eval':
       from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
