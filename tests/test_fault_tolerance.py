@@ -189,7 +189,10 @@ def test_two_processes_sigterm_save_the_same_step_and_resume_bit_identically(tmp
   sync point -> both save the same step (< num_train_steps) and exit 0; the resumed run ends
   bit-identical to an uninterrupted one. steps_per_call=2, so the sync point is found although
   a call ends only at every second step (JAX needs sync ids one apart)."""
-  steps = 20  # Both processes get SIGTERM before their first step; the sync point is a few later.
+  # Both processes get SIGTERM before their first step, and the sync point comes some calls
+  # later: how many depends on the load. 20 steps (under a second) could all end first on a busy
+  # machine, which saved step 20 and failed the test; 100 leave a few seconds.
+  steps = 100
   flags = [f'--config.training.num_train_steps={steps}', '--config.training.steps_per_call=2',
            f'--config.training.checkpoint_every_steps={steps}',
            f'--config.training.log_every_steps={steps}']
