@@ -113,7 +113,8 @@ def main(argv):
       row = json.loads(out)
       winograd = sum(row[f'winograd_{d}'] for d in ('forward', 'input_gradient', 'kernel_gradient'))
       direct = sum(row[f'direct_{d}'] for d in ('forward', 'input_gradient', 'kernel_gradient'))
-      print(json.dumps({'benchmark': 'winograd_phases', 'source': os.path.basename(kernel), 'shape': shape, 'tiles': n * ((side + 3) // 4) ** 2,
+      print(json.dumps({'benchmark': 'winograd_phases', 'source': os.path.basename(kernel),
+                        'shape': shape, 'tiles': n * ((side + 3) // 4) ** 2,
                         'threads': _THREADS.value, 'micros': row,
                         'direct_over_winograd': round(direct / winograd, 3)}), flush=True)
 
