@@ -51,19 +51,24 @@ def main(argv):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   absl_logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   import jax  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   try:
     cluster = distributed.detect_cluster(os.environ, distributed.cloud_tpu_vm_present(),
                                          FLAGS.coordinator_address, FLAGS.num_processes,
                                          FLAGS.process_id)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  from diffusion_jax import checkpoints, config_validation, run_config, sample_mode, sharding  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config.errors import ConfigError
+  from diffusion_jax.modes import validation
+  from diffusion_jax.config import run_config
+  from diffusion_jax.modes import sample as sample_mode
+  from diffusion_jax.parallel import sharding
   if FLAGS.mode == 'train':  # Only training needs TensorFlow (its import takes ~4 s).
-    from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.training import loop  # pylint: disable=g-import-not-at-top
   try:  # Before any backend starts: how many XLA devices the CPU is split into.
     cpu_devices = sharding.configure_cpu_devices(
-        FLAGS.config.mesh, config_validation.batch_sizes(FLAGS.config), cluster.is_multi_process)
+        FLAGS.config.mesh, validation.batch_sizes(FLAGS.config), cluster.is_multi_process)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   distributed.initialize_distributed(cluster, FLAGS.distributed)
@@ -81,23 +86,23 @@ def main(argv):
     if FLAGS.mode != 'train':
       config = run_config_for_mode(config, FLAGS.workdir)
     if FLAGS.mode == 'train':
-      train.train_and_evaluate(config, FLAGS.workdir)
+      loop.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == 'eval':
-      from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
-      results = evaluation.evaluate(config, FLAGS.workdir)
+      from diffusion_jax.modes import evaluate as evaluate_mode  # pylint: disable=g-import-not-at-top
+      results = evaluate_mode.evaluate(config, FLAGS.workdir)
       print(eval_summary(results, FLAGS.workdir))
     elif FLAGS.mode == 'posthoc_ema':
-      from diffusion_jax import posthoc_ema  # pylint: disable=g-import-not-at-top
+      from diffusion_jax.training import posthoc_ema  # pylint: disable=g-import-not-at-top
       out_dir = posthoc_ema.reconstruct(config, FLAGS.workdir)
       print(f'Post-hoc EMA written to {out_dir}')
     elif FLAGS.mode == 'export':
-      from diffusion_jax import export  # pylint: disable=g-import-not-at-top
+      from diffusion_jax.serving import export  # pylint: disable=g-import-not-at-top
       out_dir = export.export(config, FLAGS.workdir)
       print(f'Exported sampler written to {out_dir}')
     else:
       out_dir = sample_mode.generate(config, FLAGS.workdir)
       print(f'Samples written to {out_dir}')
-  except (config_validation.ConfigError, run_config.LockedFieldError) as e:
+  except (ConfigError, run_config.LockedFieldError) as e:
     raise app.UsageError(str(e)) from e
   except checkpoints.NoCheckpointError as e:  # Sample / eval before training.
     raise app.UsageError(str(e)) from e
@@ -108,7 +113,7 @@ def run_config_for_mode(config, workdir: str):
   command-line overrides applied; a --config or override changing a model/diffusion field of
   the saved run raises run_config.LockedFieldError naming each field. Sections the run's
   config.json predates (e.g. `export`) come from --config."""
-  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   saved = run_config.load_run_config(workdir)
   if saved is None:
     return config

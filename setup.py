@@ -13,8 +13,8 @@ setuptools.setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    packages=setuptools.find_packages(include=['diffusion_jax', 'diffusion_jax.*', 'configs']),
-    package_data={'diffusion_jax': ['csrc/*.cc']},  # Compiled on first use (onednn_conv.py).
+    packages=setuptools.find_packages(include=['diffusion_jax', 'diffusion_jax.*']),
+    package_data={'diffusion_jax.contrib.onednn': ['csrc/*.cc']},  # Compiled on first use (conv.py).
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.5.0',

@@ -70,7 +70,7 @@ def conv_im2col(x, w, window_strides=(1, 1), padding='SAME', lhs_dilation=None,
 
 
 def conv_onednn(x: jax.Array, w: jax.Array, winograd: bool = False) -> jax.Array:
-  from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.contrib.onednn import conv as onednn_conv  # pylint: disable=g-import-not-at-top
   return onednn_conv.conv_general_dilated(x, w, (1, 1), 'SAME',
                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                           winograd=winograd)
@@ -95,7 +95,7 @@ def layer_rows(repeats: int) -> List[Dict[str, object]]:
     w = jax.random.normal(k[1], (3, 3, c, c)) * 0.1
     gy = jax.random.normal(k[2], (b, side, side, c))
     row: Dict[str, object] = {'benchmark': 'conv_layer', 'batch': b, 'side': side, 'channels': c}
-    from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.contrib.onednn import conv as onednn_conv  # pylint: disable=g-import-not-at-top
     convs = [('xla', conv_xla), ('im2col', conv_im2col)]
     if onednn_conv.unavailable_reason() is None:
       convs.append(('onednn', conv_onednn))
@@ -138,12 +138,13 @@ def layer_rows(repeats: int) -> List[Dict[str, object]]:
 def whole_model_rows(config_name: str, batch: int, repeats: int) -> List[Dict[str, object]]:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from configs import cifar10_ddpm, digits  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import models  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.nn import unet  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.nn import backbones
   config = {'digits': digits, 'cifar10_ddpm': cifar10_ddpm}[config_name].get_config()
   res, ch = config.data.resolution, config.data.channels
   x = jax.random.normal(jax.random.PRNGKey(0), (batch, res, res, ch))
   t = jnp.arange(batch) % config.diffusion.num_timesteps
-  original = models._conv  # pylint: disable=protected-access
+  original = unet._conv  # pylint: disable=protected-access
   grads, params = {}, None
   try:
     for variant in ('xla', 'im2col'):
@@ -157,8 +158,8 @@ def whole_model_rows(config_name: str, batch: int, repeats: int) -> List[Dict[st
                                     else nn.initializers.lecun_normal()),
                        conv_general_dilated=impl)
 
-      models._conv = conv  # pylint: disable=protected-access
-      model = models.create_model(config.model, ch)
+      unet._conv = conv  # pylint: disable=protected-access
+      model = backbones.create_model(config.model, ch)
       rngs = {'params': jax.random.PRNGKey(1), 'dropout': jax.random.PRNGKey(2)}
       params = params if params is not None else model.init(rngs, x, t)
 
@@ -166,10 +167,10 @@ def whole_model_rows(config_name: str, batch: int, repeats: int) -> List[Dict[st
         out = model.apply(p, x, t, train=True, rngs={'dropout': jax.random.PRNGKey(3)})
         return jnp.mean((out - x) ** 2)
 
-      # Compiled here: tracing reads models._conv, which is restored below.
+      # Compiled here: tracing reads unet._conv, which is restored below.
       grads[variant] = jax.jit(jax.grad(loss)).lower(params).compile()
   finally:
-    models._conv = original  # pylint: disable=protected-access
+    unet._conv = original  # pylint: disable=protected-access
   reference = grads['xla'](params)
   other = grads['im2col'](params)
   max_rel = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12))

@@ -23,7 +23,9 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from diffusion_jax import fid_resize, inception, sharding  # pylint: disable=g-import-not-at-top
+from diffusion_jax.evaluation import fid_resize  # pylint: disable=g-import-not-at-top
+from diffusion_jax.evaluation import inception
+from diffusion_jax.parallel import sharding
 
 
 def main() -> None:

@@ -3,10 +3,10 @@
   python benchmarks/sample_throughput.py --config=configs/cifar10_ddpm.py --batch_size=16 \\
       --samplers=ddim --steps=10
 
-For each sampler in --samplers and each count in --steps, builds `sampling.make_sample_fn(...)`
+For each sampler in --samplers and each count in --steps, builds `sampler.make_sample_fn(...)`
 (the library's compiled, batch-sharded sampler; parameters are a fresh random init, which costs
 the same as trained ones), measures the first call (compilation + one run) separately from the
-timed calls, and prints one JSON line. Any sampler of `samplers.SAMPLERS` can be named; for
+timed calls, and prints one JSON line. Any sampler of `solvers.SAMPLERS` can be named; for
 `ddpm`, steps 0 means all `diffusion.num_timesteps` steps (slow on a CPU for full-size models).
 
 With diffusers + torch installed (`--compare_diffusers`, default auto), ddim and ddpm lines also
@@ -33,7 +33,12 @@ import train_throughput as tt  # pylint: disable=g-import-not-at-top  (also puts
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from diffusion_jax import diffusion, models, samplers, sampling, sharding, train_state  # pylint: disable=g-import-not-at-top
+from diffusion_jax.processes import discrete  # pylint: disable=g-import-not-at-top
+from diffusion_jax.nn import backbones
+from diffusion_jax.sampling import solvers
+from diffusion_jax.pipelines import sampler
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
 
 
 class DiffusersSampler:
@@ -48,7 +53,7 @@ class DiffusersSampler:
     spacing = str(scfg.spacing)
     thresholding = scfg.thresholding
     if thresholding == 'auto':
-      thresholding = samplers.default_thresholding(sampler)
+      thresholding = solvers.default_thresholding(sampler)
     if not scfg.clip_denoised:
       thresholding = 'none'
     if sampler not in ('ddim', 'ddpm'):
@@ -59,7 +64,7 @@ class DiffusersSampler:
       raise NotImplementedError(f'sample.spacing={spacing!r} has no diffusers timestep_spacing.')
     if thresholding not in ('static', 'none') or float(scfg.guidance_scale) != 1.0:
       raise NotImplementedError('the diffusers loop covers static clipping without guidance.')
-    betas = diffusion.beta_schedule(dcfg.beta_schedule, dcfg.num_timesteps, dcfg.beta_start,
+    betas = discrete.beta_schedule(dcfg.beta_schedule, dcfg.num_timesteps, dcfg.beta_start,
                                     dcfg.beta_end).astype(np.float32)
     common = dict(num_train_timesteps=dcfg.num_timesteps, trained_betas=betas,
                   clip_sample=thresholding == 'static', prediction_type='epsilon',
@@ -110,8 +115,8 @@ def main(argv):
 
   runs = [(sampler, max(int(s), 0)) for sampler in f.samplers for s in f.steps]
   for sampler, steps in runs:
-    if sampler not in samplers.SAMPLERS:
-      raise SystemExit(f'--samplers: {sampler!r} is unknown; use some of {sorted(samplers.SAMPLERS)}.')
+    if sampler not in solvers.SAMPLERS:
+      raise SystemExit(f'--samplers: {sampler!r} is unknown; use some of {sorted(solvers.SAMPLERS)}.')
     if steps == 0 and sampler != 'ddpm':
       raise SystemExit(f'--steps must be > 0 for {sampler} (0 = all T is for ddpm only).')
 
@@ -120,8 +125,8 @@ def main(argv):
     raise SystemExit(f'--batch_size={batch_size} must be divisible by the '
                      f'{mesh.devices.size} devices of the mesh.')
   res, ch = config.data.resolution, config.data.channels
-  model = models.create_model(config.model, ch)
-  schedule = diffusion.make_schedule(config.diffusion)
+  model = backbones.create_model(config.model, ch)
+  schedule = discrete.make_schedule(config.diffusion)
   params = jax.jit(lambda k: train_state.init_params(model, k, (res, res, ch)),
                    out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
   n_params = tt.count_params(params)
@@ -160,7 +165,7 @@ def main(argv):
         theirs = DiffusersSampler(unet, config, sampler, steps, batch_size)
       except NotImplementedError as e:
         skipped = str(e)
-    sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, batch_size)
+    sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, batch_size)
     rng = jax.random.PRNGKey(config.sample.seed)
     calls = {'n': 0}
 
@@ -221,7 +226,7 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app, flags as absl_flags  # pylint: disable=g-import-not-at-top
   tt.define_flags(train=False)
-  absl_flags.DEFINE_list('samplers', ['ddim'], 'Samplers to time (names of samplers.SAMPLERS).')
+  absl_flags.DEFINE_list('samplers', ['ddim'], 'Samplers to time (names of solvers.SAMPLERS).')
   absl_flags.DEFINE_list('steps', ['10'], 'Step counts to time, one JSON line per sampler and '
                          'count (ddpm: 0 = all diffusion.num_timesteps).')
   absl_flags.DEFINE_integer('repeats', 2, 'Timed sampling calls per side and line.')

@@ -4,7 +4,7 @@
   python benchmarks/train_loop_throughput.py --config=configs/cifar10_ddpm.py --batch_size=16 \\
       --steps=20 --fake_data
 
-Runs `train.train_and_evaluate` (input pipeline, host-to-device transfer, metric logging,
+Runs `loop.train_and_evaluate` (input pipeline, host-to-device transfer, metric logging,
 progress report, the final checkpoint and grid) for 2 x --steps steps in a temporary workdir and
 reads the loop's steps/s over the second half (`train/steps_per_sec_window` of the last
 train_metrics.jsonl row: compilation and the first steps are excluded, the grid and the checkpoint
@@ -36,18 +36,19 @@ import train_throughput  # pylint: disable=g-import-not-at-top  (puts the repo r
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from absl import app, flags  # pylint: disable=g-import-not-at-top
-from diffusion_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+from diffusion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from diffusion_jax.training import loop
 
 
 def fake_step_indexed_dataset(data_config, global_batch_size: int, *, seed: int, rows,
                               steps_per_batch: int = 1, **unused) -> Iterator[Dict[str, Any]]:
-  """A stand-in for input_pipeline.step_indexed_dataset: one fixed random host batch, forever."""
+  """A stand-in for pipeline.step_indexed_dataset: one fixed random host batch, forever."""
   del global_batch_size, unused
   res, channels = data_config.resolution, data_config.channels
   rng = np.random.default_rng(seed)
   batch = {'image': rng.uniform(-1.0, 1.0, (len(rows), res, res, channels)).astype(np.float32)}
-  if input_pipeline.has_labels(data_config):
-    batch['label'] = (np.arange(len(rows)) % input_pipeline.num_classes_of(data_config)
+  if pipeline.has_labels(data_config):
+    batch['label'] = (np.arange(len(rows)) % pipeline.num_classes_of(data_config)
                       ).astype(np.int32)
   if steps_per_batch > 1:
     batch = {k: np.stack([v] * steps_per_batch) for k, v in batch.items()}
@@ -93,14 +94,14 @@ def main(argv):
   train_throughput.split_cpu(f.config, f.batch_size)
   config = loop_config(f.config, f.batch_size, f.steps)
   if f.fake_data:
-    input_pipeline.step_indexed_dataset = fake_step_indexed_dataset
+    pipeline.step_indexed_dataset = fake_step_indexed_dataset
   k = int(config.training.steps_per_call)
   bare = time_bare_step(config, f.batch_size, f.steps) if k == 1 else []
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     loop_wall_s = time.perf_counter() - t0
-    rows = train.read_train_metrics(workdir)
+    rows = loop.read_train_metrics(workdir)
   loop_steps_per_s = float(rows['train/steps_per_sec_window'][-1])
   if k == 1:
     bare += time_bare_step(config, f.batch_size, f.steps)

@@ -4,7 +4,7 @@
       --steps=10 --warmup=2
 
 Builds the model, optimizer, train state and compiled train step with the library's own
-functions (`models.create_model`, `train_state.create_optimizer / create_train_state /
+functions (`backbones.create_model`, `train_state.create_optimizer / create_train_state /
 make_train_step`) on a mesh of all devices, times the step after warm-up and prints one JSON line.
 
 With `--compare_diffusers` (default: on when `diffusers` and `torch` can be imported) the same
@@ -38,7 +38,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from diffusion_jax import diffusion, models, sharding, train_state  # pylint: disable=g-import-not-at-top
+from diffusion_jax.processes import discrete  # pylint: disable=g-import-not-at-top
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -232,8 +235,8 @@ def build_ours(config, batch_size: int):
   if batch_size % n:
     raise SystemExit(f'--batch_size={batch_size} must be divisible by the {n} devices of the mesh.')
   channels, res = config.data.channels, config.data.resolution
-  model = models.create_model(config.model, channels)
-  schedule = diffusion.make_schedule(config.diffusion)
+  model = backbones.create_model(config.model, channels)
+  schedule = discrete.make_schedule(config.diffusion)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
                                          (res, res, channels), mesh,
@@ -305,7 +308,7 @@ class TorchTrainStep:
     self.torch = torch
     self.unet = unet.train()
     ocfg, dcfg = config.optim, config.diffusion
-    betas = diffusion.beta_schedule(dcfg.beta_schedule, dcfg.num_timesteps, dcfg.beta_start,
+    betas = discrete.beta_schedule(dcfg.beta_schedule, dcfg.num_timesteps, dcfg.beta_start,
                                     dcfg.beta_end)
     abar = np.cumprod(1.0 - betas)
     self.sqrt_abar = torch.tensor(np.sqrt(abar), dtype=torch.float32)

@@ -24,7 +24,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+from diffusion_jax.contrib.onednn import conv as onednn_conv  # pylint: disable=g-import-not-at-top
 
 _SHAPES = flags.DEFINE_list(
     'shapes', ['32x8x32x32', '32x8x64x64', '32x8x96x32', '32x4x64x64', '8x32x128x128',

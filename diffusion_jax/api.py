@@ -8,7 +8,7 @@
 
 `sample` takes any `sample.*` field as a keyword (sampler, steps, eta, guidance_scale,
 thresholding, ...) on top of the run's own config, checks the result as `--mode=sample` does,
-and compiles the whole sampler as one program (`sampling.make_sample_fn`). The run is read
+and compiles the whole sampler as one program (`sampler.make_sample_fn`). The run is read
 as `--mode=sample` reads it: its `config.json` and the EMA (or raw) parameters of the newest
 checkpoint, in the FSDP layout of the run's mesh.
 """
@@ -25,9 +25,19 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import (checkpoints, class_labels, diffusion, images, models, multihost,
-                           run_config, samplers, sampling, sharding)
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.training import restore
+from diffusion_jax.sampling import class_labels
+from diffusion_jax.processes import discrete
+from diffusion_jax import images
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import multihost
+from diffusion_jax.config import run_config
+from diffusion_jax.sampling import loop
+from diffusion_jax.sampling import solvers
+from diffusion_jax.pipelines import sampler
+from diffusion_jax.parallel import sharding
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.modes.validation import validate_config
 
 PyTree = Any
 
@@ -54,7 +64,7 @@ def load_run(workdir: str, *, use_ema: bool = True, mesh: Optional[Mesh] = None)
         f'{run_config.config_path(workdir)} is missing: train first (train.train_and_evaluate '
         'or main.py) or import a checkpoint (python -m diffusion_jax.convert) into this workdir.')
   mesh = mesh or sharding.create_mesh(config.mesh)
-  params, step = checkpoints.restore_params(config, workdir, mesh, use_ema)
+  params, step = restore.restore_params(config, workdir, mesh, use_ema)
   return Run(workdir=str(workdir), config=config, params=params, step=int(step), mesh=mesh)
 
 
@@ -69,7 +79,7 @@ def sample_config(run: Run, num_samples: int, **sample_fields: Any) -> ml_collec
   if unknown:
     raise ConfigError('Unknown field(s) ' + ', '.join(f'sample.{k}' for k in unknown) +
                       f'; the sample fields are {sorted(config.sample.keys())} '
-                      '(documented in configs/default.py).')
+                      '(documented in diffusion_jax/config/defaults.py).')
   if num_samples < 1:
     raise ConfigError(f'num_samples={num_samples} must be >= 1.')
   devices = run.mesh.devices.size
@@ -87,7 +97,7 @@ def sample(run: Run, num_samples: int, *, seed: int = 0,
 
   Returns uint8 [N, H, W, C] images; with `return_labels` also the int32 [N] labels they were
   drawn for (class-conditional runs; zeros otherwise); with `trajectory_every` > 0 also the
-  `samplers.Trajectory` (x_t and predicted x0, floats in about [-1, 1], [K, n, H, W, C]) of the
+  `loop.Trajectory` (x_t and predicted x0, floats in about [-1, 1], [K, n, H, W, C]) of the
   first `trajectory_images` samples every `trajectory_every` steps. Output order:
   (images[, labels][, trajectory]).
 
@@ -110,9 +120,9 @@ def sample(run: Run, num_samples: int, *, seed: int = 0,
     if num_classes and (given.min() < 0 or given.max() >= num_classes):
       raise ValueError(f'labels must be in [0, {num_classes}) (model.num_classes).')
     all_labels = np.concatenate([given, np.resize(given, batch - num_samples)])
-  model = models.create_model(config.model, config.data.channels)
-  schedule = diffusion.make_schedule(config.diffusion)
-  sample_fn = sampling.make_sample_fn(model, schedule, config, run.mesh, batch,
+  model = backbones.create_model(config.model, config.data.channels)
+  schedule = discrete.make_schedule(config.diffusion)
+  sample_fn = sampler.make_sample_fn(model, schedule, config, run.mesh, batch,
                                       trajectory_every=trajectory_every,
                                       trajectory_images=min(trajectory_images, num_samples))
   out = sample_fn(run.params, jax.random.fold_in(jax.random.PRNGKey(seed), 0), all_labels)
@@ -121,7 +131,7 @@ def sample(run: Run, num_samples: int, *, seed: int = 0,
   if return_labels:
     result.append(all_labels[:num_samples])
   if trajectory_every:
-    result.append(samplers.Trajectory(*(np.asarray(jax.device_get(a)) for a in trajectory)))
+    result.append(loop.Trajectory(*(np.asarray(jax.device_get(a)) for a in trajectory)))
   return result[0] if len(result) == 1 else tuple(result)
 
 
@@ -132,14 +142,14 @@ def network_evaluations(sampler: str, steps: int, guidance_scale: float = 1.0) -
   (2 steps - 1). Classifier-free guidance (scale != 1) evaluates the conditional and the
   unconditional network: twice as many.
   """
-  samplers.get_sampler(sampler)  # A clear error for an unknown name.
+  solvers.get_sampler(sampler)  # A clear error for an unknown name.
   calls = 2 * steps - 1 if sampler == 'heun' else steps
   return calls * (2 if guidance_scale != 1.0 else 1)
 
 
 @functools.lru_cache(maxsize=4)
 def _digits_scorer(cache_path: str, dataset: str):
-  from diffusion_jax import classifier_fd  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import classifier_fd  # pylint: disable=g-import-not-at-top
   return classifier_fd.Scorer(cache_path, dataset)
 
 
@@ -151,9 +161,9 @@ def digits_quality(run: Run, samples: np.ndarray,
   trained there in seconds if absent), so figures match the in-training eval's. With `labels`
   (the classes the samples were drawn for) the result adds 'label_agreement'.
   """
-  from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
   dataset = run.config.data.dataset
-  path = epath.Path(evaluation.stats_dir(run.config, run.workdir))
+  path = epath.Path(sample_metrics.stats_dir(run.config, run.workdir))
   path.mkdir(parents=True, exist_ok=True)
   scorer = _digits_scorer(str(path / f'classifier_{dataset}.npz'), dataset)
   return scorer(np.asarray(samples), None if labels is None else np.asarray(labels))

@@ -6,8 +6,11 @@ import pytest
 
 import test_sampling_cli as tsc
 
-from diffusion_jax import api, run_config, sample_mode, sharding
-from diffusion_jax.config_validation import ConfigError
+from diffusion_jax import api
+from diffusion_jax.config import run_config
+from diffusion_jax.modes import sample as sample_mode
+from diffusion_jax.parallel import sharding
+from diffusion_jax.config.errors import ConfigError
 
 
 @pytest.fixture(scope='module')

@@ -3,7 +3,7 @@ loop's resume / stop-on-NaN behaviour.
 
 The checkpoint-manager tests use a small synthetic TrainState (a few parameter arrays, the real
 optimizer's state after two updates), which needs no model compile. The training-loop tests run
-`train.train_and_evaluate` with the same small class-conditional config as
+`loop.train_and_evaluate` with the same small class-conditional config as
 test_train_state.py; the persistent compilation cache shared by this session's test modules
 means its train step and init are compiled once per session.
 """
@@ -26,7 +26,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import checkpoints, input_pipeline, sharding, train, train_state
+from diffusion_jax.training import checkpoints
+from diffusion_jax.data import pipeline
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import loop
+from diffusion_jax.training import train_state
 
 
 def small_config():
@@ -418,16 +422,16 @@ def resumed_run(tmp_path_factory):
   """Train 4 steps, resume to 6, run the finished command once more; and, for reference,
   6 uninterrupted steps in another workdir."""
   workdir = tmp_path_factory.mktemp('resume')
-  first = jax.device_get(train.train_and_evaluate(
+  first = jax.device_get(loop.train_and_evaluate(
       loop_config(4, async_checkpointing=True), str(workdir)))
   after_first = {'steps': _steps_on_disk(workdir), 'loss_steps': _scalar_steps(workdir),
                  'files': _files(workdir)}
-  second = jax.device_get(train.train_and_evaluate(loop_config(6), str(workdir)))
+  second = jax.device_get(loop.train_and_evaluate(loop_config(6), str(workdir)))
   after_second = {'steps': _steps_on_disk(workdir), 'loss_steps': _scalar_steps(workdir),
                   'files': _files(workdir)}
-  third = train.train_and_evaluate(loop_config(6), str(workdir))
+  third = loop.train_and_evaluate(loop_config(6), str(workdir))
   reference_dir = tmp_path_factory.mktemp('uninterrupted')
-  uninterrupted = jax.device_get(train.train_and_evaluate(loop_config(6), str(reference_dir)))
+  uninterrupted = jax.device_get(loop.train_and_evaluate(loop_config(6), str(reference_dir)))
   return dict(workdir=workdir, first=first, second=second, third=third,
               after_first=after_first, after_second=after_second,
               uninterrupted=uninterrupted, reference_dir=reference_dir)
@@ -441,7 +445,7 @@ def test_first_run_trains_and_checkpoints(resumed_run):
   assert 'samples/train_step_00000004.png' in run['after_first']['files']
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(run['first']))
   assert_trees_equal(_restore_step(run['workdir'], 4, run['first']), run['first'])
-  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   assert 'config.json' in run['after_first']['files']
   saved = run_config.load_run_config(str(run['workdir']))  # Rewritten by the last start (6).
   assert saved.training.num_train_steps == 6 and saved.model.ch_mult == (1, 2)
@@ -450,7 +454,7 @@ def test_first_run_trains_and_checkpoints(resumed_run):
 def test_checkpoints_hold_their_config_and_data_position(resumed_run):
   """Each checkpoint is a Composite of named items: the state's parts, the config it was
   written with (step 4: the 4-step first run; step 6: the 6-step resume) and the data position."""
-  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   workdir = resumed_run['workdir']
   step_dir = workdir / 'checkpoints' / '6'
   assert {'params', 'ema_params', 'opt_state', 'meta', 'config', 'data'} <= {
@@ -487,7 +491,7 @@ def test_resume_with_another_network_is_a_config_error(resumed_run, tmp_path):
   """Resuming with changed model/diffusion fields raises ConfigError (a usage error in main.py)
   listing each field with both values, before anything is read or written; the checkpoint's
   own config is used, and <workdir>/config.json when the checkpoints have none."""
-  from diffusion_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config.errors import ConfigError  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
   shutil.copytree(resumed_run['workdir'], workdir)
   changed = loop_config(8)
@@ -497,7 +501,7 @@ def test_resume_with_another_network_is_a_config_error(resumed_run, tmp_path):
   (workdir / 'config.json').unlink()  # The checkpoint's config is the reference.
   before = _tree_snapshot(workdir)
   with pytest.raises(ConfigError) as info:
-    train.train_and_evaluate(changed, str(workdir))
+    loop.train_and_evaluate(changed, str(workdir))
   message = str(info.value)
   assert 'model.ch: run has 16, requested 32' in message
   assert 'diffusion.num_timesteps: run has 100, requested 50' in message
@@ -505,18 +509,18 @@ def test_resume_with_another_network_is_a_config_error(resumed_run, tmp_path):
   assert _tree_snapshot(workdir) == before  # Nothing written, moved or deleted.
 
   # Checkpoints without a config item (written by older versions): config.json decides.
-  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   for step in _steps_on_disk(workdir):
     shutil.rmtree(workdir / 'checkpoints' / str(step) / checkpoints.CONFIG_ITEM)
   run_config.save_run_config(loop_config(6), str(workdir))
   before = _tree_snapshot(workdir)
   with pytest.raises(ConfigError, match=r'config\.json(.|\n)*model\.ch: run has 16, requested 32'):
-    train.train_and_evaluate(changed, str(workdir))
+    loop.train_and_evaluate(changed, str(workdir))
   assert _tree_snapshot(workdir) == before
 
 
 def test_flatten_config_for_hparams():
-  flat = train.flatten_config(loop_config(6))
+  flat = loop.flatten_config(loop_config(6))
   assert flat['training.num_train_steps'] == 6
   assert flat['model.ch_mult'] == '(1, 2)'
   assert flat['optim.lr_schedule'] == 'constant'
@@ -525,7 +529,7 @@ def test_flatten_config_for_hparams():
 
 def test_resume_continues_from_the_checkpoint(resumed_run):
   """The second call restores step 4 and trains only steps 5 and 6; since the data order is a
-  function of the step (train.py), the result equals 6 uninterrupted steps bit for bit."""
+  function of the step (loop.py), the result equals 6 uninterrupted steps bit for bit."""
   run = resumed_run
   first, second = run['first'], run['second']
   assert int(second.step) == 6
@@ -562,7 +566,7 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(
   """Batches 3.. are NaN: the loop raises NonFiniteLossError at step 4 (from the metrics log
   when log_every=2, from the pre-checkpoint check when log_every=100) and never saves a bad
   state; checkpoint 2 stays restorable and equals the healthy run's checkpoint 2."""
-  real_global_batches = input_pipeline.global_batches
+  real_global_batches = pipeline.global_batches
 
   def poisoned(dataset, batch_sharding):
     for i, batch in enumerate(real_global_batches(dataset, batch_sharding)):
@@ -570,10 +574,10 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(
         batch = dict(batch, image=batch['image'] * jnp.nan)
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'global_batches', poisoned)
+  monkeypatch.setattr(pipeline, 'global_batches', poisoned)
   workdir = tmp_path / 'nan_run'
-  with pytest.raises(train.NonFiniteLossError, match='NaN/Inf'):
-    train.train_and_evaluate(loop_config(6, log_every_steps=log_every), str(workdir))
+  with pytest.raises(loop.NonFiniteLossError, match='NaN/Inf'):
+    loop.train_and_evaluate(loop_config(6, log_every_steps=log_every), str(workdir))
   assert _steps_on_disk(workdir) == [2]
   manager = checkpoints.create_manager(str(workdir), async_save=False)
   restored, step = checkpoints.restore_latest(manager, jax.device_put(
@@ -591,10 +595,10 @@ def test_corrupt_newest_checkpoint_is_quarantined_and_saved_again(tmp_path, resu
   """A 4-step run whose checkpoint 4 is corrupted resumes from 2, trains past 4 and saves 4
   and 6 again (no StepAlreadyExistsError crash loop); the new 4 is the healthy run's 4."""
   workdir = tmp_path / 'corrupt_run'
-  train.train_and_evaluate(loop_config(4), str(workdir))
+  loop.train_and_evaluate(loop_config(4), str(workdir))
   assert _steps_on_disk(workdir) == [2, 4]
   _corrupt(workdir / 'checkpoints' / '4', 'array_data_garbage')
-  final = jax.device_get(train.train_and_evaluate(loop_config(6), str(workdir)))
+  final = jax.device_get(loop.train_and_evaluate(loop_config(6), str(workdir)))
   assert _steps_on_disk(workdir) == [2, 4, 6]
   assert (workdir / 'checkpoints' / '4.corrupt').is_dir()
   assert_trees_equal(final, resumed_run['uninterrupted'])
@@ -634,10 +638,10 @@ def test_resume_with_other_grad_clip_and_optimizer(tmp_path):
   workdir = str(tmp_path / 'switch')
   first = loop_config(2)
   first.optim.grad_clip, first.optim.optimizer = 1.0, 'adam'
-  state2 = jax.device_get(train.train_and_evaluate(first, workdir))
+  state2 = jax.device_get(loop.train_and_evaluate(first, workdir))
   second = loop_config(4)
   second.optim.grad_clip, second.optim.optimizer, second.optim.weight_decay = 0.0, 'adamw', 0.1
-  state4 = jax.device_get(train.train_and_evaluate(second, workdir))
+  state4 = jax.device_get(loop.train_and_evaluate(second, workdir))
   assert int(state4.step) == 4 and _steps_on_disk(workdir) == [2, 4]
   counts = [int(x) for path, x in _leaves_with_paths(state4.opt_state) if 'count' in path]
   assert counts and all(c == 4 for c in counts)  # Adam moments continued from step 2.

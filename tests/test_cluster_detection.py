@@ -18,7 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
+from diffusion_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
 SLURM_16 = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'gpu[001-002]', 'SLURM_NTASKS': '16',
             'SLURM_PROCID': '5', 'SLURM_LOCALID': '5', 'SLURM_NNODES': '2'}
@@ -238,7 +238,7 @@ _PROBE = """
 import logging, os, jax, numpy as np
 logging.basicConfig(level=logging.INFO)
 from jax.experimental import multihost_utils
-from diffusion_jax import distributed
+from diffusion_jax.parallel import distributed
 cluster = distributed.detect_cluster(os.environ, distributed.cloud_tpu_vm_present())
 assert distributed.initialize_distributed(cluster, None)
 ranks = multihost_utils.process_allgather(np.asarray(jax.process_index() * 10 + 1))

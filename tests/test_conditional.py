@@ -2,7 +2,7 @@
 
 A small conditional U-Net is trained with the library's train step (labels dropped to the null
 class with probability 0.1) and sampled with classifier-free guidance through
-`sampling.make_sample_fn`. An independent classifier (logistic regression fitted on the real
+`sampler.make_sample_fn`. An independent classifier (logistic regression fitted on the real
 digits, ~99% accurate on them) then labels the samples. Chance is 10%, and a model that ignored
 its labels would score about that; this one must score at least MIN_ACCURACY. (With these
 settings two seeds scored 0.85 and 0.88, and 0.82-0.83 already after 500 steps.)
@@ -16,7 +16,11 @@ from sklearn import datasets
 from sklearn.linear_model import LogisticRegression
 
 from configs import digits_cond
-from diffusion_jax import diffusion, models, sampling, sharding, train_state
+from diffusion_jax.processes import discrete
+from diffusion_jax.nn import backbones
+from diffusion_jax.pipelines import sampler
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
 
 TRAIN_STEPS = 600
 BATCH = 64
@@ -55,8 +59,8 @@ def test_samples_obey_their_class_labels():
   config = _config()
   x, y = _real_digits()
   mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
-  model = models.create_model(config.model, 1)
-  schedule = diffusion.make_schedule(config.diffusion)
+  model = backbones.create_model(config.model, 1)
+  schedule = discrete.make_schedule(config.diffusion)
   tx = train_state.create_optimizer(config.optim, TRAIN_STEPS)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh)
   train_step = train_state.make_train_step(model, tx, schedule, config, mesh)
@@ -67,7 +71,7 @@ def test_samples_obey_their_class_labels():
   assert np.isfinite(float(metrics['loss']))
   trained = time.time()
 
-  sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, 10 * SAMPLES_PER_CLASS)
+  sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, 10 * SAMPLES_PER_CLASS)
   labels = np.repeat(np.arange(10), SAMPLES_PER_CLASS).astype(np.int32)
   samples = np.asarray(sample_fn(state.ema_params, jax.random.PRNGKey(1), labels))
   assert samples.shape == (10 * SAMPLES_PER_CLASS, 8, 8, 1) and np.all(np.abs(samples) <= 1)

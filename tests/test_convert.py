@@ -1,4 +1,4 @@
-"""diffusers UNet2DModel <-> diffusion-jax conversion (diffusion_jax/convert.py).
+"""diffusers UNet2DModel <-> diffusion-jax conversion (diffusion_jax/cli.py).
 
 The fixtures (tests/fixtures/diffusers/, made by make_diffusers_fixture.py with torch and
 diffusers) hold tiny random UNet2DModels and their outputs; these tests need neither.
@@ -20,8 +20,19 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 from configs import cifar10_ddpm
-from diffusion_jax import (checkpoints, convert, diffusion, images, models, run_config,
-                           sample_mode, samplers, sampling, sharding, torch_weights)
+from diffusion_jax.training import checkpoints
+from diffusion_jax.training import restore
+from diffusion_jax.interop import diffusers
+from diffusion_jax.interop import cli
+from diffusion_jax.processes import discrete
+from diffusion_jax import images
+from diffusion_jax.nn import backbones
+from diffusion_jax.config import run_config
+from diffusion_jax.modes import sample as sample_mode
+from diffusion_jax.sampling import solvers
+from diffusion_jax.pipelines import sampler
+from diffusion_jax.parallel import sharding
+from diffusion_jax.interop import torch_pickle
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'diffusers'
 LAYOUTS = ('attn_low_lpb1', 'attn_high_lpb2_heads', 'class_scale_shift', 'openai_style_options')
@@ -40,13 +51,13 @@ DDPM_CIFAR10_UNET = {
 
 
 def _imported(name):
-  unet_config, scheduler_config, state_dict = convert.load_diffusers_folder(str(FIXTURES / name))
-  config = convert.config_from_diffusers(unet_config, scheduler_config)
-  return config, convert.params_from_state_dict(state_dict, config), state_dict
+  unet_config, scheduler_config, state_dict = diffusers.load_diffusers_folder(str(FIXTURES / name))
+  config = diffusers.config_from_diffusers(unet_config, scheduler_config)
+  return config, diffusers.params_from_state_dict(state_dict, config), state_dict
 
 
 def _forward(config, params, x_nchw, t, y=None):
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   out = model.apply({'params': params}, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)),
                     jnp.asarray(t), None if y is None else jnp.asarray(y))
   return np.asarray(out).transpose(0, 3, 1, 2)
@@ -56,14 +67,14 @@ def test_import_onto_a_dit_or_edm_base_makes_a_ddpm_unet_and_export_refuses_them
   """A UNet2DModel + DDPMScheduler is a ddpm U-Net whatever --config was; a DiT or non-ddpm run
   has no diffusers form and says so (naming the field) instead of writing a wrong folder."""
   from configs import digits_dit, digits_edm  # pylint: disable=g-import-not-at-top
-  unet_config, scheduler_config, _ = convert.load_diffusers_folder(str(FIXTURES / 'attn_low_lpb1'))
+  unet_config, scheduler_config, _ = diffusers.load_diffusers_folder(str(FIXTURES / 'attn_low_lpb1'))
   for base in (digits_dit.get_config(), digits_edm.get_config()):
-    config = convert.config_from_diffusers(unet_config, scheduler_config, base=base)
+    config = diffusers.config_from_diffusers(unet_config, scheduler_config, base=base)
     assert (config.model.arch, config.diffusion.objective) == ('unet', 'ddpm')
-  with pytest.raises(convert.ConversionError, match=r"model.arch='dit'.*--mode=export"):
-    convert.diffusers_configs(digits_dit.get_config())
-  with pytest.raises(convert.ConversionError, match=r"diffusion.objective='edm'.*--mode=export"):
-    convert.diffusers_configs(digits_edm.get_config())
+  with pytest.raises(diffusers.ConversionError, match=r"model.arch='dit'.*--mode=export"):
+    diffusers.diffusers_configs(digits_dit.get_config())
+  with pytest.raises(diffusers.ConversionError, match=r"diffusion.objective='edm'.*--mode=export"):
+    diffusers.diffusers_configs(digits_edm.get_config())
 
 
 @pytest.mark.parametrize('name', LAYOUTS)
@@ -103,34 +114,34 @@ def test_derived_configs():
 def test_export_reproduces_the_original_tensors(name):
   """Imported then exported tensors equal the diffusers file bit for bit; so do the configs."""
   config, params, original = _imported(name)
-  exported = convert.state_dict_from_params(params, len(config.model.ch_mult))
+  exported = diffusers.state_dict_from_params(params, len(config.model.ch_mult))
   assert sorted(exported) == sorted(original)
   for key, value in original.items():
     assert exported[key].shape == value.shape, key
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
-  unet, scheduler = convert.diffusers_configs(config)
+  unet, scheduler = diffusers.diffusers_configs(config)
   source = json.loads((FIXTURES / name / 'config.json').read_text())
   for key, value in unet.items():
     if key in source:
       assert source[key] == value, key
-  assert convert.config_from_diffusers(unet, scheduler).to_dict() == config.to_dict()
+  assert diffusers.config_from_diffusers(unet, scheduler).to_dict() == config.to_dict()
 
 
 def test_workdir_round_trip(tmp_path):
   """diffusers folder -> run dir -> diffusers folder -> run dir: the same tensors throughout."""
   source = FIXTURES / 'attn_high_lpb2_heads'  # The .bin one.
-  config = convert.import_diffusers(str(source), str(tmp_path / 'run'))
+  config = diffusers.import_diffusers(str(source), str(tmp_path / 'run'))
   saved = run_config.load_run_config(str(tmp_path / 'run'))
   assert saved.to_dict() == config.to_dict()
   mesh = sharding.create_mesh(config.mesh)
-  params, step = checkpoints.restore_params(config, str(tmp_path / 'run'), mesh, use_ema=False)
-  ema, _ = checkpoints.restore_params(config, str(tmp_path / 'run'), mesh, use_ema=True)
+  params, step = restore.restore_params(config, str(tmp_path / 'run'), mesh, use_ema=False)
+  ema, _ = restore.restore_params(config, str(tmp_path / 'run'), mesh, use_ema=True)
   assert step == 0
   jax.tree.map(np.testing.assert_array_equal, params, ema)
 
-  convert.export_diffusers(str(tmp_path / 'run'), str(tmp_path / 'out'))
-  exported = safetensors_numpy.load_file(str(tmp_path / 'out' / convert.WEIGHTS_SAFETENSORS))
-  original = torch_weights.load_state_dict(str(source / convert.WEIGHTS_BIN))
+  diffusers.export_diffusers(str(tmp_path / 'run'), str(tmp_path / 'out'))
+  exported = safetensors_numpy.load_file(str(tmp_path / 'out' / diffusers.WEIGHTS_SAFETENSORS))
+  original = torch_pickle.load_state_dict(str(source / diffusers.WEIGHTS_BIN))
   assert sorted(exported) == sorted(original)
   for key in original:
     np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
@@ -138,24 +149,24 @@ def test_workdir_round_trip(tmp_path):
   assert scheduler['_class_name'] == 'DDPMScheduler' and scheduler['num_train_timesteps'] == 1000
   assert scheduler['beta_schedule'] == 'linear' and scheduler['prediction_type'] == 'epsilon'
 
-  again = convert.import_diffusers(str(tmp_path / 'out'), str(tmp_path / 'run2'))
+  again = diffusers.import_diffusers(str(tmp_path / 'out'), str(tmp_path / 'run2'))
   assert again.model.to_dict() == config.model.to_dict()
-  params2, _ = checkpoints.restore_params(again, str(tmp_path / 'run2'), mesh, use_ema=True)
+  params2, _ = restore.restore_params(again, str(tmp_path / 'run2'), mesh, use_ema=True)
   jax.tree.map(np.testing.assert_array_equal, params2, ema)
 
 
 def _cifar10_state_dict():
   """A state dict with google/ddpm-cifar10-32's keys and shapes (from our tree's inverse map)."""
   config = cifar10_ddpm.get_config()
-  target = convert.abstract_params(config)
-  rows = [(convert.diffusers_key(path, 4), convert.torch_shape(path, leaf.shape))
-          for path, leaf in convert._leaf_paths(target)]  # pylint: disable=protected-access
+  target = diffusers.abstract_params(config)
+  rows = [(diffusers.diffusers_key(path, 4), diffusers.torch_shape(path, leaf.shape))
+          for path, leaf in diffusers._leaf_paths(target)]  # pylint: disable=protected-access
   return {key: np.zeros(shape, np.float32) for key, shape in rows}
 
 
 def test_cifar10_ddpm_key_and_shape_map():
   """The 35.7M-parameter CIFAR-10 DDPM: hub config -> our config, 328 tensors, known shapes."""
-  config = convert.config_from_diffusers(DDPM_CIFAR10_UNET)
+  config = diffusers.config_from_diffusers(DDPM_CIFAR10_UNET)
   expected = cifar10_ddpm.get_config().model.to_dict()
   got = config.model.to_dict()
   expected.pop('dropout'), got.pop('dropout')  # The hub config leaves dropout at 0.
@@ -183,8 +194,8 @@ def test_cifar10_ddpm_key_and_shape_map():
   assert 'up_blocks.3.upsamplers.0.conv.weight' not in state_dict  # Last level: no upsampler.
   assert 'down_blocks.3.downsamplers.0.conv.weight' not in state_dict
   del state_dict['up_blocks.3.resnets.2.conv_shortcut.weight']
-  with pytest.raises(convert.ConversionError, match='up_blocks.3.resnets.2.conv_shortcut.weight'):
-    convert.params_from_state_dict(state_dict, config)
+  with pytest.raises(diffusers.ConversionError, match='up_blocks.3.resnets.2.conv_shortcut.weight'):
+    diffusers.params_from_state_dict(state_dict, config)
 
 
 def _corrupt_copy(tmp_path, name='attn_low_lpb1'):
@@ -194,7 +205,7 @@ def _corrupt_copy(tmp_path, name='attn_low_lpb1'):
 
 
 def _edit_tensors(folder, edit):
-  path = folder / convert.WEIGHTS_SAFETENSORS
+  path = folder / diffusers.WEIGHTS_SAFETENSORS
   tensors = safetensors_numpy.load_file(str(path))
   edit(tensors)
   path.write_bytes(safetensors_numpy.save(tensors))
@@ -231,10 +242,10 @@ def test_bad_sources_fail_and_write_nothing(tmp_path, case, message):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, 'w') as archive:
       archive.writestr('archive/data.pkl', b'\x80\x02cos\nsystem\nq\x00.')
-    (folder / convert.WEIGHTS_BIN).write_bytes(buffer.getvalue())
-  error = torch_weights.UnsafePickleError if case == 'foreign_global' else convert.ConversionError
+    (folder / diffusers.WEIGHTS_BIN).write_bytes(buffer.getvalue())
+  error = torch_pickle.UnsafePickleError if case == 'foreign_global' else diffusers.ConversionError
   with pytest.raises(error, match=message.replace('.', r'\.').replace('(', r'\(')):
-    convert.import_diffusers(str(folder), str(tmp_path / 'run'))
+    diffusers.import_diffusers(str(folder), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
 
@@ -243,8 +254,8 @@ def test_import_refuses_an_existing_run(tmp_path):
   run = tmp_path / 'run'
   run.mkdir()
   (run / 'config.json').write_text('{"kept": true}')
-  with pytest.raises(convert.ConversionError, match='already holds a run'):
-    convert.import_diffusers(str(FIXTURES / 'attn_low_lpb1'), str(run))
+  with pytest.raises(diffusers.ConversionError, match='already holds a run'):
+    diffusers.import_diffusers(str(FIXTURES / 'attn_low_lpb1'), str(run))
   assert json.loads((run / 'config.json').read_text()) == {'kept': True}
   assert not (run / 'checkpoints').exists()
 
@@ -252,7 +263,7 @@ def test_import_refuses_an_existing_run(tmp_path):
 def test_sample_mode_on_converted_workdir(tmp_path):
   """--mode=sample on an imported run gives the images of sampling the imported params directly."""
   workdir = str(tmp_path / 'run')
-  convert.import_diffusers(str(FIXTURES / 'attn_low_lpb1'), workdir)
+  diffusers.import_diffusers(str(FIXTURES / 'attn_low_lpb1'), workdir)
   config = run_config.load_run_config(workdir)
   config.sample.sampler, config.sample.steps = 'ddim', 3
   config.sample.num_samples = config.sample.batch_size = 8
@@ -262,8 +273,8 @@ def test_sample_mode_on_converted_workdir(tmp_path):
 
   _, params, _ = _imported('attn_low_lpb1')
   mesh = sharding.create_mesh(config.mesh)
-  model = models.create_model(config.model, config.data.channels)
-  sample_fn = sampling.make_sample_fn(model, diffusion.make_schedule(config.diffusion), config,
+  model = backbones.create_model(config.model, config.data.channels)
+  sample_fn = sampler.make_sample_fn(model, discrete.make_schedule(config.diffusion), config,
                                       mesh, 8)
   direct = sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(config.sample.seed), 0),
                      np.zeros((8,), np.int32))
@@ -276,7 +287,7 @@ def _scheduler_trajectory(sampler, steps, spacing, noise_key=None, **sample_fiel
   network (NCHW like the fixture), with ref[noise_key] as the per-step noise if given."""
   config, params, _ = _imported('attn_low_lpb1')
   ref = np.load(FIXTURES / 'attn_low_lpb1' / 'outputs.npz')
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   apply_fn = lambda x, t: model.apply({'params': params}, x, t)
   config.sample.sampler, config.sample.steps, config.sample.spacing = sampler, steps, spacing
   for field, value in sample_fields.items():
@@ -284,8 +295,8 @@ def _scheduler_trajectory(sampler, steps, spacing, noise_key=None, **sample_fiel
   noise = jnp.asarray(ref['ddim_noise'].transpose(0, 2, 3, 1))
   variance_noise = (None if noise_key is None
                     else jnp.asarray(ref[noise_key].transpose(0, 1, 3, 4, 2)))
-  _, trajectory = samplers.sample_from_config(
-      apply_fn, diffusion.make_schedule(config.diffusion), noise, jax.random.PRNGKey(0),
+  _, trajectory = solvers.sample_from_config(
+      apply_fn, discrete.make_schedule(config.diffusion), noise, jax.random.PRNGKey(0),
       config.sample, prediction_type='epsilon', trajectory_every=1,
       variance_noise=variance_noise)
   return np.asarray(trajectory.x_t).transpose(0, 1, 4, 2, 3), ref
@@ -360,8 +371,8 @@ def test_command_line_import_and_export(tmp_path):
   assert done.returncode == 0, done.stderr
   done = run('--to=diffusers', f'--workdir={tmp_path / "run"}', f'--out={tmp_path / "out"}')
   assert done.returncode == 0, done.stderr
-  exported = safetensors_numpy.load_file(str(tmp_path / 'out' / convert.WEIGHTS_SAFETENSORS))
-  original = safetensors_numpy.load_file(str(source / convert.WEIGHTS_SAFETENSORS))
+  exported = safetensors_numpy.load_file(str(tmp_path / 'out' / diffusers.WEIGHTS_SAFETENSORS))
+  original = safetensors_numpy.load_file(str(source / diffusers.WEIGHTS_SAFETENSORS))
   assert sorted(exported) == sorted(original)
   for key in original:
     np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
@@ -380,10 +391,10 @@ def test_ddpm_step_matches_diffusers_scheduler():
   ref = np.load(FIXTURES / 'attn_low_lpb1' / 'outputs.npz')
   t = np.full((2,), int(ref['ddpm_t']), np.int32)
   x = ref['ddpm_x'].transpose(0, 2, 3, 1)
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   output = model.apply({'params': params}, jnp.asarray(x), jnp.asarray(t))
-  schedule = diffusion.make_schedule(config.diffusion)
-  mean, log_var, _ = diffusion.p_mean_variance(
+  schedule = discrete.make_schedule(config.diffusion)
+  mean, log_var, _ = discrete.p_mean_variance(
       schedule, output, jnp.asarray(x), jnp.asarray(t), 'epsilon', learn_sigma=False,
       variance=config.sample.variance, clip_denoised=config.sample.clip_denoised)
   prev = mean + jnp.exp(0.5 * log_var) * ref['ddpm_noise'].transpose(0, 2, 3, 1)
@@ -394,28 +405,28 @@ def test_ddpm_step_matches_diffusers_scheduler():
 def test_scheduler_options_map_or_fail():
   """Scheduler names map to ours (squaredcos_cap_v2 -> cosine, v_prediction -> v); options ours
   cannot express are errors naming them; export refuses what UNet2DModel cannot express."""
-  config = convert.config_from_diffusers(DDPM_CIFAR10_UNET, {
+  config = diffusers.config_from_diffusers(DDPM_CIFAR10_UNET, {
       '_class_name': 'DDIMScheduler', 'num_train_timesteps': 500,
       'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'v_prediction',
       'clip_sample': False})
   assert (config.diffusion.num_timesteps, config.diffusion.beta_schedule) == (500, 'cosine')
   assert config.diffusion.prediction_type == 'v' and not config.sample.clip_denoised
-  unet, scheduler = convert.diffusers_configs(config)
+  unet, scheduler = diffusers.diffusers_configs(config)
   assert (scheduler['beta_schedule'], scheduler['prediction_type']) == ('squaredcos_cap_v2',
                                                                        'v_prediction')
   assert unet['up_block_types'] == DDPM_CIFAR10_UNET['up_block_types']
   for bad, message in [({'trained_betas': [0.1, 0.2]}, 'trained_betas'),
                        ({'beta_schedule': 'exp'}, "beta_schedule='exp'"),
                        ({'rescale_betas_zero_snr': True}, 'rescale_betas_zero_snr')]:
-    with pytest.raises(convert.ConversionError, match=message):
-      convert.config_from_diffusers(DDPM_CIFAR10_UNET, bad)
+    with pytest.raises(diffusers.ConversionError, match=message):
+      diffusers.config_from_diffusers(DDPM_CIFAR10_UNET, bad)
   for option, value in [('downsample_padding', 2), ('add_attention', False),
                         ('time_embedding_type', 'fourier'), ('mid_block_scale_factor', 2)]:
-    with pytest.raises(convert.ConversionError, match=f'{option}={value!r}'):
-      convert.config_from_diffusers({**DDPM_CIFAR10_UNET, option: value})
+    with pytest.raises(diffusers.ConversionError, match=f'{option}={value!r}'):
+      diffusers.config_from_diffusers({**DDPM_CIFAR10_UNET, option: value})
   config.model.resblock_updown = True
-  with pytest.raises(convert.ConversionError, match='model.resblock_updown'):
-    convert.diffusers_configs(config)
+  with pytest.raises(diffusers.ConversionError, match='model.resblock_updown'):
+    diffusers.diffusers_configs(config)
 
 
 def test_export_of_openai_conventions():
@@ -424,31 +435,31 @@ def test_export_of_openai_conventions():
   config, _, _ = _imported('class_scale_shift')
   config.model.null_class = False
   config.model.flip_sin_to_cos, config.model.freq_shift = True, 0
-  unet, _ = convert.diffusers_configs(config)
+  unet, _ = diffusers.diffusers_configs(config)
   assert unet['num_class_embeds'] == config.model.num_classes  # No extra null row.
   assert (unet['flip_sin_to_cos'], unet['freq_shift']) == (True, 0)
   config.model.timestep_scale = 0.25
-  with pytest.raises(convert.ConversionError, match='model.timestep_scale=0.25'):
-    convert.diffusers_configs(config)
+  with pytest.raises(diffusers.ConversionError, match='model.timestep_scale=0.25'):
+    diffusers.diffusers_configs(config)
 
 
 def test_fine_tuning_resumes_from_the_imported_weights(tmp_path):
   """--mode=train on an imported run starts from its step-0 checkpoint (the diffusers weights,
   EMA too) and trains on: the 8x8x1 fixture model fine-tunes on the digits for 2 steps."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import loop  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
-  config = convert.import_diffusers(str(FIXTURES / 'attn_high_lpb2_heads'), workdir,
+  config = diffusers.import_diffusers(str(FIXTURES / 'attn_high_lpb2_heads'), workdir,
                                     base=tiny.get_config())
   assert (config.data.dataset, config.data.channels) == ('digits', 1)
   config.training.num_train_steps = 2
   config.training.sample_every_steps = 0
   config.training.checkpoint_every_steps = 2
-  state = train.train_and_evaluate(config, workdir)
+  state = loop.train_and_evaluate(config, workdir)
   assert int(state.step) == 2 and checkpoints.latest_step_on_disk(workdir) == 2
   _, imported, _ = _imported('attn_high_lpb2_heads')
   mesh = sharding.create_mesh(config.mesh)
-  start, _ = checkpoints.restore_params(config, workdir, mesh, use_ema=False)  # Newest: 2.
+  start, _ = restore.restore_params(config, workdir, mesh, use_ema=False)  # Newest: 2.
   changed = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), start, imported)
   assert max(jax.tree.leaves(changed)) > 0  # Trained on from the imported weights ...
   assert max(jax.tree.leaves(changed)) < 0.05  # ... by two small warm-up Adam steps, not anew.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from diffusion_jax import diffusion
+from diffusion_jax.processes import discrete
 
 T = 1000
 B0, B1 = 1e-4, 0.02  # Ho et al. 2020.
@@ -33,7 +33,7 @@ def _cosine_f(u, n=T, s=0.008):
 
 
 def _schedule(name='linear', n=T):
-  return diffusion.schedule_from_betas(diffusion.beta_schedule(name, n))
+  return discrete.schedule_from_betas(discrete.beta_schedule(name, n))
 
 
 def _np(x):
@@ -41,7 +41,7 @@ def _np(x):
 
 
 def _abar64(name='linear'):
-  return np.cumprod(1.0 - diffusion.beta_schedule(name, T))
+  return np.cumprod(1.0 - discrete.beta_schedule(name, T))
 
 
 # ------------------------------------------------------------------ schedules
@@ -49,25 +49,25 @@ def _abar64(name='linear'):
 
 @pytest.mark.parametrize('name', ['linear', 'scaled_linear', 'sigmoid'])
 def test_beta_formulas(name):
-  betas = diffusion.beta_schedule(name, T)
+  betas = discrete.beta_schedule(name, T)
   assert betas.dtype == np.float64 and betas.shape == (T,)
   np.testing.assert_allclose(betas, _ref_betas(name), rtol=1e-12, atol=0)
   # Other ranges and lengths are honoured too.
-  np.testing.assert_allclose(diffusion.beta_schedule(name, 37, 1e-3, 0.05),
+  np.testing.assert_allclose(discrete.beta_schedule(name, 37, 1e-3, 0.05),
                              _ref_betas(name, 37, 1e-3, 0.05), rtol=1e-12, atol=0)
 
 
 def test_published_endpoints():
-  lin = diffusion.beta_schedule('linear', T)
+  lin = discrete.beta_schedule('linear', T)
   assert lin[0] == pytest.approx(1e-4) and lin[-1] == pytest.approx(0.02)
-  sl = diffusion.beta_schedule('scaled_linear', T, 0.00085, 0.012)  # Stable Diffusion.
+  sl = discrete.beta_schedule('scaled_linear', T, 0.00085, 0.012)  # Stable Diffusion.
   assert sl[0] == pytest.approx(0.00085) and sl[-1] == pytest.approx(0.012)
-  sig = diffusion.beta_schedule('sigmoid', T)
+  sig = discrete.beta_schedule('sigmoid', T)
   assert np.all(np.diff(sig) > 0) and B0 < sig[0] < sig[-1] < B1
 
 
 def test_cosine_schedule():
-  betas = diffusion.beta_schedule('cosine', T)
+  betas = discrete.beta_schedule('cosine', T)
   assert np.all(betas > 0) and np.all(betas <= 0.999)
   capped = np.isclose(betas, 0.999, rtol=0, atol=1e-12)
   assert capped[-1]  # abar(1) = 0 forces the last beta to the cap.
@@ -82,10 +82,10 @@ def test_cosine_schedule():
                              atol=1e-12)
 
 
-@pytest.mark.parametrize('name', diffusion.BETA_SCHEDULES)
+@pytest.mark.parametrize('name', discrete.BETA_SCHEDULES)
 def test_schedule_fields(name):
-  betas = diffusion.beta_schedule(name, T)
-  s = diffusion.schedule_from_betas(betas)
+  betas = discrete.beta_schedule(name, T)
+  s = discrete.schedule_from_betas(betas)
   assert s.num_timesteps == T
   for field in ('betas', 'alphas_cumprod', 'alphas_cumprod_prev', 'sqrt_alphas_cumprod',
                 'sqrt_one_minus_alphas_cumprod', 'posterior_variance',
@@ -113,12 +113,12 @@ def test_schedule_fields(name):
 
 def test_make_schedule_from_config():
   config = default.get_config()
-  s = diffusion.make_schedule(config.diffusion)
+  s = discrete.make_schedule(config.diffusion)
   assert s.num_timesteps == config.diffusion.num_timesteps == 1000
   np.testing.assert_allclose(_np(s.betas), _ref_betas('linear'), rtol=1e-6)
   config.diffusion.beta_schedule = 'cosine'
   config.diffusion.num_timesteps = 50
-  s = diffusion.make_schedule(config.diffusion)
+  s = discrete.make_schedule(config.diffusion)
   assert s.num_timesteps == 50
   np.testing.assert_allclose(_np(s.alphas_cumprod)[:10],
                              _cosine_f(np.arange(1, 11), 50) / _cosine_f(0, 50), rtol=1e-6)
@@ -128,15 +128,15 @@ def test_schedule_rejects_invalid_betas():
   for bad in (np.array([0.1, 0.0, 0.2]), np.array([0.1, 1.0]), np.array([-0.1, 0.2]),
               np.full((2, 2), 0.1)):
     with pytest.raises(ValueError):
-      diffusion.schedule_from_betas(bad)
+      discrete.schedule_from_betas(bad)
 
 
 def test_extract_broadcasts():
   vals = jnp.arange(10, dtype=jnp.float32) * 1.5
-  out = diffusion.extract(vals, jnp.array([0, 3, 9]), 4)
+  out = discrete.extract(vals, jnp.array([0, 3, 9]), 4)
   assert out.shape == (3, 1, 1, 1)
   np.testing.assert_array_equal(_np(out).ravel(), [0.0, 4.5, 13.5])
-  assert float(diffusion.extract(vals, 2, 0)) == 3.0
+  assert float(discrete.extract(vals, 2, 0)) == 3.0
 
 
 # ------------------------------------------------------------------ forward process
@@ -148,7 +148,7 @@ def test_q_sample_moments(t):
   x0_values = np.array([-0.8, 0.0, 0.3, 1.0])
   x0 = jnp.asarray(np.repeat(x0_values[None], n, 0), jnp.float32)  # [n, 4]
   noise = jax.random.normal(jax.random.key(t), x0.shape, jnp.float32)
-  xt = _np(diffusion.q_sample(_schedule(), x0, jnp.full((n,), t), noise))
+  xt = _np(discrete.q_sample(_schedule(), x0, jnp.full((n,), t), noise))
   a = _abar64()[t]
   mean, var = np.sqrt(a) * x0_values, 1.0 - a
   se_mean = np.sqrt(var / n)
@@ -156,9 +156,9 @@ def test_q_sample_moments(t):
   assert np.all(np.abs(xt.mean(0) - mean) < 5 * se_mean), (xt.mean(0), mean)
   assert np.all(np.abs(xt.var(0, ddof=1) - var) < 5 * se_var), (xt.var(0), var)
   # The scalar-t form and q_mean_variance agree with the same closed forms.
-  xt_scalar = _np(diffusion.q_sample(_schedule(), x0, t, noise))
+  xt_scalar = _np(discrete.q_sample(_schedule(), x0, t, noise))
   np.testing.assert_allclose(xt_scalar, xt, rtol=0, atol=0)
-  m, v = diffusion.q_mean_variance(_schedule(), jnp.asarray(x0_values[None], jnp.float32),
+  m, v = discrete.q_mean_variance(_schedule(), jnp.asarray(x0_values[None], jnp.float32),
                                    jnp.array([t]))
   np.testing.assert_allclose(_np(m)[0], mean, rtol=1e-6, atol=1e-7)
   # 1 - abar is formed in float32 from the stored abar, so at t = 0 (1 - abar = 1e-4) it carries
@@ -186,12 +186,12 @@ def _bayes_posterior(x0, xt, t, betas):
 def test_q_posterior_is_bayes_rule(name, t):
   if name == 'cosine' and t == 999:
     t = 990  # The capped last cosine step is tested via the linear schedule.
-  betas = diffusion.beta_schedule(name, T)
-  s = diffusion.schedule_from_betas(betas)
+  betas = discrete.beta_schedule(name, T)
+  s = discrete.schedule_from_betas(betas)
   rng = np.random.default_rng(t)
   x0 = rng.uniform(-1, 1, (6, 2, 2, 1))
   xt = rng.normal(size=(6, 2, 2, 1)) * 2.0
-  mean, var, log_var = diffusion.q_posterior(s, jnp.asarray(x0, jnp.float32),
+  mean, var, log_var = discrete.q_posterior(s, jnp.asarray(x0, jnp.float32),
                                              jnp.asarray(xt, jnp.float32), jnp.full((6,), t))
   ref_mean, ref_var = _bayes_posterior(x0, xt, t, betas)
   assert mean.shape == var.shape == log_var.shape == x0.shape
@@ -211,7 +211,7 @@ def test_q_posterior_is_bayes_rule(name, t):
 def test_q_posterior_monte_carlo(t):
   """Regressing sampled x_{t-1} on x_t recovers the posterior mean line and variance."""
   n = 200_000
-  betas = diffusion.beta_schedule('linear', T)
+  betas = discrete.beta_schedule('linear', T)
   abar = np.cumprod(1.0 - betas)
   x0 = 0.6
   rng = np.random.default_rng(100 + t)
@@ -220,9 +220,9 @@ def test_q_posterior_monte_carlo(t):
   slope, intercept = np.polyfit(x_t, x_prev, 1)
   resid_var = np.var(x_prev - (slope * x_t + intercept), ddof=2)
 
-  s = diffusion.schedule_from_betas(betas)
+  s = discrete.schedule_from_betas(betas)
   probe = jnp.array([0.0, 1.0], jnp.float32)
-  mean, var, _ = diffusion.q_posterior(s, jnp.full((2,), x0, jnp.float32), probe,
+  mean, var, _ = discrete.q_posterior(s, jnp.full((2,), x0, jnp.float32), probe,
                                        jnp.full((2,), t))
   lib_intercept, lib_slope = float(mean[0]), float(mean[1] - mean[0])
   lib_var = float(var[0])
@@ -250,18 +250,18 @@ def test_conversions_round_trip():
   xt_ref = a * x0 + sig * eps
   v_ref = a * eps - sig * x0  # Salimans & Ho 2022.
 
-  xt = diffusion.q_sample(s, x0_j, t_j, eps_j)
-  v = diffusion.v_from_x0_eps(s, t_j, x0_j, eps_j)
+  xt = discrete.q_sample(s, x0_j, t_j, eps_j)
+  v = discrete.v_from_x0_eps(s, t_j, x0_j, eps_j)
   np.testing.assert_allclose(_np(xt), xt_ref, atol=1e-5)
   np.testing.assert_allclose(_np(v), v_ref, atol=1e-5)
 
-  x0_v, eps_v = diffusion.x0_eps_from_output(s, v, xt, t_j, 'v')
+  x0_v, eps_v = discrete.x0_eps_from_output(s, v, xt, t_j, 'v')
   np.testing.assert_allclose(_np(x0_v), x0, atol=1e-5)
   np.testing.assert_allclose(_np(eps_v), eps, atol=1e-5)
   # x0 from eps divides by sqrt(abar) (>= 0.0064 at t = 999) and eps from x0 by sqrt(1 - abar)
   # (>= 0.01 at t = 0): float32 rounding of x_t is amplified accordingly.
-  x0_e, _ = diffusion.x0_eps_from_output(s, eps_j, xt, t_j, 'epsilon')
-  _, eps_x = diffusion.x0_eps_from_output(s, x0_j, xt, t_j, 'x0')
+  x0_e, _ = discrete.x0_eps_from_output(s, eps_j, xt, t_j, 'epsilon')
+  _, eps_x = discrete.x0_eps_from_output(s, x0_j, xt, t_j, 'x0')
   np.testing.assert_allclose(_np(x0_e), x0, atol=1e-6 / a.min() * 10)
   np.testing.assert_allclose(_np(eps_x), eps, atol=1e-6 / sig.min() * 10)
   # Where conditioning is good the round trip is tight.
@@ -270,7 +270,7 @@ def test_conversions_round_trip():
   np.testing.assert_allclose(_np(eps_x)[mid], eps[mid], atol=2e-5)
 
 
-@pytest.mark.parametrize('prediction_type', diffusion.PREDICTION_TYPES)
+@pytest.mark.parametrize('prediction_type', discrete.PREDICTION_TYPES)
 def test_output_conversion_recovers_truth(prediction_type):
   s = _schedule()
   rng = np.random.default_rng(1)
@@ -283,9 +283,9 @@ def test_output_conversion_recovers_truth(prediction_type):
   target = {'epsilon': eps, 'x0': x0, 'v': a * eps - sig * x0}[prediction_type]
   f32 = lambda z: jnp.asarray(z, jnp.float32)
   np.testing.assert_allclose(
-      _np(diffusion.training_target(s, f32(x0), f32(eps), jnp.asarray(t), prediction_type)),
+      _np(discrete.training_target(s, f32(x0), f32(eps), jnp.asarray(t), prediction_type)),
       target, atol=1e-5)
-  x0_hat, eps_hat = diffusion.x0_eps_from_output(s, f32(target), f32(xt), jnp.asarray(t),
+  x0_hat, eps_hat = discrete.x0_eps_from_output(s, f32(target), f32(xt), jnp.asarray(t),
                                                  prediction_type)
   assert x0_hat.dtype == eps_hat.dtype == jnp.float32
   # Tolerances follow the conditioning: x0 from eps at t = 999 and eps from x0 at t = 0.
@@ -294,7 +294,7 @@ def test_output_conversion_recovers_truth(prediction_type):
   np.testing.assert_allclose(_np(x0_hat)[2:-1], x0[2:-1], atol=2e-5)
   np.testing.assert_allclose(_np(eps_hat)[2:-1], eps[2:-1], atol=2e-5)
   # bfloat16 outputs are accepted and computed in float32.
-  x0_b, _ = diffusion.x0_eps_from_output(s, f32(target).astype(jnp.bfloat16), f32(xt),
+  x0_b, _ = discrete.x0_eps_from_output(s, f32(target).astype(jnp.bfloat16), f32(xt),
                                          jnp.asarray(t), prediction_type)
   assert x0_b.dtype == jnp.float32
 
@@ -302,7 +302,7 @@ def test_output_conversion_recovers_truth(prediction_type):
 # ------------------------------------------------------------------ loss
 
 
-@pytest.mark.parametrize('prediction_type', diffusion.PREDICTION_TYPES)
+@pytest.mark.parametrize('prediction_type', discrete.PREDICTION_TYPES)
 def test_simple_loss_is_mse(prediction_type):
   s = _schedule()
   rng = np.random.default_rng(2)
@@ -315,23 +315,23 @@ def test_simple_loss_is_mse(prediction_type):
   target = {'epsilon': eps, 'x0': x0, 'v': a * eps - sig * x0}[prediction_type]
   expected = np.mean((out - target)**2, axis=(1, 2, 3))
   f32 = lambda z: jnp.asarray(z, jnp.float32)
-  loss = diffusion.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
+  loss = discrete.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
                                   prediction_type)
   assert loss.shape == (5,) and loss.dtype == jnp.float32
   np.testing.assert_allclose(_np(loss), expected, rtol=1e-5)
   # The default weighting is 'simple'.
   np.testing.assert_array_equal(
-      _np(loss), _np(diffusion.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
+      _np(loss), _np(discrete.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
                                               prediction_type, weighting='simple')))
   # A bf16 output is upcast before the loss.
-  loss_bf16 = diffusion.diffusion_loss(s, f32(out).astype(jnp.bfloat16), f32(x0), f32(eps),
+  loss_bf16 = discrete.diffusion_loss(s, f32(out).astype(jnp.bfloat16), f32(x0), f32(eps),
                                        jnp.asarray(t), prediction_type)
   assert loss_bf16.dtype == jnp.float32
   np.testing.assert_allclose(_np(loss_bf16), expected, rtol=2e-2)
 
 
 @pytest.mark.parametrize('gamma', [5.0, 1.0])
-@pytest.mark.parametrize('prediction_type', diffusion.PREDICTION_TYPES)
+@pytest.mark.parametrize('prediction_type', discrete.PREDICTION_TYPES)
 def test_min_snr_loss_is_weighted_x0_error(prediction_type, gamma):
   """weight * MSE(target) == min(SNR, gamma) * MSE(x0, x0_hat) (Hang et al. 2023)."""
   s = _schedule()
@@ -356,16 +356,16 @@ def test_min_snr_loss_is_weighted_x0_error(prediction_type, gamma):
     x0_hat = a * xt - sig * out
   expected = np.minimum(snr, gamma) * np.mean((x0 - x0_hat)**2, axis=(1, 2, 3))
   f32 = lambda z: jnp.asarray(z, jnp.float32)
-  loss = diffusion.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
+  loss = discrete.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
                                   prediction_type, weighting='min_snr', min_snr_gamma=gamma)
   # snr() divides by 1 - abar formed in float32, ~2e-4 relative error at t = 0 (see q_sample test).
   np.testing.assert_allclose(_np(loss), expected, rtol=5e-4)
   np.testing.assert_allclose(_np(loss)[1:], expected[1:], rtol=1e-4)
-  w = diffusion.loss_weight(s, jnp.asarray(t), 'min_snr', prediction_type, gamma)
+  w = discrete.loss_weight(s, jnp.asarray(t), 'min_snr', prediction_type, gamma)
   assert w.shape == (len(t),)
-  np.testing.assert_allclose(_np(diffusion.snr(s, jnp.asarray(t))), snr, rtol=5e-4)
+  np.testing.assert_allclose(_np(discrete.snr(s, jnp.asarray(t))), snr, rtol=5e-4)
   np.testing.assert_array_equal(
-      _np(diffusion.loss_weight(s, jnp.asarray(t), 'simple', prediction_type)), np.ones(len(t)))
+      _np(discrete.loss_weight(s, jnp.asarray(t), 'simple', prediction_type)), np.ones(len(t)))
 
 
 def test_loss_is_differentiable_and_jittable():
@@ -374,7 +374,7 @@ def test_loss_is_differentiable_and_jittable():
   eps = jnp.cos(jnp.arange(16.0)).reshape(2, 2, 2, 2)
   t = jnp.array([10, 700])
   out = jnp.zeros_like(x0)
-  f = jax.jit(lambda o: diffusion.diffusion_loss(s, o, x0, eps, t, 'epsilon').sum())
+  f = jax.jit(lambda o: discrete.diffusion_loss(s, o, x0, eps, t, 'epsilon').sum())
   g = jax.grad(f)(out)
   # d/do sum_b mean((o - eps)^2) = 2 (o - eps) / (H W C).
   np.testing.assert_allclose(_np(g), 2 * (0 - _np(eps)) / 8, rtol=1e-6)
@@ -388,26 +388,26 @@ def test_unknown_names_raise_naming_the_config_field():
   x = jnp.zeros((2, 2, 2, 1))
   t = jnp.array([1, 2])
   with pytest.raises(ValueError, match=r'diffusion\.beta_schedule'):
-    diffusion.beta_schedule('quadratic', 10)
+    discrete.beta_schedule('quadratic', 10)
   config = ml_collections.ConfigDict(dict(beta_schedule='exp', num_timesteps=10,
                                           beta_start=B0, beta_end=B1))
   with pytest.raises(ValueError, match=r'diffusion\.beta_schedule'):
-    diffusion.make_schedule(config)
+    discrete.make_schedule(config)
   with pytest.raises(ValueError, match=r'diffusion\.prediction_type'):
-    diffusion.x0_eps_from_output(s, x, x, t, 'score')
+    discrete.x0_eps_from_output(s, x, x, t, 'score')
   with pytest.raises(ValueError, match=r'diffusion\.prediction_type'):
-    diffusion.training_target(s, x, x, t, 'score')
+    discrete.training_target(s, x, x, t, 'score')
   with pytest.raises(ValueError, match=r'diffusion\.prediction_type'):
-    diffusion.loss_weight(s, t, 'min_snr', 'score')
+    discrete.loss_weight(s, t, 'min_snr', 'score')
   with pytest.raises(ValueError, match=r'diffusion\.prediction_type'):
-    diffusion.diffusion_loss(s, x, x, x, t, 'score')
+    discrete.diffusion_loss(s, x, x, x, t, 'score')
   with pytest.raises(ValueError, match=r'diffusion\.loss_weighting'):
-    diffusion.loss_weight(s, t, 'p2', 'epsilon')
+    discrete.loss_weight(s, t, 'p2', 'epsilon')
   with pytest.raises(ValueError, match=r'diffusion\.loss_weighting'):
-    diffusion.diffusion_loss(s, x, x, x, t, 'epsilon', weighting='p2')
+    discrete.diffusion_loss(s, x, x, x, t, 'epsilon', weighting='p2')
   # The names the config documents are all accepted.
   for name in ('linear', 'cosine', 'scaled_linear', 'sigmoid'):
-    assert diffusion.beta_schedule(name, 10).shape == (10,)
+    assert discrete.beta_schedule(name, 10).shape == (10,)
   for pred in ('epsilon', 'x0', 'v'):
     for weighting in ('simple', 'min_snr'):
-      assert diffusion.diffusion_loss(s, x, x, x, t, pred, weighting).shape == (2,)
+      assert discrete.diffusion_loss(s, x, x, x, t, pred, weighting).shape == (2,)

@@ -19,8 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import (checkpoints, config_validation, diffusion, input_pipeline, models,
-                           sharding, train_state)
+from diffusion_jax.training import checkpoints
+from diffusion_jax.modes import validation
+from diffusion_jax.processes import discrete
+from diffusion_jax.data import pipeline
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
 
 
 def small_config(**training):
@@ -33,18 +38,18 @@ def small_config(**training):
 
 
 def build(config, mesh, **step_kwargs):
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape,
                                          mesh, sharding.fsdp_min_size(config.mesh))
-  step = train_state.make_train_step(model, tx, diffusion.make_schedule(config.diffusion),
+  step = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
                                      config, mesh, **step_kwargs)
   return state, step
 
 
 def host_batches(n, batch_size, seed=0):
-  images, labels = input_pipeline.load_digits()
+  images, labels = pipeline.load_digits()
   rng = np.random.default_rng(seed)
   idx = rng.permutation(len(images))[:n * batch_size].reshape(n, batch_size)
   return [{'image': images[i].astype(np.float32) / 127.5 - 1.0, 'label': labels[i]} for i in idx]
@@ -177,7 +182,7 @@ def test_main_splits_the_cpu_into_devices_before_jax_starts(tmp_path, cpu_device
     return
   assert proc.returncode == 0, proc.stderr[-3000:]
   config = tiny.get_config()
-  n = sharding.cpu_device_count(config.mesh, config_validation.batch_sizes(config), len(cores))
+  n = sharding.cpu_device_count(config.mesh, validation.batch_sizes(config), len(cores))
   assert n == len(cores)  # tiny's batches are even.
   assert f'{n} local / {n} global devices (cpu)' in proc.stderr
   assert f'The CPU is split into {n} XLA devices' in proc.stderr
@@ -237,7 +242,7 @@ def test_grad_accum_sum_stays_in_the_fsdp_layout():
   config = small_config(grad_accum_steps=2)
   config.mesh.data, config.mesh.fsdp, config.mesh.fsdp_min_size = 2, 4, 256
   mesh = sharding.create_mesh(config.mesh)
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   shape = (config.data.resolution, config.data.resolution, config.data.channels)
   abstract = jax.tree.map(
@@ -247,7 +252,7 @@ def test_grad_accum_sum_stays_in_the_fsdp_layout():
   rows = sharding.batch_sharding(mesh)
   batch = {'image': jax.ShapeDtypeStruct((16,) + shape, jnp.float32, sharding=rows),
            'label': jax.ShapeDtypeStruct((16,), jnp.int32, sharding=rows)}
-  step = train_state.make_train_step(model, tx, diffusion.make_schedule(config.diffusion),
+  step = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
                                      config, mesh)
   constraints = _sharding_constraints(step.trace(abstract, batch).jaxpr.jaxpr)
   sharded = [p for p in jax.tree.leaves(abstract.params) if 'fsdp' in str(p.sharding.spec)]
@@ -303,7 +308,7 @@ def test_bfloat16_compute_trains_and_keeps_fp32_state():
   config.model.remat = True
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
   state, step = build(config, mesh)
-  images, labels = input_pipeline.load_digits()
+  images, labels = pipeline.load_digits()
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(40):  # 80 steps.
@@ -366,7 +371,7 @@ def final_state(workdir, config=None):
   """The newest checkpoint of `workdir`, restored onto one device."""
   config = config or small_config()
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   shape = (config.data.resolution, config.data.resolution, config.data.channels)
   abstract = jax.tree.map(

@@ -20,7 +20,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configs import digits_dit, imagenet64_dit  # pylint: disable=g-import-not-at-top
-from diffusion_jax import config_validation, convert, dit, models, sharding  # pylint: disable=g-import-not-at-top
+from diffusion_jax.config.errors import ConfigError  # pylint: disable=g-import-not-at-top
+from diffusion_jax.modes import validation
+from diffusion_jax.interop import diffusers
+from diffusion_jax.nn import dit
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
 from test_distributed import assert_trees_close, build, host_batches, small_config  # pylint: disable=g-import-not-at-top
 
 
@@ -159,7 +164,7 @@ def test_position_and_class_conditioning_reach_the_output():
   """With random weights: the sin-cos table is added (shifting the whole image by one patch is not
   an equivariance), y=None is the null class, and remat / bfloat16 keep the function."""
   config = tiny_dit_config()
-  model = models.create_model(config.model, 1)
+  model = backbones.create_model(config.model, 1)
   params = randomized(init(model, (8, 8, 1)))
   x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 1))
   t = jnp.array([3, 50, 99])
@@ -216,7 +221,7 @@ def one_device_run():
 
 def test_adaln_zero_fresh_output_is_exactly_zero(one_device_run):
   config, initial, _, _, _, after_one_step = one_device_run
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 1))
   t = jnp.array([0, 10, 50, 99])
   for y in (jnp.array([0, 3, 9, 10]), None):
@@ -255,8 +260,8 @@ def test_fsdp_8_devices_equals_1_device(one_device_run):
 
 
 def _errors(config, num_devices=1):
-  with pytest.raises(config_validation.ConfigError) as e:
-    config_validation.validate_config(config, 'sample', num_devices=num_devices)
+  with pytest.raises(ConfigError) as e:
+    validation.validate_config(config, 'sample', num_devices=num_devices)
   return str(e.value)
 
 
@@ -273,23 +278,23 @@ def test_config_checks_name_the_field():
   config = tiny_dit_config(arch='vit')
   assert "model.arch='vit' is unknown" in _errors(config)
   with pytest.raises(ValueError, match='model.arch'):
-    models.create_model(config.model, 1)
+    backbones.create_model(config.model, 1)
   # U-Net fields do not constrain a DiT (and the other way round): a ch_mult the 8x8 images
   # cannot take is fine for arch 'dit', an error for 'unet'.
   config = tiny_dit_config()
   config.model.ch_mult = (1, 2, 2, 2, 2)
-  config_validation.validate_config(config, 'sample', num_devices=1)
+  validation.validate_config(config, 'sample', num_devices=1)
   config.model.arch = 'unet'
   assert 'model.ch_mult' in _errors(config)
   # The diffusers export is a UNet2DModel: a DiT run is refused before anything is read.
-  with pytest.raises(convert.ConversionError, match="model.arch='dit'"):
-    convert.diffusers_configs(tiny_dit_config())
+  with pytest.raises(diffusers.ConversionError, match="model.arch='dit'"):
+    diffusers.diffusers_configs(tiny_dit_config())
 
 
 def test_shipped_dit_configs_validate():
   config = digits_dit.get_config()
-  config_validation.validate_config(config, 'train', num_devices=1)
+  validation.validate_config(config, 'train', num_devices=1)
   assert config.model.arch == 'dit'
   config = imagenet64_dit.get_config()
-  config_validation.validate_config(config, 'train', num_devices=64)
-  config_validation.validate_config(config, 'sample', num_devices=8)
+  validation.validate_config(config, 'train', num_devices=64)
+  validation.validate_config(config, 'sample', num_devices=8)

@@ -22,8 +22,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default, digits_edm, tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import diffusion, edm, input_pipeline, models, sharding, train_state
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.processes import discrete
+from diffusion_jax.objectives import edm
+from diffusion_jax.data import pipeline
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.modes.validation import validate_config
 
 # Gaussian "data" on [N, 2, 2, 1] images: a different mean and std in each of the 4 dimensions.
 MU = np.array([0.3, -0.5, 0.0, 0.8]).reshape(2, 2, 1)
@@ -380,14 +386,14 @@ def test_tiny_edm_train_step_loss_falls():
   config.optim.warmup_steps = 0
   config.optim.lr_schedule = 'constant'
   validate_config(config, 'train', num_devices=1, num_processes=1)
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
   shape = (config.data.resolution, config.data.resolution, config.data.channels)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), shape, mesh)
-  step = train_state.make_train_step(model, tx, diffusion.make_schedule(config.diffusion),
+  step = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
                                      config, mesh)
-  images, _ = input_pipeline.load_digits()
+  images, _ = pipeline.load_digits()
   x0 = images[:16].astype(np.float32) / 127.5 - 1.0
   batch = jax.device_put({'image': x0}, sharding.batch_sharding(mesh))
   fixed = jnp.tile(jnp.asarray(x0), (16, 1, 1, 1))

@@ -17,9 +17,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import (checkpoints, diffusion, ema, models, posthoc_ema, sharding,
-                           train_state)
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.training import checkpoints
+from diffusion_jax.training import restore
+from diffusion_jax.processes import discrete
+from diffusion_jax.training import ema
+from diffusion_jax.nn import backbones
+from diffusion_jax.training import posthoc_ema
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.modes.validation import validate_config
 from test_main import _tail, cli_env, run_cli  # pylint: disable=unused-import  (fixture)
 
 
@@ -232,13 +239,13 @@ def test_extra_emas_are_fsdp_sharded_and_follow_their_rules_in_the_train_step():
   from test_distributed import host_batches  # pylint: disable=g-import-not-at-top
   config = _fsdp_config()
   mesh = sharding.create_mesh(config.mesh)
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   res = config.data.resolution
   state = train_state.create_train_state(
       model, tx, jax.random.PRNGKey(0), (res, res, config.data.channels), mesh,
       sharding.fsdp_min_size(config.mesh), ema.ema_keys(config.optim))
-  step_fn = train_state.make_train_step(model, tx, diffusion.make_schedule(config.diffusion),
+  step_fn = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
                                         config, mesh)
   assert state.extra_emas is not None
   assert sorted(state.extra_emas) == sorted(ema.ema_keys(config.optim))
@@ -305,11 +312,11 @@ def test_checkpoint_layout_and_old_checkpoints_with_extra_emas(tmp_path):
     np.testing.assert_array_equal(restored.ema_params['w'], plain.ema_params['w'])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           plain.params)
-  one, step = checkpoints.restore_extra_ema(str(new_dir), 'sigma_rel_0p1', 'sigma_rel:0.1',
+  one, step = restore.restore_extra_ema(str(new_dir), 'sigma_rel_0p1', 'sigma_rel:0.1',
                                             abstract)
   np.testing.assert_array_equal(one['w'], _small_state(keys).extra_emas['sigma_rel_0p1']['w'])
   with pytest.raises(checkpoints.NoCheckpointError, match='no EMA'):
-    checkpoints.restore_extra_ema(str(old_dir), 'decay_0p9', 'decay:0.9', abstract)
+    restore.restore_extra_ema(str(old_dir), 'decay_0p9', 'decay:0.9', abstract)
 
 
 # ------------------------------------------------------------------ end to end through the CLI

@@ -6,7 +6,7 @@ main.py must take that section from --config). The export goes through the real 
 the exported sampler is then loaded in a fresh Python process that must not import the model,
 diffusion or sampler code, and its images are compared bit for bit with --mode=sample's
 (sample_mode.generate) and with the float output of the sample function --mode=sample compiles
-(sampling.make_sample_fn). Both run on one device, as the exported sampler does: sharded over
+(sampler.make_sample_fn). Both run on one device, as the exported sampler does: sharded over
 the 8 virtual CPU devices XLA computes each device's slice of the batch with other kernels,
 which changes the last bit of some floats (see README, "Export a sampler").
 """
@@ -28,17 +28,27 @@ import test_main  # pylint: disable=g-bad-import-order
 import test_sampling_cli as tsc
 from test_main import cli_env  # pylint: disable=unused-import  (a fixture)
 
-from diffusion_jax import (checkpoints, class_labels, diffusion, export, models, run_config,
-                           sample_mode, sampling, serving, sharding)
-from diffusion_jax.config_validation import ConfigError
+from diffusion_jax.training import checkpoints
+from diffusion_jax.training import restore
+from diffusion_jax.sampling import class_labels
+from diffusion_jax.processes import discrete
+from diffusion_jax.serving import export
+from diffusion_jax.nn import backbones
+from diffusion_jax.config import run_config
+from diffusion_jax.modes import sample as sample_mode
+from diffusion_jax.pipelines import sampler
+from diffusion_jax import serving
+from diffusion_jax.parallel import sharding
+from diffusion_jax.config.errors import ConfigError
 
 SEED = 5
 # ddim with eta > 0 draws noise inside the loop; guidance doubles the batch through the network;
 # dynamic thresholding takes a per-example quantile: all of it over the symbolic batch.
 SAMPLE_FIELDS = {'sampler': 'ddim', 'steps': 4, 'eta': 0.5, 'guidance_scale': 2.0,
                  'thresholding': 'dynamic', 'class_labels': '3,7,1', 'seed': SEED}
-FORBIDDEN = ('diffusion_jax.models', 'diffusion_jax.samplers', 'diffusion_jax.diffusion',
-             'diffusion_jax.sampling', 'diffusion_jax.train', 'flax')
+FORBIDDEN = ('diffusion_jax.nn', 'diffusion_jax.sampling', 'diffusion_jax.processes',
+             'diffusion_jax.objectives', 'diffusion_jax.pipelines', 'diffusion_jax.training',
+             'flax')
 
 
 def _config():
@@ -126,9 +136,9 @@ def _sample_mode_references(workdir: str):
   config.sample.batch_size = 16
   with np.load(str(sample_mode.generate(config, workdir, mesh) / 'samples.npz')) as data:
     arr_0_16 = data['arr_0']
-  params, _ = checkpoints.restore_params(config, workdir, mesh, use_ema=True)
-  sample_fn = sampling.make_sample_fn(models.create_model(config.model, config.data.channels),
-                                      diffusion.make_schedule(config.diffusion), config, mesh, 16)
+  params, _ = restore.restore_params(config, workdir, mesh, use_ema=True)
+  sample_fn = sampler.make_sample_fn(backbones.create_model(config.model, config.data.channels),
+                                      discrete.make_schedule(config.diffusion), config, mesh, 16)
   labels = class_labels.labels_for(np.arange(16), np.array([3, 7, 1]), tsc.NUM_CLASSES)
   want = np.asarray(sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(SEED), 0), labels))
   return arr_0, arr_1, arr_0_16, want
@@ -153,7 +163,7 @@ def test_card_weights_and_symbolic_inputs(export_dir):  # pylint: disable=redefi
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   weights = safetensors_numpy.load_file(str(out / export.WEIGHTS_FILE))
   config = _config()
-  ema, _ = checkpoints.restore_params(config, workdir, sharding.create_mesh(config.mesh), True)
+  ema, _ = restore.restore_params(config, workdir, sharding.create_mesh(config.mesh), True)
   want = {'/'.join(str(k.key) for k in path): np.asarray(v)
           for path, v in jax.tree_util.tree_leaves_with_path(ema)}
   assert sorted(weights) == sorted(want)

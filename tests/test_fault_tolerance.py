@@ -21,7 +21,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import test_distributed as td  # pylint: disable=g-import-not-at-top
-from diffusion_jax import checkpoints, input_pipeline, sharding, train
+from diffusion_jax.training import checkpoints
+from diffusion_jax.data import pipeline
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import loop
 
 
 def _steps_on_disk(workdir):
@@ -140,20 +143,20 @@ def test_fsdp_checkpoint_restores_on_other_device_counts(tmp_path):
 def test_skip_nonfinite_steps_and_keep_every(tmp_path, monkeypatch):
   """on_nonfinite='skip': a NaN batch is skipped (counted), training finishes, no NaN anywhere;
   keep_checkpoints=1 with keep_every_steps=4 keeps 4 and 8 of 2, 4, 6, 8."""
-  real = input_pipeline.global_batches
+  real = pipeline.global_batches
 
   def poisoned(dataset, batch_sharding):
     for i, batch in enumerate(real(dataset, batch_sharding)):
       yield dict(batch, image=batch['image'] * jnp.nan) if i == 2 else batch
 
-  monkeypatch.setattr(input_pipeline, 'global_batches', poisoned)
+  monkeypatch.setattr(pipeline, 'global_batches', poisoned)
   config = td.small_config(num_train_steps=8, checkpoint_every_steps=2, log_every_steps=4,
                            sample_every_steps=0, keep_checkpoints=1, keep_every_steps=4,
                            on_nonfinite='skip', num_grid_samples=8)
   config.sample.steps = 2
   config.mesh.data = 1
   config.mesh.allow_idle_devices = True  # One device of the 8 on purpose.
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = loop.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 8
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
   assert td.logged_losses(tmp_path, 'skipped_steps') == {4: 1.0, 8: 1.0}
@@ -243,12 +246,12 @@ def test_preemption_sync_ids_go_up_by_one_with_steps_per_call(monkeypatch, k):
   the old loop did, passes k, 2k, ... and never meets max + 1 when k > 1)."""
   fake = _FakeSyncManager()
   monkeypatch.setattr(checkpoints, 'reached_preemption', fake)
-  flag = train._PreemptionFlag()  # pylint: disable=protected-access
+  flag = loop._PreemptionFlag()  # pylint: disable=protected-access
   stopped_at = None
   for step in range(k, 40 * k + 1, k):
     if step == 10 * k:
       fake.notify()  # A SIGTERM arrives during the 10th call: sync point 9k + 1.
-    if train._should_stop_for_preemption(flag, step, k):  # pylint: disable=protected-access
+    if loop._should_stop_for_preemption(flag, step, k):  # pylint: disable=protected-access
       stopped_at = step
       break
   assert fake.ids == list(range(1, len(fake.ids) + 1))
@@ -298,16 +301,16 @@ def test_compilation_cache_setting_keeps_a_configured_directory(tmp_path):
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   session = jax.config.jax_compilation_cache_dir
   assert session  # conftest.py's.
-  assert train.enable_compilation_cache('', str(tmp_path)) == session
-  assert train.enable_compilation_cache('none', str(tmp_path)) == session
+  assert loop.enable_compilation_cache('', str(tmp_path)) == session
+  assert loop.enable_compilation_cache('none', str(tmp_path)) == session
   try:
     jax.config.update('jax_compilation_cache_dir', None)
-    assert train.enable_compilation_cache('none', str(tmp_path)) is None
+    assert loop.enable_compilation_cache('none', str(tmp_path)) is None
     assert not jax.config.jax_compilation_cache_dir
-    assert train.enable_compilation_cache('', str(tmp_path)) == str(tmp_path / 'compilation_cache')
+    assert loop.enable_compilation_cache('', str(tmp_path)) == str(tmp_path / 'compilation_cache')
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'compilation_cache')
     jax.config.update('jax_compilation_cache_dir', None)
-    assert train.enable_compilation_cache(str(tmp_path / 'c'), 'unused') == str(tmp_path / 'c')
+    assert loop.enable_compilation_cache(str(tmp_path / 'c'), 'unused') == str(tmp_path / 'c')
   finally:
     jax.config.update('jax_compilation_cache_dir', session)
     compilation_cache.reset_cache()

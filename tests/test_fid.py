@@ -12,8 +12,19 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import (checkpoints, evaluation, fid, fid_resize, inception, metrics,  # pylint: disable=g-import-not-at-top
-                           models, sharding, train_state)
+from diffusion_jax.training import restore  # pylint: disable=g-import-not-at-top
+from diffusion_jax.training import checkpoints
+from diffusion_jax.evaluation import sample_metrics
+from diffusion_jax.modes import evaluate as evaluate_mode
+from diffusion_jax.evaluation import feature_sets
+from diffusion_jax.evaluation import checks
+from diffusion_jax.evaluation import cli
+from diffusion_jax.evaluation import fid_resize
+from diffusion_jax.evaluation import inception
+from diffusion_jax.evaluation import metrics
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 needs_weights = pytest.mark.skipif(
@@ -111,7 +122,7 @@ def test_streaming_statistics_equal_in_memory():
     calls.append(len(batch))
     return {'pool3': batch.reshape(len(batch), -1).astype(np.float64)}
 
-  result = fid.extract_features(fid.array_batches(images, 10), feature_fn, 8, keep=20)
+  result = feature_sets.extract_features(feature_sets.array_batches(images, 10), feature_fn, 8, keep=20)
   flat = images.reshape(37, -1).astype(np.float64)
   assert set(calls) == {8} and len(calls) == 5 and result.num_images == 37
   np.testing.assert_allclose(result.mu, flat.mean(0), rtol=1e-12)
@@ -180,7 +191,7 @@ def test_cli_npz_against_a_folder_of_the_same_images(tmp_path, capsys):
   folder.mkdir()
   for i, image in enumerate(images):
     Image.fromarray(image).save(folder / f'{i:03d}.png')
-  result = fid.main([str(npz), str(folder), '--batch_size=8', '--metrics=fid,kid',
+  result = cli.main([str(npz), str(folder), '--batch_size=8', '--metrics=fid,kid',
                      '--kid_subset_size=4', '--kid_num_subsets=2',
                      f'--save_stats={tmp_path / "stats.npz"}'])
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -189,7 +200,7 @@ def test_cli_npz_against_a_folder_of_the_same_images(tmp_path, capsys):
   assert result['resize'] == 'tf_legacy'
   assert result['inception_sha256'] in inception.KNOWN_WEIGHTS
   assert abs(result['fid']) < 1e-2  # The same images.
-  stats = fid.load_stats_file(str(tmp_path / 'stats.npz'))
+  stats = feature_sets.load_stats_file(str(tmp_path / 'stats.npz'))
   assert stats.num_images == 4 and stats.features.shape == (4, 2048)
   # KID of a set with itself, every subset the whole set: the unbiased estimate is
   # 2 (sum K - tr K) / (m (m - 1)) - 2 sum K / m^2 < 0, not 0.
@@ -202,7 +213,7 @@ def test_cli_npz_against_a_folder_of_the_same_images(tmp_path, capsys):
 def test_check_eval_config_names_the_fields():
   config = tiny.get_config()
   config.eval.metrics = ('vlb', 'fid', 'kid', 'is', 'classifier_fd')
-  assert fid.check_eval_config(config, num_devices=8) == []
+  assert checks.check_eval_config(config, num_devices=8) == []
   config.eval.metrics = ('fid', 'kid', 'precision_recall', 'is', 'classifier_fd', 'lpips')
   config.eval.fid_resize = 'bilinear'
   config.eval.feature_batch_size = 12
@@ -211,7 +222,7 @@ def test_check_eval_config_names_the_fields():
   config.eval.num_samples = 5
   config.eval.reference = '/nonexistent/stats.npz'
   config.data.dataset = 'cifar10'
-  errors = '\n'.join(fid.check_eval_config(config, num_devices=8))
+  errors = '\n'.join(checks.check_eval_config(config, num_devices=8))
   for field in ('eval.metrics', 'eval.fid_resize', 'eval.feature_batch_size',
                 'eval.kid_subset_size', 'eval.pr_k', 'eval.num_samples', 'eval.is_splits',
                 'eval.reference', 'data.dataset'):
@@ -232,14 +243,14 @@ def test_eval_mode_writes_every_sample_metric(tmp_path):
                      kid_subset_size=4, kid_num_subsets=3, num_kept_features=16)
   workdir = tmp_path / 'run'
   mesh = sharding.create_mesh(config.mesh)
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh)
-  manager = checkpoints.create_manager(str(workdir), async_save=False)
+  manager = restore.create_manager(str(workdir), async_save=False)
   checkpoints.save(manager, 3, state)
   manager.close()
 
-  results = evaluation.evaluate(config, str(workdir), mesh=mesh)
+  results = evaluate_mode.evaluate(config, str(workdir), mesh=mesh)
   sha = next(iter(inception.KNOWN_WEIGHTS))
   for metric in ('fid', 'kid', 'precision_recall', 'classifier_fd'):
     written = json.loads((workdir / 'eval' / f'{metric}_step3.json').read_text())
@@ -253,14 +264,14 @@ def test_eval_mode_writes_every_sample_metric(tmp_path):
   assert results['classifier_fd']['classifier_fd'] > 0
   assert 0 <= results['classifier_fd']['label_agreement'] <= 1
   cached = list((workdir / 'eval' / 'fid_stats').glob('digits_*tf_legacy_n8_*.npz'))
-  assert len(cached) == 1 and fid.load_stats_file(str(cached[0])).num_images == 8
+  assert len(cached) == 1 and feature_sets.load_stats_file(str(cached[0])).num_images == 8
   assert fid_json['reference'] == str(cached[0])
   assert (workdir / 'eval' / 'fid_stats' / 'classifier_digits.npz').exists()
 
 
 def test_eval_mode_scores_an_existing_samples_file_with_classifier_fd(tmp_path, capsys):
-  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  real, labels = input_pipeline.load_digits()
+  from diffusion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  real, labels = pipeline.load_digits()
   noise = np.random.default_rng(0).integers(0, 256, size=(300, 8, 8, 1), dtype=np.uint8)
   config = tiny.get_config()
   config.model.num_classes = 10
@@ -271,7 +282,7 @@ def test_eval_mode_scores_an_existing_samples_file_with_classifier_fd(tmp_path, 
     np.savez(tmp_path / f'{name}.npz', arr_0=samples, arr_1=labels[:300])
     config.eval.samples = str(tmp_path / f'{name}.npz')
     workdir = tmp_path / name
-    results = evaluation.evaluate(config, str(workdir))
+    results = evaluate_mode.evaluate(config, str(workdir))
     progress = capsys.readouterr().err  # The bar of process 0 counts the images scored.
     assert 'samples -> features' in progress and '300/300' in progress
     written = json.loads((workdir / 'eval' / 'classifier_fd_step0.json').read_text())
@@ -289,9 +300,10 @@ def test_digits_classifier_training_loop_matches_one_scanned_program(monkeypatch
   """train_classifier steps a compiled Adam step in a Python loop (a scan is ~3x slower on
   XLA:CPU); it must give the parameters of the same steps written as one lax.scan."""
   import optax  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import classifier_fd, input_pipeline  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import classifier_fd  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.data import pipeline
   monkeypatch.setattr(classifier_fd, 'TRAIN_STEPS', 40)
-  images, labels = input_pipeline.load_digits()
+  images, labels = pipeline.load_digits()
   images, labels = images[:256], labels[:256]
   params, accuracy = classifier_fd.train_classifier(images, labels)
 
@@ -346,11 +358,11 @@ def _train_eval_config(tmp_path, num_train_steps):
 
 def test_training_eval_writes_scalars_and_keeps_the_best_checkpoint(tmp_path, caplog):
   import logging  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import loop  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
   config = _train_eval_config(tmp_path, 4)
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   values = {s: json.loads((workdir / 'eval' / f'classifier_fd_step{s}.json').read_text())
             ['classifier_fd'] for s in (2, 4)}
   lines = [r.getMessage() for r in caplog.records if ' at step 4: ' in r.getMessage()]
@@ -366,25 +378,25 @@ def test_training_eval_writes_scalars_and_keeps_the_best_checkpoint(tmp_path, ca
                 if p.name.isdigit()) == [str(best_step)]
   # The best checkpoint's EMA parameters score what was recorded for them.
   mesh = sharding.create_mesh(config.mesh)
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   like = jax.eval_shape(lambda: train_state.create_train_state(
       model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh))
   like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                      sharding=sharding.replicated(mesh)), like)
-  reader = checkpoints.create_manager(str(workdir), read_only=True, async_save=False,
-                                      subdir=evaluation.BEST_SUBDIR)
-  restored, step = checkpoints.restore_items(reader, like, ('ema_params',), quarantine=False)
+  reader = restore.create_manager(str(workdir), read_only=True, async_save=False,
+                                      subdir=sample_metrics.BEST_SUBDIR)
+  restored, step = restore.restore_items(reader, like, ('ema_params',), quarantine=False)
   reader.close()
   assert step == best_step
-  scorer = evaluation.SampleMetricsEvaluator(config, str(workdir), mesh, ('classifier_fd',), 24)
+  scorer = sample_metrics.SampleMetricsEvaluator(config, str(workdir), mesh, ('classifier_fd',), 24)
   again = scorer(restored['ema_params'], best_step)['classifier_fd']['classifier_fd']
   assert again == pytest.approx(values[best_step], rel=1e-5)
 
   # Resume with an earlier best nothing can beat: it is read from best.json, so step 6 is
   # not saved as best, and keep_checkpoints=1 deletes old steps but never the best one.
   (workdir / 'eval' / 'best.json').write_text(json.dumps(dict(best, value=-1.0)))
-  train.train_and_evaluate(_train_eval_config(tmp_path, 6), str(workdir))
+  loop.train_and_evaluate(_train_eval_config(tmp_path, 6), str(workdir))
   assert (workdir / 'eval' / 'classifier_fd_step6.json').exists()
   assert json.loads((workdir / 'eval' / 'best.json').read_text())['value'] == -1.0
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['6']
@@ -393,29 +405,30 @@ def test_training_eval_writes_scalars_and_keeps_the_best_checkpoint(tmp_path, ca
 
 
 def test_training_eval_config_errors_name_the_fields():
-  from diffusion_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.modes import validation
   config = tiny.get_config()
   config.training.eval_every_steps = 2
   config.eval.train_metrics = ('is', 'fid')
   config.eval.train_num_samples = 1
-  with pytest.raises(config_validation.ConfigError) as e:
-    config_validation.validate_config(config, 'train', num_devices=8)
+  with pytest.raises(ConfigError) as e:
+    validation.validate_config(config, 'train', num_devices=8)
   message = str(e.value)
   assert "eval.train_metrics=('is', 'fid')" in message and "'classifier_fd'" in message
   assert 'eval.train_num_samples=1' in message
   config.eval.update(train_metrics=('classifier_fd',), train_num_samples=32)
-  config_validation.validate_config(config, 'train', num_devices=8)
+  validation.validate_config(config, 'train', num_devices=8)
   config.training.eval_every_steps = 0
   config.eval.train_metrics = ('lpips',)  # Not read when the in-training eval is off.
-  config_validation.validate_config(config, 'train', num_devices=8)
+  validation.validate_config(config, 'train', num_devices=8)
   from configs import digits  # pylint: disable=g-import-not-at-top
   demo = digits.get_config()  # The demo scores classifier_fd once, at its last step.
   assert demo.training.eval_every_steps == demo.training.num_train_steps
   assert demo.eval.train_metrics == ('classifier_fd',)
-  config_validation.validate_config(demo, 'train', num_devices=8)
+  validation.validate_config(demo, 'train', num_devices=8)
   demo.data.dataset = 'cifar10'
-  with pytest.raises(config_validation.ConfigError, match="'classifier_fd'.*data.dataset"):
-    config_validation.validate_config(demo, 'train', num_devices=8)
+  with pytest.raises(ConfigError, match="'classifier_fd'.*data.dataset"):
+    validation.validate_config(demo, 'train', num_devices=8)
 
 
 # ------------------------------------------------------------------ sources and the cache
@@ -428,24 +441,24 @@ def _pixel_features(batch):
 
 def test_tfds_split_source_reads_the_prepared_split(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  assert fid.parse_tfds_source('tfds:cifar10:train[:10%]') == ('cifar10', 'train[:10%]')
-  assert fid.parse_tfds_source('tfds:imagenet_resized/64x64:validation') == (
+  assert feature_sets.parse_tfds_source('tfds:cifar10:train[:10%]') == ('cifar10', 'train[:10%]')
+  assert feature_sets.parse_tfds_source('tfds:imagenet_resized/64x64:validation') == (
       'imagenet_resized/64x64', 'validation')
   for bad in ('tfds:cifar10', 'tfds::train', 'cifar10:train'):
     with pytest.raises(ValueError, match='tfds:NAME:SPLIT'):
-      fid.parse_tfds_source(bad)
+      feature_sets.parse_tfds_source(bad)
   with tfds.testing.mock_data(num_examples=7):
     raw = np.stack([e['image'] for e in tfds.load('cifar10', split='test').as_numpy_iterator()])
-    from_tfds = fid.features_of_source('tfds:cifar10:test', _pixel_features, 4, keep=7,
+    from_tfds = cli.features_of_source('tfds:cifar10:test', _pixel_features, 4, keep=7,
                                        want_logits=False)
   assert raw.shape == (7, 32, 32, 3) and raw.std() > 0
   np.savez(tmp_path / 'same.npz', arr_0=raw)
-  from_npz = fid.features_of_source(str(tmp_path / 'same.npz'), _pixel_features, 4, 7, False)
+  from_npz = cli.features_of_source(str(tmp_path / 'same.npz'), _pixel_features, 4, 7, False)
   assert from_tfds.num_images == 7
   np.testing.assert_array_equal(from_tfds.features, raw.reshape(7, -1)[:, :6])
   np.testing.assert_allclose(from_tfds.sigma, from_npz.sigma, rtol=1e-12)
   with pytest.raises(FileNotFoundError, match='tfds build cifar10'):
-    next(fid.tfds_batches('tfds:cifar10:test', 4, data_dir=str(tmp_path / 'empty')))
+    next(feature_sets.tfds_batches('tfds:cifar10:test', 4, data_dir=str(tmp_path / 'empty')))
 
 
 def test_reference_statistics_are_cached_per_folder_and_reused(tmp_path, monkeypatch):
@@ -457,23 +470,23 @@ def test_reference_statistics_are_cached_per_folder_and_reused(tmp_path, monkeyp
     seed = 0 if config.data.folder.endswith('a') else 1
     yield np.random.default_rng(seed).integers(0, 256, size=(10, 8, 8, 1), dtype=np.uint8)
 
-  monkeypatch.setattr(evaluation, '_dataset_batches', fake_dataset_batches)
+  monkeypatch.setattr(sample_metrics, '_dataset_batches', fake_dataset_batches)
   config = tiny.get_config()
   config.data.update(dataset='folder', folder=str(tmp_path / 'images_a'))
   config.eval.update(fid_stats_dir=str(tmp_path / 'stats'), num_kept_features=4)
   workdir = str(tmp_path / 'run')
-  first, path_a = evaluation.reference_features(config, workdir, _pixel_features, 'abc', 4, None)
-  again, path_again = evaluation.reference_features(config, workdir, _pixel_features, 'abc', 4,
+  first, path_a = sample_metrics.reference_features(config, workdir, _pixel_features, 'abc', 4, None)
+  again, path_again = sample_metrics.reference_features(config, workdir, _pixel_features, 'abc', 4,
                                                     None)
   assert reads == [config.data.folder]  # The second evaluation read the cache file only.
   assert path_again == path_a and again.num_images == first.num_images == 10
   np.testing.assert_allclose(again.sigma, first.sigma, rtol=1e-12)
   config.data.folder = str(tmp_path / 'images_b')  # Another folder: its own statistics.
-  other, path_b = evaluation.reference_features(config, workdir, _pixel_features, 'abc', 4, None)
+  other, path_b = sample_metrics.reference_features(config, workdir, _pixel_features, 'abc', 4, None)
   assert len(reads) == 2 and path_b != path_a
   assert not np.allclose(other.mu, first.mu)
-  assert evaluation.dataset_source_id(config.data) in path_b
+  assert sample_metrics.dataset_source_id(config.data) in path_b
   config.data.folder = str(tmp_path / 'images_b') + '/'  # The same folder, written otherwise.
-  assert evaluation.reference_features(config, workdir, _pixel_features, 'abc', 4, None)[1] == (
+  assert sample_metrics.reference_features(config, workdir, _pixel_features, 'abc', 4, None)[1] == (
       path_b)
   assert len(reads) == 2

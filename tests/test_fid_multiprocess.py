@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 sys.path.insert(0, sys.argv[4])
 import test_fid_multiprocess as t
-from diffusion_jax import inception
+from diffusion_jax.evaluation import inception
 mesh = Mesh(np.array(jax.devices()), ('data',))
 out = inception.make_feature_fn(t.random_params(), 0, 'tf_legacy', mesh)(t.images())
 np.save(sys.argv[3] + f'/pool3_p{jax.process_index()}.npy', out['pool3'])
@@ -38,7 +38,7 @@ def images() -> np.ndarray:
 
 
 def random_params():
-  from diffusion_jax import inception  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
   return inception.InceptionV3(0).init(jax.random.PRNGKey(0), np.zeros((1, 299, 299, 3),
                                                                       np.float32))['params']
 
@@ -61,7 +61,7 @@ def test_two_process_features_equal_one_device(tmp_path):
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
 
-  from diffusion_jax import inception  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
   expected = inception.make_feature_fn(random_params(), 0, 'tf_legacy')(images())['pool3']
   assert np.std(expected) > 0  # Distinct, non-trivial features.
   for i in range(2):

@@ -15,7 +15,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import test_checkpoints as tc  # pylint: disable=g-import-not-at-top,g-bad-import-order
-from diffusion_jax import images, train  # pylint: disable=g-import-not-at-top
+from diffusion_jax import images  # pylint: disable=g-import-not-at-top
+from diffusion_jax.training import loop
 
 
 def _tensorboard_scalars(workdir, tag):
@@ -31,22 +32,22 @@ def _tensorboard_scalars(workdir, tag):
 
 
 def _rows(workdir):
-  with open(os.path.join(workdir, train.METRICS_FILE), encoding='utf-8') as f:
+  with open(os.path.join(workdir, loop.METRICS_FILE), encoding='utf-8') as f:
     return [json.loads(line) for line in f]
 
 
 def test_metrics_jsonl_and_loss_curve_follow_a_resumed_run(tmp_path, capfd):
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(tc.loop_config(4), workdir)  # Logs (and checkpoints) steps 2 and 4.
+  loop.train_and_evaluate(tc.loop_config(4), workdir)  # Logs (and checkpoints) steps 2 and 4.
   first = _rows(workdir)
   assert [row['step'] for row in first] == [2, 4]
   tb_loss = _tensorboard_scalars(workdir, 'loss')
   np.testing.assert_allclose([row['loss'] for row in first], [tb_loss[2], tb_loss[4]], rtol=1e-6)
   # A run killed after logging a step its checkpoint does not hold: a row for step 6 and half
   # a line. The resume from checkpoint 4 drops both before logging 6 itself.
-  with open(os.path.join(workdir, train.METRICS_FILE), 'a', encoding='utf-8') as f:
+  with open(os.path.join(workdir, loop.METRICS_FILE), 'a', encoding='utf-8') as f:
     f.write(json.dumps({'step': 6, 'loss': 123.0}) + '\n{"step": 8, "lo')
-  train.train_and_evaluate(tc.loop_config(6), workdir)
+  loop.train_and_evaluate(tc.loop_config(6), workdir)
   rows = _rows(workdir)
   assert [row['step'] for row in rows] == [2, 4, 6]  # No duplicate, no jump back.
   assert rows[:2] == first
@@ -54,7 +55,7 @@ def test_metrics_jsonl_and_loss_curve_follow_a_resumed_run(tmp_path, capfd):
   assert rows[2]['loss'] != 123.0
   np.testing.assert_allclose(rows[2]['loss'], tb_loss[6], rtol=1e-6)
 
-  metrics = train.read_train_metrics(workdir)
+  metrics = loop.read_train_metrics(workdir)
   assert {'step', 'loss', 'grad_norm', 'learning_rate',
           'train/steps_per_sec_window'} <= set(metrics)
   assert metrics['step'].dtype == np.int64 and list(metrics['step']) == [2, 4, 6]
@@ -62,7 +63,7 @@ def test_metrics_jsonl_and_loss_curve_follow_a_resumed_run(tmp_path, capfd):
   np.testing.assert_allclose(metrics['learning_rate'], 2e-3, rtol=1e-6)  # Constant schedule.
   assert np.all(metrics['train/steps_per_sec_window'] > 0)
 
-  with Image.open(os.path.join(workdir, train.LOSS_CURVE_FILE)) as png:
+  with Image.open(os.path.join(workdir, loop.LOSS_CURVE_FILE)) as png:
     png.load()
     assert png.format == 'PNG' and png.size == images.CURVE_SIZE and png.mode == 'RGB'
     drawn = np.all(np.asarray(png) == images.CURVE_COLOR, axis=-1)
@@ -73,14 +74,14 @@ def test_metrics_jsonl_and_loss_curve_follow_a_resumed_run(tmp_path, capfd):
 
 
 def test_read_train_metrics_fills_missing_and_nonfinite_with_nan(tmp_path):
-  (tmp_path / train.METRICS_FILE).write_text(
+  (tmp_path / loop.METRICS_FILE).write_text(
       '{"step": 10, "loss": 0.5}\n{"step": 20, "loss": null, "skipped_steps": 3}\n')
-  metrics = train.read_train_metrics(str(tmp_path))
+  metrics = loop.read_train_metrics(str(tmp_path))
   assert list(metrics['step']) == [10, 20]
   np.testing.assert_array_equal(metrics['loss'], [0.5, np.nan])
   np.testing.assert_array_equal(metrics['skipped_steps'], [np.nan, 3.0])
   with pytest.raises(FileNotFoundError, match='log_every_steps'):
-    train.read_train_metrics(str(tmp_path / 'none'))
+    loop.read_train_metrics(str(tmp_path / 'none'))
 
 
 class _Stream(io.StringIO):
@@ -94,24 +95,24 @@ class _Stream(io.StringIO):
 
 
 def test_progress_bar_only_on_a_terminal_of_process_0():
-  assert train.show_progress_bar(_Stream(True), process_index=0)
-  assert not train.show_progress_bar(_Stream(False), process_index=0)  # Logs, pipes, CI.
-  assert not train.show_progress_bar(_Stream(True), process_index=1)
-  assert not train.show_progress_bar(object(), process_index=0)  # No isatty at all.
+  assert loop.show_progress_bar(_Stream(True), process_index=0)
+  assert not loop.show_progress_bar(_Stream(False), process_index=0)  # Logs, pipes, CI.
+  assert not loop.show_progress_bar(_Stream(True), process_index=1)
+  assert not loop.show_progress_bar(object(), process_index=0)  # No isatty at all.
   closed = _Stream(True)
   closed.close()
   closed.isatty = io.StringIO().isatty  # A closed stream's isatty raises ValueError.
-  assert not train.show_progress_bar(closed, process_index=0)
+  assert not loop.show_progress_bar(closed, process_index=0)
 
 
 def test_progress_line_rate_eta_and_loss():
   # 500 of 3000 steps in 100 s: 5 steps/s, 2500 steps left = 500 s.
-  line = train.progress_line(500, 3000, 100.0, loss=0.03125)
+  line = loop.progress_line(500, 3000, 100.0, loss=0.03125)
   assert '500/3000 steps' in line and ' 17%' in line
   assert '01:40 elapsed' in line and 'ETA 08:20' in line and '5.00step/s' in line
   assert 'loss 0.03125' in line
   # Resumed at 2000: only this run's 500 steps count for the rate, so 100 s are left.
-  line = train.progress_line(2500, 3000, 100.0, start_step=2000)
+  line = loop.progress_line(2500, 3000, 100.0, start_step=2000)
   assert 'ETA 01:40' in line and '5.00step/s' in line and 'loss' not in line
 
 
@@ -122,7 +123,7 @@ def test_progress_bar_draws_on_stderr_and_clears_for_log_lines(monkeypatch):
   root = logging.getLogger()
   root.addHandler(handler)
   try:
-    bar = train.TrainProgressBar(0, 100, enabled=True)
+    bar = loop.TrainProgressBar(0, 100, enabled=True)
     bar.update(10, loss=0.5)
     assert len(handler.filters) == 1  # The bar's clearing filter.
     before = stream.getvalue()
@@ -136,7 +137,7 @@ def test_progress_bar_draws_on_stderr_and_clears_for_log_lines(monkeypatch):
     root.removeHandler(handler)
   quiet = _Stream(False)
   monkeypatch.setattr(sys, 'stderr', quiet)
-  bar = train.TrainProgressBar(0, 100, enabled=False)
+  bar = loop.TrainProgressBar(0, 100, enabled=False)
   bar.update(50, loss=0.5)
   bar.close()
   assert quiet.getvalue() == ''

@@ -1,4 +1,4 @@
-"""Flow matching (flow.py): samplers, loss and likelihood against closed forms on Gaussian data,
+"""Flow matching (flow_matching.py): samplers, loss and likelihood against closed forms on Gaussian data,
 the time distributions, config errors and a train-step smoke test.
 
 Gaussian data x0 ~ N(mu, s^2) independently per dimension, eps ~ N(0, 1), x_t = (1 - t) x0 + t eps:
@@ -23,9 +23,16 @@ import numpy as np
 import pytest
 
 from configs import default, tiny
-from diffusion_jax import (diffusion, flow, input_pipeline, likelihood, models, objectives,
-                           sharding, train_state)
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.processes import discrete
+from diffusion_jax.objectives import flow_matching
+from diffusion_jax.data import pipeline
+from diffusion_jax.evaluation import likelihood
+from diffusion_jax.nn import backbones
+from diffusion_jax import objectives
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.modes.validation import validate_config
 
 MU = np.array([0.5, -1.0, 0.2, 0.0])
 S = np.array([0.5, 1.0, 1.5, 0.8])
@@ -89,7 +96,7 @@ def test_ode_samplers_transport_noise_to_the_gaussian(sampler, steps, tol, predi
   dcfg = _dcfg(flow_prediction=prediction, flow_time_shift=3.0)
   scfg = ml_collections.ConfigDict(default.get_config().sample.to_dict())
   scfg.update(sampler=sampler, steps=steps)
-  out = jax.jit(lambda z, key: flow.sample_from_config(_network(prediction), dcfg, z, key,
+  out = jax.jit(lambda z, key: flow_matching.sample_from_config(_network(prediction), dcfg, z, key,
                                                         scfg))(noise, jax.random.PRNGKey(1))
   out = np.asarray(out, np.float64).reshape(n, 4)
   exact = MU + S * np.asarray(noise, np.float64).reshape(n, 4)  # The ODE's exact map.
@@ -108,7 +115,7 @@ def test_ode_samplers_converge_at_their_order(sampler, order):
   exact = MU + S * np.asarray(noise, np.float64).reshape(1024, 4)
 
   def err(steps):
-    out = flow.flow_sample(v_star, noise, jax.random.PRNGKey(0), sampler=sampler, steps=steps,
+    out = flow_matching.flow_sample(v_star, noise, jax.random.PRNGKey(0), sampler=sampler, steps=steps,
                            shift=3.0)
     return np.abs(np.asarray(out, np.float64).reshape(1024, 4) - exact).max()
   ratio = err(40) / err(20)
@@ -122,9 +129,9 @@ def test_coarse_euler_is_worse_and_trajectory_is_recorded():
   x_t after each step (last = output) and x0_hat = x - t v."""
   noise = _noise(256)
   exact = MU + S * np.asarray(noise, np.float64).reshape(256, 4)
-  coarse = flow.flow_sample(v_star, noise, jax.random.PRNGKey(0), sampler='euler', steps=4)
+  coarse = flow_matching.flow_sample(v_star, noise, jax.random.PRNGKey(0), sampler='euler', steps=4)
   assert np.abs(np.asarray(coarse).reshape(256, 4) - exact).max() > 0.05
-  x, traj = flow.flow_sample(v_star, noise, jax.random.PRNGKey(0), sampler='euler', steps=4,
+  x, traj = flow_matching.flow_sample(v_star, noise, jax.random.PRNGKey(0), sampler='euler', steps=4,
                              trajectory_every=1, trajectory_images=3)
   assert traj.x_t.shape == (4, 3) + SHAPE
   np.testing.assert_array_equal(np.asarray(traj.x_t[-1]), np.asarray(x[:3]))
@@ -135,7 +142,7 @@ def test_coarse_euler_is_worse_and_trajectory_is_recorded():
 def test_euler_maruyama_matches_the_moments_and_reduces_to_euler():
   n, steps = 8192, 400
   noise = _noise(n, seed=3)
-  run = jax.jit(lambda z, key, c: flow.flow_sample(v_star, z, key, sampler='euler_maruyama',
+  run = jax.jit(lambda z, key, c: flow_matching.flow_sample(v_star, z, key, sampler='euler_maruyama',
                                                    steps=steps, noise_scale=c),
                 static_argnums=2)
   out = np.asarray(run(noise, jax.random.PRNGKey(5), 1.0), np.float64).reshape(n, 4)
@@ -146,7 +153,7 @@ def test_euler_maruyama_matches_the_moments_and_reduces_to_euler():
   exact = MU + S * np.asarray(noise, np.float64).reshape(n, 4)
   assert np.abs(out - exact).mean() > 0.1
   # With noise scale 0 the SDE is the ODE: exactly the Euler sampler.
-  euler = flow.flow_sample(v_star, noise, jax.random.PRNGKey(5), sampler='euler', steps=steps)
+  euler = flow_matching.flow_sample(v_star, noise, jax.random.PRNGKey(5), sampler='euler', steps=steps)
   np.testing.assert_array_equal(np.asarray(run(noise, jax.random.PRNGKey(5), 0.0)),
                                 np.asarray(euler))
 
@@ -199,7 +206,7 @@ def test_x0_loss_is_the_clamped_velocity_loss():
   x0 = jax.random.normal(k0, (512,) + SHAPE)
   ex = objectives.training_example(None, dcfg, x0, jax.random.normal(k1, x0.shape), k2)
   x0_hat = x0 + 0.1 * jax.random.normal(k3, x0.shape)
-  got = np.asarray(flow.per_example_loss(dcfg, x0_hat, ex))
+  got = np.asarray(flow_matching.per_example_loss(dcfg, x0_hat, ex))
   t = np.asarray(ex['time'], np.float64)
   v_hat = (np.asarray(ex['x_t']) - np.asarray(x0_hat)) / np.maximum(t, 0.05)[:, None, None, None]
   v = (np.asarray(ex['x_t']) - np.asarray(x0)) / np.maximum(t, 0.05)[:, None, None, None]
@@ -221,18 +228,18 @@ def test_x0_loss_is_the_clamped_velocity_loss():
 def test_time_shift_is_the_documented_function():
   t = np.array([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
   for s in (0.25, 1.0, 3.0, 4.0):
-    got = flow.time_shift(t, s)
+    got = flow_matching.time_shift(t, s)
     np.testing.assert_allclose(got, s * t / (1 + (s - 1) * t), rtol=1e-12)
     assert got[0] == 0.0 and got[-1] == 1.0
-    assert np.all(np.diff(flow.time_shift(np.linspace(0, 1, 1001), s)) > 0)
+    assert np.all(np.diff(flow_matching.time_shift(np.linspace(0, 1, 1001), s)) > 0)
     inner = t[1:-1]  # Noise-to-signal ratio times s.
-    np.testing.assert_allclose(flow.time_shift(inner, s) / (1 - flow.time_shift(inner, s)),
+    np.testing.assert_allclose(flow_matching.time_shift(inner, s) / (1 - flow_matching.time_shift(inner, s)),
                                s * inner / (1 - inner), rtol=1e-12)
-  np.testing.assert_allclose(flow.time_shift(0.5, 3.0), 0.75)
-  assert flow.time_shift_for_resolution(64, 64, 32, 32) == 2.0
-  assert flow.time_shift_for_resolution(1024, 1024, 256, 256) == 4.0  # SD3's sqrt(m/n).
-  grid = flow.sample_time_grid(10, 3.0)
-  np.testing.assert_allclose(grid, flow.time_shift(1 - np.arange(11) / 10, 3.0))
+  np.testing.assert_allclose(flow_matching.time_shift(0.5, 3.0), 0.75)
+  assert flow_matching.time_shift_for_resolution(64, 64, 32, 32) == 2.0
+  assert flow_matching.time_shift_for_resolution(1024, 1024, 256, 256) == 4.0  # SD3's sqrt(m/n).
+  grid = flow_matching.sample_time_grid(10, 3.0)
+  np.testing.assert_allclose(grid, flow_matching.time_shift(1 - np.arange(11) / 10, 3.0))
   assert grid[0] == 1.0 and grid[-1] == 0.0
 
 
@@ -241,7 +248,7 @@ def test_logit_normal_times_have_the_right_moments(mean, std, shift):
   n = 100_000
   dcfg = _dcfg(flow_time_dist='logit_normal', flow_logit_mean=mean, flow_logit_std=std,
                flow_time_shift=shift)
-  t = np.asarray(flow.sample_times(dcfg, jax.random.PRNGKey(4), n), np.float64)
+  t = np.asarray(flow_matching.sample_times(dcfg, jax.random.PRNGKey(4), n), np.float64)
   logit = np.log(t) - np.log1p(-t)
   # The shift multiplies t / (1 - t) by s, so it adds log s to the logit.
   assert abs(logit.mean() - (mean + math.log(shift))) < 4 * std / math.sqrt(n)
@@ -251,13 +258,13 @@ def test_logit_normal_times_have_the_right_moments(mean, std, shift):
 
 def test_uniform_times_are_uniform_then_shifted():
   n = 100_000
-  t = np.asarray(flow.sample_times(_dcfg(flow_time_dist='uniform'), jax.random.PRNGKey(5), n))
+  t = np.asarray(flow_matching.sample_times(_dcfg(flow_time_dist='uniform'), jax.random.PRNGKey(5), n))
   assert abs(t.mean() - 0.5) < 4 * math.sqrt(1 / 12 / n)
   hist, _ = np.histogram(t, bins=10, range=(0, 1))
   assert np.all(np.abs(hist / n - 0.1) < 5 * math.sqrt(0.09 / n))
-  shifted = np.asarray(flow.sample_times(_dcfg(flow_time_dist='uniform', flow_time_shift=3.0),
+  shifted = np.asarray(flow_matching.sample_times(_dcfg(flow_time_dist='uniform', flow_time_shift=3.0),
                                          jax.random.PRNGKey(5), n))
-  np.testing.assert_allclose(shifted, flow.time_shift(t, 3.0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(shifted, flow_matching.time_shift(t, 3.0), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ likelihood
@@ -296,7 +303,7 @@ def test_edm_ode_likelihood_is_the_gaussian_density():
   the prior's mismatch N(mu, s^2 + sigma_max^2) vs N(0, sigma_max^2), and equals exactly the
   prior pulled back by the linear flow x -> mu + r (x - mu), r = sqrt((s^2 + smax^2) / (s^2 +
   smin^2))."""
-  edm = pytest.importorskip('diffusion_jax.edm')
+  edm = pytest.importorskip('diffusion_jax.objectives.edm')
   dcfg = _dcfg(objective='edm')
   sd, smin, smax = dcfg.edm_sigma_data, dcfg.edm_sigma_min, dcfg.edm_sigma_max
   mu, s2 = _img(MU), _img(S**2)
@@ -390,13 +397,13 @@ def test_flow_train_step_loss_falls():
   config.optim.warmup_steps = 0
   config.optim.lr_schedule = 'constant'
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape, mesh)
-  step = train_state.make_train_step(model, tx, diffusion.make_schedule(config.diffusion),
+  step = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
                                      config, mesh)
-  images, _ = input_pipeline.load_digits()
+  images, _ = pipeline.load_digits()
   batch = jax.device_put({'image': images[:16].astype(np.float32) / 127.5 - 1.0},
                          sharding.batch_sharding(mesh))
   losses = []

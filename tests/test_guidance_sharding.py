@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import samplers
+from diffusion_jax.sampling import guidance
 
 COLLECTIVES = ('all-gather', 'all-reduce', 'collective-permute', 'all-to-all', 'reduce-scatter')
 
@@ -27,7 +27,7 @@ def _toy_net(x, t, y):
 
 def _guided(labels_null: int, scale: float):
   def fn(x, t, y):
-    out, _ = samplers.make_network_fn(_toy_net, labels=y, null_label=labels_null,
+    out, _ = guidance.make_network_fn(_toy_net, labels=y, null_label=labels_null,
                                       guidance_scale=scale, takes_labels=True)(x, t)
     return out
   return fn

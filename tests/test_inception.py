@@ -18,7 +18,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax import inception, sharding, torch_weights  # pylint: disable=g-import-not-at-top
+from diffusion_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+from diffusion_jax.parallel import sharding
+from diffusion_jax.interop import torch_pickle
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 WEIGHTS = inception.packaged_weights_path()
@@ -67,7 +69,7 @@ def test_sharded_features_equal_unsharded(loaded, reference, unsharded_pool3):
 
 @needs_weights
 def test_state_dict_mapping_names_missing_unexpected_and_misshapen_keys():
-  state = torch_weights.load_state_dict(WEIGHTS)
+  state = torch_pickle.load_state_dict(WEIGHTS)
   assert len(state) == 376
   state.pop('net.layers.mixed_4.tower_1.conv_3.var')
   state['net.layers.extra.weight'] = np.zeros((3,), np.float32)
@@ -81,7 +83,7 @@ def test_state_dict_mapping_names_missing_unexpected_and_misshapen_keys():
 
 
 def test_tensors_rebuilt_from_a_torch_save_file():
-  state = torch_weights.load_state_dict(os.path.join(FIXTURES, 'tiny_state_dict.pth'))
+  state = torch_pickle.load_state_dict(os.path.join(FIXTURES, 'tiny_state_dict.pth'))
   values = np.load(os.path.join(FIXTURES, 'tiny_state_dict_values.npz'))
   assert sorted(state) == sorted(k.replace('__', '.') for k in values.files)
   for key, value in state.items():
@@ -107,15 +109,15 @@ def test_pickle_with_other_globals_is_refused(tmp_path):
     archive.writestr('archive/data.pkl', pickle.dumps({'weight': _Exploit(marker)}, protocol=2))
   path = tmp_path / 'evil.pth'
   path.write_bytes(buffer.getvalue())
-  with pytest.raises(torch_weights.UnsafePickleError) as e:
-    torch_weights.load_state_dict(str(path))
+  with pytest.raises(torch_pickle.UnsafePickleError) as e:
+    torch_pickle.load_state_dict(str(path))
   assert f'{os.system.__module__}.system' in str(e.value)
   assert not marker.exists()
 
 
 @needs_weights
 def test_classifier_weights_give_bias_free_logits(reference):
-  state = torch_weights.load_state_dict(WEIGHTS)
+  state = torch_pickle.load_state_dict(WEIGHTS)
   fc = np.random.default_rng(0).normal(size=(inception.NUM_LOGITS, 2048)).astype(np.float32)
   state['output.weight'] = fc  # NVIDIA's name; its bias is dropped (no_output_bias).
   state['output.bias'] = np.ones((inception.NUM_LOGITS,), np.float32)
@@ -129,7 +131,7 @@ def test_classifier_weights_give_bias_free_logits(reference):
 
 
 def test_legacy_torch_save_format_is_read(tmp_path):
-  legacy = torch_weights.load_state_dict(os.path.join(FIXTURES, 'tiny_state_dict_legacy.pth'))
+  legacy = torch_pickle.load_state_dict(os.path.join(FIXTURES, 'tiny_state_dict_legacy.pth'))
   values = np.load(os.path.join(FIXTURES, 'tiny_state_dict_values.npz'))
   assert sorted(legacy) == sorted(k.replace('__', '.') for k in values.files)
   for key, value in legacy.items():
@@ -140,16 +142,16 @@ def test_legacy_torch_save_format_is_read(tmp_path):
   # A legacy file whose object pickle calls anything else is refused before it runs.
   marker = tmp_path / 'pwned'
   header = b''.join(pickle.dumps(x, protocol=2) for x in (
-      torch_weights.LEGACY_MAGIC, torch_weights.LEGACY_PROTOCOL, {'little_endian': True}))
+      torch_pickle.LEGACY_MAGIC, torch_pickle.LEGACY_PROTOCOL, {'little_endian': True}))
   path = tmp_path / 'evil_legacy.pth'
   path.write_bytes(header + pickle.dumps({'weight': _Exploit(marker)}, protocol=2) +
                    pickle.dumps([], protocol=2))
-  with pytest.raises(torch_weights.UnsafePickleError, match='system'):
-    torch_weights.load_state_dict(str(path))
+  with pytest.raises(torch_pickle.UnsafePickleError, match='system'):
+    torch_pickle.load_state_dict(str(path))
   assert not marker.exists()
   (tmp_path / 'junk.pth').write_bytes(b'not a torch file')
   with pytest.raises(ValueError, match='neither a zip archive nor a legacy'):
-    torch_weights.load_state_dict(str(tmp_path / 'junk.pth'))
+    torch_pickle.load_state_dict(str(tmp_path / 'junk.pth'))
 
 
 @needs_weights
@@ -158,7 +160,7 @@ def test_pytorch_fid_names_map_onto_the_network(reference):
   torch, which also checked the re-saved legacy file) give NVIDIA's pool3 and, with a random
   fc, the fixture's logits; a batch-norm scale != 1 is folded in exactly."""
   fixture = np.load(os.path.join(FIXTURES, 'pytorch_fid_fixture.npz'))
-  nvidia = torch_weights.load_state_dict(WEIGHTS)
+  nvidia = torch_pickle.load_state_dict(WEIGHTS)
   state = {str(new): nvidia[str(old)] for new, old in zip(fixture['pytorch_fid_names'],
                                                           fixture['nvidia_names'])}
   assert len(state) == 376 and 'Mixed_6b.branch7x7dbl_4.bn.running_var' in state

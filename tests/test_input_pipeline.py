@@ -12,8 +12,9 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from configs import tiny
-from diffusion_jax import input_pipeline
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.data import pipeline
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.modes.validation import validate_config
 
 
 def _data_config(**overrides):
@@ -32,7 +33,7 @@ def _digits_config(**overrides):
 def _eval_examples(config, batch_size, *, process_index=0, process_count=1,
                    split='train'):
   """Runs one eval pass; returns stacked real examples and the batch list."""
-  ds = input_pipeline.create_dataset(
+  ds = pipeline.create_dataset(
       config, batch_size, split=split, seed=0, process_index=process_index,
       process_count=process_count, train=False)
   batches = list(ds.as_numpy_iterator())
@@ -47,7 +48,7 @@ def _eval_examples(config, batch_size, *, process_index=0, process_count=1,
 def _train_examples(config, batch_size, num_examples, *, seed=0,
                     process_index=0, process_count=1):
   """Returns the first `num_examples` examples of the training stream."""
-  ds = input_pipeline.create_dataset(
+  ds = pipeline.create_dataset(
       config, batch_size, split='train', seed=seed,
       process_index=process_index, process_count=process_count, train=True)
   batches = list(ds.take(math.ceil(num_examples / batch_size))
@@ -74,7 +75,7 @@ def _assert_on_8bit_grid(images):
 
 @pytest.fixture(scope='module')
 def digits():
-  return input_pipeline.load_digits()
+  return pipeline.load_digits()
 
 
 def _scaled(uint8_images):
@@ -97,8 +98,8 @@ def test_load_digits_matches_sklearn(digits):
 
 def test_digits_metadata():
   config = _digits_config(label_key='')
-  assert input_pipeline.has_labels(config)
-  assert input_pipeline.num_classes_of(config) == 10
+  assert pipeline.has_labels(config)
+  assert pipeline.num_classes_of(config) == 10
 
 
 def test_digits_train_epoch_is_shuffled_dataset(digits):
@@ -321,10 +322,10 @@ def test_folder_grayscale_matches_pil(image_folder):
 
 def test_folder_labels_and_metadata(image_folder):
   root, _ = image_folder
-  assert input_pipeline.has_labels(_folder_config(root))
-  assert input_pipeline.num_classes_of(_folder_config(root)) == 2
+  assert pipeline.has_labels(_folder_config(root))
+  assert pipeline.num_classes_of(_folder_config(root)) == 2
   unlabelled = _folder_config(root, label_key='')
-  assert not input_pipeline.has_labels(unlabelled)
+  assert not pipeline.has_labels(unlabelled)
   real, batches = _eval_examples(unlabelled, 4)
   assert set(batches[0]) == {'image', 'mask'}
   assert len(real['image']) == 7
@@ -343,7 +344,7 @@ def test_folder_hosts_read_disjoint_parts(image_folder, process_count):
     np.testing.assert_array_equal(real['label'], full['label'][p::process_count])
     parts.append(real)
     shapes.add(tuple((len(batches),) + b['image'].shape for b in batches))
-    train = input_pipeline.create_dataset(
+    train = pipeline.create_dataset(
         config, 2, split='train', seed=0, process_index=p,
         process_count=process_count)
     assert next(train.as_numpy_iterator())['image'].shape == (2, 8, 8, 3)
@@ -356,12 +357,12 @@ def test_folder_hosts_read_disjoint_parts(image_folder, process_count):
 def test_folder_errors(tmp_path):
   missing = _folder_config(tmp_path / 'nope')
   with pytest.raises(ValueError, match='data.folder'):
-    input_pipeline.create_dataset(missing, 2, split='train', seed=0,
+    pipeline.create_dataset(missing, 2, split='train', seed=0,
                                   process_index=0, process_count=1)
   (tmp_path / 'empty' / 'sub').mkdir(parents=True)
   (tmp_path / 'empty' / 'sub' / 'readme.txt').write_text('x')
   with pytest.raises(ValueError, match='data.folder'):
-    input_pipeline.create_dataset(_folder_config(tmp_path / 'empty'), 2,
+    pipeline.create_dataset(_folder_config(tmp_path / 'empty'), 2,
                                   split='train', seed=0, process_index=0,
                                   process_count=1)
 
@@ -373,10 +374,10 @@ def test_tfds_cifar10_mocked():
   config = _data_config(dataset='cifar10', label_key='label', resolution=32,
                         channels=3, random_flip=False, shuffle_buffer=64)
   with tfds.testing.mock_data(num_examples=24):
-    assert input_pipeline.num_classes_of(config) == 10
+    assert pipeline.num_classes_of(config) == 10
     raw = list(tfds.load('cifar10', split='test').as_numpy_iterator())
     real, batches = _eval_examples(config, 10, split='test')
-    train = input_pipeline.create_dataset(
+    train = pipeline.create_dataset(
         config, 8, split='train', seed=0, process_index=0, process_count=1)
     batch = next(train.as_numpy_iterator())
   assert batch['image'].shape == (8, 32, 32, 3)
@@ -440,7 +441,7 @@ def test_tfds_hosts_read_disjoint_parts(prepared_tfds_dir, process_count):
   config = _data_config(dataset='input_pipeline_test_images',
                         data_dir=prepared_tfds_dir, label_key='label',
                         resolution=4, channels=3, random_flip=False)
-  assert input_pipeline.num_classes_of(config) == 5
+  assert pipeline.num_classes_of(config) == 5
   indices, num_batches = [], set()
   for p in range(process_count):
     real, batches = _eval_examples(config, 2, process_index=p,
@@ -457,7 +458,7 @@ def test_tfds_hosts_read_disjoint_parts(prepared_tfds_dir, process_count):
 def test_tfds_missing_dataset_raises(tmp_path):
   config = _data_config(dataset='cifar10', data_dir=str(tmp_path))
   with pytest.raises(ValueError, match='data.dataset') as error:
-    input_pipeline.create_dataset(config, 2, split='train', seed=0,
+    pipeline.create_dataset(config, 2, split='train', seed=0,
                                   process_index=0, process_count=1)
   assert 'tfds build cifar10' in str(error.value)
   assert str(tmp_path) in str(error.value)
@@ -472,11 +473,11 @@ def test_global_batches_sharded_over_devices(digits):
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   assert mesh.size == 8
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  ds = input_pipeline.create_dataset(_digits_config(), 16, split='train',
+  ds = pipeline.create_dataset(_digits_config(), 16, split='train',
                                      seed=0, process_index=0, process_count=1,
                                      train=False)
   local = next(ds.as_numpy_iterator())
-  batch = next(input_pipeline.global_batches(ds, sharding))
+  batch = next(pipeline.global_batches(ds, sharding))
   assert set(batch) == {'image', 'label', 'mask'}
   for key, value in batch.items():
     assert isinstance(value, jax.Array)
@@ -508,7 +509,7 @@ def test_digits_training_batches_are_numpy_and_host_count_independent(digits, mo
   monkeypatch.setattr(tf.data.Dataset, 'from_tensor_slices', no_tf_data)
 
   def stream(rows, start_step, count, process_index=0, process_count=1):
-    ds = input_pipeline.step_indexed_dataset(
+    ds = pipeline.step_indexed_dataset(
         config, 8, seed=3, start_step=start_step, rows=np.asarray(rows),
         process_index=process_index, process_count=process_count)
     return list(itertools.islice(ds, count))
@@ -534,7 +535,7 @@ def test_digits_training_batches_are_numpy_and_host_count_independent(digits, mo
     assert matches.size and y in labels[matches]
     flipped += int(not same.any())
   assert 16 <= flipped <= 48  # 64 draws of a fair coin (symmetric digits count as unflipped).
-  stacked = input_pipeline.step_indexed_dataset(config, 8, seed=3, start_step=0,
+  stacked = pipeline.step_indexed_dataset(config, 8, seed=3, start_step=0,
                                                 rows=np.arange(8), steps_per_batch=2)
   first = next(iter(stacked))
   np.testing.assert_array_equal(first['image'], np.stack([one[0]['image'], one[1]['image']]))
@@ -571,7 +572,7 @@ def test_center_crop_matches_numpy(tmp_path, digits):
                           center_crop=6, prefetch=0)
   crop = array[3:9, 7:13].astype(np.float64)
   expected = crop.reshape(3, 2, 3, 2, 3).mean(axis=(1, 3))
-  batch = next(iter(input_pipeline.step_indexed_dataset(
+  batch = next(iter(pipeline.step_indexed_dataset(
       config, 1, seed=0, start_step=0, rows=np.arange(1)).as_numpy_iterator()))
   np.testing.assert_allclose(batch['image'][0], expected / 127.5 - 1.0, atol=1e-5)
   real, _ = _eval_examples(config, 1)
@@ -588,12 +589,12 @@ def test_center_crop_matches_numpy(tmp_path, digits):
 def test_center_crop_larger_than_images_is_an_error(tmp_path, prepared_tfds_dir):
   # Static image shape (digits are 8x8): an error before any data is read.
   with pytest.raises(ValueError, match=r'data\.center_crop=9'):
-    input_pipeline.create_dataset(_digits_config(center_crop=9), 4, split='train', seed=0,
+    pipeline.create_dataset(_digits_config(center_crop=9), 4, split='train', seed=0,
                                   process_index=0, process_count=1, train=False)
   # Folders (sizes unknown until read): the first image that is too small names the field.
   _write_png(tmp_path / 'small' / 'a.png', np.zeros((5, 7, 3), np.uint8))
   config = _folder_config(tmp_path / 'small', label_key='', center_crop=6)
-  ds = input_pipeline.step_indexed_dataset(config, 1, seed=0, start_step=0, rows=np.arange(1))
+  ds = pipeline.step_indexed_dataset(config, 1, seed=0, start_step=0, rows=np.arange(1))
   with pytest.raises(Exception, match=r'data\.center_crop=6'):
     next(iter(ds.as_numpy_iterator()))
   # Validation knows the sizes of the digits and of tfds features of static shape (6x10 here).
@@ -658,7 +659,7 @@ def _ramps_config(root, file_format='array_record', **overrides):
 
 
 def _steps(config, global_batch, rows, start_step, count, seed=5, **kwargs):
-  ds = input_pipeline.step_indexed_dataset(config, global_batch, seed=seed,
+  ds = pipeline.step_indexed_dataset(config, global_batch, seed=seed,
                                            start_step=start_step, rows=np.asarray(rows),
                                            **kwargs)
   return list(ds.take(count).as_numpy_iterator())
@@ -681,7 +682,7 @@ def test_tfds_array_record_order_is_host_count_independent(array_record_dir, tmp
   one = _steps(config, 4, range(4), 0, steps)
   two = [_steps(config, 4, rows, 0, steps, process_index=p, process_count=2)
          for p, rows in enumerate(([0, 1], [2, 3]))]
-  order = input_pipeline._step_indices(13, 4, np.arange(4), seed=5, start_step=0)
+  order = pipeline._step_indices(13, 4, np.arange(4), seed=5, start_step=0)
   flips = 0
   for s in range(steps):
     for key in ('image', 'label'):
@@ -732,13 +733,13 @@ def test_tfds_array_record_resume_reads_only_what_it_uses(array_record_dir, monk
       self.reads.extend(int(i) for i in indices)
       return self.source.__getitems__(indices)
 
-  real_open = input_pipeline._open_tfds_data_source
+  real_open = pipeline._open_tfds_data_source
 
   def counting_open(*args, **kwargs):
     opened.append(Counting(real_open(*args, **kwargs)))
     return opened[-1]
 
-  monkeypatch.setattr(input_pipeline, '_open_tfds_data_source', counting_open)
+  monkeypatch.setattr(pipeline, '_open_tfds_data_source', counting_open)
   config = _ramps_config(array_record_dir, random_flip=False, prefetch=0)
   builder = tfds.builder('input_pipeline_test_ramps', data_dir=config.data_dir)
   rows, taken = np.arange(4), 3
@@ -746,10 +747,10 @@ def test_tfds_array_record_resume_reads_only_what_it_uses(array_record_dir, monk
   # The reader behind the tf.data stream: exactly `taken` batches read for `taken` batches.
   exact = {}
   for start in (1, 10_000):
-    source = input_pipeline._tfds_indexed(config, builder, 'train')
-    records = input_pipeline._indexed_records(source, 4, rows, seed=5, start_step=start)
+    source = pipeline._tfds_indexed(config, builder, 'train')
+    records = pipeline._indexed_records(source, 4, rows, seed=5, start_step=start)
     got = [next(records) for _ in range(4 * taken)]
-    order = input_pipeline._step_indices(13, 4, rows, seed=5, start_step=start)
+    order = pipeline._step_indices(13, 4, rows, seed=5, start_step=start)
     expected = [next(order) for _ in range(4 * taken)]
     assert opened[-1].reads == [index for _, index in expected]
     assert [int(r['position']) for r in got] == [p for p, _ in expected]
@@ -763,7 +764,7 @@ def test_tfds_array_record_resume_reads_only_what_it_uses(array_record_dir, monk
     batches = _steps(config, 4, rows, start, taken)
     reads = opened[-1].reads
     assert len(reads) % 4 == 0
-    order = input_pipeline._step_indices(13, 4, rows, seed=5, start_step=start)
+    order = pipeline._step_indices(13, 4, rows, seed=5, start_step=start)
     assert reads == [next(order)[1] for _ in reads]
     labels = np.concatenate([b['label'] for b in batches])
     np.testing.assert_array_equal(labels, np.asarray(
@@ -777,11 +778,11 @@ def test_tfds_tfrecord_fallback_streams_and_warns(array_record_dir, monkeypatch)
   """A TFRecord-only dataset keeps the tf.data stream (start step = skipped batches) and
   warns once with the command that makes resume O(1)."""
   warnings = []
-  monkeypatch.setattr(input_pipeline, '_WARNED_SEQUENTIAL', set())
-  monkeypatch.setattr(input_pipeline.logging, 'warning',
+  monkeypatch.setattr(pipeline, '_WARNED_SEQUENTIAL', set())
+  monkeypatch.setattr(pipeline.logging, 'warning',
                       lambda msg, *args: warnings.append(msg % args))
   opened = []
-  monkeypatch.setattr(input_pipeline, '_open_tfds_data_source',
+  monkeypatch.setattr(pipeline, '_open_tfds_data_source',
                       lambda *a, **k: opened.append(a))
   config = _ramps_config(array_record_dir, 'tfrecord', random_flip=False, shuffle_buffer=1)
   first = _steps(config, 4, range(4), 0, 5)

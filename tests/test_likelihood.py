@@ -15,8 +15,13 @@ import pytest
 from scipy import integrate, stats
 
 from configs import default, tiny
-from diffusion_jax import (checkpoints, diffusion, evaluation, likelihood, models, sharding,
-                           train_state)
+from diffusion_jax.training import checkpoints
+from diffusion_jax.processes import discrete
+from diffusion_jax.modes import evaluate as evaluate_mode
+from diffusion_jax.evaluation import likelihood
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
 
 LN2 = math.log(2.0)
 
@@ -26,7 +31,7 @@ def _linear_betas(n, b0=1e-4, b1=0.02):
 
 
 def _schedule(n):
-  return diffusion.schedule_from_betas(_linear_betas(n))
+  return discrete.schedule_from_betas(_linear_betas(n))
 
 
 def _diffusion_config(**overrides):
@@ -48,7 +53,7 @@ def test_normal_kl_matches_numpy_and_quadrature():
   rng = np.random.default_rng(0)
   m1, m2 = rng.normal(size=(2, 50))
   lv1, lv2 = rng.uniform(-3, 2, size=(2, 50))
-  got = np.asarray(diffusion.normal_kl(m1, lv1, m2, lv2))
+  got = np.asarray(discrete.normal_kl(m1, lv1, m2, lv2))
   np.testing.assert_allclose(got, _normal_kl_np(m1, np.exp(lv1), m2, np.exp(lv2)),
                              rtol=1e-5, atol=1e-6)
   for i in range(3):  # The definition, integrated numerically.
@@ -56,7 +61,7 @@ def test_normal_kl_matches_numpy_and_quadrature():
     ref, _ = integrate.quad(lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), -np.inf, np.inf)
     assert got[i] == pytest.approx(ref, rel=1e-4, abs=1e-6)
   # Broadcasting of scalar arguments (as prior_bpd uses it).
-  np.testing.assert_allclose(np.asarray(diffusion.normal_kl(m1, lv1, 0.0, 0.0)),
+  np.testing.assert_allclose(np.asarray(discrete.normal_kl(m1, lv1, 0.0, 0.0)),
                              _normal_kl_np(m1, np.exp(lv1), 0.0, 1.0), rtol=1e-5, atol=1e-6)
 
 
@@ -80,7 +85,7 @@ def test_discretized_gaussian_log_likelihood_matches_scipy():
   for mean, log_scale in [(0.0, np.log(0.1)), (-0.97, np.log(0.02)), (0.5, np.log(0.6)),
                           (0.99, np.log(0.004))]:
     mean_arr = mean + 0.01 * rng.normal(size=x.shape)
-    got = np.asarray(diffusion.discretized_gaussian_log_likelihood(
+    got = np.asarray(discrete.discretized_gaussian_log_likelihood(
         x.astype(np.float32), mean_arr.astype(np.float32),
         np.full_like(x, log_scale, np.float32)), np.float64)
     ref = _disc_loglik_scipy(x, mean_arr, log_scale)
@@ -88,7 +93,7 @@ def test_discretized_gaussian_log_likelihood_matches_scipy():
     np.testing.assert_allclose(got[ok], ref[ok], rtol=2e-4, atol=2e-4)
     assert np.all(np.isfinite(got))
     # A proper distribution over the 256 levels when the mean is the same for all.
-    total = np.exp(np.asarray(diffusion.discretized_gaussian_log_likelihood(
+    total = np.exp(np.asarray(discrete.discretized_gaussian_log_likelihood(
         x.astype(np.float32), np.float32(mean), np.float32(log_scale)), np.float64)).sum()
     assert total == pytest.approx(1.0, abs=1e-4)
 
@@ -97,8 +102,8 @@ def test_discretized_gaussian_far_tails_are_finite_with_finite_gradients():
   x = jnp.array([-1.0, 0.0, 0.0, 1.0, 1.0 - 2 / 255])
   mean = jnp.array([1.0, 0.9, -0.9, -1.0, -0.8])
   log_scale = jnp.full((5,), np.log(0.01), jnp.float32)
-  f = lambda m, s: jnp.sum(diffusion.discretized_gaussian_log_likelihood(x, m, s))
-  value = diffusion.discretized_gaussian_log_likelihood(x, mean, log_scale)
+  f = lambda m, s: jnp.sum(discrete.discretized_gaussian_log_likelihood(x, m, s))
+  value = discrete.discretized_gaussian_log_likelihood(x, mean, log_scale)
   grads = jax.grad(f, argnums=(0, 1))(mean, log_scale)
   assert np.all(np.isfinite(np.asarray(value))) and np.all(np.asarray(value) < -1000)
   assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
@@ -117,7 +122,7 @@ def test_decoder_term_is_the_discretized_nll_in_bits():
   x_t = rng.normal(size=x0.shape).astype(np.float32)
   mean = (x0 + 0.02 * rng.normal(size=x0.shape)).astype(np.float32)
   log_var = np.full(x0.shape, np.log(0.03**2), np.float32)
-  got = diffusion.vlb_term(schedule, x0, x_t, jnp.zeros((3,), jnp.int32), mean, log_var)
+  got = discrete.vlb_term(schedule, x0, x_t, jnp.zeros((3,), jnp.int32), mean, log_var)
   ref = -_disc_loglik_scipy(x0, mean, 0.5 * log_var).reshape(3, -1).mean(1) / LN2
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4)
 
@@ -127,7 +132,7 @@ def test_prior_bpd_closed_form():
   abar = np.cumprod(1 - _linear_betas(200))[-1]
   x0 = np.random.default_rng(3).uniform(-1, 1, size=(5, 3, 3, 2)).astype(np.float32)
   ref = _normal_kl_np(np.sqrt(abar) * x0, 1 - abar, 0.0, 1.0).reshape(5, -1).mean(1) / LN2
-  np.testing.assert_allclose(np.asarray(diffusion.prior_bpd(schedule, x0)), ref, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(discrete.prior_bpd(schedule, x0)), ref, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ VLB of the optimal denoiser
@@ -161,16 +166,16 @@ def test_vlb_terms_of_optimal_gaussian_denoiser_match_closed_form(prediction_typ
     x0 = mu + np.sqrt(var) * np.asarray(jax.random.normal(k0, (n, dims)), np.float64)
     x0 = x0.astype(np.float32)
     t_batch = jnp.full((n,), t, jnp.int32)
-    x_t = diffusion.q_sample(schedule, x0, t_batch, jax.random.normal(k1, (n, dims)))
+    x_t = discrete.q_sample(schedule, x0, t_batch, jax.random.normal(k1, (n, dims)))
     output = _gaussian_optimal_output(x_t, np.float32(abar[t]), mu.astype(np.float32),
                                       var.astype(np.float32), prediction_type)
     post_var = betas[t] * (1 - abar_prev[t]) / (1 - abar[t])
     c1 = betas[t] * np.sqrt(abar_prev[t]) / (1 - abar[t])
     var_x0_given_xt = var * (1 - abar[t]) / (abar[t] * var + 1 - abar[t])
     for variance, model_var in (('fixed_small', post_var), ('fixed_large', betas[t])):
-      mean, log_var, _ = diffusion.p_mean_variance(schedule, output, x_t, t_batch,
+      mean, log_var, _ = discrete.p_mean_variance(schedule, output, x_t, t_batch,
                                                    prediction_type, False, variance)
-      terms = np.asarray(diffusion.vlb_term(schedule, x0, x_t, t_batch, mean, log_var),
+      terms = np.asarray(discrete.vlb_term(schedule, x0, x_t, t_batch, mean, log_var),
                          np.float64)
       ref = np.mean(0.5 * (np.log(model_var / post_var) + post_var / model_var - 1
                            + c1**2 * var_x0_given_xt / model_var)) / LN2
@@ -186,7 +191,7 @@ def test_learned_range_interpolates_between_the_bounds():
   schedule = _schedule(100)
   t = jnp.arange(100)
   v = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, 5)[:, None], (5, 100))
-  logv = np.stack([np.asarray(diffusion.learned_log_variance(schedule, v[i], t))
+  logv = np.stack([np.asarray(discrete.learned_log_variance(schedule, v[i], t))
                    for i in range(5)])
   lo = np.asarray(schedule.posterior_log_variance_clipped)
   hi = np.log(np.asarray(schedule.betas))
@@ -196,7 +201,7 @@ def test_learned_range_interpolates_between_the_bounds():
   assert np.all(np.diff(logv[:, 1:], axis=0) > 0)  # beta~_t < beta_t for t >= 1.
   # p_mean_variance uses it for learn_sigma outputs.
   out = jnp.concatenate([jnp.zeros((100, 3)), jnp.full((100, 3), 0.5)], axis=-1)
-  _, log_var, _ = diffusion.p_mean_variance(schedule, out, jnp.zeros((100, 3)), t, 'epsilon',
+  _, log_var, _ = discrete.p_mean_variance(schedule, out, jnp.zeros((100, 3)), t, 'epsilon',
                                             learn_sigma=True)
   np.testing.assert_allclose(np.asarray(log_var[:, 0]), 0.25 * lo + 0.75 * hi, rtol=1e-5)
 
@@ -206,12 +211,12 @@ def test_training_losses_without_learn_sigma_is_l_simple():
   rng = np.random.default_rng(5)
   x0, noise, out = (rng.normal(size=(6, 4, 4, 3)).astype(np.float32) for _ in range(3))
   t = jnp.array([0, 3, 10, 50, 80, 99])
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  x_t = discrete.q_sample(schedule, x0, t, noise)
   for weighting in ('simple', 'min_snr'):
     cfg = _diffusion_config(loss_weighting=weighting)
     np.testing.assert_array_equal(
-        np.asarray(diffusion.training_losses(schedule, out, x0, noise, t, x_t, cfg, False)),
-        np.asarray(diffusion.diffusion_loss(schedule, out, x0, noise, t, 'epsilon', weighting)))
+        np.asarray(discrete.training_losses(schedule, out, x0, noise, t, x_t, cfg, False)),
+        np.asarray(discrete.diffusion_loss(schedule, out, x0, noise, t, 'epsilon', weighting)))
 
 
 @pytest.mark.parametrize('prediction_type,weighting', [('epsilon', 'simple'), ('v', 'min_snr')])
@@ -224,26 +229,26 @@ def test_hybrid_loss_gradients_are_split_by_the_stop_gradient(prediction_type, w
   x0 = (rng.integers(0, 256, size=(6, 4, 4, 3)) / 127.5 - 1).astype(np.float32)
   noise = rng.normal(size=x0.shape).astype(np.float32)
   t = jnp.array([0, 1, 7, 30, 64, 99])  # Includes the decoder step t = 0.
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  x_t = discrete.q_sample(schedule, x0, t, noise)
   pred = 0.5 * rng.normal(size=x0.shape).astype(np.float32)
   v = rng.uniform(-1, 1, size=x0.shape).astype(np.float32)
   output = jnp.concatenate([pred, v], axis=-1)
 
-  hybrid = jax.jit(lambda o: jnp.mean(diffusion.training_losses(schedule, o, x0, noise, t, x_t,
+  hybrid = jax.jit(lambda o: jnp.mean(discrete.training_losses(schedule, o, x0, noise, t, x_t,
                                                                 cfg, True)))
   grad = jax.jit(jax.grad(hybrid))(output)
   grad_pred, grad_v = np.asarray(grad[..., :3]), np.asarray(grad[..., 3:])
 
-  simple = lambda p: jnp.mean(diffusion.diffusion_loss(schedule, p, x0, noise, t,
+  simple = lambda p: jnp.mean(discrete.diffusion_loss(schedule, p, x0, noise, t,
                                                        prediction_type, weighting))
   np.testing.assert_allclose(grad_pred, np.asarray(jax.jit(jax.grad(simple))(pred)),
                              rtol=1e-5,
                              atol=1e-9)
 
   def vlb(p, v_):
-    mean, log_var, _ = diffusion.p_mean_variance(
+    mean, log_var, _ = discrete.p_mean_variance(
         schedule, jnp.concatenate([p, v_], -1), x_t, t, prediction_type, True)
-    return jnp.mean(0.001 * num_steps * diffusion.vlb_term(schedule, x0, x_t, t, mean, log_var))
+    return jnp.mean(0.001 * num_steps * discrete.vlb_term(schedule, x0, x_t, t, mean, log_var))
   vlb_grad_pred, vlb_grad_v = jax.jit(jax.grad(vlb, argnums=(0, 1)))(pred, v)
   np.testing.assert_allclose(grad_v, np.asarray(vlb_grad_v), rtol=1e-5, atol=1e-9)
   assert np.abs(grad_v).max() > 0
@@ -392,8 +397,8 @@ def test_evaluate_end_to_end(tmp_path):
 
   # One hybrid-loss train step, then a checkpoint, as the training loop would write it.
   mesh = sharding.create_mesh(config.mesh)
-  model = models.create_model(config.model, config.data.channels)
-  schedule = diffusion.make_schedule(config.diffusion)
+  model = backbones.create_model(config.model, config.data.channels)
+  schedule = discrete.make_schedule(config.diffusion)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh)
   step_fn = train_state.make_train_step(model, tx, schedule, config, mesh)
@@ -404,7 +409,7 @@ def test_evaluate_end_to_end(tmp_path):
   checkpoints.save(manager, 1, state)
   manager.close()
 
-  results = evaluation.evaluate(config, workdir, mesh=mesh)
+  results = evaluate_mode.evaluate(config, workdir, mesh=mesh)
   written = json.loads((tmp_path / 'eval' / 'vlb_step1.json').read_text())
   assert written == results
   assert written['step'] == 1 and written['num_examples'] == 8
@@ -420,7 +425,8 @@ def test_evaluate_end_to_end(tmp_path):
 
 
 def test_eval_config_validation():
-  from diffusion_jax.config_validation import ConfigError, validate_config
+  from diffusion_jax.config.errors import ConfigError
+  from diffusion_jax.modes.validation import validate_config
   config = tiny.get_config()
   validate_config(config, mode='eval', num_devices=8, num_processes=1)
   config.eval.metrics = ('vlb', 'fid')  # Sample metrics are valid eval metrics now ...

@@ -67,7 +67,7 @@ def trained(tmp_path_factory, cli_env):
   workdir = tmp_path_factory.mktemp('cli') / 'run'
   proc = run_cli(cli_env, f'--workdir={workdir}', *OVERRIDES)
   assert proc.returncode == 0, _tail(proc)
-  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   if run_config.load_run_config(str(workdir)) is None:  # Until the train loop writes it.
     run_config.save_run_config(_overridden(CONFIG, OVERRIDES), str(workdir))
   return workdir
@@ -76,7 +76,7 @@ def trained(tmp_path_factory, cli_env):
 def _overridden(config, overrides):
   """`config` with the '--config.a.b=value' strings applied (values parsed as Python)."""
   import ast  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   values = {}
   for flag in overrides:
     name, value = flag[len('--config.'):].split('=', 1)

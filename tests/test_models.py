@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from diffusion_jax import models
+from diffusion_jax.nn import layers
+from diffusion_jax.nn import unet
+from diffusion_jax.nn import backbones
 
 NUM_CLASSES = 5
 SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=8,
@@ -45,7 +47,7 @@ def fast_jit(fn):
 
 
 def small_model(**overrides):
-  return models.UNet(**{**SMALL, **overrides})
+  return unet.UNet(**{**SMALL, **overrides})
 
 
 def _x(seed=0, shape=X_SHAPE):
@@ -140,11 +142,11 @@ def _base_perturbed_output():
 
 def test_cifar10_ddpm_parameter_count():
   """Ho et al.'s CIFAR-10 network has 35.7M parameters (35,746,307, as google/ddpm-cifar10-32)."""
-  shapes = _param_shapes(models.UNet(), (1, 32, 32, 3))
+  shapes = _param_shapes(unet.UNet(), (1, 32, 32, 3))
   assert _count(shapes) == 35_746_307
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(shapes))
   # The default config builds that same network.
-  from_config = _param_shapes(models.create_model(default.get_config().model, 3), (1, 32, 32, 3))
+  from_config = _param_shapes(backbones.create_model(default.get_config().model, 3), (1, 32, 32, 3))
   assert jax.tree_util.tree_structure(from_config) == jax.tree_util.tree_structure(shapes)
   assert _count(from_config) == 35_746_307
   # Spot checks of the layout: 128 base channels, 512-dim timestep embedding, attention at 16x16
@@ -163,7 +165,7 @@ def test_create_model_maps_config_fields():
   config.ch, config.ch_mult, config.num_classes = 64, (1, 2, 4), 10
   config.learn_sigma, config.dtype, config.remat = True, 'bfloat16', True
   config.num_head_channels, config.use_scale_shift_norm = 32, True
-  model = models.create_model(config, 1)
+  model = backbones.create_model(config, 1)
   assert (model.ch, tuple(model.ch_mult), model.num_classes, model.out_channels) == (
       64, (1, 2, 4), 10, 1)
   assert model.learn_sigma and model.remat and model.use_scale_shift_norm
@@ -384,23 +386,23 @@ def test_timestep_embedding_formula(dim):
   ref = np.concatenate([np.sin(args), np.cos(args)], axis=1)
   if dim % 2:
     ref = np.concatenate([ref, np.zeros((len(t), 1))], axis=1)
-  emb = models.timestep_embedding(jnp.asarray(t, jnp.float32), dim)
+  emb = layers.timestep_embedding(jnp.asarray(t, jnp.float32), dim)
   assert emb.shape == (len(t), dim) and emb.dtype == jnp.float32
   # float32 arguments up to 999 rad carry ~1e-4 absolute error.
   np.testing.assert_allclose(np.asarray(emb, np.float64), ref, atol=3e-4, rtol=0)
   np.testing.assert_allclose(np.asarray(emb, np.float64)[:3], ref[:3], atol=2e-6, rtol=0)
   # Integer timesteps give the same embedding.
   np.testing.assert_array_equal(
-      np.asarray(models.timestep_embedding(jnp.array([0, 17, 999]), dim)),
+      np.asarray(layers.timestep_embedding(jnp.array([0, 17, 999]), dim)),
       np.asarray(emb)[[0, 3, 5]])
 
 
 def test_upsampling_is_nearest_neighbour_forward_and_backward():
-  """models._resample('up') equals jax.image.resize 'nearest' (the reference) in value and in
+  """unet._resample('up') equals jax.image.resize 'nearest' (the reference) in value and in
   gradient: each input pixel's gradient is the sum over its 2x2 output block."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 4))
   w = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 10, 4))
-  ours = lambda v: models._resample(v, 'up')  # pylint: disable=protected-access
+  ours = lambda v: unet._resample(v, 'up')  # pylint: disable=protected-access
   ref = lambda v: jax.image.resize(v, (2, 6, 10, 4), method='nearest')
   np.testing.assert_array_equal(ours(x), ref(x))
   grad = jax.grad(lambda v: jnp.sum(w * ours(v)))(x)
@@ -424,7 +426,7 @@ def test_group_norm_matches_float64_reference_and_flax_gradients(shape, groups):
   scale = rng.normal(size=shape[-1]).astype(np.float32)
   bias = rng.normal(size=shape[-1]).astype(np.float32)
   params = {'params': {'GroupNorm_0': {'scale': jnp.asarray(scale), 'bias': jnp.asarray(bias)}}}
-  norm = models.GroupNorm32(groups, epsilon=1e-6)
+  norm = layers.GroupNorm32(groups, epsilon=1e-6)
   init_tree = jax.eval_shape(norm.init, jax.random.PRNGKey(0), x)
   assert jax.tree.map(lambda a: a.shape, init_tree) == jax.tree.map(lambda a: a.shape, params)
 
@@ -443,7 +445,7 @@ def test_group_norm_matches_float64_reference_and_flax_gradients(shape, groups):
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.max(jnp.abs(b))), rtol=0)
 
-  bf16 = models.GroupNorm32(groups, dtype=jnp.bfloat16, epsilon=1e-6)
+  bf16 = layers.GroupNorm32(groups, dtype=jnp.bfloat16, epsilon=1e-6)
   y16 = bf16.apply(params, x.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), ref, atol=0.05 * np.abs(ref).max())
@@ -451,4 +453,4 @@ def test_group_norm_matches_float64_reference_and_flax_gradients(shape, groups):
 
 def test_group_norm_channels_must_divide_into_groups():
   with pytest.raises(ValueError, match='model.num_groups'):
-    models.GroupNorm32(32).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 48)))
+    layers.GroupNorm32(32).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 48)))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import sample_mode, train
+from diffusion_jax.modes import sample as sample_mode
+from diffusion_jax.training import loop
 
 STEPS = 40
 COMBOS = [('ddpm', 'dit'), ('edm', 'unet'), ('edm', 'dit'), ('flow_matching', 'unet'),
@@ -49,11 +50,11 @@ def _config(objective: str, arch: str):
 def test_objective_and_backbone_train_resume_and_sample(objective, arch, tmp_path):
   config = _config(objective, arch)
   run = tmp_path / 'run'
-  state = train.train_and_evaluate(config, str(run))
+  state = loop.train_and_evaluate(config, str(run))
   assert int(state.step) == STEPS
   final = [np.asarray(x) for x in jax.tree.leaves(state)]
 
-  history = train.read_train_metrics(str(run))
+  history = loop.read_train_metrics(str(run))
   np.testing.assert_array_equal(history['step'], np.arange(10, STEPS + 1, 10))
   losses = history['loss']
   assert np.all(np.isfinite(losses)), losses
@@ -63,7 +64,7 @@ def test_objective_and_backbone_train_resume_and_sample(objective, arch, tmp_pat
   resumed = tmp_path / 'resumed'
   shutil.copytree(run, resumed)
   shutil.rmtree(resumed / 'checkpoints' / str(STEPS))
-  again = train.train_and_evaluate(config, str(resumed))
+  again = loop.train_and_evaluate(config, str(resumed))
   again = [np.asarray(x) for x in jax.tree.leaves(again)]
   assert len(again) == len(final)
   for a, b in zip(final, again):

@@ -19,7 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import config_validation, models, onednn_conv, sharding
+from diffusion_jax.modes import validation
+from diffusion_jax.nn import backbones
+from diffusion_jax.contrib.onednn import conv as onednn_conv
+from diffusion_jax.parallel import sharding
 from test_distributed import assert_trees_close, build  # pylint: disable=g-bad-import-order
 
 
@@ -284,31 +287,31 @@ def test_train_steps_with_winograd_match_xla():
 def test_conv_backend_errors_name_the_field_and_the_fix(monkeypatch):
   config = tiny.get_config()
   config.model.conv_backend = 'mkldnn'
-  errors = models.check_model_config(config.model, config.data.resolution)
+  errors = backbones.check_model_config(config.model, config.data.resolution)
   assert any("model.conv_backend='mkldnn' is unknown" in e for e in errors), errors
   config.model.conv_backend = 'onednn'
   config.model.arch = 'dit'
-  errors = models.check_model_config(config.model, config.data.resolution)
+  errors = backbones.check_model_config(config.model, config.data.resolution)
   assert any('U-Net only' in e for e in errors), errors
   config.model.conv_backend = 'onednn_winograd'
-  errors = models.check_model_config(config.model, config.data.resolution)
+  errors = backbones.check_model_config(config.model, config.data.resolution)
   assert any('model.conv_backend=onednn_winograd applies to the U-Net only' in e
              for e in errors), errors
   config.model.arch = 'unet'
-  assert not models.check_model_config(config.model, config.data.resolution)
+  assert not backbones.check_model_config(config.model, config.data.resolution)
   monkeypatch.setattr(onednn_conv, '_dist_file', lambda *args: None)  # Wheels not installed.
   with pytest.raises(ValueError, match=r"model.conv_backend=onednn needs the oneDNN wheels: pip "
                      r"install 'diffusion-jax\[onednn\]'"):
-    config_validation.validate_config(config)
+    validation.validate_config(config)
 
 
 def test_export_serves_the_same_parameters_with_xla_convolutions():
   """jax.export cannot carry this process's custom calls: the exported sampler uses XLA's
   convolutions on the same parameters."""
-  from diffusion_jax import export  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.serving import export  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.model.conv_backend = 'onednn'
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))['params']
   text = export.export_sampler(config, params, ('cpu',)).mlir_module()
   assert 'dj_onednn' not in text and 'convolution' in text
@@ -318,7 +321,7 @@ def test_a_run_moves_between_conv_backends():
   """The backend is how the same network is computed: a run trained with one resumes, samples
   or evaluates with the other (e.g. trained with oneDNN on a CPU, sampled with XLA on a GPU),
   while a real change of the network is still refused."""
-  from diffusion_jax import run_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   saved, requested = tiny.get_config(), tiny.get_config()
   saved.model.conv_backend = 'onednn'
   assert run_config.locked_differences(saved, requested) == []

@@ -1,4 +1,4 @@
-"""improved/guided-diffusion checkpoints -> our U-Net (diffusion_jax/openai_checkpoints.py).
+"""improved/guided-diffusion checkpoints -> our U-Net (diffusion_jax/openai.py).
 
 The fixtures (tests/fixtures/openai/, made by make_openai_fixture.py with the original openai
 model code and torch) hold tiny random UNetModels, their outputs and a respaced sampler
@@ -19,8 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import (checkpoints, convert, diffusion, models, openai_checkpoints, run_config,
-                           samplers, sharding, torch_weights)
+from diffusion_jax.training import restore
+from diffusion_jax.interop import diffusers
+from diffusion_jax.processes import discrete
+from diffusion_jax.nn import backbones
+from diffusion_jax.interop import openai
+from diffusion_jax.config import run_config
+from diffusion_jax.sampling import solvers
+from diffusion_jax.parallel import sharding
+from diffusion_jax.interop import torch_pickle
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'openai'
 MODELS = ('improved_cifar10_style', 'guided_legacy_heads', 'guided_imagenet64_style',
@@ -33,7 +40,7 @@ def _flags(name):
 
 def _load(name, extra_diffusion_flags=''):
   flags = _flags(name)
-  return openai_checkpoints.load(str(FIXTURES / name / 'model.pt'), flags['model_flags'],
+  return openai.load(str(FIXTURES / name / 'model.pt'), flags['model_flags'],
                                  flags['diffusion_flags'] + extra_diffusion_flags)
 
 
@@ -47,7 +54,7 @@ def test_imported_forward_matches_the_original_code(name):
   SpacedDiffusion wrapper, so rescale_timesteps included) on the same (x, t, y)."""
   config, params = _load(name)
   ref = np.load(FIXTURES / name / 'outputs.npz')
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   y = jnp.asarray(ref['y']) if 'y' in ref else None
   out = np.asarray(model.apply({'params': params}, _nhwc(ref['x']), jnp.asarray(ref['t']), y))
   np.testing.assert_allclose(out.transpose(0, 3, 1, 2), ref['out'], atol=1e-5, rtol=0)
@@ -56,7 +63,7 @@ def test_imported_forward_matches_the_original_code(name):
 
 def test_flags_become_config_fields():
   """Each flag lands in the field that expresses it, with the codebase's defaults."""
-  cifar = openai_checkpoints.config_from_flags(openai_checkpoints.parse_flags(
+  cifar = openai.config_from_flags(openai.parse_flags(
       '--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3',
       '--diffusion_steps 4000 --noise_schedule cosine'))
   m = cifar.model
@@ -69,11 +76,11 @@ def test_flags_become_config_fields():
   assert cifar.diffusion.vlb_weight == 0.001  # rescale_learned_sigmas=True: (T/1000) L_t.
   assert (cifar.sample.sampler, cifar.sample.variance) == ('ddpm', 'learned_range')
   from configs import digits_dit  # pylint: disable=g-import-not-at-top
-  onto_dit = openai_checkpoints.config_from_flags(openai_checkpoints.parse_flags(
+  onto_dit = openai.config_from_flags(openai.parse_flags(
       '--image_size 32 --num_channels 128 --num_res_blocks 3', '--diffusion_steps 4000'),
                                                   base=digits_dit.get_config())
   assert (onto_dit.model.arch, onto_dit.diffusion.objective) == ('unet', 'ddpm')
-  guided = openai_checkpoints.config_from_flags(openai_checkpoints.parse_flags(
+  guided = openai.config_from_flags(openai.parse_flags(
       '--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 128 '
       '--learn_sigma True --noise_schedule linear --num_channels 256 --num_heads 4 '
       '--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True',
@@ -83,7 +90,7 @@ def test_flags_become_config_fields():
   assert (g.num_classes, g.null_class, g.resblock_updown, g.timestep_scale) == (1000, False,
                                                                                True, 1.0)
   assert (guided.sample.spacing, guided.diffusion.beta_start) == ('250', 1e-4)
-  linear = openai_checkpoints.config_from_flags(openai_checkpoints.parse_flags(
+  linear = openai.config_from_flags(openai.parse_flags(
       '--image_size 64 --num_channels 128 --num_res_blocks 3 --sigma_small True',
       '--diffusion_steps 4000 --noise_schedule linear --rescale_learned_sigmas False'))
   # Their linear schedule is Ho et al.'s scaled by 1000 / T; L_t unscaled -> vlb_weight 1 / T.
@@ -98,10 +105,10 @@ def test_published_architectures_map_key_for_key():
   table = json.loads((FIXTURES / 'shapes.json').read_text())
   assert len(table) == 4
   for name, entry in table.items():
-    flags = openai_checkpoints.parse_flags(entry['model_flags'], entry['diffusion_flags'])
+    flags = openai.parse_flags(entry['model_flags'], entry['diffusion_flags'])
     assert flags['codebase'] == entry['codebase'], name
-    config = openai_checkpoints.config_from_flags(flags)
-    ours = openai_checkpoints.expected_shapes(config)
+    config = openai.config_from_flags(flags)
+    ours = openai.expected_shapes(config)
     theirs = {k: tuple(v) for k, v in entry['shapes'].items()}
     assert sorted(ours) == sorted(theirs), name
     assert ours == theirs, name
@@ -115,15 +122,15 @@ def test_respaced_ddim_gives_the_network_rescaled_timesteps():
   config, params = _load('improved_cifar10_style', ' --timestep_respacing ddim3 --use_ddim True')
   ref = np.load(FIXTURES / 'improved_cifar10_style' / 'outputs.npz')
   assert (config.sample.sampler, config.sample.spacing) == ('ddim', 'ddim3')
-  schedule = diffusion.make_schedule(config.diffusion)
-  sched = samplers.sampling_schedule(schedule, 'ddim', config.sample.steps, config.sample.spacing)
+  schedule = discrete.make_schedule(config.diffusion)
+  sched = solvers.sampling_schedule(schedule, 'ddim', config.sample.steps, config.sample.spacing)
   kept = np.asarray(sched.timesteps)
   np.testing.assert_array_equal(kept, [0, 1334, 2668])
   np.testing.assert_array_equal(ref['ddim_timestep_map'], kept)
   # Closed form of the convention: their network saw kept[::-1] * 1000 / 4000 at the 3 steps.
   np.testing.assert_allclose(ref['ddim_seen_t'][:, 0], kept[::-1] * 0.25, rtol=0, atol=0)
   np.testing.assert_allclose(config.model.timestep_scale * kept[::-1], ref['ddim_seen_t'][:, 0])
-  model = models.create_model(config.model, 3)
+  model = backbones.create_model(config.model, 3)
   unscaled = model.clone(timestep_scale=1.0)
   x = _nhwc(ref['pmv_x'])
   np.testing.assert_array_equal(  # Our network given t sees t * timestep_scale.
@@ -131,7 +138,7 @@ def test_respaced_ddim_gives_the_network_rescaled_timesteps():
       unscaled.apply({'params': params}, x, jnp.array([667.0])))
 
   apply_fn = lambda x_t, t: model.apply({'params': params}, x_t, t)
-  _, trajectory = samplers.sample_from_config(
+  _, trajectory = solvers.sample_from_config(
       apply_fn, schedule, _nhwc(ref['ddim_noise']), jax.random.PRNGKey(0), config.sample,
       prediction_type=config.diffusion.prediction_type, learn_sigma=True, trajectory_every=1)
   ours = np.asarray(trajectory.x_t).transpose(0, 1, 4, 2, 3)
@@ -141,7 +148,7 @@ def test_respaced_ddim_gives_the_network_rescaled_timesteps():
   index = int(ref['pmv_index'])
   t = jnp.array([index])
   output = model.apply({'params': params}, x, sched.timesteps[t])
-  mean, log_var, _ = diffusion.p_mean_variance(sched, output, x, t, 'epsilon', learn_sigma=True,
+  mean, log_var, _ = discrete.p_mean_variance(sched, output, x, t, 'epsilon', learn_sigma=True,
                                                clip_denoised=True)
   np.testing.assert_allclose(np.asarray(mean).transpose(0, 3, 1, 2), ref['pmv_mean'], atol=1e-5,
                              rtol=0)
@@ -170,7 +177,7 @@ def test_bad_checkpoints_and_flags_fail_and_write_nothing(tmp_path, monkeypatch,
   name = 'guided_legacy_heads'
   flags = _flags(name)
   source = FIXTURES / name / 'model.pt'
-  original = torch_weights.load_state_dict(str(source))
+  original = torch_pickle.load_state_dict(str(source))
   edit = None
   if case == 'missing_key':
     edit = lambda sd: sd.pop(message)
@@ -193,10 +200,10 @@ def test_bad_checkpoints_and_flags_fail_and_write_nothing(tmp_path, monkeypatch,
       state_dict = dict(original)
       edit(state_dict)
       return state_dict
-    monkeypatch.setattr(torch_weights, 'load_state_dict', load_edited)
-  error = torch_weights.UnsafePickleError if case == 'foreign_global' else convert.ConversionError
+    monkeypatch.setattr(torch_pickle, 'load_state_dict', load_edited)
+  error = torch_pickle.UnsafePickleError if case == 'foreign_global' else diffusers.ConversionError
   with pytest.raises(error, match=re.escape(message)):
-    openai_checkpoints.import_openai(str(source), str(tmp_path / 'run'), flags['model_flags'],
+    openai.import_openai(str(source), str(tmp_path / 'run'), flags['model_flags'],
                                      flags['diffusion_flags'])
   assert not (tmp_path / 'run').exists()
 
@@ -210,8 +217,8 @@ def test_flags_ours_cannot_express_are_refused():
       ('--image_size 64 --learn_sigma maybe', "--learn_sigma='maybe'"),
       ('--image_size 64 --num_channels 100', 'model.num_groups=32'),
   ]:
-    with pytest.raises(convert.ConversionError, match=message):
-      openai_checkpoints.config_from_flags(openai_checkpoints.parse_flags(model_flags))
+    with pytest.raises(diffusers.ConversionError, match=message):
+      openai.config_from_flags(openai.parse_flags(model_flags))
 
 
 def test_command_line_import(tmp_path):
@@ -233,7 +240,7 @@ def test_command_line_import(tmp_path):
   expected_config, expected = _load(name)
   assert config.model.to_dict() == expected_config.model.to_dict()
   mesh = sharding.create_mesh(config.mesh)
-  params, step = checkpoints.restore_params(config, str(tmp_path / 'run'), mesh, use_ema=True)
+  params, step = restore.restore_params(config, str(tmp_path / 'run'), mesh, use_ema=True)
   assert step == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), expected)
 

@@ -2,7 +2,7 @@
 
 One tiny run trains 2 steps with mesh.fsdp=8 (the 8 virtual CPU devices of conftest.py); the
 tests then restore it the way `--mode=sample|eval` and the converters do
-(`checkpoints.restore_params`) and check that only the EMA item is read, that the parameters
+(`restore.restore_params`) and check that only the EMA item is read, that the parameters
 arrive in the train state's FSDP layout, that the compiled sampler needs less memory per device
 than the whole train state, and that it draws the same images as from replicated parameters.
 """
@@ -18,8 +18,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import (checkpoints, diffusion, models, sampling, sharding, train,
-                           train_state)
+from diffusion_jax.training import restore
+from diffusion_jax.processes import discrete
+from diffusion_jax.nn import backbones
+from diffusion_jax.pipelines import sampler
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import loop
+from diffusion_jax.training import train_state
 
 
 def fsdp_config():
@@ -40,7 +45,7 @@ def fsdp_config():
 def fsdp_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('fsdp_run')
   config = fsdp_config()
-  state = train.train_and_evaluate(config, str(workdir))
+  state = loop.train_and_evaluate(config, str(workdir))
   return config, workdir, state
 
 
@@ -62,12 +67,12 @@ def test_restore_params_reads_only_ema_into_fsdp_shardings(fsdp_run, monkeypatch
     monkeypatch.setattr(ocp.StandardCheckpointHandler, method, spy)
 
   mesh = sharding.create_mesh(config.mesh)
-  params, step = checkpoints.restore_params(config, str(workdir), mesh, use_ema=True)
+  params, step = restore.restore_params(config, str(workdir), mesh, use_ema=True)
   assert step == 2
   assert opened and set(opened) == {'ema_params'}  # Neither opt_state nor params was opened.
 
   # The trained EMA parameters, bit for bit, in the layout the train state gives them.
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   res = config.data.resolution
   expected = train_state.state_shardings(model, tx, (res, res, config.data.channels), mesh,
@@ -92,7 +97,7 @@ def test_restore_params_needs_no_optimizer_state_on_disk(fsdp_run, tmp_path):
   for item in ('opt_state', 'params'):
     shutil.rmtree(copy / 'checkpoints' / '2' / item)
   mesh = sharding.create_mesh(config.mesh)
-  params, step = checkpoints.restore_params(config, str(copy), mesh, use_ema=True)
+  params, step = restore.restore_params(config, str(copy), mesh, use_ema=True)
   assert step == 2
   np.testing.assert_array_equal(np.asarray(_largest(params)), np.asarray(_largest(state.ema_params)))
   assert sorted(p.name for p in (copy / 'checkpoints').iterdir()) == ['2']  # Nothing moved.
@@ -101,11 +106,11 @@ def test_restore_params_needs_no_optimizer_state_on_disk(fsdp_run, tmp_path):
 def test_sharded_sampler_memory_and_samples_match_replicated(fsdp_run):
   config, workdir, state = fsdp_run
   mesh = sharding.create_mesh(config.mesh)
-  params, _ = checkpoints.restore_params(config, str(workdir), mesh, use_ema=True)
-  model = models.create_model(config.model, config.data.channels)
-  schedule = diffusion.make_schedule(config.diffusion)
+  params, _ = restore.restore_params(config, str(workdir), mesh, use_ema=True)
+  model = backbones.create_model(config.model, config.data.channels)
+  schedule = discrete.make_schedule(config.diffusion)
   batch = config.sample.batch_size
-  sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, batch)
+  sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, batch)
   rng, labels = jax.random.PRNGKey(3), np.zeros((batch,), np.int32)
 
   def bytes_per_device(tree):

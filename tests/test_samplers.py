@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion
-from diffusion_jax import samplers
+from diffusion_jax.processes import discrete
+from diffusion_jax.sampling import solvers
 
 SHAPE = (4, 4, 1)
 D = int(np.prod(SHAPE))
@@ -46,7 +46,7 @@ VAR = SIGMA**2
 
 @functools.lru_cache(maxsize=None)
 def library_schedule(process=LONG):
-  return diffusion.schedule_from_betas(BETAS_OF[process])
+  return discrete.schedule_from_betas(BETAS_OF[process])
 
 
 SCHEDULE = library_schedule(LONG)
@@ -140,9 +140,9 @@ def _exact_sampler_law(sampler, process=LONG, **opts):
 def _compiled(sampler, prediction_type, process, static_opts):
   """The jitted sampler; DDIM's eta is a traced argument so that eta variants share a compile."""
   schedule = library_schedule(process)
-  denoise = samplers.make_denoiser(exact_apply_fn(prediction_type, process), schedule,
+  denoise = solvers.make_denoiser(exact_apply_fn(prediction_type, process), schedule,
                                    prediction_type, clip_denoised=False)
-  fn = functools.partial(samplers.get_sampler(sampler), denoise, schedule, **dict(static_opts))
+  fn = functools.partial(solvers.get_sampler(sampler), denoise, schedule, **dict(static_opts))
   if sampler == 'ddim':
     return jax.jit(lambda noise, rng, eta: fn(noise, rng, eta=eta))
   return jax.jit(fn)
@@ -340,11 +340,11 @@ def test_make_denoiser_converts_and_clips():
     a, s = np.sqrt(ABAR[t]), np.sqrt(1 - ABAR[t])
     xn, en = np.asarray(x, np.float64), np.asarray(eps_out, np.float64)
     x0_true = (xn - s * en) / a
-    pred = samplers.make_denoiser(exact_apply_fn('epsilon'), SCHEDULE, 'epsilon',
+    pred = solvers.make_denoiser(exact_apply_fn('epsilon'), SCHEDULE, 'epsilon',
                                   clip_denoised=False)(x, jnp.int32(t))
     np.testing.assert_allclose(pred.eps, en, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(pred.x0, x0_true, rtol=1e-4, atol=1e-4)
-    clipped = samplers.make_denoiser(exact_apply_fn('epsilon'), SCHEDULE, 'epsilon',
+    clipped = solvers.make_denoiser(exact_apply_fn('epsilon'), SCHEDULE, 'epsilon',
                                      clip_denoised=True)(x, t)
     np.testing.assert_allclose(clipped.x0, np.clip(x0_true, -1, 1), rtol=1e-4, atol=1e-4)
     clipped_any |= bool(np.any(np.abs(x0_true) > 1))
@@ -355,28 +355,28 @@ def test_make_denoiser_converts_and_clips():
 
 
 def test_get_sampler_and_unknown_names():
-  assert samplers.get_sampler('ddpm') is samplers.ddpm_sample
-  assert samplers.get_sampler('ddim') is samplers.ddim_sample
+  assert solvers.get_sampler('ddpm') is solvers.ddpm_sample
+  assert solvers.get_sampler('ddim') is solvers.ddim_sample
   with pytest.raises(ValueError, match=r'sample\.sampler'):
-    samplers.get_sampler('no_such_sampler')
-  denoise = samplers.make_denoiser(exact_apply_fn('epsilon'), SCHEDULE, 'epsilon', False)
+    solvers.get_sampler('no_such_sampler')
+  denoise = solvers.make_denoiser(exact_apply_fn('epsilon'), SCHEDULE, 'epsilon', False)
   with pytest.raises(ValueError, match=r'sample\.variance'):
-    samplers.ddpm_sample(denoise, SCHEDULE, _noise(0, 2), jax.random.key(0), variance='learned_x')
+    solvers.ddpm_sample(denoise, SCHEDULE, _noise(0, 2), jax.random.key(0), variance='learned_x')
 
 
 def test_ddim_timesteps():
-  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 10), np.arange(0, 1000, 100))
-  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 3), [0, 333, 666])
-  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 1000), np.arange(1000))
-  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 1), [0])
-  np.testing.assert_array_equal(samplers.ddim_timesteps(10, 4), [0, 2, 4, 6])
+  np.testing.assert_array_equal(solvers.ddim_timesteps(1000, 10), np.arange(0, 1000, 100))
+  np.testing.assert_array_equal(solvers.ddim_timesteps(1000, 3), [0, 333, 666])
+  np.testing.assert_array_equal(solvers.ddim_timesteps(1000, 1000), np.arange(1000))
+  np.testing.assert_array_equal(solvers.ddim_timesteps(1000, 1), [0])
+  np.testing.assert_array_equal(solvers.ddim_timesteps(10, 4), [0, 2, 4, 6])
   for steps in (50, 64, 100, 250, 999):
-    seq = samplers.ddim_timesteps(1000, steps)
+    seq = solvers.ddim_timesteps(1000, steps)
     assert len(seq) == steps and seq[0] == 0 and seq[-1] < 1000
     assert np.all(np.diff(seq) == 1000 // steps)
   for bad in (0, -1, 1001):
     with pytest.raises(ValueError, match=r'sample\.steps'):
-      samplers.ddim_timesteps(1000, bad)
+      solvers.ddim_timesteps(1000, bad)
 
 
 @pytest.mark.parametrize('sampler,opts,length', [
@@ -391,8 +391,8 @@ def test_jitted_sampler_is_one_loop_with_one_model_call(sampler, opts, length):
     calls.append(1)  # Runs once per trace of the model.
     return inner(x, t)
 
-  denoise = samplers.make_denoiser(apply_fn, SCHEDULE, 'epsilon', clip_denoised=False)
-  fn = jax.jit(functools.partial(samplers.get_sampler(sampler), denoise, SCHEDULE, **opts))
+  denoise = solvers.make_denoiser(apply_fn, SCHEDULE, 'epsilon', clip_denoised=False)
+  fn = jax.jit(functools.partial(solvers.get_sampler(sampler), denoise, SCHEDULE, **opts))
   closed = jax.make_jaxpr(fn)(_noise(0, 2), jax.random.key(0))
   assert len(calls) == 1
   (jit_eqn,) = closed.jaxpr.eqns

@@ -31,8 +31,13 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
-from diffusion_jax import diffusion, respacing, samplers
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.processes import discrete
+from diffusion_jax.processes import respacing
+from diffusion_jax.sampling import solvers
+from diffusion_jax.sampling import loop
+from diffusion_jax.sampling import karras
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.modes.validation import validate_config
 
 T = 1000
 SHAPE = (4, 4, 1)
@@ -49,7 +54,7 @@ MU = _rng.permutation(np.linspace(-0.5, 0.5, D))
 SD = _rng.permutation(np.linspace(0.2, 0.7, D))
 VAR = SD**2
 
-SCHEDULE = diffusion.schedule_from_betas(BETAS)
+SCHEDULE = discrete.schedule_from_betas(BETAS)
 Z_TOL = 5.0  # z-score bound for each of the 2 x 16 moment statistics of a run.
 
 
@@ -134,9 +139,9 @@ def _flat(x):
 def run(sampler, kept=None, prediction_type='epsilon', seed=0, rng_seed=1, **opts):
   """x0 [N, D] float64 of `sampler` on SCHEDULE (respaced to the tuple `kept` if given)."""
   schedule = SCHEDULE if kept is None else respacing.respace(SCHEDULE, np.asarray(kept))
-  denoise = samplers.make_denoiser(exact_apply_fn(prediction_type), schedule, prediction_type,
+  denoise = solvers.make_denoiser(exact_apply_fn(prediction_type), schedule, prediction_type,
                                    thresholding='none')
-  fn = jax.jit(functools.partial(samplers.get_sampler(sampler), denoise, schedule, **opts))
+  fn = jax.jit(functools.partial(solvers.get_sampler(sampler), denoise, schedule, **opts))
   out = fn(_noise(seed), _key(rng_seed))
   assert out.shape == (N,) + SHAPE and out.dtype == jnp.float32
   x0 = _flat(out)
@@ -221,7 +226,7 @@ def test_dpm_solver_coefficients_have_their_order():
   mu, sd, x_t = 0.3, 0.2, 1.3
 
   def solve(abar, order, kind):
-    w = samplers.dpm_solver_coefficients(abar, order, kind)
+    w = solvers.dpm_solver_coefficients(abar, order, kind)
     x, hist = x_t, [0.0, 0.0, 0.0]  # x_prev, D_prev, D_prev2
     for i, a in enumerate(abar):
       d = mu + np.sqrt(a) * sd**2 / (a * sd**2 + 1 - a) * (x - np.sqrt(a) * mu)
@@ -242,9 +247,9 @@ def test_dpm_solver_coefficients_have_their_order():
     rates = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
     assert abs(rates[-1] - order) < 0.35, (order, kind, errs, rates)
   with pytest.raises(ValueError, match=r'sample\.solver_order'):
-    samplers.dpm_solver_coefficients(ABAR[::-1], 3, 'singlestep')
+    solvers.dpm_solver_coefficients(ABAR[::-1], 3, 'singlestep')
   with pytest.raises(ValueError, match=r'sample\.solver_type'):
-    samplers.dpm_solver_coefficients(ABAR[::-1], 2, 'adaptive')
+    solvers.dpm_solver_coefficients(ABAR[::-1], 2, 'adaptive')
 
 
 @pytest.mark.parametrize('prediction_type', ['x0', 'v'])
@@ -269,25 +274,25 @@ def test_heun_with_churn_is_stochastic_and_matches_the_data():
 
 
 def test_karras_sigmas_and_timestep_interpolation():
-  sig = samplers.karras_sigmas(0.01, 80.0, 5, rho=7.0)
+  sig = karras.karras_sigmas(0.01, 80.0, 5, rho=7.0)
   ramp = np.linspace(0, 1, 5)
   np.testing.assert_allclose(sig[:-1], (80**(1 / 7) + ramp * (0.01**(1 / 7) - 80**(1 / 7)))**7)
   assert sig[0] == pytest.approx(80.0) and sig[-2] == pytest.approx(0.01) and sig[-1] == 0.0
-  np.testing.assert_allclose(samplers.karras_sigmas(0.01, 80.0, 1), [80.0, 0.0])
-  np.testing.assert_allclose(samplers.schedule_sigmas(SCHEDULE), np.exp(LOG_SIGMA), rtol=1e-5)
+  np.testing.assert_allclose(karras.karras_sigmas(0.01, 80.0, 1), [80.0, 0.0])
+  np.testing.assert_allclose(solvers.schedule_sigmas(SCHEDULE), np.exp(LOG_SIGMA), rtol=1e-5)
   # At the schedule's own sigmas the interpolated timestep is the integer step; in between it
   # is linear in log sigma; outside the range it is clamped.
-  sigmas = samplers.schedule_sigmas(SCHEDULE)
-  np.testing.assert_allclose(samplers.sigma_to_timestep(SCHEDULE, sigmas), np.arange(T),
+  sigmas = solvers.schedule_sigmas(SCHEDULE)
+  np.testing.assert_allclose(solvers.sigma_to_timestep(SCHEDULE, sigmas), np.arange(T),
                              atol=1e-6)
   mid = np.exp(0.5 * (np.log(sigmas[10]) + np.log(sigmas[11])))
-  assert samplers.sigma_to_timestep(SCHEDULE, np.array([mid]))[0] == pytest.approx(10.5)
-  np.testing.assert_allclose(samplers.sigma_to_timestep(SCHEDULE, np.array([1e-5, 1e5])),
+  assert solvers.sigma_to_timestep(SCHEDULE, np.array([mid]))[0] == pytest.approx(10.5)
+  np.testing.assert_allclose(solvers.sigma_to_timestep(SCHEDULE, np.array([1e-5, 1e5])),
                              [0, T - 1])
   # A respaced schedule maps to its kept (original) timesteps.
   kept = np.array([0, 10, 500, 999])
   np.testing.assert_allclose(
-      samplers.sigma_to_timestep(respacing.respace(SCHEDULE, kept), sigmas[kept]), kept,
+      solvers.sigma_to_timestep(respacing.respace(SCHEDULE, kept), sigmas[kept]), kept,
       atol=0.01)
 
 
@@ -320,17 +325,17 @@ def test_ancestral_samplers_match_their_exact_law_and_the_data(name, kept, opts,
 
 def test_ddim_steps_on_the_full_schedule_equals_the_respaced_schedule():
   noise, key = _noise(3, 64), _key(4)
-  full = samplers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon')
-  a = jax.jit(lambda n, k: samplers.ddim_sample(full, SCHEDULE, n, k, steps=20, eta=0.5))(
+  full = solvers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon')
+  a = jax.jit(lambda n, k: solvers.ddim_sample(full, SCHEDULE, n, k, steps=20, eta=0.5))(
       noise, key)
   kept = respacing.respaced_timesteps(T, 20, 'leading')
-  np.testing.assert_array_equal(kept, samplers.ddim_timesteps(T, 20))
+  np.testing.assert_array_equal(kept, solvers.ddim_timesteps(T, 20))
   short = respacing.respace(SCHEDULE, kept)
-  denoise = samplers.make_denoiser(exact_apply_fn(), short, 'epsilon')
-  b = jax.jit(lambda n, k: samplers.ddim_sample(denoise, short, n, k, eta=0.5))(noise, key)
+  denoise = solvers.make_denoiser(exact_apply_fn(), short, 'epsilon')
+  b = jax.jit(lambda n, k: solvers.ddim_sample(denoise, short, n, k, eta=0.5))(noise, key)
   np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match=r'sample\.steps'):
-    samplers.ddim_sample(full, SCHEDULE, noise, key, steps=T + 1)
+    solvers.ddim_sample(full, SCHEDULE, noise, key, steps=T + 1)
 
 
 # ------------------------------------------------------------------ respacing
@@ -386,7 +391,7 @@ def test_respaced_timesteps_errors(spacing, steps, field):
 @pytest.mark.parametrize('spacing', ['linspace', 'leading', 'trailing', 'quadratic', 'ddim25',
                                      '5,10,10'])
 def test_respace_keeps_alphas_cumprod(spacing):
-  for schedule in (SCHEDULE, diffusion.schedule_from_betas(diffusion.cosine_betas(T))):
+  for schedule in (SCHEDULE, discrete.schedule_from_betas(discrete.cosine_betas(T))):
     kept = respacing.respaced_timesteps(T, 25, spacing)
     short = respacing.respace(schedule, kept)
     assert short.num_timesteps == len(kept) == 25
@@ -433,7 +438,7 @@ def test_guidance_reduces_exactly_and_combines_linearly():
   labels = jnp.array([0, 1, 2, 3, 4, 5], jnp.int32)
 
   def pred(scale, y=labels, calls=None):
-    denoise = samplers.make_denoiser(_toy_labelled(calls), SCHEDULE, 'epsilon',
+    denoise = solvers.make_denoiser(_toy_labelled(calls), SCHEDULE, 'epsilon',
                                      thresholding='none', labels=y, null_label=null,
                                      guidance_scale=scale)
     return jax.jit(denoise)(x, t)
@@ -450,24 +455,24 @@ def test_guidance_reduces_exactly_and_combines_linearly():
     np.testing.assert_allclose(guided.eps, uncond.eps + scale * (cond.eps - uncond.eps),
                                rtol=1e-5, atol=1e-5)
   # A traced scale takes the doubled path and agrees.
-  traced = jax.jit(lambda s: samplers.make_denoiser(
+  traced = jax.jit(lambda s: solvers.make_denoiser(
       _toy_labelled(), SCHEDULE, 'epsilon', thresholding='none', labels=labels,
       null_label=null, guidance_scale=s)(x, t).eps)
   np.testing.assert_allclose(traced(2.5), pred(2.5).eps, rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match=r'guidance_scale'):
-    samplers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon', guidance_scale=3.0)
+    solvers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon', guidance_scale=3.0)
   with pytest.raises(ValueError, match='null_label'):
-    samplers.make_denoiser(_toy_labelled(), SCHEDULE, 'epsilon', labels=labels,
+    solvers.make_denoiser(_toy_labelled(), SCHEDULE, 'epsilon', labels=labels,
                            guidance_scale=3.0)
   with pytest.raises(ValueError, match='labels'):
-    samplers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon', labels=labels)
+    solvers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon', labels=labels)
 
 
 def test_guidance_with_learned_sigma_takes_the_variance_from_the_conditional_half():
   x, t, null = _noise(1, 4), 300, 10
   labels = jnp.array([0, 1, 2, 3], jnp.int32)
   apply_fn = _toy_labelled(channels=2)
-  guided = jax.jit(samplers.make_denoiser(apply_fn, SCHEDULE, 'epsilon', thresholding='none',
+  guided = jax.jit(solvers.make_denoiser(apply_fn, SCHEDULE, 'epsilon', thresholding='none',
                                           labels=labels, null_label=null, guidance_scale=3.0,
                                           learn_sigma=True))(x, t)
   t_batch = np.full((4,), t)
@@ -484,7 +489,7 @@ def test_guidance_with_learned_sigma_takes_the_variance_from_the_conditional_hal
 def test_learned_range_log_variance_matches_the_formula():
   v = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (5,) + SHAPE), jnp.float32)
   apply_fn = lambda x, t: jnp.concatenate([jnp.zeros_like(x), v], axis=-1)
-  denoise = jax.jit(samplers.make_denoiser(apply_fn, SCHEDULE, 'epsilon', learn_sigma=True))
+  denoise = jax.jit(solvers.make_denoiser(apply_fn, SCHEDULE, 'epsilon', learn_sigma=True))
   post_var = BETAS[1:] * (1 - ABAR[:-1]) / (1 - ABAR[1:])
   log_small = np.log(np.append(post_var[0], post_var))  # beta~_1 at t = 0
   for t in (0, 1, 37, 999):
@@ -494,7 +499,7 @@ def test_learned_range_log_variance_matches_the_formula():
                                atol=1e-5)
   # No learned variance at continuous noise levels or without learn_sigma.
   assert jax.eval_shape(denoise, _noise(0, 5), 10.5, sigma=0.3).log_variance is None
-  assert jax.eval_shape(samplers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon'),
+  assert jax.eval_shape(solvers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon'),
                         _noise(0, 5), 3).log_variance is None
 
 
@@ -509,15 +514,15 @@ def test_ddpm_learned_range_at_its_ends_is_fixed_small_and_fixed_large():
     else:
       apply_fn = lambda x, t: jnp.concatenate([inner(x, t), jnp.full_like(x, v)], axis=-1)
       learn = True
-    denoise = samplers.make_denoiser(apply_fn, SCHEDULE, 'epsilon', learn_sigma=learn)
-    return jax.jit(lambda n, k: samplers.ddpm_sample(denoise, SCHEDULE, n, k,
+    denoise = solvers.make_denoiser(apply_fn, SCHEDULE, 'epsilon', learn_sigma=learn)
+    return jax.jit(lambda n, k: solvers.ddpm_sample(denoise, SCHEDULE, n, k,
                                                      variance=variance))(noise, key)
 
   np.testing.assert_allclose(sample('learned_range', -1.0), sample('fixed_small'), atol=1e-4)
   np.testing.assert_allclose(sample('learned_range', 1.0), sample('fixed_large'), atol=1e-4)
-  denoise = samplers.make_denoiser(inner, SCHEDULE, 'epsilon')
+  denoise = solvers.make_denoiser(inner, SCHEDULE, 'epsilon')
   with pytest.raises(ValueError, match='learn_sigma'):
-    samplers.ddpm_sample(denoise, SCHEDULE, noise, key, variance='learned_range')
+    solvers.ddpm_sample(denoise, SCHEDULE, noise, key, variance='learned_range')
 
 
 def test_thresholding():
@@ -530,7 +535,7 @@ def test_thresholding():
   apply_fn = lambda x, tt: jnp.asarray(x0_out)
 
   def pred(**kw):
-    return jax.jit(samplers.make_denoiser(apply_fn, SCHEDULE, 'x0', **kw))(x_t, t)
+    return jax.jit(solvers.make_denoiser(apply_fn, SCHEDULE, 'x0', **kw))(x_t, t)
 
   xt = np.asarray(x_t, np.float64)
   for p in (0.995, 0.9, 0.5):
@@ -556,7 +561,7 @@ def test_denoiser_at_a_continuous_noise_level():
   """denoise(x_t, timestep, sigma=s) equals the model at that timestep, converted with abar(s)."""
   x = _noise(6, 4)
   for pt in ('epsilon', 'x0', 'v'):
-    denoise = samplers.make_denoiser(exact_apply_fn(pt), SCHEDULE, pt, thresholding='none')
+    denoise = solvers.make_denoiser(exact_apply_fn(pt), SCHEDULE, pt, thresholding='none')
     both = jax.jit(lambda t, sigma: (denoise(x, t), denoise(x, t.astype(jnp.float32),
                                                             sigma=sigma)))
     for t in (0, 17, 999):  # At schedule steps both paths agree.
@@ -565,8 +570,8 @@ def test_denoiser_at_a_continuous_noise_level():
       np.testing.assert_allclose(a.eps, b.eps, rtol=2e-4, atol=2e-4)
   seen = []
   apply_fn = lambda x, t: (seen.append(t.dtype), jnp.zeros_like(x))[1]
-  jax.eval_shape(samplers.make_denoiser(apply_fn, SCHEDULE, 'epsilon'), x, 12.25, sigma=0.1)
-  jax.eval_shape(samplers.make_denoiser(apply_fn, SCHEDULE, 'epsilon'), x, 12)
+  jax.eval_shape(solvers.make_denoiser(apply_fn, SCHEDULE, 'epsilon'), x, 12.25, sigma=0.1)
+  jax.eval_shape(solvers.make_denoiser(apply_fn, SCHEDULE, 'epsilon'), x, 12)
   assert seen == [jnp.float32, jnp.int32]
 
 
@@ -585,8 +590,8 @@ SHORT = respacing.respace(SCHEDULE, respacing.respaced_timesteps(T, 40, 'trailin
 
 
 def _short_setup(name, apply_fn=None):
-  schedule = SCHEDULE if name in samplers.CONTINUOUS_SAMPLERS else SHORT
-  denoise = samplers.make_denoiser(apply_fn or exact_apply_fn(), schedule, 'epsilon')
+  schedule = SCHEDULE if name in solvers.CONTINUOUS_SAMPLERS else SHORT
+  denoise = solvers.make_denoiser(apply_fn or exact_apply_fn(), schedule, 'epsilon')
   return denoise, schedule
 
 
@@ -594,13 +599,13 @@ def _short_setup(name, apply_fn=None):
 def test_trajectory(name, opts, steps):
   denoise, schedule = _short_setup(name)
   noise, key = _noise(8, 16), _key(9)
-  fn = jax.jit(functools.partial(samplers.get_sampler(name), denoise, schedule, **opts),
+  fn = jax.jit(functools.partial(solvers.get_sampler(name), denoise, schedule, **opts),
                static_argnames='trajectory_every')
   out = fn(noise, key)
   trajs = {}
   for every in (1, 7, 40):
     out2, traj = fn(noise, key, trajectory_every=every)
-    assert isinstance(traj, samplers.Trajectory)
+    assert isinstance(traj, loop.Trajectory)
     assert traj.x_t.shape == traj.x0.shape == (math.ceil(steps / every), 16) + SHAPE
     np.testing.assert_allclose(out2, out, atol=1e-5)
     np.testing.assert_array_equal(traj.x_t[-1], out2)
@@ -629,13 +634,13 @@ def test_each_sampler_is_one_loop_with_few_model_traces(name, opts, steps, guide
     calls.append(x.shape[0])  # Once per trace of the model.
     return inner(x, t)
 
-  schedule = SCHEDULE if name in samplers.CONTINUOUS_SAMPLERS else SHORT
+  schedule = SCHEDULE if name in solvers.CONTINUOUS_SAMPLERS else SHORT
   labels = jnp.zeros((2,), jnp.int32)
-  denoise = samplers.make_denoiser(apply_fn, schedule, 'epsilon', labels=labels, null_label=3,
+  denoise = solvers.make_denoiser(apply_fn, schedule, 'epsilon', labels=labels, null_label=3,
                                    guidance_scale=4.0 if guided else 1.0)
   for every in (0, 8):
     calls.clear()
-    fn = jax.jit(functools.partial(samplers.get_sampler(name), denoise, schedule,
+    fn = jax.jit(functools.partial(solvers.get_sampler(name), denoise, schedule,
                                    trajectory_every=every, **opts))
     closed = jax.make_jaxpr(fn)(_noise(0, 2), _key(0))
     assert 1 <= len(calls) <= (2 if name == 'heun' else 1), calls
@@ -667,14 +672,14 @@ def test_sample_from_config_dispatches(monkeypatch):
     seen.update(denoise=denoise, schedule=schedule, options=options)
     return noise
 
-  for name in samplers.SAMPLERS:
-    monkeypatch.setitem(samplers.SAMPLERS, name, recorder)
+  for name in solvers.SAMPLERS:
+    monkeypatch.setitem(solvers.SAMPLERS, name, recorder)
   noise = _noise(10, 4)
   big = 3.0 * np.random.default_rng(0).standard_normal((4,) + SHAPE).astype(np.float32)
   x0_model = lambda x, t: jnp.asarray(big)  # An 'x0' model with values outside [-1, 1].
 
   def dispatch(config, apply_fn=exact_apply_fn(), prediction_type='epsilon', **kw):
-    samplers.sample_from_config(apply_fn, SCHEDULE, noise, _key(0), config,
+    solvers.sample_from_config(apply_fn, SCHEDULE, noise, _key(0), config,
                                 prediction_type=prediction_type, **kw)
     return seen['schedule'], seen['options']
 
@@ -701,7 +706,7 @@ def test_sample_from_config_dispatches(monkeypatch):
   # The denoiser is built on the respaced schedule ...
   _, options = dispatch(_sample_config(sampler='ddim', steps=4, spacing='trailing'))
   short = respacing.respace(SCHEDULE, respacing.respaced_timesteps(T, 4, 'trailing'))
-  expected = samplers.make_denoiser(exact_apply_fn(), short, 'epsilon')
+  expected = solvers.make_denoiser(exact_apply_fn(), short, 'epsilon')
   np.testing.assert_allclose(jax.jit(seen['denoise'])(noise, 1).eps,
                              jax.jit(expected)(noise, 1).eps, rtol=1e-6)
   # ... with the configured thresholding; clip_denoised=False turns it off; 'auto' (the default)
@@ -715,7 +720,7 @@ def test_sample_from_config_dispatches(monkeypatch):
       (dict(thresholding='none'), big),
       (dict(clip_denoised=False), big),
       (dict(thresholding='dynamic', dynamic_threshold_percentile=0.5),
-       np.asarray(samplers.dynamic_threshold(jnp.asarray(big), 0.5)))]:
+       np.asarray(solvers.dynamic_threshold(jnp.asarray(big), 0.5)))]:
     dispatch(_sample_config(**overrides), apply_fn=x0_model, prediction_type='x0')
     np.testing.assert_allclose(jax.jit(seen['denoise'])(noise, 3).x0, expected, rtol=1e-6,
                                err_msg=str(overrides))
@@ -731,7 +736,7 @@ def test_sample_from_config_dispatches(monkeypatch):
   labels = jnp.arange(4, dtype=jnp.int32)
   schedule, _ = dispatch(_sample_config(guidance_scale=2.0), apply_fn=_toy_labelled(),
                          labels=labels, null_label=10)
-  guided = samplers.make_denoiser(_toy_labelled(), schedule, 'epsilon', labels=labels,
+  guided = solvers.make_denoiser(_toy_labelled(), schedule, 'epsilon', labels=labels,
                                   null_label=10, guidance_scale=2.0)
   np.testing.assert_allclose(jax.jit(seen['denoise'])(noise, 3).eps,
                              jax.jit(guided)(noise, 3).eps, rtol=1e-6)
@@ -748,12 +753,12 @@ def test_sample_from_config_end_to_end():
   labels = jnp.zeros((32,), jnp.int32)
   config = _sample_config(sampler='dpm_solver_pp', steps=6, guidance_scale=2.0,
                           spacing='linspace')
-  out, traj = jax.jit(lambda n, k, y: samplers.sample_from_config(
+  out, traj = jax.jit(lambda n, k, y: solvers.sample_from_config(
       _toy_labelled(), SCHEDULE, n, k, config, prediction_type='epsilon', labels=y,
       null_label=10, trajectory_every=4))(noise, key, labels)
   assert out.shape == noise.shape and traj.x_t.shape == (2, 32) + SHAPE
   np.testing.assert_array_equal(traj.x_t[-1], out)
-  out_5, traj_5 = jax.jit(lambda n, k, y: samplers.sample_from_config(
+  out_5, traj_5 = jax.jit(lambda n, k, y: solvers.sample_from_config(
       _toy_labelled(), SCHEDULE, n, k, config, prediction_type='epsilon', labels=y,
       null_label=10, trajectory_every=4, trajectory_images=5))(noise, key, labels)
   assert traj_5.x_t.shape == traj_5.x0.shape == (2, 5) + SHAPE
@@ -775,7 +780,7 @@ def test_config_validation_of_sampling_fields():
     return ''
 
   assert errors() == ''
-  for sampler in samplers.SAMPLERS:
+  for sampler in solvers.SAMPLERS:
     assert errors(sample__sampler=sampler) == '', sampler
   assert errors(sample__sampler='ddpm', sample__steps=0) == ''
   assert errors(sample__spacing='ddim50', sample__steps=0) == ''
@@ -813,8 +818,8 @@ def test_ddim_eta_coefficients_are_float64_exact(eta_is_traced):
   reproducible from the key), so (c_t, sigma_t) of each step is read off exactly and compared to
   the float64 formulas of Song et al. At the last steps c_t = sqrt(1 - abar_prev - sigma^2) is a
   difference of nearly equal numbers that float32 gets ~0.5% wrong."""
-  from diffusion_jax import respacing  # pylint: disable=g-import-not-at-top
-  schedule = diffusion.make_schedule(ml_collections.ConfigDict(dict(
+  from diffusion_jax.processes import respacing  # pylint: disable=g-import-not-at-top
+  schedule = discrete.make_schedule(ml_collections.ConfigDict(dict(
       num_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02)))
   steps, eta, shape = 20, 1.0, (64, 4, 4, 1)
   kept = respacing.respaced_timesteps(1000, steps, 'leading')
@@ -825,14 +830,14 @@ def test_ddim_eta_coefficients_are_float64_exact(eta_is_traced):
 
   def denoise(x, t, sigma=None):
     del t, sigma
-    return samplers.Prediction(jnp.zeros_like(x), jnp.ones_like(x))
+    return solvers.Prediction(jnp.zeros_like(x), jnp.ones_like(x))
   rng = jax.random.PRNGKey(3)
-  run = lambda e: samplers.ddim_sample(denoise, schedule, jnp.zeros(shape), rng, steps=steps,
+  run = lambda e: solvers.ddim_sample(denoise, schedule, jnp.zeros(shape), rng, steps=steps,
                                        eta=e, trajectory_every=1)[1].x_t
   x_t = np.asarray(jax.jit(run)(eta) if eta_is_traced else run(eta), np.float64)
   for i in range(steps - 1):  # The last step (to abar_prev = 1) has no noise and c = 0.
     t = steps - 1 - i
-    z = np.asarray(samplers._normal(rng, i, shape), np.float64).ravel()  # pylint: disable=protected-access
+    z = np.asarray(solvers._normal(rng, i, shape), np.float64).ravel()  # pylint: disable=protected-access
     fit_c, fit_sigma = np.linalg.lstsq(np.stack([np.ones_like(z), z], 1), x_t[i].ravel(),
                                        rcond=None)[0]
     np.testing.assert_allclose([fit_c, fit_sigma], [coef[t], sigma[t]], rtol=2e-6 if not
@@ -848,7 +853,7 @@ def test_trajectory_records_only_the_requested_rows(name, opts, steps):
   buffers are [K, n, ...] (never [K, B, ...]) and hold the rows of the full-batch record."""
   denoise, schedule = _short_setup(name)
   noise, key = _noise(8, 16), _key(9)
-  sampler = functools.partial(samplers.get_sampler(name), denoise, schedule,
+  sampler = functools.partial(solvers.get_sampler(name), denoise, schedule,
                               trajectory_every=7, **opts)
   fn = jax.jit(sampler, static_argnames='trajectory_images')
   out_all, traj_all = fn(noise, key)
@@ -878,18 +883,18 @@ def test_variance_noise_replaces_the_rng_draws(name, opts):
   other noise gives another sample; a wrong shape or a sampler without noise is an error."""
   denoise, schedule = _short_setup(name)
   noise, key = _noise(3, 8), _key(4)
-  run = jax.jit(lambda n, k, z: samplers.get_sampler(name)(denoise, schedule, n, k,
+  run = jax.jit(lambda n, k, z: solvers.get_sampler(name)(denoise, schedule, n, k,
                                                            variance_noise=z, **opts))
-  drawn = jnp.stack([samplers._normal(key, i, noise.shape)  # pylint: disable=protected-access
+  drawn = jnp.stack([solvers._normal(key, i, noise.shape)  # pylint: disable=protected-access
                      for i in range(schedule.num_timesteps)])
-  reference = samplers.get_sampler(name)(denoise, schedule, noise, key, **opts)
+  reference = solvers.get_sampler(name)(denoise, schedule, noise, key, **opts)
   np.testing.assert_allclose(run(noise, key, drawn), reference, atol=1e-6)
   other = run(noise, key, -drawn)
   assert np.abs(np.asarray(other) - np.asarray(reference)).mean() > 0.05
   with pytest.raises(ValueError, match=r'\[steps, B, H, W, C\]'):
-    samplers.get_sampler(name)(denoise, schedule, noise, key, variance_noise=drawn[1:], **opts)
+    solvers.get_sampler(name)(denoise, schedule, noise, key, variance_noise=drawn[1:], **opts)
   with pytest.raises(ValueError, match='variance_noise'):
-    samplers.sample_from_config(exact_apply_fn(), SCHEDULE, noise, key,
+    solvers.sample_from_config(exact_apply_fn(), SCHEDULE, noise, key,
                                 _sample_config(sampler='dpm_solver_pp', steps=40),
                                 prediction_type='epsilon', variance_noise=drawn)
 
@@ -898,10 +903,10 @@ def test_ddim_set_alpha_to_one():
   """The last DDIM step goes to abar = 1 (x = x0_hat) with set_alpha_to_one, else to abar_0 of
   the training schedule: x = sqrt(abar_0) x0_hat + sqrt(1 - abar_0) eps_hat (eta = 0), also when
   the respaced schedule does not keep training step 0 (trailing)."""
-  denoise = samplers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon', thresholding='none')
+  denoise = solvers.make_denoiser(exact_apply_fn(), SCHEDULE, 'epsilon', thresholding='none')
   noise = _noise(5, 8)
   for spacing in ('leading', 'trailing'):
-    run = lambda one: samplers.ddim_sample(denoise, SCHEDULE, noise, _key(0), steps=10,
+    run = lambda one: solvers.ddim_sample(denoise, SCHEDULE, noise, _key(0), steps=10,
                                            spacing=spacing, set_alpha_to_one=one,
                                            trajectory_every=1)
     x_one, traj_one = run(True)
@@ -939,9 +944,9 @@ def test_spacings_give_diffusers_timesteps_per_scheduler():
     for spacing, by_steps in spacings.items():
       for steps, expected in by_steps.items():
         kept = respacing.respaced_timesteps(T, int(steps), spacing,
-                                            samplers.spacing_convention(sampler))
+                                            solvers.spacing_convention(sampler))
         np.testing.assert_array_equal(kept[::-1], expected, err_msg=f'{scheduler} {spacing}')
-        schedule = samplers.sampling_schedule(SCHEDULE, sampler, int(steps), spacing)
+        schedule = solvers.sampling_schedule(SCHEDULE, sampler, int(steps), spacing)
         np.testing.assert_array_equal(np.asarray(schedule.timesteps)[::-1], expected)
         checked += 1
   assert checked == 60
@@ -952,7 +957,7 @@ def test_spacings_give_diffusers_timesteps_per_scheduler():
 
 def _diffusers_3m_weights(abar_desc):
   """DPM-Solver++(3M) weights as diffusers' DPMSolverMultistepScheduler (and Lu et al.'s code)
-  steps, in the W [S, 5] form of `samplers.dpm_solver_coefficients` (whose first two rows and
+  steps, in the W [S, 5] form of `solvers.dpm_solver_coefficients` (whose first two rows and
   final first-order row it shares). For rows 2 <= i <= S - 2, with h, h0, h1 the last three
   lambda steps, r0 = h0 / h, r1 = h1 / h:
     E0 = (D_i - D_{i-1}) / r0,  E1 = (D_{i-1} - D_{i-2}) / r1,
@@ -960,7 +965,7 @@ def _diffusers_3m_weights(abar_desc):
     x_{i+1} = (s_{i+1} / s_i) x_i + a_{i+1} [(1 - e^-h) D_i + (1 - (1 - e^-h) / h) E
                                              - ((h - 1 + e^-h) / h^2 - 1/2) F].
   The F term is half of the Taylor expansion's (h^2/2 - h + 1 - e^-h) D''."""
-  w = samplers.dpm_solver_coefficients(abar_desc, 3, 'multistep').copy()
+  w = solvers.dpm_solver_coefficients(abar_desc, 3, 'multistep').copy()
   alpha, sigma = np.sqrt(abar_desc), np.sqrt(1.0 - abar_desc)
   lam = np.log(alpha / sigma)
   for i in range(2, len(abar_desc) - 1):
@@ -992,13 +997,13 @@ def test_third_order_dpm_solver_converges_at_third_order_where_diffusers_does_no
   mu, sd = float(ref['mu']), float(ref['sd'])
   abar = ABAR[ref['timesteps']]  # Descending noise, as the scheduler's timesteps.
   theirs = _solve_gaussian(_diffusers_3m_weights(abar), abar, ref['x_t'], mu, sd)
-  ours = _solve_gaussian(samplers.dpm_solver_coefficients(abar, 3), abar, ref['x_t'], mu, sd)
+  ours = _solve_gaussian(solvers.dpm_solver_coefficients(abar, 3), abar, ref['x_t'], mu, sd)
   np.testing.assert_allclose(theirs, ref['out'], atol=1e-6)
   assert np.abs(ours - ref['out']).max() > 30 * np.abs(theirs - ref['out']).max()
 
   x_t = 1.3
   rates = {}
-  for name, weights in [('ours', lambda a: samplers.dpm_solver_coefficients(a, 3)),
+  for name, weights in [('ours', lambda a: solvers.dpm_solver_coefficients(a, 3)),
                         ('diffusers', _diffusers_3m_weights)]:
     errs = []
     for n in (41, 81, 161, 321):

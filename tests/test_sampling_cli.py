@@ -19,9 +19,16 @@ from etils import epath
 from PIL import Image, ImageSequence
 
 from configs import tiny
-from diffusion_jax import (checkpoints, class_labels, images, models, sample_mode,
-                           sharding, train_state)
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.training import checkpoints
+from diffusion_jax.sampling import class_labels
+from diffusion_jax import images
+from diffusion_jax.nn import backbones
+from diffusion_jax.modes import sample as sample_mode
+from diffusion_jax.pipelines import sampler
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.modes.validation import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
@@ -41,7 +48,7 @@ def _save_random_checkpoint(config, workdir: str) -> None:
   The shapes come from `jax.eval_shape` and the values from NumPy, so nothing is compiled.
   """
   mesh = sharding.create_mesh(config.mesh)
-  model = models.create_model(config.model, config.data.channels)
+  model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   res, channels = config.data.resolution, config.data.channels
   abstract = jax.eval_shape(lambda: train_state.create_train_state(
@@ -71,7 +78,7 @@ def test_sample_tags_differ_in_every_image_changing_field():
   (A shared folder made the second run delete the first one's shards.)
   """
   config = _config()
-  base = sample_mode.sample_tag(config, 7)
+  base = sampler.sample_tag(config, 7)
   assert re.fullmatch(r'step7_ddim_5_seed0_ema_[0-9a-f]{8}', base), base
   changes = {'spacing': 'trailing', 'thresholding': 'dynamic', 'variance': 'fixed_large',
              'solver_order': 3, 'rho': 5.0, 's_churn': 1.0, 'batch_size': 8,
@@ -80,14 +87,14 @@ def test_sample_tags_differ_in_every_image_changing_field():
   for field, value in changes.items():
     changed = _config()
     changed.sample[field] = value
-    tag = sample_mode.sample_tag(changed, 7)
+    tag = sampler.sample_tag(changed, 7)
     assert tag not in tags, field
     tags.add(tag)
-  assert sample_mode.sample_tag(config, 8) != base
+  assert sampler.sample_tag(config, 8) != base
   same = _config()
   same.sample.animation = True
   same.sample.animation_num_images = 4
-  assert sample_mode.sample_tag(same, 7) == base
+  assert sampler.sample_tag(same, 7) == base
 
 
 @pytest.fixture(scope='module')
@@ -199,7 +206,8 @@ jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                            process_id=int(sys.argv[2]))
 from configs import tiny
-from diffusion_jax import sample_mode
+from diffusion_jax.modes import sample as sample_mode
+from diffusion_jax.pipelines import sampler
 config = tiny.get_config()
 config.model.num_classes = 10
 config.sample.num_samples, config.sample.batch_size, config.sample.seed = 40, 16, 5

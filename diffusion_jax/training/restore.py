@@ -1,0 +1,94 @@
+"""Reading trained parameters back: the newest checkpoint's EMA (or raw) parameters, an extra
+EMA, or a post-hoc reconstruction, straight into the FSDP layout of the run's mesh."""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from diffusion_jax.training.checkpoints import (EXTRA_EMA_ITEM, NoCheckpointError,
+                                                checkpoint_dir, create_manager, restore_items)
+
+PyTree = Any
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+                   use_ema: bool, ema: str = '') -> Tuple[PyTree, int]:
+  """The EMA (`use_ema`) or raw parameters of the newest checkpoint in `workdir`, and its step.
+
+  `ema` (sample.ema / eval.ema, with use_ema) picks another EMA than the primary one: an extra
+  EMA of the checkpoint ('decay:<d>', 'sigma_rel:<s>': only that one is read) or a post-hoc
+  reconstruction ('posthoc:<s>', the newest step written by --mode=posthoc_ema; its step is
+  returned).
+
+  Only that item is read (no optimizer state, not the other parameter tree), straight into
+  the FSDP shardings the train state has on `mesh` (`train_state.state_shardings` with
+  `config.mesh.fsdp_min_size`): no device ever holds more than its shard of a sharded tensor.
+  Corrupt steps are skipped (not moved: readers never write). Raises NoCheckpointError when
+  there is no checkpoint.
+  """
+  from diffusion_jax.nn import backbones  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.parallel import sharding
+  from diffusion_jax.training import train_state
+  model = backbones.create_model(config.model, config.data.channels)
+  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
+  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
+  shapes = train_state.abstract_train_state(model, tx, image_shape)
+  shardings = sharding.state_shardings(shapes, mesh, sharding.fsdp_min_size(config.mesh))
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  if use_ema and ema:
+    from diffusion_jax.training import ema  # pylint: disable=g-import-not-at-top
+    kind, value = ema.parse_selection(ema)
+    if kind == ema.POSTHOC:
+      from diffusion_jax.training import posthoc_ema  # pylint: disable=g-import-not-at-top
+      return posthoc_ema.restore_reconstruction(workdir, value, abstract.ema_params)
+    return restore_extra_ema(workdir, ema.state_key(kind, value), ema, abstract.ema_params)
+  name = 'ema_params' if use_ema else 'params'
+  manager = create_manager(workdir, read_only=True, async_save=False)
+  try:
+    items, step = restore_items(manager, abstract, (name,), quarantine=False)
+  finally:
+    manager.close()
+  if items is None:
+    raise NoCheckpointError(
+        f'No checkpoint in {checkpoint_dir(workdir)}: train first with '
+        f'`python main.py --config=... --workdir={workdir}` (--mode=train), or point '
+        '--workdir at a run that has checkpoints.')
+  return items[name], step
+
+
+def restore_extra_ema(workdir: str, key: str, name: str, abstract_params: PyTree
+                      ) -> Tuple[PyTree, int]:
+  """Extra EMA `key` (named `name`, e.g. 'decay:0.999') of the newest checkpoint, and its step.
+
+  Only that EMA is read (orbax partial restore of the 'extra_emas' item), onto the shapes and
+  shardings of `abstract_params` (float32, the parameters' layout). Raises NoCheckpointError
+  when there is no checkpoint or it has no such EMA (naming the ones it has).
+  """
+  manager = create_manager(workdir, read_only=True, async_save=False)
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  if step is None:
+    raise NoCheckpointError(f'No checkpoint in {checkpoint_dir(workdir)}: train first.')
+  path = checkpoint_dir(workdir) / str(step) / EXTRA_EMA_ITEM
+  saved = {}
+  if path.exists():
+    metadata = ocp.StandardCheckpointHandler().metadata(path)
+    saved = dict(getattr(metadata, 'tree', metadata))
+  if key not in saved:
+    raise NoCheckpointError(
+        f'Checkpoint {step} in {checkpoint_dir(workdir)} has no EMA {name!r} (its extra EMAs: '
+        f'{sorted(saved) or "none"}); train with it in optim.ema_decays / optim.ema_sigma_rels, '
+        "or set sample.ema / eval.ema to '' (the primary EMA).")
+  target = {key: abstract_params}
+  restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+      path, args=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+  return restored[key], step
