@@ -22,10 +22,11 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from diffusion_jax import modes
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and TensorBoard events.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'export', 'posthoc_ema'],
-                  'What to do.')
+flags.DEFINE_enum('mode', 'train', list(modes.MODES), 'What to do (diffusion_jax/modes/).')
 flags.DEFINE_bool('distributed', None,
                   'Call jax.distributed.initialize() (default: when a cluster of several '
                   'processes is detected: SLURM, Open MPI, a Cloud TPU VM or GKE TPU pod, or '
@@ -58,14 +59,14 @@ def main(argv):
                                          FLAGS.process_id)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.modes import validation  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   from diffusion_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.config.errors import ConfigError
-  from diffusion_jax.modes import validation
-  from diffusion_jax.config import run_config
-  from diffusion_jax.modes import sample as sample_mode
-  from diffusion_jax.parallel import sharding
-  if FLAGS.mode == 'train':  # Only training needs TensorFlow (its import takes ~4 s).
-    from diffusion_jax.training import loop  # pylint: disable=g-import-not-at-top
+  # The mode's module is imported before jax.distributed starts: train and eval import
+  # TensorFlow (~4 s), which sample and export never do.
+  run_mode = modes.entry(FLAGS.mode)
   try:  # Before any backend starts: how many XLA devices the CPU is split into.
     cpu_devices = sharding.configure_cpu_devices(
         FLAGS.config.mesh, validation.batch_sizes(FLAGS.config), cluster.is_multi_process)
@@ -85,27 +86,19 @@ def main(argv):
     config = FLAGS.config
     if FLAGS.mode != 'train':
       config = run_config_for_mode(config, FLAGS.workdir)
-    if FLAGS.mode == 'train':
-      loop.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == 'eval':
-      from diffusion_jax.modes import evaluate as evaluate_mode  # pylint: disable=g-import-not-at-top
-      results = evaluate_mode.evaluate(config, FLAGS.workdir)
-      print(eval_summary(results, FLAGS.workdir))
-    elif FLAGS.mode == 'posthoc_ema':
-      from diffusion_jax.training import posthoc_ema  # pylint: disable=g-import-not-at-top
-      out_dir = posthoc_ema.reconstruct(config, FLAGS.workdir)
-      print(f'Post-hoc EMA written to {out_dir}')
-    elif FLAGS.mode == 'export':
-      from diffusion_jax.serving import export  # pylint: disable=g-import-not-at-top
-      out_dir = export.export(config, FLAGS.workdir)
-      print(f'Exported sampler written to {out_dir}')
-    else:
-      out_dir = sample_mode.generate(config, FLAGS.workdir)
-      print(f'Samples written to {out_dir}')
+    result = run_mode(config, FLAGS.workdir)
+    if FLAGS.mode == 'eval':
+      print(eval_summary(result, FLAGS.workdir))
+    elif FLAGS.mode in WRITTEN:
+      print(f'{WRITTEN[FLAGS.mode]} written to {result}')
   except (ConfigError, run_config.LockedFieldError) as e:
     raise app.UsageError(str(e)) from e
   except checkpoints.NoCheckpointError as e:  # Sample / eval before training.
     raise app.UsageError(str(e)) from e
+
+
+# What the modes that write a folder print before its path.
+WRITTEN = {'sample': 'Samples', 'export': 'Exported sampler', 'posthoc_ema': 'Post-hoc EMA'}
 
 
 def run_config_for_mode(config, workdir: str):

@@ -143,7 +143,7 @@ def whole_model_rows(config_name: str, batch: int, repeats: int) -> List[Dict[st
   config = {'digits': digits, 'cifar10_ddpm': cifar10_ddpm}[config_name].get_config()
   res, ch = config.data.resolution, config.data.channels
   x = jax.random.normal(jax.random.PRNGKey(0), (batch, res, res, ch))
-  t = jnp.arange(batch) % config.diffusion.num_timesteps
+  t = jnp.arange(batch) % config.diffusion.ddpm.num_timesteps
   original = unet._conv  # pylint: disable=protected-access
   grads, params = {}, None
   try:

@@ -3,11 +3,11 @@
   python benchmarks/sample_throughput.py --config=configs/cifar10_ddpm.py --batch_size=16 \\
       --samplers=ddim --steps=10
 
-For each sampler in --samplers and each count in --steps, builds `sampler.make_sample_fn(...)`
+For each sampler in --samplers and each count in --steps, builds `sampler_lib.make_sample_fn(...)`
 (the library's compiled, batch-sharded sampler; parameters are a fresh random init, which costs
 the same as trained ones), measures the first call (compilation + one run) separately from the
 timed calls, and prints one JSON line. Any sampler of `solvers.SAMPLERS` can be named; for
-`ddpm`, steps 0 means all `diffusion.num_timesteps` steps (slow on a CPU for full-size models).
+`ddpm`, steps 0 means all `diffusion.ddpm.num_timesteps` steps (slow on a CPU for full-size models).
 
 With diffusers + torch installed (`--compare_diffusers`, default auto), ddim and ddpm lines also
 time the same network as a `diffusers.UNet2DModel` in the scheduler loop that DDIMPipeline /
@@ -36,7 +36,7 @@ import numpy as np
 from diffusion_jax.processes import discrete  # pylint: disable=g-import-not-at-top
 from diffusion_jax.nn import backbones
 from diffusion_jax.sampling import solvers
-from diffusion_jax.pipelines import sampler
+from diffusion_jax.pipelines import sampler as sampler_lib
 from diffusion_jax.parallel import sharding
 from diffusion_jax.training import train_state
 
@@ -126,7 +126,7 @@ def main(argv):
                      f'{mesh.devices.size} devices of the mesh.')
   res, ch = config.data.resolution, config.data.channels
   model = backbones.create_model(config.model, ch)
-  schedule = discrete.make_schedule(config.diffusion)
+  schedule = discrete.make_schedule(config.diffusion.ddpm)
   params = jax.jit(lambda k: train_state.init_params(model, k, (res, res, ch)),
                    out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
   n_params = tt.count_params(params)
@@ -157,7 +157,7 @@ def main(argv):
     config.sample.steps = steps
     # Network evaluations per sample: heun makes 2 per step but the last; ddpm 0 = all T.
     evals = (2 * steps - 1 if sampler == 'heun' else
-             steps or config.diffusion.num_timesteps)
+             steps or config.diffusion.ddpm.num_timesteps)
     theirs = None
     skipped = unet_error
     if compare:
@@ -165,7 +165,7 @@ def main(argv):
         theirs = DiffusersSampler(unet, config, sampler, steps, batch_size)
       except NotImplementedError as e:
         skipped = str(e)
-    sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, batch_size)
+    sample_fn = sampler_lib.make_sample_fn(model, config, mesh, batch_size)
     rng = jax.random.PRNGKey(config.sample.seed)
     calls = {'n': 0}
 
@@ -228,6 +228,6 @@ if __name__ == '__main__':
   tt.define_flags(train=False)
   absl_flags.DEFINE_list('samplers', ['ddim'], 'Samplers to time (names of solvers.SAMPLERS).')
   absl_flags.DEFINE_list('steps', ['10'], 'Step counts to time, one JSON line per sampler and '
-                         'count (ddpm: 0 = all diffusion.num_timesteps).')
+                         'count (ddpm: 0 = all diffusion.ddpm.num_timesteps).')
   absl_flags.DEFINE_integer('repeats', 2, 'Timed sampling calls per side and line.')
   app.run(main)

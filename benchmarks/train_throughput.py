@@ -15,7 +15,7 @@ are timed in alternating rounds, so that load from other processes on a shared m
 about equally and `ratio_ours_over_diffusers` (images/s ours / images/s theirs; > 1 = we are
 faster) stays meaningful even when absolute numbers move.
 
-Any config field can be overridden: `--config.model.dropout=0.0`, `--config.model.dtype=bfloat16`.
+Any config field can be overridden: `--config.model.unet.dropout=0.0`, `--config.model.dtype=bfloat16`.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def diffusers_unet_kwargs(config) -> Dict[str, Any]:
   """
   m, res = config.model, config.data.resolution
   if m.resblock_updown:
-    raise NotImplementedError('model.resblock_updown=True has no exact UNet2DModel equivalent.')
+    raise NotImplementedError('model.unet.resblock_updown=True has no exact UNet2DModel equivalent.')
   block_out = tuple(int(m.ch * mult) for mult in m.ch_mult)
   level_res = [res // 2**i for i in range(len(m.ch_mult))]
   attn = [r in tuple(m.attn_resolutions) for r in level_res]
@@ -181,7 +181,7 @@ def diffusers_unet_kwargs(config) -> Dict[str, Any]:
   else:
     dims = {c // m.num_heads for c in attn_channels}
     if len(dims) != 1:
-      raise NotImplementedError(f'model.num_heads={m.num_heads} gives head sizes {sorted(dims)}; '
+      raise NotImplementedError(f'model.unet.num_heads={m.num_heads} gives head sizes {sorted(dims)}; '
                                 'UNet2DModel has a single attention_head_dim.')
     head_dim = dims.pop()
   channels = config.data.channels
@@ -236,13 +236,13 @@ def build_ours(config, batch_size: int):
     raise SystemExit(f'--batch_size={batch_size} must be divisible by the {n} devices of the mesh.')
   channels, res = config.data.channels, config.data.resolution
   model = backbones.create_model(config.model, channels)
-  schedule = discrete.make_schedule(config.diffusion)
+  schedule = discrete.make_schedule(config.diffusion.ddpm)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
                                          (res, res, channels), mesh,
                                          sharding.fsdp_min_size(config.mesh))
   # One optimizer step per call (training.steps_per_call > 1 would scan k steps over [k, B] data).
-  train_step = train_state.make_train_step(model, tx, schedule, config, mesh, steps_per_call=1)
+  train_step = train_state.make_train_step(model, tx, config, mesh, steps_per_call=1)
   images = np.random.default_rng(config.seed).uniform(
       -1.0, 1.0, (batch_size, res, res, channels)).astype(np.float32)
   batch = {'image': images}

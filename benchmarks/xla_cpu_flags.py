@@ -7,7 +7,7 @@ XLA_FLAGS is read once per process, so each variant runs `train_throughput.py` (
 round by round (A, B, C, A, B, C, ...) so that load from other processes hits all of them alike.
 Prints one JSON line per variant: the median over rounds of each child's median step time, the
 spread (min/max), and the ratio of the baseline's time over the variant's (> 1: faster).
-Extra flags after `--` go to every child (e.g. `-- --config.model.dropout=0.0`).
+Extra flags after `--` go to every child (e.g. `-- --config.model.unet.dropout=0.0`).
 """
 
 import json

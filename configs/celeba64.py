@@ -17,8 +17,8 @@ def get_config():
   config.data.dataset = 'celeb_a'
   config.data.resolution = 64
   config.data.center_crop = 140  # The common CelebA 64x64 crop (faces fill the square).
-  config.model.ch_mult = (1, 2, 2, 2, 4)
-  config.model.attn_resolutions = (16,)
+  config.model.unet.ch_mult = (1, 2, 2, 2, 4)
+  config.model.unet.attn_resolutions = (16,)
   config.training.num_train_steps = 500_000
   config.sample.steps = 100
   return config

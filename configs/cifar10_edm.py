@@ -10,7 +10,7 @@ Published target: FID 1.97 (50k samples, unconditional) with the deterministic H
 18 steps = 35 network evaluations (their class-conditional model: 1.79).
 
 What is EDM's here: the preconditioning with sigma_data = 0.5 and c_noise = ln(sigma) / 4, the
-log-normal noise levels P_mean = -1.2, P_std = 1.2 and the loss weighting (diffusion.edm_*);
+log-normal noise levels P_mean = -1.2, P_std = 1.2 and the loss weighting (diffusion.edm);
 Adam lr 1e-3 (betas 0.9 / 0.999, eps 1e-8) ramped up linearly over 10 Mimg (19,531 steps) then
 constant; batch 512 for 200 Mimg (390,625 steps); dropout 0.13; no gradient clipping; EMA with a
 half-life of 0.5 Mimg, i.e. decay 0.5^(512 / 500,000) = 0.99929 per step of 512 images; Heun
@@ -39,23 +39,23 @@ def get_config():
   config.data.resolution = 32
   config.data.random_flip = True
 
-  config.model.ch = 128
-  config.model.ch_mult = (2, 2, 2)
-  config.model.num_res_blocks = 4
-  config.model.attn_resolutions = (16,)
-  config.model.num_heads = 1
-  config.model.dropout = 0.13
-  config.model.resblock_updown = True
-  config.model.use_scale_shift_norm = False
+  config.model.unet.ch = 128
+  config.model.unet.ch_mult = (2, 2, 2)
+  config.model.unet.num_res_blocks = 4
+  config.model.unet.attn_resolutions = (16,)
+  config.model.unet.num_heads = 1
+  config.model.unet.dropout = 0.13
+  config.model.unet.resblock_updown = True
+  config.model.unet.use_scale_shift_norm = False
   config.model.flip_sin_to_cos = False  # [sin, cos] as DDPM++ after its swap ...
   config.model.freq_shift = 1           # ... frequencies 10000^(-i / (64 - 1)) (endpoint=True).
 
   config.diffusion.objective = 'edm'
-  config.diffusion.edm_sigma_data = 0.5
-  config.diffusion.edm_p_mean = -1.2
-  config.diffusion.edm_p_std = 1.2
-  config.diffusion.edm_sigma_min = 0.002
-  config.diffusion.edm_sigma_max = 80.0
+  config.diffusion.edm.sigma_data = 0.5
+  config.diffusion.edm.p_mean = -1.2
+  config.diffusion.edm.p_std = 1.2
+  config.diffusion.edm.sigma_min = 0.002
+  config.diffusion.edm.sigma_max = 80.0
 
   config.optim.optimizer = 'adam'
   config.optim.learning_rate = 1e-3

@@ -8,7 +8,7 @@
 
 The rectified-flow / flow-matching setting: x_t = (1 - t) x0 + t eps, velocity targets, t uniform
 on [0, 1] (as Lipman et al. and Liu et al. train; SD3's logit-normal t is
-`--config.diffusion.flow_time_dist=logit_normal`), no time shift at 32x32, Heun on 50 steps
+`--config.diffusion.flow_matching.time_dist=logit_normal`), no time shift at 32x32, Heun on 50 steps
 (99 network evaluations). Everything else is Ho et al.'s: Adam 2e-4, 5000 warm-up steps, batch
 128, EMA 0.9999, dropout 0.1, random flips, 800k steps.
 
@@ -25,9 +25,9 @@ from configs import cifar10_ddpm
 def get_config():
   config = cifar10_ddpm.get_config()
   config.diffusion.objective = 'flow_matching'
-  config.diffusion.flow_time_dist = 'uniform'
-  config.diffusion.flow_time_shift = 1.0
-  config.diffusion.flow_prediction = 'velocity'
+  config.diffusion.flow_matching.time_dist = 'uniform'
+  config.diffusion.flow_matching.time_shift = 1.0
+  config.diffusion.flow_matching.prediction = 'velocity'
   config.sample.sampler = 'heun'
   config.sample.steps = 50
   config.eval.metrics = ('ode_nll',)   # 'vlb' is the discrete-time (ddpm) bound.

@@ -6,12 +6,12 @@
 
 What differs from DDPM (configs/cifar10_ddpm.py), following the paper's CIFAR-10 run:
 * T = 4000 steps of the cosine schedule (abar(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008).
-  --config.diffusion.num_timesteps=1000 trains a cheaper model that the paper shows is only a
+  --config.diffusion.ddpm.num_timesteps=1000 trains a cheaper model that the paper shows is only a
   little worse in likelihood; the VLB evaluation costs T network passes per batch, so T = 1000
   is also four times cheaper to evaluate.
 * model.learn_sigma: the U-Net outputs epsilon and v, and the reverse variance is
   exp(f log beta_t + (1 - f) log beta~_t), f = (v + 1) / 2; it is trained with
-  L_hybrid = L_simple + 0.001 L_vlb (diffusion.vlb_weight), the mean under stop-gradient in L_vlb.
+  L_hybrid = L_simple + 0.001 L_vlb (diffusion.ddpm.vlb_weight), the mean under stop-gradient in L_vlb.
 * Network: 128 channels, 3 residual blocks per level, attention at 16x16 and 8x8 with 4 heads,
   scale-shift (AdaGN) timestep conditioning, dropout 0.3.
 * Adam at 1e-4, batch 128, EMA 0.9999, 500k steps. The paper uses no learning-rate warm-up;
@@ -29,20 +29,20 @@ def get_config():
   config.data.resolution = 32
   config.data.random_flip = True
 
-  config.model.ch = 128
-  config.model.ch_mult = (1, 2, 2, 2)
-  config.model.num_res_blocks = 3
-  config.model.attn_resolutions = (16, 8)
-  config.model.num_heads = 4
-  config.model.use_scale_shift_norm = True
-  config.model.dropout = 0.3
+  config.model.unet.ch = 128
+  config.model.unet.ch_mult = (1, 2, 2, 2)
+  config.model.unet.num_res_blocks = 3
+  config.model.unet.attn_resolutions = (16, 8)
+  config.model.unet.num_heads = 4
+  config.model.unet.use_scale_shift_norm = True
+  config.model.unet.dropout = 0.3
   config.model.learn_sigma = True
 
-  config.diffusion.num_timesteps = 4000
-  config.diffusion.beta_schedule = 'cosine'
-  config.diffusion.prediction_type = 'epsilon'
-  config.diffusion.loss_weighting = 'simple'
-  config.diffusion.vlb_weight = 0.001
+  config.diffusion.ddpm.num_timesteps = 4000
+  config.diffusion.ddpm.beta_schedule = 'cosine'
+  config.diffusion.ddpm.prediction_type = 'epsilon'
+  config.diffusion.ddpm.loss_weighting = 'simple'
+  config.diffusion.ddpm.vlb_weight = 0.001
 
   config.optim.learning_rate = 1e-4
   config.optim.warmup_steps = 0

@@ -24,12 +24,12 @@ def get_config():
   config.data.shuffle_buffer = 2048
   config.data.cache = True
 
-  config.model.ch = 32                 # 0.7M parameters: ~20 train steps/s on 2 CPU cores.
-  config.model.ch_mult = (1, 2)        # Feature maps 8x8 and 4x4.
-  config.model.num_res_blocks = 1
-  config.model.attn_resolutions = (4,)
-  config.model.num_groups = 8
-  config.model.dropout = 0.0
+  config.model.unet.ch = 32                 # 0.7M parameters: ~20 train steps/s on 2 CPU cores.
+  config.model.unet.ch_mult = (1, 2)        # Feature maps 8x8 and 4x4.
+  config.model.unet.num_res_blocks = 1
+  config.model.unet.attn_resolutions = (4,)
+  config.model.unet.num_groups = 8
+  config.model.unet.dropout = 0.0
 
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100

@@ -27,13 +27,13 @@ from configs import digits_flow
 def get_config():
   config = digits_flow.get_config()
   config.model.arch = 'dit'
-  config.model.dit_hidden_size = 128
-  config.model.dit_depth = 6
-  config.model.dit_num_heads = 4
-  config.model.dit_mlp_ratio = 4.0
-  config.model.dit_patch_size = 2       # 8x8 -> 4x4 = 16 tokens.
-  config.model.dit_pos_embed = 'sincos'
-  config.model.dropout = 0.0
+  config.model.dit.hidden_size = 128
+  config.model.dit.depth = 6
+  config.model.dit.num_heads = 4
+  config.model.dit.mlp_ratio = 4.0
+  config.model.dit.patch_size = 2       # 8x8 -> 4x4 = 16 tokens.
+  config.model.dit.pos_embed = 'sincos'
+  config.model.dit.dropout = 0.0
   # The adaLN-Zero gates start at 0, so the transformer wants a larger step than the U-Net's
   # 1e-3 to get going in 3000 steps; the longer warm-up keeps the first updates stable.
   config.optim.learning_rate = 2e-3

@@ -19,11 +19,11 @@ from configs import digits
 def get_config():
   config = digits.get_config()
   config.diffusion.objective = 'edm'
-  config.diffusion.edm_sigma_data = 0.5
-  config.diffusion.edm_p_mean = -1.2
-  config.diffusion.edm_p_std = 1.2
-  config.diffusion.edm_sigma_min = 0.002
-  config.diffusion.edm_sigma_max = 80.0
+  config.diffusion.edm.sigma_data = 0.5
+  config.diffusion.edm.p_mean = -1.2
+  config.diffusion.edm.p_std = 1.2
+  config.diffusion.edm.sigma_min = 0.002
+  config.diffusion.edm.sigma_max = 80.0
   config.eval.metrics = ('classifier_fd',)  # 'vlb' is a ddpm-only metric.
 
   config.sample.sampler = 'heun'

@@ -25,11 +25,11 @@ from configs import digits
 def get_config():
   config = digits.get_config()
   config.diffusion.objective = 'flow_matching'
-  config.diffusion.flow_time_dist = 'logit_normal'
-  config.diffusion.flow_logit_mean = 0.0
-  config.diffusion.flow_logit_std = 1.0
-  config.diffusion.flow_time_shift = 1.0
-  config.diffusion.flow_prediction = 'velocity'
+  config.diffusion.flow_matching.time_dist = 'logit_normal'
+  config.diffusion.flow_matching.logit_mean = 0.0
+  config.diffusion.flow_matching.logit_std = 1.0
+  config.diffusion.flow_matching.time_shift = 1.0
+  config.diffusion.flow_matching.prediction = 'velocity'
   config.eval.metrics = ('ode_nll',)   # 'vlb' is the discrete-time (ddpm) bound.
 
   config.optim.learning_rate = 2e-3

@@ -14,8 +14,8 @@ Choices:
   Each token carries 48 pixel values, fewer than its width 768, so nothing is bottlenecked; JiT
   shows that with larger patches (16x16x3 = 768 values per token at 256 px) the network should
   predict the clean image rather than the noise or velocity, which lies off the data manifold.
-  For DiT-L/4 set dit_hidden_size=1024, dit_depth=24, dit_num_heads=16 (dit.DIT_SIZES).
-- Objective: diffusion.objective='flow_matching' with flow_prediction='x0' (JiT's x-prediction,
+  For DiT-L/4 set model.dit.hidden_size=1024, depth=24, num_heads=16 (dit.DIT_SIZES).
+- Objective: diffusion.objective='flow_matching' with flow_matching.prediction='x0' (JiT's x-prediction,
   trained with the velocity loss, the 1/t^2 weight clamped at t = 0.05). Times are logit-normal
   with mean 0.8 and std 0.8: JiT's (-0.8, 0.8) in its convention where t = 1 is clean data,
   mirrored to ours (t = 1 is noise), so training concentrates on the noisier half.
@@ -48,26 +48,26 @@ def get_config():
   config.data.random_flip = True
 
   config.model.arch = 'dit'
-  config.model.dit_hidden_size = 768   # DiT-B ...
-  config.model.dit_depth = 12
-  config.model.dit_num_heads = 12
-  config.model.dit_mlp_ratio = 4.0
-  config.model.dit_patch_size = 4      # ... /4: 256 tokens of 4x4x3 pixels.
-  config.model.dit_pos_embed = 'sincos'
+  config.model.dit.hidden_size = 768   # DiT-B ...
+  config.model.dit.depth = 12
+  config.model.dit.num_heads = 12
+  config.model.dit.mlp_ratio = 4.0
+  config.model.dit.patch_size = 4      # ... /4: 256 tokens of 4x4x3 pixels.
+  config.model.dit.pos_embed = 'sincos'
   config.model.num_classes = 1000      # + the null class (classifier-free guidance).
-  config.model.dropout = 0.0
+  config.model.dit.dropout = 0.0
   config.model.learn_sigma = False
   config.model.dtype = 'bfloat16'
   config.model.param_dtype = 'float32'
   config.model.remat = True
 
   config.diffusion.objective = 'flow_matching'
-  config.diffusion.flow_prediction = 'x0'
-  config.diffusion.flow_x0_min_t = 0.05
-  config.diffusion.flow_time_dist = 'logit_normal'
-  config.diffusion.flow_logit_mean = 0.8
-  config.diffusion.flow_logit_std = 0.8
-  config.diffusion.flow_time_shift = 1.0
+  config.diffusion.flow_matching.prediction = 'x0'
+  config.diffusion.flow_matching.x0_min_t = 0.05
+  config.diffusion.flow_matching.time_dist = 'logit_normal'
+  config.diffusion.flow_matching.logit_mean = 0.8
+  config.diffusion.flow_matching.logit_std = 0.8
+  config.diffusion.flow_matching.time_shift = 1.0
 
   config.optim.optimizer = 'adamw'
   config.optim.weight_decay = 0.0

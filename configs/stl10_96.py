@@ -16,11 +16,11 @@ def get_config():
   config.data.split = 'unlabelled'
   config.data.eval_split = 'test'
   config.data.resolution = 96
-  config.model.ch_mult = (1, 2, 2, 2, 4)
-  config.model.attn_resolutions = (24, 12)
-  config.model.num_head_channels = 64
-  config.model.use_scale_shift_norm = True
-  config.model.resblock_updown = True
+  config.model.unet.ch_mult = (1, 2, 2, 2, 4)
+  config.model.unet.attn_resolutions = (24, 12)
+  config.model.unet.num_head_channels = 64
+  config.model.unet.use_scale_shift_norm = True
+  config.model.unet.resblock_updown = True
   config.model.dtype = 'bfloat16'
   config.training.batch_size = 64
   config.training.num_train_steps = 500_000

@@ -8,11 +8,11 @@ from configs import digits
 
 def get_config():
   config = digits.get_config()
-  config.model.ch = 16
-  config.model.num_groups = 8
-  config.model.ch_mult = (1, 2)
-  config.model.attn_resolutions = (4,)
-  config.diffusion.num_timesteps = 100
+  config.model.unet.ch = 16
+  config.model.unet.num_groups = 8
+  config.model.unet.ch_mult = (1, 2)
+  config.model.unet.attn_resolutions = (4,)
+  config.diffusion.ddpm.num_timesteps = 100
   config.optim.warmup_steps = 10
   config.training.batch_size = 16
   config.training.num_train_steps = 6

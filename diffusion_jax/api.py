@@ -27,13 +27,12 @@ from jax.sharding import Mesh
 
 from diffusion_jax.training import restore
 from diffusion_jax.sampling import class_labels
-from diffusion_jax.processes import discrete
-from diffusion_jax import images
+from diffusion_jax import images, objectives
+from diffusion_jax.evaluation import classifier_fd, feature_sets
 from diffusion_jax.nn import backbones
 from diffusion_jax.parallel import multihost
 from diffusion_jax.config import run_config
 from diffusion_jax.sampling import loop
-from diffusion_jax.sampling import solvers
 from diffusion_jax.pipelines import sampler
 from diffusion_jax.parallel import sharding
 from diffusion_jax.config.errors import ConfigError
@@ -121,8 +120,7 @@ def sample(run: Run, num_samples: int, *, seed: int = 0,
       raise ValueError(f'labels must be in [0, {num_classes}) (model.num_classes).')
     all_labels = np.concatenate([given, np.resize(given, batch - num_samples)])
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion)
-  sample_fn = sampler.make_sample_fn(model, schedule, config, run.mesh, batch,
+  sample_fn = sampler.make_sample_fn(model, config, run.mesh, batch,
                                       trajectory_every=trajectory_every,
                                       trajectory_images=min(trajectory_images, num_samples))
   out = sample_fn(run.params, jax.random.fold_in(jax.random.PRNGKey(seed), 0), all_labels)
@@ -135,21 +133,19 @@ def sample(run: Run, num_samples: int, *, seed: int = 0,
   return result[0] if len(result) == 1 else tuple(result)
 
 
-def network_evaluations(sampler: str, steps: int, guidance_scale: float = 1.0) -> int:
-  """Network evaluations per image of `sampler` at `steps` (the cost axis of quality plots).
-
-  One per step for ddpm, ddim, dpm_solver_pp and euler; heun corrects every step but the last
-  (2 steps - 1). Classifier-free guidance (scale != 1) evaluates the conditional and the
-  unconditional network: twice as many.
-  """
-  solvers.get_sampler(sampler)  # A clear error for an unknown name.
-  calls = 2 * steps - 1 if sampler == 'heun' else steps
-  return calls * (2 if guidance_scale != 1.0 else 1)
+def network_evaluations(run: Run, **sample_fields: Any) -> int:
+  """Network evaluations per image of the run's sampler with `sample_fields` on top of its
+  `config.sample` (the cost axis of quality plots): the objective's count (one per step; heun
+  corrects every step but the last, 2 steps - 1; flow matching's midpoint takes 2 per step),
+  doubled under classifier-free guidance (a scale other than 1 and 0, which call one network)."""
+  config = sample_config(run, 1, **sample_fields)
+  calls = objectives.get(config.diffusion.objective).network_evaluations(config)
+  guided = config.model.num_classes > 0 and config.sample.guidance_scale not in (0.0, 1.0)
+  return calls * (2 if guided else 1)
 
 
 @functools.lru_cache(maxsize=4)
 def _digits_scorer(cache_path: str, dataset: str):
-  from diffusion_jax.evaluation import classifier_fd  # pylint: disable=g-import-not-at-top
   return classifier_fd.Scorer(cache_path, dataset)
 
 
@@ -161,9 +157,8 @@ def digits_quality(run: Run, samples: np.ndarray,
   trained there in seconds if absent), so figures match the in-training eval's. With `labels`
   (the classes the samples were drawn for) the result adds 'label_agreement'.
   """
-  from diffusion_jax.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
   dataset = run.config.data.dataset
-  path = epath.Path(sample_metrics.stats_dir(run.config, run.workdir))
+  path = epath.Path(feature_sets.stats_dir(run.config, run.workdir))
   path.mkdir(parents=True, exist_ok=True)
   scorer = _digits_scorer(str(path / f'classifier_{dataset}.npz'), dataset)
   return scorer(np.asarray(samples), None if labels is None else np.asarray(labels))

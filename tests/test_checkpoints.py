@@ -36,7 +36,7 @@ from diffusion_jax.training import train_state
 def small_config():
   """configs/tiny.py, class-conditional, batch 8, constant lr 2e-3 (as in test_train_state.py)."""
   config = tiny.get_config()
-  config.model.dropout = 0.0
+  config.model.unet.dropout = 0.0
   config.model.num_classes = 10
   config.training.cond_drop_prob = 0.5
   config.training.batch_size = 8
@@ -448,7 +448,7 @@ def test_first_run_trains_and_checkpoints(resumed_run):
   from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   assert 'config.json' in run['after_first']['files']
   saved = run_config.load_run_config(str(run['workdir']))  # Rewritten by the last start (6).
-  assert saved.training.num_train_steps == 6 and saved.model.ch_mult == (1, 2)
+  assert saved.training.num_train_steps == 6 and saved.model.unet.ch_mult == (1, 2)
 
 
 def test_checkpoints_hold_their_config_and_data_position(resumed_run):
@@ -465,7 +465,7 @@ def test_checkpoints_hold_their_config_and_data_position(resumed_run):
     saved = run_config.config_from_json(
         json.dumps(checkpoints.saved_json(manager, step, checkpoints.CONFIG_ITEM)))
     assert saved.to_dict() == config.to_dict()
-    assert saved.model.ch_mult == (1, 2)  # Tuples come back as tuples.
+    assert saved.model.unet.ch_mult == (1, 2)  # Tuples come back as tuples.
     data = checkpoints.saved_json(manager, step, checkpoints.DATA_ITEM)
     assert data == {'seed': config.seed, 'global_batch_size': 8, 'dataset': config.data.dataset,
                     'split': config.data.split, 'next_step': step}
@@ -495,16 +495,16 @@ def test_resume_with_another_network_is_a_config_error(resumed_run, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(resumed_run['workdir'], workdir)
   changed = loop_config(8)
-  changed.model.ch = 32
-  changed.diffusion.num_timesteps = 50
+  changed.model.unet.ch = 32
+  changed.diffusion.ddpm.num_timesteps = 50
   changed.optim.learning_rate = 1e-4  # Allowed: not part of the network.
   (workdir / 'config.json').unlink()  # The checkpoint's config is the reference.
   before = _tree_snapshot(workdir)
   with pytest.raises(ConfigError) as info:
     loop.train_and_evaluate(changed, str(workdir))
   message = str(info.value)
-  assert 'model.ch: run has 16, requested 32' in message
-  assert 'diffusion.num_timesteps: run has 100, requested 50' in message
+  assert 'model.unet.ch: run has 16, requested 32' in message
+  assert 'diffusion.ddpm.num_timesteps: run has 100, requested 50' in message
   assert 'checkpoint 6' in message and 'learning_rate' not in message
   assert _tree_snapshot(workdir) == before  # Nothing written, moved or deleted.
 
@@ -522,7 +522,7 @@ def test_resume_with_another_network_is_a_config_error(resumed_run, tmp_path):
 def test_flatten_config_for_hparams():
   flat = loop.flatten_config(loop_config(6))
   assert flat['training.num_train_steps'] == 6
-  assert flat['model.ch_mult'] == '(1, 2)'
+  assert flat['model.unet.ch_mult'] == '(1, 2)'
   assert flat['optim.lr_schedule'] == 'constant'
   assert not any(isinstance(v, (dict, tuple, list)) for v in flat.values())
 

@@ -30,9 +30,9 @@ MIN_ACCURACY = 0.6
 
 def _config():
   config = digits_cond.get_config()
-  config.model.ch = 16
-  config.model.attn_resolutions = ()
-  config.diffusion.num_timesteps = 100
+  config.model.unet.ch = 16
+  config.model.unet.attn_resolutions = ()
+  config.diffusion.ddpm.num_timesteps = 100
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 20
   config.optim.lr_schedule = 'constant'
@@ -60,10 +60,10 @@ def test_samples_obey_their_class_labels():
   x, y = _real_digits()
   mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
   model = backbones.create_model(config.model, 1)
-  schedule = discrete.make_schedule(config.diffusion)
+  schedule = discrete.make_schedule(config.diffusion.ddpm)
   tx = train_state.create_optimizer(config.optim, TRAIN_STEPS)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh)
-  train_step = train_state.make_train_step(model, tx, schedule, config, mesh)
+  train_step = train_state.make_train_step(model, tx, config, mesh)
   rng = np.random.default_rng(0)
   for _ in range(TRAIN_STEPS):
     idx = rng.integers(0, len(x), BATCH)
@@ -71,7 +71,7 @@ def test_samples_obey_their_class_labels():
   assert np.isfinite(float(metrics['loss']))
   trained = time.time()
 
-  sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, 10 * SAMPLES_PER_CLASS)
+  sample_fn = sampler.make_sample_fn(model, config, mesh, 10 * SAMPLES_PER_CLASS)
   labels = np.repeat(np.arange(10), SAMPLES_PER_CLASS).astype(np.int32)
   samples = np.asarray(sample_fn(state.ema_params, jax.random.PRNGKey(1), labels))
   assert samples.shape == (10 * SAMPLES_PER_CLASS, 8, 8, 1) and np.all(np.abs(samples) <= 1)

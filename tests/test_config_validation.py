@@ -38,19 +38,19 @@ def _set(config, dotted, value):
 
 # (overrides, fields the message must name)
 BAD_CONFIGS = {
-    'unknown_beta_schedule': ({'diffusion.beta_schedule': 'exponential'},
-                              ['diffusion.beta_schedule', 'exponential']),
+    'unknown_beta_schedule': ({'diffusion.ddpm.beta_schedule': 'exponential'},
+                              ['diffusion.ddpm.beta_schedule', 'exponential']),
     'unknown_sampler': ({'sample.sampler': 'nope'}, ['sample.sampler', 'nope']),
     'unknown_tfds_dataset': ({'data.dataset': 'no_such_dataset_xyz'},
                              ['data.dataset', 'no_such_dataset_xyz']),
-    'resolution_not_divisible': ({'data.resolution': 10, 'model.ch_mult': (1, 2, 2),
-                                  'model.attn_resolutions': ()},
-                                 ['data.resolution=10', 'model.ch_mult']),
+    'resolution_not_divisible': ({'data.resolution': 10, 'model.unet.ch_mult': (1, 2, 2),
+                                  'model.unet.attn_resolutions': ()},
+                                 ['data.resolution=10', 'model.unet.ch_mult']),
     'batch_not_divisible_by_devices': ({'training.batch_size': 12}, ['training.batch_size=12']),
-    'attention_resolution_not_reached': ({'model.attn_resolutions': (4, 2)},
-                                         ['model.attn_resolutions', '[2]']),
-    'unknown_prediction_type': ({'diffusion.prediction_type': 'score'},
-                                ['diffusion.prediction_type', 'score']),
+    'attention_resolution_not_reached': ({'model.unet.attn_resolutions': (4, 2)},
+                                         ['model.unet.attn_resolutions', '[2]']),
+    'unknown_prediction_type': ({'diffusion.ddpm.prediction_type': 'score'},
+                                ['diffusion.ddpm.prediction_type', 'score']),
     'folder_dataset_without_folder': ({'data.dataset': 'folder', 'data.folder': ''},
                                       ['data.folder']),
 }
@@ -92,12 +92,12 @@ def test_missing_folder_path_fails_and_writes_nothing(tmp_path):
 def test_every_problem_is_reported_at_once():
   config = tiny.get_config()
   config.sample.sampler = 'nope'
-  config.diffusion.prediction_type = 'score'
+  config.diffusion.ddpm.prediction_type = 'score'
   config.training.batch_size = 12
   with pytest.raises(ConfigError) as info:
     validate_config(config, num_devices=8)
   message = str(info.value)
-  for field in ('sample.sampler', 'diffusion.prediction_type', 'training.batch_size'):
+  for field in ('sample.sampler', 'diffusion.ddpm.prediction_type', 'training.batch_size'):
     assert field in message
   assert message.count('\n') >= 3  # Header + one line per problem.
 
@@ -330,18 +330,18 @@ def test_run_config_overrides_keep_the_saved_run():
                                                                    'mesh.fsdp': 2}
   assert saved.sample.batch_size == tiny.get_config().sample.batch_size  # Not mutated.
 
-  requested.model.ch = 64
-  requested.model.ch_mult = (2, 2)
-  requested.diffusion.beta_schedule = 'cosine'
+  requested.model.unet.ch = 64
+  requested.model.unet.ch_mult = (2, 2)
+  requested.diffusion.ddpm.beta_schedule = 'cosine'
   assert run_config.locked_differences(saved, requested) == [
-      ('diffusion.beta_schedule', saved.diffusion.beta_schedule, 'cosine'),
-      ('model.ch', saved.model.ch, 64),
-      ('model.ch_mult', saved.model.ch_mult, (2, 2))]
+      ('diffusion.ddpm.beta_schedule', saved.diffusion.ddpm.beta_schedule, 'cosine'),
+      ('model.unet.ch', saved.model.unet.ch, 64),
+      ('model.unet.ch_mult', saved.model.unet.ch_mult, (2, 2))]
   with pytest.raises(run_config.LockedFieldError) as info:
-    run_config.config_for_run(saved, requested, {'model.ch': 64})
+    run_config.config_for_run(saved, requested, {'model.unet.ch': 64})
   message = str(info.value)
-  assert f'model.ch: run has {saved.model.ch!r}, requested 64' in message
-  assert 'diffusion.beta_schedule' in message and 'model.ch_mult' in message
+  assert f'model.unet.ch: run has {saved.model.unet.ch!r}, requested 64' in message
+  assert 'diffusion.ddpm.beta_schedule' in message and 'model.unet.ch_mult' in message
   assert 'sample.' not in message
 
 
@@ -351,7 +351,7 @@ def test_run_config_json_round_trip_has_no_locked_differences(tmp_path):
   run_config.save_run_config(config, str(tmp_path))
   loaded = run_config.load_run_config(str(tmp_path))
   assert run_config.locked_differences(config, loaded) == []
-  assert loaded.model.ch_mult == tuple(config.model.ch_mult)
+  assert loaded.model.unet.ch_mult == tuple(config.model.unet.ch_mult)
 
 
 def test_eval_summary_prints_each_kind_of_metric():

@@ -92,29 +92,29 @@ def test_imported_forward_matches_diffusers(name):
 def test_derived_configs():
   """Each UNet2DModel option lands in the config field that expresses it."""
   low, _, _ = _imported('attn_low_lpb1')
-  assert (low.model.ch, tuple(low.model.ch_mult), low.model.num_res_blocks) == (8, (1, 2), 1)
-  assert tuple(low.model.attn_resolutions) == (4,) and low.model.num_head_channels == -1
-  assert (low.data.resolution, low.data.channels, low.model.num_groups) == (8, 3, 4)
+  assert (low.model.unet.ch, tuple(low.model.unet.ch_mult), low.model.unet.num_res_blocks) == (8, (1, 2), 1)
+  assert tuple(low.model.unet.attn_resolutions) == (4,) and low.model.unet.num_head_channels == -1
+  assert (low.data.resolution, low.data.channels, low.model.unet.num_groups) == (8, 3, 4)
   heads, _, _ = _imported('attn_high_lpb2_heads')
-  assert tuple(heads.model.attn_resolutions) == (8,) and heads.model.num_head_channels == 4
-  assert heads.model.num_res_blocks == 2 and heads.data.channels == 1
+  assert tuple(heads.model.unet.attn_resolutions) == (8,) and heads.model.unet.num_head_channels == 4
+  assert heads.model.unet.num_res_blocks == 2 and heads.data.channels == 1
   openai_style, _, _ = _imported('openai_style_options')
   m = openai_style.model
   assert (m.flip_sin_to_cos, m.freq_shift, m.norm_eps, m.downsample_padding) == (True, 0, 1e-5, 1)
-  assert (low.model.flip_sin_to_cos, low.model.freq_shift, low.model.norm_eps,
-          low.model.downsample_padding) == (False, 1, 1e-6, 0)
+  assert (low.model.flip_sin_to_cos, low.model.freq_shift, low.model.unet.norm_eps,
+          low.model.unet.downsample_padding) == (False, 1, 1e-6, 0)
   cond, _, _ = _imported('class_scale_shift')
   assert cond.model.num_classes == 3 and cond.model.learn_sigma
-  assert cond.model.use_scale_shift_norm and tuple(cond.model.ch_mult) == (1, 1, 2)
-  assert (cond.diffusion.num_timesteps, cond.diffusion.beta_schedule) == (1000, 'linear')
-  assert (cond.diffusion.beta_start, cond.diffusion.beta_end) == (1e-4, 0.02)
+  assert cond.model.unet.use_scale_shift_norm and tuple(cond.model.unet.ch_mult) == (1, 1, 2)
+  assert (cond.diffusion.ddpm.num_timesteps, cond.diffusion.ddpm.beta_schedule) == (1000, 'linear')
+  assert (cond.diffusion.ddpm.beta_start, cond.diffusion.ddpm.beta_end) == (1e-4, 0.02)
 
 
 @pytest.mark.parametrize('name', LAYOUTS)
 def test_export_reproduces_the_original_tensors(name):
   """Imported then exported tensors equal the diffusers file bit for bit; so do the configs."""
   config, params, original = _imported(name)
-  exported = diffusers.state_dict_from_params(params, len(config.model.ch_mult))
+  exported = diffusers.state_dict_from_params(params, len(config.model.unet.ch_mult))
   assert sorted(exported) == sorted(original)
   for key, value in original.items():
     assert exported[key].shape == value.shape, key
@@ -274,7 +274,7 @@ def test_sample_mode_on_converted_workdir(tmp_path):
   _, params, _ = _imported('attn_low_lpb1')
   mesh = sharding.create_mesh(config.mesh)
   model = backbones.create_model(config.model, config.data.channels)
-  sample_fn = sampler.make_sample_fn(model, discrete.make_schedule(config.diffusion), config,
+  sample_fn = sampler.make_sample_fn(model, config,
                                       mesh, 8)
   direct = sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(config.sample.seed), 0),
                      np.zeros((8,), np.int32))
@@ -296,7 +296,7 @@ def _scheduler_trajectory(sampler, steps, spacing, noise_key=None, **sample_fiel
   variance_noise = (None if noise_key is None
                     else jnp.asarray(ref[noise_key].transpose(0, 1, 3, 4, 2)))
   _, trajectory = solvers.sample_from_config(
-      apply_fn, discrete.make_schedule(config.diffusion), noise, jax.random.PRNGKey(0),
+      apply_fn, discrete.make_schedule(config.diffusion.ddpm), noise, jax.random.PRNGKey(0),
       config.sample, prediction_type='epsilon', trajectory_every=1,
       variance_noise=variance_noise)
   return np.asarray(trajectory.x_t).transpose(0, 1, 4, 2, 3), ref
@@ -393,7 +393,7 @@ def test_ddpm_step_matches_diffusers_scheduler():
   x = ref['ddpm_x'].transpose(0, 2, 3, 1)
   model = backbones.create_model(config.model, config.data.channels)
   output = model.apply({'params': params}, jnp.asarray(x), jnp.asarray(t))
-  schedule = discrete.make_schedule(config.diffusion)
+  schedule = discrete.make_schedule(config.diffusion.ddpm)
   mean, log_var, _ = discrete.p_mean_variance(
       schedule, output, jnp.asarray(x), jnp.asarray(t), 'epsilon', learn_sigma=False,
       variance=config.sample.variance, clip_denoised=config.sample.clip_denoised)
@@ -409,8 +409,8 @@ def test_scheduler_options_map_or_fail():
       '_class_name': 'DDIMScheduler', 'num_train_timesteps': 500,
       'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'v_prediction',
       'clip_sample': False})
-  assert (config.diffusion.num_timesteps, config.diffusion.beta_schedule) == (500, 'cosine')
-  assert config.diffusion.prediction_type == 'v' and not config.sample.clip_denoised
+  assert (config.diffusion.ddpm.num_timesteps, config.diffusion.ddpm.beta_schedule) == (500, 'cosine')
+  assert config.diffusion.ddpm.prediction_type == 'v' and not config.sample.clip_denoised
   unet, scheduler = diffusers.diffusers_configs(config)
   assert (scheduler['beta_schedule'], scheduler['prediction_type']) == ('squaredcos_cap_v2',
                                                                        'v_prediction')
@@ -424,8 +424,8 @@ def test_scheduler_options_map_or_fail():
                         ('time_embedding_type', 'fourier'), ('mid_block_scale_factor', 2)]:
     with pytest.raises(diffusers.ConversionError, match=f'{option}={value!r}'):
       diffusers.config_from_diffusers({**DDPM_CIFAR10_UNET, option: value})
-  config.model.resblock_updown = True
-  with pytest.raises(diffusers.ConversionError, match='model.resblock_updown'):
+  config.model.unet.resblock_updown = True
+  with pytest.raises(diffusers.ConversionError, match='model.unet.resblock_updown'):
     diffusers.diffusers_configs(config)
 
 

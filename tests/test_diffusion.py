@@ -113,12 +113,12 @@ def test_schedule_fields(name):
 
 def test_make_schedule_from_config():
   config = default.get_config()
-  s = discrete.make_schedule(config.diffusion)
-  assert s.num_timesteps == config.diffusion.num_timesteps == 1000
+  s = discrete.make_schedule(config.diffusion.ddpm)
+  assert s.num_timesteps == config.diffusion.ddpm.num_timesteps == 1000
   np.testing.assert_allclose(_np(s.betas), _ref_betas('linear'), rtol=1e-6)
-  config.diffusion.beta_schedule = 'cosine'
-  config.diffusion.num_timesteps = 50
-  s = discrete.make_schedule(config.diffusion)
+  config.diffusion.ddpm.beta_schedule = 'cosine'
+  config.diffusion.ddpm.num_timesteps = 50
+  s = discrete.make_schedule(config.diffusion.ddpm)
   assert s.num_timesteps == 50
   np.testing.assert_allclose(_np(s.alphas_cumprod)[:10],
                              _cosine_f(np.arange(1, 11), 50) / _cosine_f(0, 50), rtol=1e-6)

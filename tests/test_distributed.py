@@ -30,7 +30,7 @@ from diffusion_jax.training import train_state
 
 def small_config(**training):
   config = tiny.get_config()
-  config.model.dropout = 0.0
+  config.model.unet.dropout = 0.0
   config.optim.warmup_steps = 0
   config.optim.learning_rate = 2e-3
   config.training.update(training)
@@ -43,8 +43,7 @@ def build(config, mesh, **step_kwargs):
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape,
                                          mesh, sharding.fsdp_min_size(config.mesh))
-  step = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
-                                     config, mesh, **step_kwargs)
+  step = train_state.make_train_step(model, tx, config, mesh, **step_kwargs)
   return state, step
 
 
@@ -252,8 +251,7 @@ def test_grad_accum_sum_stays_in_the_fsdp_layout():
   rows = sharding.batch_sharding(mesh)
   batch = {'image': jax.ShapeDtypeStruct((16,) + shape, jnp.float32, sharding=rows),
            'label': jax.ShapeDtypeStruct((16,), jnp.int32, sharding=rows)}
-  step = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
-                                     config, mesh)
+  step = train_state.make_train_step(model, tx, config, mesh)
   constraints = _sharding_constraints(step.trace(abstract, batch).jaxpr.jaxpr)
   sharded = [p for p in jax.tree.leaves(abstract.params) if 'fsdp' in str(p.sharding.spec)]
   assert len(sharded) > 10
@@ -343,7 +341,7 @@ def _env(num_devices, cache_dir):
 TRAIN_FLAGS = ['--config.training.num_train_steps=4', '--config.training.log_every_steps=2',
                '--config.training.checkpoint_every_steps=4',
                '--config.training.sample_every_steps=0', '--config.training.num_grid_samples=4',
-               '--config.sample.steps=2', '--config.model.dropout=0.0']
+               '--config.sample.steps=2', '--config.model.unet.dropout=0.0']
 
 
 def run_main(workdir, num_devices, cache_dir, extra=(), timeout=400):

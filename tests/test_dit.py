@@ -183,9 +183,9 @@ def test_position_and_class_conditioning_reach_the_output():
   def grad_qkv(m):
     loss = lambda p: jnp.mean(jnp.square(m.apply({'params': p}, x, t, y)))
     return jax.jit(jax.grad(loss))(params)['block_0']['qkv']['kernel']
-  remat_model = dit.create_dit(_with(config.model, remat=True), 1)
+  remat_model = dit.create(_with(config.model, remat=True), 1)
   np.testing.assert_allclose(grad_qkv(model), grad_qkv(remat_model), rtol=1e-5, atol=1e-6)
-  bf16 = dit.create_dit(_with(config.model, dtype='bfloat16'), 1)
+  bf16 = dit.create(_with(config.model, dtype='bfloat16'), 1)
   out16 = jax.jit(lambda p: bf16.apply({'params': p}, x, t, y))(params)
   assert out16.dtype == jnp.float32
   assert np.abs(out16 - out).max() < 0.05 * np.abs(out).max()
@@ -268,13 +268,13 @@ def _errors(config, num_devices=1):
 def test_config_checks_name_the_field():
   config = tiny_dit_config(dit_patch_size=3)
   message = _errors(config)
-  assert 'model.dit_patch_size=3' in message and 'data.resolution=8' in message
+  assert 'model.dit.patch_size=3' in message and 'data.resolution=8' in message
   config = tiny_dit_config(dit_hidden_size=30, dit_num_heads=4)
   message = _errors(config)
-  assert 'model.dit_hidden_size=30' in message and 'model.dit_num_heads=4' in message
+  assert 'model.dit.hidden_size=30' in message and 'model.dit.num_heads=4' in message
   assert 'divisible by 4' in message  # The sin-cos table too.
   config = tiny_dit_config(dit_pos_embed='rope')
-  assert "model.dit_pos_embed='rope'" in _errors(config)
+  assert "model.dit.pos_embed='rope'" in _errors(config)
   config = tiny_dit_config(arch='vit')
   assert "model.arch='vit' is unknown" in _errors(config)
   with pytest.raises(ValueError, match='model.arch'):
@@ -282,10 +282,10 @@ def test_config_checks_name_the_field():
   # U-Net fields do not constrain a DiT (and the other way round): a ch_mult the 8x8 images
   # cannot take is fine for arch 'dit', an error for 'unet'.
   config = tiny_dit_config()
-  config.model.ch_mult = (1, 2, 2, 2, 2)
+  config.model.unet.ch_mult = (1, 2, 2, 2, 2)
   validation.validate_config(config, 'sample', num_devices=1)
   config.model.arch = 'unet'
-  assert 'model.ch_mult' in _errors(config)
+  assert 'model.unet.ch_mult' in _errors(config)
   # The diffusers export is a UNet2DModel: a DiT run is refused before anything is read.
   with pytest.raises(diffusers.ConversionError, match="model.arch='dit'"):
     diffusers.diffusers_configs(tiny_dit_config())

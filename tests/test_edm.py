@@ -318,15 +318,15 @@ BAD = {
     'ddpm_sampler': ({'sample.sampler': 'ddim'}, ['sample.sampler', "'heun'"]),
     'dpm_solver': ({'sample.sampler': 'dpm_solver_pp'}, ['sample.sampler', 'dpm_solver_pp']),
     'learn_sigma': ({'model.learn_sigma': True}, ['model.learn_sigma']),
-    'sigma_data': ({'diffusion.edm_sigma_data': 0.0}, ['diffusion.edm_sigma_data']),
-    'sigma_range': ({'diffusion.edm_sigma_min': 80.0, 'diffusion.edm_sigma_max': 1.0},
-                    ['diffusion.edm_sigma_min', 'edm_sigma_max']),
-    'p_std': ({'diffusion.edm_p_std': 0.0}, ['diffusion.edm_p_std']),
+    'sigma_data': ({'diffusion.edm.sigma_data': 0.0}, ['diffusion.edm.sigma_data']),
+    'sigma_range': ({'diffusion.edm.sigma_min': 80.0, 'diffusion.edm.sigma_max': 1.0},
+                    ['diffusion.edm.sigma_min', 'edm_sigma_max']),
+    'p_std': ({'diffusion.edm.p_std': 0.0}, ['diffusion.edm.p_std']),
     'steps': ({'sample.steps': 0}, ['sample.steps']),
     'churn': ({'sample.s_churn': -1.0}, ['sample.s_churn']),
     'guidance_unconditional': ({'sample.guidance_scale': 2.0}, ['sample.guidance_scale']),
     'thresholding': ({'sample.thresholding': 'static'}, ['sample.thresholding']),
-    'prediction_type': ({'diffusion.prediction_type': 'v'}, ['diffusion.prediction_type']),
+    'prediction_type': ({'diffusion.ddpm.prediction_type': 'v'}, ['diffusion.ddpm.prediction_type']),
 }
 
 
@@ -379,9 +379,9 @@ def test_tiny_edm_train_step_loss_falls():
   config.diffusion.objective = 'edm'
   config.sample.sampler = 'heun'
   config.eval.metrics = ('classifier_fd',)
-  config.model.ch_mult = (1,)
-  config.model.attn_resolutions = ()
-  config.model.dropout = 0.0
+  config.model.unet.ch_mult = (1,)
+  config.model.unet.attn_resolutions = ()
+  config.model.unet.dropout = 0.0
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 0
   config.optim.lr_schedule = 'constant'
@@ -391,8 +391,7 @@ def test_tiny_edm_train_step_loss_falls():
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
   shape = (config.data.resolution, config.data.resolution, config.data.channels)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), shape, mesh)
-  step = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
-                                     config, mesh)
+  step = train_state.make_train_step(model, tx, config, mesh)
   images, _ = pipeline.load_digits()
   x0 = images[:16].astype(np.float32) / 127.5 - 1.0
   batch = jax.device_put({'image': x0}, sharding.batch_sharding(mesh))

@@ -20,7 +20,7 @@ from configs import tiny  # pylint: disable=g-import-not-at-top
 from diffusion_jax.training import checkpoints
 from diffusion_jax.training import restore
 from diffusion_jax.processes import discrete
-from diffusion_jax.training import ema
+from diffusion_jax.training import ema as ema_lib
 from diffusion_jax.nn import backbones
 from diffusion_jax.training import posthoc_ema
 from diffusion_jax.parallel import sharding
@@ -31,14 +31,14 @@ from test_main import _tail, cli_env, run_cli  # pylint: disable=unused-import  
 
 
 def _run_emas(trajectory, specs, decay_at=lambda d: jnp.float32(d), snapshot_every=0):
-  """Runs ema.update_emas over `trajectory` [T, D] (the params after updates 1..T) from EMAs
+  """Runs ema_lib.update_emas over `trajectory` [T, D] (the params after updates 1..T) from EMAs
   starting at 0; returns the final EMAs {key: [D]} and every step's EMAs {key: [T, D]}."""
   keys = [s.key for s in specs]
   init = {k: jnp.zeros(trajectory.shape[1:], jnp.float32) for k in keys}
 
   def body(emas, xs):
     step, params = xs
-    emas = ema.update_emas(emas, params, step, specs, decay_at)
+    emas = ema_lib.update_emas(emas, params, step, specs, decay_at)
     return emas, emas
 
   final, history = jax.lax.scan(body, init, (jnp.arange(trajectory.shape[0]),
@@ -55,7 +55,7 @@ def test_multi_rate_ema_equals_its_closed_form():
   sum_{j<k} d^j = (1 - d^k)/(1 - d),  sum_{j<k} j d^j = d (1 - k d^(k-1) + (k-1) d^k)/(1 - d)^2,
   and for constant params (b = 0): e_k = (1 - d^k) a."""
   decays = (0.5, 0.9, 0.99)
-  specs = [ema.EmaSpec(ema.DECAY, d) for d in decays]
+  specs = [ema_lib.EmaSpec(ema_lib.DECAY, d) for d in decays]
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=4), rng.normal(size=4)
   k = 37
@@ -67,19 +67,19 @@ def test_multi_rate_ema_equals_its_closed_form():
       jgeo = d * (1 - k * d**(k - 1) + (k - 1) * d**k) / (1 - d)**2
       # sum_{t=1..k} d^(k-t) t = sum_{j<k} d^j (k - j) = k geo - jgeo.
       want = (1 - d) * (geo * a + slope * (k * geo - jgeo) * b)
-      np.testing.assert_allclose(final[ema.state_key(ema.DECAY, d)], want, rtol=2e-5, atol=2e-6)
+      np.testing.assert_allclose(final[ema_lib.state_key(ema_lib.DECAY, d)], want, rtol=2e-5, atol=2e-6)
   # Distinct rates give distinct EMAs (a shared buffer or a wrong key would not).
   assert len({float(v[0]) for v in final.values()}) == len(decays)
 
 
 def test_extra_decays_use_the_primary_warmup_rule():
   """With optim.ema_warmup the extra decays follow train_state.ema_decay_at like the primary."""
-  specs = [ema.EmaSpec(ema.DECAY, 0.999)]
+  specs = [ema_lib.EmaSpec(ema_lib.DECAY, 0.999)]
   traj = np.arange(1, 6, dtype=np.float64)[:, None]
 
   def body(emas, xs):
     step, params = xs
-    out = ema.update_emas(emas, params, step, specs,
+    out = ema_lib.update_emas(emas, params, step, specs,
                           lambda d: train_state.ema_decay_at(step, d, True))
     return out, None
 
@@ -97,8 +97,8 @@ def test_extra_decays_use_the_primary_warmup_rule():
 
 def test_sigma_rel_gamma_and_beta_follow_the_paper():
   # EDM2 Sec. 3.1: sigma_rel = 0.05 and 0.10 are gamma = 16.97 and 6.94.
-  assert ema.sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=5e-3)
-  assert ema.sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=5e-3)
+  assert ema_lib.sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=5e-3)
+  assert ema_lib.sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=5e-3)
   for gamma in (0.3, 1.0, 6.94, 16.97, 80.0):
     # sigma_rel from the profile p(x) = (g+1) x^g on [0, 1], by numerical integration.
     x = (np.arange(200_000) + 0.5) / 200_000
@@ -106,15 +106,15 @@ def test_sigma_rel_gamma_and_beta_follow_the_paper():
     p /= p.sum()
     mean = np.sum(p * x)
     numeric = math.sqrt(np.sum(p * x * x) - mean**2)
-    assert ema.gamma_to_sigma_rel(gamma) == pytest.approx(numeric, rel=1e-5)
-    assert ema.sigma_rel_to_gamma(ema.gamma_to_sigma_rel(gamma)) == pytest.approx(gamma, rel=1e-9)
+    assert ema_lib.gamma_to_sigma_rel(gamma) == pytest.approx(numeric, rel=1e-5)
+    assert ema_lib.sigma_rel_to_gamma(ema_lib.gamma_to_sigma_rel(gamma)) == pytest.approx(gamma, rel=1e-9)
   for t in (1, 2, 10, 1000, 10**6):
     for gamma in (6.94, 16.97):
       want = (1.0 - 1.0 / t) ** (gamma + 1)
-      assert float(ema.power_beta(t, gamma)) == pytest.approx(want, rel=1e-5, abs=1e-7)
-      assert float(ema._power_weight(t, gamma)) == pytest.approx(1 - want, rel=1e-5, abs=1e-7)
+      assert float(ema_lib.power_beta(t, gamma)) == pytest.approx(want, rel=1e-5, abs=1e-7)
+      assert float(ema_lib._power_weight(t, gamma)) == pytest.approx(1 - want, rel=1e-5, abs=1e-7)
   with pytest.raises(ValueError, match='sigma_rel'):
-    ema.sigma_rel_to_gamma(0.3)
+    ema_lib.sigma_rel_to_gamma(0.3)
 
 
 def test_power_ema_is_the_weighted_sum_of_its_profile():
@@ -123,27 +123,27 @@ def test_power_ema_is_the_weighted_sum_of_its_profile():
   rng = np.random.default_rng(1)
   steps = 300
   traj = np.cumsum(rng.normal(size=(steps, 6)), axis=0)
-  specs = [ema.EmaSpec(ema.SIGMA_REL, s) for s in (0.05, 0.1, 0.2)]
+  specs = [ema_lib.EmaSpec(ema_lib.SIGMA_REL, s) for s in (0.05, 0.1, 0.2)]
   _, history = _run_emas(traj, specs)
   for spec in specs:
     for t in (1, 2, 17, 150, steps):
-      w = ema.power_profile(t, spec.gamma, steps)
+      w = ema_lib.power_profile(t, spec.gamma, steps)
       assert w.sum() == pytest.approx(1.0, abs=1e-12) and not w[t:].any()
       np.testing.assert_allclose(history[spec.key][t - 1], w @ traj, rtol=1e-4, atol=1e-4)
   # The profile matches the paper's continuous one for large t: p(tau) ~ (g+1) tau^g / t^(g+1).
-  gamma, t = ema.sigma_rel_to_gamma(0.1), 5000
-  w = ema.power_profile(t, gamma, t)
+  gamma, t = ema_lib.sigma_rel_to_gamma(0.1), 5000
+  w = ema_lib.power_profile(t, gamma, t)
   tau = np.arange(1, t + 1) - 0.5
   np.testing.assert_allclose(w, (gamma + 1) * tau**gamma / t**(gamma + 1), atol=2e-6)
-  a = ema.discrete_inner_products([t, t // 2], [gamma, 16.97])
-  b = ema.continuous_inner_products([t, t // 2], [gamma, 16.97])
+  a = ema_lib.discrete_inner_products([t, t // 2], [gamma, 16.97])
+  b = ema_lib.continuous_inner_products([t, t // 2], [gamma, 16.97])
   np.testing.assert_allclose(a, b, rtol=2e-3)
 
 
 # ------------------------------------------------------------------ post-hoc reconstruction
 
 
-@pytest.mark.parametrize('profile', ema.PROFILE_KINDS)
+@pytest.mark.parametrize('profile', ema_lib.PROFILE_KINDS)
 def test_posthoc_recovers_an_untracked_power_ema(profile):
   """Snapshots (every 100 of 2000 steps) of the 0.05 and 0.10 power EMAs of a random-walk
   trajectory; the reconstruction of sigma_rel = 0.07 (not tracked) at the last step must be
@@ -151,25 +151,25 @@ def test_posthoc_recovers_an_untracked_power_ema(profile):
   rng = np.random.default_rng(2)
   steps, every = 2000, 100
   traj = np.cumsum(rng.normal(size=(steps, 64)), axis=0) / 10.0
-  tracked = [ema.EmaSpec(ema.SIGMA_REL, s) for s in (0.05, 0.1)]
-  target = ema.EmaSpec(ema.SIGMA_REL, 0.07)
+  tracked = [ema_lib.EmaSpec(ema_lib.SIGMA_REL, s) for s in (0.05, 0.1)]
+  target = ema_lib.EmaSpec(ema_lib.SIGMA_REL, 0.07)
   final, history = _run_emas(traj, tracked + [target])
   times = list(range(every, steps + 1, every))
   cols = [(t, spec) for t in times for spec in tracked]
-  weights, error = ema.solve_posthoc([t for t, _ in cols], [s.gamma for _, s in cols], steps,
+  weights, error = ema_lib.solve_posthoc([t for t, _ in cols], [s.gamma for _, s in cols], steps,
                                      target.gamma, profile)
   assert error < 0.05  # Relative L2 distance of the profiles.
-  recon = ema.weighted_sum([history[s.key][t - 1] for t, s in cols], weights)
+  recon = ema_lib.weighted_sum([history[s.key][t - 1] for t, s in cols], weights)
   truth = final[target.key]
   miss = np.linalg.norm(recon - truth)
   nearest = min(np.linalg.norm(final[s.key] - truth) for s in tracked)
   assert miss < 0.1 * nearest, (miss, nearest)
   np.testing.assert_allclose(recon, truth, atol=0.02 * np.abs(truth).max())
   # A tracked sigma_rel at a snapshot time is reproduced (weight ~1 on that snapshot).
-  weights, error = ema.solve_posthoc([t for t, _ in cols], [s.gamma for _, s in cols], 1000,
+  weights, error = ema_lib.solve_posthoc([t for t, _ in cols], [s.gamma for _, s in cols], 1000,
                                      tracked[1].gamma, profile)
   assert error < 1e-6
-  np.testing.assert_allclose(ema.weighted_sum([history[s.key][t - 1] for t, s in cols], weights),
+  np.testing.assert_allclose(ema_lib.weighted_sum([history[s.key][t - 1] for t, s in cols], weights),
                              history[tracked[1].key][999], atol=1e-3)
 
 
@@ -225,12 +225,12 @@ def test_posthoc_without_snapshots_names_the_fields(tmp_path):
 
 def _fsdp_config():
   config = tiny.get_config()
-  config.model.dropout = 0.0
+  config.model.unet.dropout = 0.0
   config.optim.warmup_steps = 0
   config.optim.learning_rate = 2e-3
   config.optim.ema_decays = (0.5, 0.9)
   config.optim.ema_sigma_rels = (0.1,)
-  config.model.num_res_blocks, config.model.attn_resolutions = 1, ()  # Quicker to compile.
+  config.model.unet.num_res_blocks, config.model.unet.attn_resolutions = 1, ()  # Quicker to compile.
   config.mesh.data, config.mesh.fsdp, config.mesh.fsdp_min_size = 2, 4, 256
   return config
 
@@ -244,11 +244,10 @@ def test_extra_emas_are_fsdp_sharded_and_follow_their_rules_in_the_train_step():
   res = config.data.resolution
   state = train_state.create_train_state(
       model, tx, jax.random.PRNGKey(0), (res, res, config.data.channels), mesh,
-      sharding.fsdp_min_size(config.mesh), ema.ema_keys(config.optim))
-  step_fn = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
-                                        config, mesh)
+      sharding.fsdp_min_size(config.mesh), ema_lib.ema_keys(config.optim))
+  step_fn = train_state.make_train_step(model, tx, config, mesh)
   assert state.extra_emas is not None
-  assert sorted(state.extra_emas) == sorted(ema.ema_keys(config.optim))
+  assert sorted(state.extra_emas) == sorted(ema_lib.ema_keys(config.optim))
   params = [jax.device_get(state.params)]
   sharded = 0
   for key, tree in state.extra_emas.items():
@@ -267,10 +266,10 @@ def test_extra_emas_are_fsdp_sharded_and_follow_their_rules_in_the_train_step():
   p0, p1, p2 = (leaf(p) for p in params)
   for d in (0.5, 0.9):  # e1 = d p0 + (1-d) p1, e2 = d e1 + (1-d) p2 (no warmup).
     want = d * (d * p0 + (1 - d) * p1) + (1 - d) * p2
-    np.testing.assert_allclose(leaf(extra[ema.state_key(ema.DECAY, d)]), want, rtol=1e-5,
+    np.testing.assert_allclose(leaf(extra[ema_lib.state_key(ema_lib.DECAY, d)]), want, rtol=1e-5,
                                atol=1e-6)
-  beta2 = float(ema.power_beta(2, ema.sigma_rel_to_gamma(0.1)))  # beta_1 = 0: e1 = p1.
-  np.testing.assert_allclose(leaf(extra[ema.state_key(ema.SIGMA_REL, 0.1)]),
+  beta2 = float(ema_lib.power_beta(2, ema_lib.sigma_rel_to_gamma(0.1)))  # beta_1 = 0: e1 = p1.
+  np.testing.assert_allclose(leaf(extra[ema_lib.state_key(ema_lib.SIGMA_REL, 0.1)]),
                              beta2 * p1 + (1 - beta2) * p2, rtol=1e-5, atol=1e-6)
 
 
@@ -361,13 +360,13 @@ def test_train_posthoc_and_sample_through_the_cli(tmp_path, cli_env):
         {key: abstract for key in keys})))['power_emas']
     terms += [(jax.device_get(snap[key]), w) for step, key, w in fit['snapshots'] if step == s]
   reader.close()
-  want = ema.weighted_sum([t for t, _ in terms], [w for _, w in terms])
+  want = ema_lib.weighted_sum([t for t, _ in terms], [w for _, w in terms])
   for a, b in zip(jax.tree.leaves(jax.device_get(recon)), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  expected_weights, _ = ema.solve_posthoc(
+  expected_weights, _ = ema_lib.solve_posthoc(
       [s for s, _, _ in fit['snapshots']],
-      [ema.sigma_rel_to_gamma(0.05 if k.endswith('0p05') else 0.1)
-       for _, k, _ in fit['snapshots']], 6, ema.sigma_rel_to_gamma(0.08))
+      [ema_lib.sigma_rel_to_gamma(0.05 if k.endswith('0p05') else 0.1)
+       for _, k, _ in fit['snapshots']], 6, ema_lib.sigma_rel_to_gamma(0.08))
   np.testing.assert_allclose([w for _, _, w in fit['snapshots']], expected_weights, rtol=1e-6)
 
   arrays = {}

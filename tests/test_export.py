@@ -138,7 +138,7 @@ def _sample_mode_references(workdir: str):
     arr_0_16 = data['arr_0']
   params, _ = restore.restore_params(config, workdir, mesh, use_ema=True)
   sample_fn = sampler.make_sample_fn(backbones.create_model(config.model, config.data.channels),
-                                      discrete.make_schedule(config.diffusion), config, mesh, 16)
+                                      discrete.make_schedule(config.diffusion.ddpm), config, mesh, 16)
   labels = class_labels.labels_for(np.arange(16), np.array([3, 7, 1]), tsc.NUM_CLASSES)
   want = np.asarray(sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(SEED), 0), labels))
   return arr_0, arr_1, arr_0_16, want

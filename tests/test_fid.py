@@ -236,7 +236,7 @@ def test_check_eval_config_names_the_fields():
 def test_eval_mode_writes_every_sample_metric(tmp_path):
   config = tiny.get_config()
   config.model.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=(), num_classes=10)
-  config.diffusion.num_timesteps = 20
+  config.diffusion.ddpm.num_timesteps = 20
   config.sample.update(steps=2, batch_size=8)
   config.eval.update(metrics=('fid', 'kid', 'precision_recall', 'classifier_fd'),
                      num_samples=12, feature_batch_size=8, reference_num_images=8,
@@ -346,7 +346,7 @@ def _event_scalars(folder, tag):
 def _train_eval_config(tmp_path, num_train_steps):
   config = tiny.get_config()
   config.model.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=())
-  config.diffusion.num_timesteps = 20
+  config.diffusion.ddpm.num_timesteps = 20
   config.sample.update(steps=2, batch_size=16)
   config.training.update(num_train_steps=num_train_steps, eval_every_steps=2,
                          checkpoint_every_steps=2, keep_checkpoints=1, sample_every_steps=0,

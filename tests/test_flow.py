@@ -349,15 +349,15 @@ def _flow_config(**overrides):
 
 
 BAD = {
-    'time_dist': ({'diffusion__flow_time_dist': 'beta'}, ['diffusion.flow_time_dist', 'beta']),
-    'logit_std': ({'diffusion__flow_logit_std': 0.0}, ['diffusion.flow_logit_std']),
-    'shift': ({'diffusion__flow_time_shift': -1.0}, ['diffusion.flow_time_shift']),
-    'prediction': ({'diffusion__flow_prediction': 'eps'}, ['diffusion.flow_prediction', 'eps']),
-    'x0_min_t': ({'diffusion__flow_x0_min_t': 1.5}, ['diffusion.flow_x0_min_t']),
-    'time_scale': ({'diffusion__flow_time_scale': 0.0}, ['diffusion.flow_time_scale']),
+    'time_dist': ({'diffusion__flow_time_dist': 'beta'}, ['diffusion.flow_matching.time_dist', 'beta']),
+    'logit_std': ({'diffusion__flow_logit_std': 0.0}, ['diffusion.flow_matching.logit_std']),
+    'shift': ({'diffusion__flow_time_shift': -1.0}, ['diffusion.flow_matching.time_shift']),
+    'prediction': ({'diffusion__flow_prediction': 'eps'}, ['diffusion.flow_matching.prediction', 'eps']),
+    'x0_min_t': ({'diffusion__flow_x0_min_t': 1.5}, ['diffusion.flow_matching.x0_min_t']),
+    'time_scale': ({'diffusion__flow_time_scale': 0.0}, ['diffusion.flow_matching.time_scale']),
     'learn_sigma': ({'model__learn_sigma': True}, ['model.learn_sigma']),
     'ddpm_prediction_type': ({'diffusion__prediction_type': 'v'},
-                             ['diffusion.prediction_type', 'flow_prediction']),
+                             ['diffusion.ddpm.prediction_type', 'flow_prediction']),
     'ddpm_sampler': ({'sample__sampler': 'ddim'},
                      ['sample.sampler', 'ddim', 'euler', 'heun', 'midpoint', 'euler_maruyama']),
     'steps': ({'sample__steps': 0}, ['sample.steps']),
@@ -391,7 +391,7 @@ def test_flow_train_step_loss_falls():
   """configs/tiny.py with objective flow_matching: Adam 2e-3 on one fixed batch; the loss (fresh
   t and noise each step) falls over 30 steps."""
   config = _flow_config()
-  config.model.dropout = 0.0
+  config.model.unet.dropout = 0.0
   config.training.batch_size = 16
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 0
@@ -401,8 +401,7 @@ def test_flow_train_step_loss_falls():
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape, mesh)
-  step = train_state.make_train_step(model, tx, discrete.make_schedule(config.diffusion),
-                                     config, mesh)
+  step = train_state.make_train_step(model, tx, config, mesh)
   images, _ = pipeline.load_digits()
   batch = jax.device_put({'image': images[:16].astype(np.float32) / 127.5 - 1.0},
                          sharding.batch_sharding(mesh))

@@ -384,7 +384,7 @@ def test_continuous_process_interpolates_the_schedule():
 def test_evaluate_end_to_end(tmp_path):
   config = tiny.get_config()
   config.model.update(learn_sigma=True, ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=())
-  config.diffusion.num_timesteps = 20
+  config.diffusion.ddpm.num_timesteps = 20
   config.training.batch_size = 8
   config.training.num_train_steps = 1
   config.eval.metrics = ('vlb', 'ode_nll')
@@ -398,10 +398,10 @@ def test_evaluate_end_to_end(tmp_path):
   # One hybrid-loss train step, then a checkpoint, as the training loop would write it.
   mesh = sharding.create_mesh(config.mesh)
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion)
+  schedule = discrete.make_schedule(config.diffusion.ddpm)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh)
-  step_fn = train_state.make_train_step(model, tx, schedule, config, mesh)
+  step_fn = train_state.make_train_step(model, tx, config, mesh)
   images = np.random.default_rng(0).uniform(-1, 1, size=(8, 8, 8, 1)).astype(np.float32)
   state, metrics = step_fn(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})
   assert np.isfinite(float(metrics['loss'])) and float(metrics['nonfinite']) == 0
@@ -434,8 +434,8 @@ def test_eval_config_validation():
   config.eval.metrics = ('vlb', 'nope')  # ... unknown names are not.
   config.eval.batch_size = 12
   config.eval.num_batches = 0
-  config.diffusion.vlb_weight = -1.0
+  config.diffusion.ddpm.vlb_weight = -1.0
   with pytest.raises(ConfigError) as e:
     validate_config(config, mode='eval', num_devices=8, num_processes=1)
-  for field in ('eval.metrics', 'eval.batch_size', 'eval.num_batches', 'diffusion.vlb_weight'):
+  for field in ('eval.metrics', 'eval.batch_size', 'eval.num_batches', 'diffusion.ddpm.vlb_weight'):
     assert field in str(e.value)

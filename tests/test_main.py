@@ -29,7 +29,7 @@ NUM_CLASSES = 10
 # tiny.py + these = test_train_state.small_config().
 OVERRIDES = [
     f'--config.model.num_classes={NUM_CLASSES}',
-    '--config.model.dropout=0.0',
+    '--config.model.unet.dropout=0.0',
     '--config.training.cond_drop_prob=0.5',
     '--config.training.batch_size=8',
     '--config.optim.learning_rate=0.002',
@@ -182,10 +182,10 @@ def test_sample_override_of_a_network_field_is_a_usage_error(trained, cli_env):
   """--mode=sample reads the run's config.json; an override of a model field is refused
   before anything is compiled or written, naming the field and both values."""
   before = sorted(str(p) for p in trained.rglob('*'))
-  proc = run_cli(cli_env, f'--workdir={trained}', '--mode=sample', '--config.model.ch=64',
+  proc = run_cli(cli_env, f'--workdir={trained}', '--mode=sample', '--config.model.unet.ch=64',
                  *OVERRIDES)
   assert proc.returncode != 0, _tail(proc)
-  assert f'model.ch: run has {CONFIG.model.ch}, requested 64' in proc.stderr, _tail(proc)
+  assert f'model.unet.ch: run has {CONFIG.model.unet.ch}, requested 64' in proc.stderr, _tail(proc)
   assert 'Traceback' not in proc.stderr
   assert sorted(str(p) for p in trained.rglob('*')) == before
 

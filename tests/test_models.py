@@ -166,11 +166,11 @@ def test_create_model_maps_config_fields():
   config.learn_sigma, config.dtype, config.remat = True, 'bfloat16', True
   config.num_head_channels, config.use_scale_shift_norm = 32, True
   model = backbones.create_model(config, 1)
-  assert (model.ch, tuple(model.ch_mult), model.num_classes, model.out_channels) == (
+  assert (model.unet.ch, tuple(model.unet.ch_mult), model.num_classes, model.out_channels) == (
       64, (1, 2, 4), 10, 1)
-  assert model.learn_sigma and model.remat and model.use_scale_shift_norm
+  assert model.learn_sigma and model.remat and model.unet.use_scale_shift_norm
   assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
-  assert model.num_head_channels == 32 and model.dropout == config.dropout
+  assert model.unet.num_head_channels == 32 and model.unet.dropout == config.dropout
 
 
 # ------------------------------------------------------------------ init and conditioning
@@ -452,5 +452,5 @@ def test_group_norm_matches_float64_reference_and_flax_gradients(shape, groups):
 
 
 def test_group_norm_channels_must_divide_into_groups():
-  with pytest.raises(ValueError, match='model.num_groups'):
+  with pytest.raises(ValueError, match='model.unet.num_groups'):
     layers.GroupNorm32(32).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 48)))

@@ -30,12 +30,12 @@ def _config(objective: str, arch: str):
   config.sample.steps = 4
   config.sample.num_samples = 16
   config.model.arch = arch
-  config.model.dropout = 0.0
+  config.model.unet.dropout = 0.0
   if arch == 'dit':
-    config.model.dit_hidden_size = 32
-    config.model.dit_depth = 2
-    config.model.dit_num_heads = 2
-    config.model.dit_patch_size = 2
+    config.model.dit.hidden_size = 32
+    config.model.dit.depth = 2
+    config.model.dit.num_heads = 2
+    config.model.dit.patch_size = 2
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 0
   config.training.num_train_steps = STEPS

@@ -160,7 +160,7 @@ def test_train_steps_with_onednn_match_xla(fsdp):
   configs = {}
   for backend in ('xla', 'onednn'):
     config = tiny.get_config()
-    config.model.dropout = 0.0
+    config.model.unet.dropout = 0.0
     config.optim.warmup_steps = 0
     config.model.conv_backend = backend
     config.mesh.fsdp, config.mesh.fsdp_min_size = fsdp, 256
@@ -271,7 +271,7 @@ def test_train_steps_with_winograd_match_xla():
   mesh = sharding.create_mesh(tiny.get_config().mesh, jax.devices()[:1])
   for backend in ('xla', 'onednn_winograd'):
     config = tiny.get_config()
-    config.model.ch, config.model.dropout, config.optim.warmup_steps = 64, 0.0, 0
+    config.model.unet.ch, config.model.unet.dropout, config.optim.warmup_steps = 64, 0.0, 0
     config.model.conv_backend = backend
     states[backend], steps[backend] = build(config, mesh)
   compiled = steps['onednn_winograd'].lower(states['onednn_winograd'], _batch(16, mesh)).compile()
@@ -328,5 +328,5 @@ def test_a_run_moves_between_conv_backends():
   run_config.check_resume_config(saved, requested, 'the run')
   merged = run_config.config_for_run(saved, requested, {'model.conv_backend': 'xla'})
   assert merged.model.conv_backend == 'xla'
-  requested.model.ch = 2 * saved.model.ch
-  assert [name for name, _, _ in run_config.locked_differences(saved, requested)] == ['model.ch']
+  requested.model.unet.ch = 2 * saved.model.unet.ch
+  assert [name for name, _, _ in run_config.locked_differences(saved, requested)] == ['model.unet.ch']

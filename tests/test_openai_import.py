@@ -72,8 +72,8 @@ def test_flags_become_config_fields():
   assert m.learn_sigma and m.use_scale_shift_norm and not m.resblock_updown
   assert m.timestep_scale == 1000 / 4000  # improved-diffusion: rescale_timesteps=True default.
   assert (m.flip_sin_to_cos, m.freq_shift, m.norm_eps, m.downsample_padding) == (True, 0, 1e-5, 1)
-  assert (cifar.diffusion.num_timesteps, cifar.diffusion.beta_schedule) == (4000, 'cosine')
-  assert cifar.diffusion.vlb_weight == 0.001  # rescale_learned_sigmas=True: (T/1000) L_t.
+  assert (cifar.diffusion.ddpm.num_timesteps, cifar.diffusion.ddpm.beta_schedule) == (4000, 'cosine')
+  assert cifar.diffusion.ddpm.vlb_weight == 0.001  # rescale_learned_sigmas=True: (T/1000) L_t.
   assert (cifar.sample.sampler, cifar.sample.variance) == ('ddpm', 'learned_range')
   from configs import digits_dit  # pylint: disable=g-import-not-at-top
   onto_dit = openai.config_from_flags(openai.parse_flags(
@@ -89,14 +89,14 @@ def test_flags_become_config_fields():
   assert tuple(g.ch_mult) == (1, 1, 2, 3, 4) and tuple(g.attn_resolutions) == (32, 16, 8)
   assert (g.num_classes, g.null_class, g.resblock_updown, g.timestep_scale) == (1000, False,
                                                                                True, 1.0)
-  assert (guided.sample.spacing, guided.diffusion.beta_start) == ('250', 1e-4)
+  assert (guided.sample.spacing, guided.diffusion.ddpm.beta_start) == ('250', 1e-4)
   linear = openai.config_from_flags(openai.parse_flags(
       '--image_size 64 --num_channels 128 --num_res_blocks 3 --sigma_small True',
       '--diffusion_steps 4000 --noise_schedule linear --rescale_learned_sigmas False'))
   # Their linear schedule is Ho et al.'s scaled by 1000 / T; L_t unscaled -> vlb_weight 1 / T.
-  assert np.isclose(linear.diffusion.beta_start, 2.5e-5) and np.isclose(
-      linear.diffusion.beta_end, 0.005)
-  assert linear.diffusion.vlb_weight == 1 / 4000 and linear.sample.variance == 'fixed_small'
+  assert np.isclose(linear.diffusion.ddpm.beta_start, 2.5e-5) and np.isclose(
+      linear.diffusion.ddpm.beta_end, 0.005)
+  assert linear.diffusion.ddpm.vlb_weight == 1 / 4000 and linear.sample.variance == 'fixed_small'
 
 
 def test_published_architectures_map_key_for_key():
@@ -122,7 +122,7 @@ def test_respaced_ddim_gives_the_network_rescaled_timesteps():
   config, params = _load('improved_cifar10_style', ' --timestep_respacing ddim3 --use_ddim True')
   ref = np.load(FIXTURES / 'improved_cifar10_style' / 'outputs.npz')
   assert (config.sample.sampler, config.sample.spacing) == ('ddim', 'ddim3')
-  schedule = discrete.make_schedule(config.diffusion)
+  schedule = discrete.make_schedule(config.diffusion.ddpm)
   sched = solvers.sampling_schedule(schedule, 'ddim', config.sample.steps, config.sample.spacing)
   kept = np.asarray(sched.timesteps)
   np.testing.assert_array_equal(kept, [0, 1334, 2668])
@@ -140,7 +140,7 @@ def test_respaced_ddim_gives_the_network_rescaled_timesteps():
   apply_fn = lambda x_t, t: model.apply({'params': params}, x_t, t)
   _, trajectory = solvers.sample_from_config(
       apply_fn, schedule, _nhwc(ref['ddim_noise']), jax.random.PRNGKey(0), config.sample,
-      prediction_type=config.diffusion.prediction_type, learn_sigma=True, trajectory_every=1)
+      prediction_type=config.diffusion.ddpm.prediction_type, learn_sigma=True, trajectory_every=1)
   ours = np.asarray(trajectory.x_t).transpose(0, 1, 4, 2, 3)
   assert ours.shape == ref['ddim_trajectory'].shape
   np.testing.assert_allclose(ours, ref['ddim_trajectory'], atol=2e-5, rtol=0)
@@ -215,7 +215,7 @@ def test_flags_ours_cannot_express_are_refused():
       ('--image_size 512 --num_channels 256', r'channel_mult=\(0\.5'),
       ('--image_size 64 --sigma_small True --resblock_updown True', '--sigma_small'),
       ('--image_size 64 --learn_sigma maybe', "--learn_sigma='maybe'"),
-      ('--image_size 64 --num_channels 100', 'model.num_groups=32'),
+      ('--image_size 64 --num_channels 100', 'model.unet.num_groups=32'),
   ]:
     with pytest.raises(diffusers.ConversionError, match=message):
       openai.config_from_flags(openai.parse_flags(model_flags))

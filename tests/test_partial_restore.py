@@ -108,9 +108,9 @@ def test_sharded_sampler_memory_and_samples_match_replicated(fsdp_run):
   mesh = sharding.create_mesh(config.mesh)
   params, _ = restore.restore_params(config, str(workdir), mesh, use_ema=True)
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion)
+  schedule = discrete.make_schedule(config.diffusion.ddpm)
   batch = config.sample.batch_size
-  sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, batch)
+  sample_fn = sampler.make_sample_fn(model, config, mesh, batch)
   rng, labels = jax.random.PRNGKey(3), np.zeros((batch,), np.int32)
 
   def bytes_per_device(tree):

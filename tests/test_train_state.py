@@ -40,7 +40,7 @@ BATCH = 8
 def small_config():
   """configs/tiny.py, class-conditional, batch 8, constant lr 2e-3 (shared with the other files)."""
   config = tiny.get_config()
-  config.model.dropout = 0.0
+  config.model.unet.dropout = 0.0
   config.model.num_classes = NUM_CLASSES
   config.training.cond_drop_prob = 0.5
   config.training.batch_size = BATCH
@@ -73,7 +73,7 @@ def assert_trees_close(a, b, rtol, atol):
 def env():
   config = small_config()
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion)
+  schedule = discrete.make_schedule(config.diffusion.ddpm)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   mesh8 = sharding.create_mesh(config.mesh)
   mesh1 = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
@@ -87,8 +87,8 @@ def env():
       init=jax.device_get(state),  # Host copy: never donated.
       images=images[:BATCH].astype(np.float32) / 127.5 - 1.0,
       labels=labels[:BATCH].astype(np.int32),
-      step8=train_state.make_train_step(model, tx, schedule, config, mesh8),
-      step1=train_state.make_train_step(model, tx, schedule, config, mesh1))
+      step8=train_state.make_train_step(model, tx, config, mesh8),
+      step1=train_state.make_train_step(model, tx, config, mesh1))
   e.put = lambda host_state, mesh: jax.device_put(host_state, sharding.replicated(mesh))
 
   def batch(mesh, images=None, labels=None):
@@ -396,10 +396,10 @@ def test_cpu_devices_average_the_gradient_as_one_flat_vector(env, dropout):
   averages it as one flat float32 vector (XLA:CPU's all-reduce costs ~30 us per tensor); with
   dropout it keeps XLA's per-tensor reduction, so the masks do not depend on the device count."""
   config = small_config()
-  config.model.dropout = dropout
-  schedule = discrete.make_schedule(config.diffusion)
+  config.model.unet.dropout = dropout
+  schedule = discrete.make_schedule(config.diffusion.ddpm)
   model = backbones.create_model(config.model, config.data.channels)
-  step = train_state.make_train_step(model, env.tx, schedule, config, env.mesh8)
+  step = train_state.make_train_step(model, env.tx, config, env.mesh8)
   text = step.lower(env.put(env.init, env.mesh8), env.batch(env.mesh8)).compile().as_text()
   num_params = sum(x.size for x in jax.tree.leaves(env.init.params))
   reduced = _all_reduced_shapes(text)

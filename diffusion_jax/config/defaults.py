@@ -1,10 +1,9 @@
-"""Default configuration: every field diffusion-jax reads, documented in one place.
+"""The library defaults: every config field diffusion-jax reads, documented in one place.
 
-Other configs start from `get_config()` here and override what differs. Run any of them with
-
-  python main.py --config=configs/default.py --workdir=runs/default
-
-Fields can be overridden on the command line: `--config.training.batch_size=64`.
+The experiment configs under configs/ start from `get_config()` here and override what differs
+(configs/default.py is this config); a field a saved run lacks takes its value from here
+(config/run_config.py). Fields can be overridden on the command line:
+`--config.training.batch_size=64`.
 """
 
 import ml_collections
@@ -37,93 +36,107 @@ def get_config() -> ml_collections.ConfigDict:
   data.prefetch = 2            # Batches prefetched by tf.data.
 
   # ---------------------------------------------------------------- model
+  # The network (diffusion_jax/nn/): model.arch picks the backbone, whose own fields are the
+  # section of that name (model.unet, model.dit); the fields here are read by every backbone.
   config.model = model = ml_collections.ConfigDict()
-  # The network: 'unet' (models.py; the ch ... downsample_padding fields) or 'dit' (dit.py,
-  # Peebles & Xie 2023; the dit_* fields). Both read num_classes, null_class, learn_sigma,
-  # dropout, dtype, param_dtype, remat and the timestep-embedding variants below.
-  model.arch = 'unet'
-  model.ch = 128                       # Base channel count.
-  model.ch_mult = (1, 2, 2, 2)         # Channel multiplier per resolution level.
-  model.num_res_blocks = 2             # Residual blocks per level (the up path has one more).
-  model.attn_resolutions = (16,)       # Feature-map sizes that get self-attention.
-  model.num_heads = 1                  # Attention heads ...
-  model.num_head_channels = -1         # ... or channels per head (overrides num_heads if > 0).
-  model.dropout = 0.1
-  model.resblock_updown = False        # BigGAN-style up/downsampling residual blocks.
-  model.use_scale_shift_norm = False   # AdaGN: inject the timestep as scale and shift.
-  model.num_groups = 32                # GroupNorm groups.
+  model.arch = 'unet'                  # 'unet' (nn/unet.py) | 'dit' (nn/dit.py).
   model.num_classes = 0                # > 0: class-conditional; one extra null class is added.
+  model.null_class = True              # num_classes > 0: an extra null-class embedding row
+                                       # (classifier-free guidance); False = none (labels needed).
   model.learn_sigma = False            # Output 2x channels: epsilon and the variance interpolation.
   model.dtype = 'float32'              # Compute dtype ('bfloat16' on TPU/GPU for speed).
   model.param_dtype = 'float32'        # Parameter storage dtype.
   model.remat = False                  # Rematerialise each block in the backward pass.
   model.conv_backend = 'xla'           # 'onednn': the U-Net's convolutions through oneDNN on the
                                        # CPU, up to 1.2x faster training there (pip install
-                                       # 'diffusion-jax[onednn]'; diffusion_jax/onednn_conv.py);
+                                       # 'diffusion-jax[onednn]'; diffusion_jax/contrib/onednn);
                                        # 'onednn_winograd': the large 3x3 ones by Winograd's
                                        # F(4x4, 3x3), ~1.4x faster again, to ~1e-5 in float32.
-  # Variants of the same network (the defaults are Ho et al.'s; `convert --from=openai` sets
-  # improved/guided-diffusion's: flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5,
-  # downsample_padding=1, null_class=False for their class-conditional models).
+  # The timestep embedding (nn/layers.py; the defaults are Ho et al.'s; `convert --from=openai`
+  # sets improved/guided-diffusion's flip_sin_to_cos=True, freq_shift=0).
   model.flip_sin_to_cos = False        # Timestep features [cos, sin] instead of [sin, cos] ...
-  model.freq_shift = 1                 # ... at frequencies 10000^(-i / (ch/2 - freq_shift)).
+  model.freq_shift = 1                 # ... at frequencies 10000^(-i / (dim/2 - freq_shift)).
   model.timestep_scale = 1.0           # The network sees t * this: improved-diffusion's
-                                       # rescale_timesteps is 1000 / diffusion.num_timesteps.
-  model.norm_eps = 1e-6                # GroupNorm epsilon.
-  model.downsample_padding = 0         # Stride-2 conv padding: 0 = bottom/right (TF 'SAME'),
+                                       # rescale_timesteps is 1000 / diffusion.ddpm.num_timesteps.
+
+  # model.unet (model.arch = 'unet', nn/unet.py): the DDPM / ADM U-Net. The defaults are Ho et
+  # al.'s CIFAR-10 network; `convert --from=openai` sets improved/guided-diffusion's
+  # norm_eps=1e-5, downsample_padding=1.
+  model.unet = unet = ml_collections.ConfigDict()
+  unet.ch = 128                        # Base channel count.
+  unet.ch_mult = (1, 2, 2, 2)          # Channel multiplier per resolution level.
+  unet.num_res_blocks = 2              # Residual blocks per level (the up path has one more).
+  unet.attn_resolutions = (16,)        # Feature-map sizes that get self-attention.
+  unet.num_heads = 1                   # Attention heads ...
+  unet.num_head_channels = -1          # ... or channels per head (overrides num_heads if > 0).
+  unet.dropout = 0.1
+  unet.resblock_updown = False         # BigGAN-style up/downsampling residual blocks.
+  unet.use_scale_shift_norm = False    # AdaGN: inject the timestep as scale and shift.
+  unet.num_groups = 32                 # GroupNorm groups.
+  unet.norm_eps = 1e-6                 # GroupNorm epsilon.
+  unet.downsample_padding = 0          # Stride-2 conv padding: 0 = bottom/right (TF 'SAME'),
                                        # 1 = one pixel on every side.
-  model.null_class = True              # num_classes > 0: an extra null-class embedding row
-                                       # (classifier-free guidance); False = none (labels needed).
-  # DiT (model.arch = 'dit'): p x p patches -> tokens of width dit_hidden_size + position
-  # embedding, dit_depth adaLN-Zero blocks conditioned on timestep + class, then unpatchify.
-  # The paper's sizes (dit.DIT_SIZES): S = 384 / 12 / 6, B = 768 / 12 / 12, L = 1024 / 24 / 16,
-  # XL = 1152 / 28 / 16 (hidden / depth / heads), MLP ratio 4, patch 2, 4 or 8 (DiT-XL/2 = XL,
-  # patch 2). The defaults are DiT-S/2. LayerNorm eps is model.norm_eps.
-  model.dit_hidden_size = 384          # Token width D.
-  model.dit_depth = 12                 # Transformer blocks.
-  model.dit_num_heads = 6              # Attention heads (must divide dit_hidden_size).
-  model.dit_mlp_ratio = 4.0            # MLP hidden width = this * D.
-  model.dit_patch_size = 2             # p: data.resolution must be divisible by it.
-  model.dit_pos_embed = 'sincos'       # 'sincos' (fixed 2-D sin-cos, the paper) | 'learned'.
+
+  # model.dit (model.arch = 'dit', nn/dit.py): p x p patches -> tokens of width hidden_size +
+  # position embedding, depth adaLN-Zero blocks conditioned on timestep + class, then
+  # unpatchify. The paper's sizes (dit.DIT_SIZES): S = 384 / 12 / 6, B = 768 / 12 / 12,
+  # L = 1024 / 24 / 16, XL = 1152 / 28 / 16 (hidden / depth / heads), MLP ratio 4, patch 2, 4
+  # or 8 (DiT-XL/2 = XL, patch 2). The defaults are DiT-S/2.
+  model.dit = dit = ml_collections.ConfigDict()
+  dit.hidden_size = 384                # Token width D.
+  dit.depth = 12                       # Transformer blocks.
+  dit.num_heads = 6                    # Attention heads (must divide hidden_size).
+  dit.mlp_ratio = 4.0                  # MLP hidden width = this * D.
+  dit.patch_size = 2                   # p: data.resolution must be divisible by it.
+  dit.pos_embed = 'sincos'             # 'sincos' (fixed 2-D sin-cos, the paper) | 'learned'.
+  dit.dropout = 0.0                    # On the attention and MLP outputs (the paper: none).
+  dit.norm_eps = 1e-6                  # LayerNorm epsilon.
 
   # ---------------------------------------------------------------- diffusion
+  # The training objective (diffusion_jax/objectives/): diffusion.objective names one, whose
+  # fields are the section of that name (diffusion.ddpm, diffusion.edm, diffusion.flow_matching).
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  # The training objective (objectives.py): 'ddpm' (discrete-time DDPM / improved DDPM, the
-  # fields below up to vlb_weight), 'edm' (Karras et al. 2022, the edm_* fields) or
-  # 'flow_matching' (linear path with velocity targets, the flow_* fields).
-  diffusion.objective = 'ddpm'
-  diffusion.num_timesteps = 1000
-  diffusion.beta_schedule = 'linear'   # linear | cosine | scaled_linear | sigmoid
-  diffusion.beta_start = 1e-4          # For linear / scaled_linear / sigmoid.
-  diffusion.beta_end = 0.02
-  diffusion.prediction_type = 'epsilon'  # epsilon | x0 | v
-  diffusion.loss_weighting = 'simple'    # simple | min_snr
-  diffusion.min_snr_gamma = 5.0          # gamma of Min-SNR weighting (Hang et al. 2023).
+  diffusion.objective = 'ddpm'         # 'ddpm' | 'edm' | 'flow_matching'.
+
+  # diffusion.ddpm (objectives/ddpm.py): discrete-time DDPM / improved DDPM (Ho et al. 2020,
+  # Nichol & Dhariwal 2021); samplers ddpm, ddim, dpm_solver_pp, euler, heun.
+  diffusion.ddpm = ddpm = ml_collections.ConfigDict()
+  ddpm.num_timesteps = 1000
+  ddpm.beta_schedule = 'linear'        # linear | cosine | scaled_linear | sigmoid
+  ddpm.beta_start = 1e-4               # For linear / scaled_linear / sigmoid.
+  ddpm.beta_end = 0.02
+  ddpm.prediction_type = 'epsilon'     # epsilon | x0 | v
+  ddpm.loss_weighting = 'simple'       # simple | min_snr
+  ddpm.min_snr_gamma = 5.0             # gamma of Min-SNR weighting (Hang et al. 2023).
   # With model.learn_sigma the loss is the hybrid L_simple + vlb_weight * L_vlb of Nichol &
   # Dhariwal, L_vlb = T * L_t in bits/dim (so 0.001 gives (T / 1000) L_t per example).
-  diffusion.vlb_weight = 0.001
-  # objective='edm' (edm.py, Karras et al. 2022): D(x; sigma) = c_skip x + c_out F(c_in x,
-  # ln(sigma) / 4) on x = x0 + sigma eps; training draws ln(sigma) ~ N(edm_p_mean, edm_p_std^2);
-  # the samplers (sample.sampler heun | euler) run from edm_sigma_max down to edm_sigma_min.
-  diffusion.edm_sigma_data = 0.5       # Std of the data (images in [-1, 1]).
-  diffusion.edm_p_mean = -1.2          # Mean of ln(sigma) in training ...
-  diffusion.edm_p_std = 1.2            # ... and its standard deviation.
-  diffusion.edm_sigma_min = 0.002      # Sampling noise-level range (Karras sigmas, sample.rho).
-  diffusion.edm_sigma_max = 80.0
-  # Flow matching (objective 'flow_matching', flow.py): x_t = (1 - t) x0 + t eps, t in [0, 1]
+  ddpm.vlb_weight = 0.001
+
+  # diffusion.edm (objectives/edm.py, Karras et al. 2022): D(x; sigma) = c_skip x + c_out
+  # F(c_in x, ln(sigma) / 4) on x = x0 + sigma eps; training draws ln(sigma) ~ N(p_mean,
+  # p_std^2); the samplers (sample.sampler heun | euler) run from sigma_max down to sigma_min.
+  diffusion.edm = edm = ml_collections.ConfigDict()
+  edm.sigma_data = 0.5                 # Std of the data (images in [-1, 1]).
+  edm.p_mean = -1.2                    # Mean of ln(sigma) in training ...
+  edm.p_std = 1.2                      # ... and its standard deviation.
+  edm.sigma_min = 0.002                # Sampling noise-level range (Karras sigmas, sample.rho).
+  edm.sigma_max = 80.0
+
+  # diffusion.flow_matching (objectives/flow_matching.py): x_t = (1 - t) x0 + t eps, t in [0, 1]
   # (t = 1 pure noise), velocity v = eps - x0; samplers integrate dx/dt = v from t = 1 to 0.
-  diffusion.flow_time_dist = 'logit_normal'  # Training t: uniform (rectified flow) |
-                                             # logit_normal (SD3: logit(t) ~ N(mean, std^2)).
-  diffusion.flow_logit_mean = 0.0      # logit-normal mean (SD3: 0) ...
-  diffusion.flow_logit_std = 1.0       # ... and standard deviation (SD3: 1).
+  diffusion.flow_matching = flow = ml_collections.ConfigDict()
+  flow.time_dist = 'logit_normal'      # Training t: uniform (rectified flow) |
+                                       # logit_normal (SD3: logit(t) ~ N(mean, std^2)).
+  flow.logit_mean = 0.0                # logit-normal mean (SD3: 0) ...
+  flow.logit_std = 1.0                 # ... and standard deviation (SD3: 1).
   # Time shift s: t -> s t / (1 + (s - 1) t), i.e. noise/signal t/(1-t) times s, applied to the
   # training t and to the sampling grid. SD3: s = sqrt(m / n) for m pixels against a base of n
-  # (flow.time_shift_for_resolution); 1 = none. s > 1 spends more time near noise.
-  diffusion.flow_time_shift = 1.0
-  diffusion.flow_prediction = 'velocity'  # Network output: velocity (v) | x0 (JiT's
-                                          # x-prediction, trained with the velocity loss).
-  diffusion.flow_x0_min_t = 0.05       # x0: loss ||x0_hat - x0||^2 / max(t, this)^2 (JiT: 0.05).
-  diffusion.flow_time_scale = 1000.0   # The network's time input is this * t (the sinusoidal
+  # (flow_matching.time_shift_for_resolution); 1 = none. s > 1 spends more time near noise.
+  flow.time_shift = 1.0
+  flow.prediction = 'velocity'         # Network output: velocity (v) | x0 (JiT's
+                                       # x-prediction, trained with the velocity loss).
+  flow.x0_min_t = 0.05                 # x0: loss ||x0_hat - x0||^2 / max(t, this)^2 (JiT: 0.05).
+  flow.time_scale = 1000.0             # The network's time input is this * t (the sinusoidal
                                        # embedding was made for DDPM's t in [0, 1000)).
 
   # ---------------------------------------------------------------- optimizer
@@ -218,7 +231,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (SDE with the ODE's marginals: reverse-time diffusion g(t)^2 = 2 flow_noise_scale t).
   sample.flow_noise_scale = 1.0  # euler_maruyama's noise; 0 = the Euler ODE sampler.
   sample.flow_shift = 0.0        # Time shift s of the flow sampling grid (see
-                                 # diffusion.flow_time_shift); 0 = diffusion.flow_time_shift.
+                                 # diffusion.flow_matching.time_shift); 0 = that value.
   sample.num_samples = 64        # --mode=sample writes this many images.
   sample.batch_size = 64         # Global batch per sampling call.
   sample.seed = 0

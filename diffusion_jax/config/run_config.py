@@ -2,7 +2,7 @@
 `--mode=sample|eval`, so a run directory says how it was made.
 
 JSON has no tuples; `load_run_config` turns lists back into tuples wherever the default config
-(`configs/default.py`) holds a tuple, so a reloaded config equals the one that was saved.
+(`diffusion_jax/config/defaults.py`) holds a tuple, so a reloaded config equals the one that was saved.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Tuple
 
 import ml_collections
 from etils import epath
+from diffusion_jax.config import defaults, migration
+from diffusion_jax.config.errors import ConfigError
 
 CONFIG_FILE = 'config.json'
 
@@ -59,12 +61,13 @@ def _add_missing(value: Dict[str, Any], like: Dict[str, Any]) -> Dict[str, Any]:
 def config_from_json(text: str) -> ml_collections.ConfigDict:
   """Inverse of `config_to_json`: lists become tuples where the default config has tuples.
 
-  A field the saved config lacks (the run predates it) takes its value from configs/default.py,
-  so an older run reads as if it had been started with that default.
+  A config of an earlier layout is migrated first (migration.py), and a field the saved config
+  lacks (the run predates it) takes its value from config/defaults.py, so an older run reads as
+  if it had been started with that default.
   """
-  from configs import default  # pylint: disable=g-import-not-at-top
-  like: Dict[str, Any] = default.get_config().to_dict()
-  return ml_collections.ConfigDict(_add_missing(_restore_tuples(json.loads(text), like), like))
+  like: Dict[str, Any] = defaults.get_config().to_dict()
+  saved = migration.migrate(json.loads(text))
+  return ml_collections.ConfigDict(_add_missing(_restore_tuples(saved, like), like))
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict | None:
@@ -87,7 +90,7 @@ FREE_FIELDS = ('model.conv_backend',)
 
 def flatten(config: ml_collections.ConfigDict | Dict[str, Any], prefix: str = ''
             ) -> Dict[str, Any]:
-  """{'model.ch': 128, ...}: every leaf of `config` under its dotted name."""
+  """{'model.unet.ch': 128, ...}: every leaf of `config` under its dotted name."""
   items = config.items() if isinstance(config, dict) else config.to_dict().items()
   flat: Dict[str, Any] = {}
   for key, value in items:
@@ -118,7 +121,7 @@ def locked_differences(saved: ml_collections.ConfigDict, requested: ml_collectio
 
 
 def describe_differences(differences: List[Tuple[str, Any, Any]]) -> str:
-  """One indented line per `locked_differences` entry: 'model.ch: run has 32, requested 64'."""
+  """One indented line per `locked_differences` entry: 'model.unet.ch: run has 32, requested 64'."""
   return ''.join(f'\n  {name}: run has {old!r}, requested {new!r}'
                  for name, old, new in differences)
 
@@ -133,7 +136,6 @@ def check_resume_config(saved: ml_collections.ConfigDict, config: ml_collections
   """
   differences = locked_differences(saved, config)
   if differences:
-    from diffusion_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(
         f'Cannot resume {source}: the config changes fields of the trained network (model, '
         'diffusion). Use the run\'s values (its config.json) or a new --workdir:'

@@ -6,7 +6,11 @@ from typing import List, Optional, Sequence
 
 from etils import epath
 
-from diffusion_jax.evaluation import fid_resize
+from diffusion_jax.config.errors import check_choice
+from diffusion_jax.evaluation import fid_resize, likelihood
+from diffusion_jax.parallel import sharding
+from diffusion_jax.processes import discrete
+from diffusion_jax.evaluation import classifier_fd
 
 SAMPLE_METRICS = ('fid', 'kid', 'precision_recall', 'is', 'classifier_fd')
 INCEPTION_METRICS = ('fid', 'kid', 'precision_recall', 'is')
@@ -112,9 +116,37 @@ def _check_sample_metric_fields(config, wanted: Sequence[str], num_devices: Opti
   if 'is' in wanted and ecfg.is_splits < 1:
     errors.append(f'eval.is_splits={ecfg.is_splits} must be >= 1.')
   if 'classifier_fd' in wanted:
-    from diffusion_jax.evaluation import classifier_fd  # pylint: disable=g-import-not-at-top
     if config.data.dataset not in classifier_fd.SUPPORTED_DATASETS:
       errors.append(f"'classifier_fd' (eval.metrics / eval.train_metrics) is defined for "
                     f'data.dataset in {classifier_fd.SUPPORTED_DATASETS}, not '
                     f"{config.data.dataset!r}; use 'fid' instead.")
+  return errors
+
+
+def check_likelihood_config(config, data_devices: int, num_processes: int) -> List[str]:
+  """Problems with the likelihood fields of `config.eval` when eval.metrics asks for 'vlb' or
+  'ode_nll' (empty list = fine)."""
+  ecfg = config.eval
+  metrics = (ecfg.metrics,) if isinstance(ecfg.metrics, str) else tuple(ecfg.metrics)
+  if not any(m in LIKELIHOOD_METRICS for m in metrics):
+    return []
+  errors = sharding.check_batch('eval.batch_size', ecfg.batch_size, data_devices, num_processes)
+  if ecfg.num_batches == 0 or ecfg.num_batches < -1:
+    errors.append(f'eval.num_batches={ecfg.num_batches} must be -1 (whole split) or positive.')
+  check_choice(errors, 'eval.variance', ecfg.variance, discrete.VARIANCE_TYPES)
+  if ecfg.num_kl_buckets < 1:
+    errors.append(f'eval.num_kl_buckets={ecfg.num_kl_buckets} must be >= 1.')
+  if 'ode_nll' in metrics:
+    check_choice(errors, 'eval.ode_solver', ecfg.ode_solver, likelihood.SOLVERS)
+    check_choice(errors, 'eval.ode_probe', ecfg.ode_probe, likelihood.PROBES)
+    if not (ecfg.ode_rtol > 0 and ecfg.ode_atol > 0):
+      errors.append(f'eval.ode_rtol={ecfg.ode_rtol} and eval.ode_atol={ecfg.ode_atol} must be '
+                    'positive (1e-5 as Song et al.).')
+    if ecfg.ode_num_probes < 1:
+      errors.append(f'eval.ode_num_probes={ecfg.ode_num_probes} must be >= 1.')
+    if ecfg.ode_max_steps < 1:
+      errors.append(f'eval.ode_max_steps={ecfg.ode_max_steps} must be >= 1.')
+    if ecfg.ode_probe == 'exact' and config.data.resolution**2 * config.data.channels > 256:
+      errors.append("eval.ode_probe='exact' costs one Jacobian-vector product per dimension; use "
+                    "'rademacher' for images of more than 256 dimensions.")
   return errors

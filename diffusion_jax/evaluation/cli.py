@@ -19,6 +19,8 @@ from typing import Dict, Optional, Sequence
 from diffusion_jax.evaluation import fid_resize
 from diffusion_jax.evaluation.checks import INCEPTION_METRICS
 from diffusion_jax.evaluation.feature_sets import compare, features_of_source, save_feature_set
+from diffusion_jax.evaluation import inception
+from diffusion_jax.parallel import sharding
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m diffusion_jax.fid', description=__doc__,
@@ -53,8 +55,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
   if unknown or not wanted:
     raise SystemExit(f'--metrics={args.metrics!r}: use a subset of {INCEPTION_METRICS}.')
   import jax  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.parallel import sharding
   params, num_logits, path, checksum = inception.load_inception(args.inception_path)
   mesh = sharding.create_mesh({'data': -1, 'fsdp': 1})
   batch_size = -(-args.batch_size // jax.device_count()) * jax.device_count()

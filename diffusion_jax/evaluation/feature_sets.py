@@ -259,3 +259,7 @@ def reference_stats_path(stats_dir: str, dataset: str, split: str, resolution: i
                    checksum[:12]])
   return str(epath.Path(stats_dir) / f'{name}.npz')
 
+
+def stats_dir(config, workdir: str) -> str:
+  """Where reference statistics and the digits classifier are cached (eval.fid_stats_dir)."""
+  return config.eval.fid_stats_dir or str(epath.Path(workdir) / 'eval' / 'fid_stats')

@@ -14,31 +14,33 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax.training import restore
-from diffusion_jax.processes import discrete
-from diffusion_jax.evaluation import checks
+import flax.linen as nn
+
 from diffusion_jax.data import pipeline
-from diffusion_jax.evaluation import likelihood
-from diffusion_jax.nn import unet
-from diffusion_jax.nn import backbones
-from diffusion_jax.parallel import multihost
-from diffusion_jax.parallel import sharding
+from diffusion_jax.evaluation import checks, likelihood
 from diffusion_jax.evaluation.writers import write_eval_scalars
+from diffusion_jax.nn import backbones
+from diffusion_jax.objectives import ddpm
+from diffusion_jax.parallel import multihost, sharding
+from diffusion_jax.processes import discrete
+from diffusion_jax.training import restore
 
 PyTree = Any
 
 
-def make_vlb_fn(model: unet.UNet, schedule: discrete.Schedule, config, mesh: Mesh
+def make_vlb_fn(model: nn.Module, config, mesh: Mesh
                 ) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array],
                               Tuple[jax.Array, jax.Array]]:
   """Returns jitted `vlb(params, x0 [B,H,W,C], labels [B], rng) -> (terms [B, T], prior [B])`.
 
   terms[:, t] is L_t in bits/dim (t = 0 the decoder L_0, t >= 1 the KL terms) with x_t drawn
   from q(x_t | x_0) with noise keyed by fold_in(rng, t); prior is L_T. Both are sharded like
-  the batch. The reverse variance is learned (`model.learn_sigma`) or `eval.variance`.
+  the batch. The reverse variance is learned (`model.learn_sigma`) or `eval.variance`. The
+  bound is that of objective 'ddpm' (its schedule and prediction type).
   """
-  ecfg, dcfg = config.eval, config.diffusion
+  ecfg, dcfg = config.eval, config.diffusion.ddpm
   learn_sigma = config.model.learn_sigma
+  schedule = ddpm.schedule(config)
   batch_shard = sharding.batch_sharding(mesh)
 
   def vlb(params, x0, labels, rng):
@@ -65,22 +67,21 @@ def make_vlb_fn(model: unet.UNet, schedule: discrete.Schedule, config, mesh: Mes
                  out_shardings=(batch_shard, batch_shard))
 
 
-def make_ode_nll_fn(model: unet.UNet, schedule: discrete.Schedule, config, mesh: Mesh
+def make_ode_nll_fn(model: nn.Module, config, mesh: Mesh
                     ) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array],
                                   Tuple[jax.Array, jax.Array]]:
   """Returns jitted `ode_nll(params, x [B,H,W,C] in [-1,1], labels [B], rng) -> (bpd [B], steps)`.
 
   bpd is the dequantised PF-ODE NLL (NaN where the solver failed); steps the solver's step count.
-  The ODE is that of config.diffusion.objective (`likelihood.objective_log_likelihood`).
+  The ODE is that of config.diffusion.objective (`likelihood.log_likelihood`).
   """
   ecfg = config.eval
 
   def ode_nll(params, x, labels, rng):
     deq_key, probe_key = jax.random.split(rng)
     apply_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, labels, train=False)
-    result = likelihood.objective_log_likelihood(
-        apply_fn, schedule, config.diffusion, likelihood.dequantize(x, deq_key), probe_key,
-        learn_sigma=config.model.learn_sigma, probe=ecfg.ode_probe,
+    result = likelihood.log_likelihood(
+        apply_fn, config, likelihood.dequantize(x, deq_key), probe_key, probe=ecfg.ode_probe,
         num_probes=ecfg.ode_num_probes, solver=ecfg.ode_solver, rtol=ecfg.ode_rtol,
         atol=ecfg.ode_atol, max_steps=ecfg.ode_max_steps)
     bpd = likelihood.bpd_from_log_prob(result.log_prob, math.prod(x.shape[1:]), True)
@@ -132,8 +133,7 @@ def likelihood_eval(config, workdir: str, mesh: Mesh) -> Dict[str, Any]:
   metrics = tuple(m for m in ecfg.metrics if m in checks.LIKELIHOOD_METRICS)
   params, step = restore.restore_params(config, workdir, mesh, ecfg.use_ema, ecfg.ema)
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion)
-  num_timesteps = schedule.num_timesteps
+  num_timesteps = config.diffusion.ddpm.num_timesteps  # The bound's terms ('vlb' is ddpm's).
   buckets = kl_buckets(num_timesteps, ecfg.num_kl_buckets)
 
   dataset = pipeline.create_dataset(
@@ -141,8 +141,8 @@ def likelihood_eval(config, workdir: str, mesh: Mesh) -> Dict[str, Any]:
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       train=False)
   batch_shard = sharding.batch_sharding(mesh)
-  vlb_fn = make_vlb_fn(model, schedule, config, mesh) if 'vlb' in metrics else None
-  ode_fn = make_ode_nll_fn(model, schedule, config, mesh) if 'ode_nll' in metrics else None
+  vlb_fn = make_vlb_fn(model, config, mesh) if 'vlb' in metrics else None
+  ode_fn = make_ode_nll_fn(model, config, mesh) if 'ode_nll' in metrics else None
   base_rng = jax.random.PRNGKey(ecfg.seed)
 
   vlb_mean, ode_mean = _MaskedMean(), _MaskedMean()

@@ -25,7 +25,6 @@ from jax.sharding import Mesh
 from diffusion_jax.training import checkpoints
 from diffusion_jax.sampling import class_labels
 from diffusion_jax.evaluation import classifier_fd
-from diffusion_jax.processes import discrete
 from diffusion_jax.evaluation import feature_sets
 from diffusion_jax.evaluation import checks
 from diffusion_jax import images
@@ -58,8 +57,7 @@ def make_sample_drawer(config, mesh: Mesh
   except ValueError as e:
     raise ConfigError(str(e)) from e
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion)
-  sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, scfg.batch_size)
+  sample_fn = sampler.make_sample_fn(model, config, mesh, scfg.batch_size)
 
   def draw(params: PyTree, num_samples: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     rng = jax.random.PRNGKey(scfg.seed)
@@ -105,11 +103,6 @@ def _dataset_batches(config, split: str, batch_size: int, limit: int, mesh: Mesh
       return
 
 
-def stats_dir(config, workdir: str) -> str:
-  """Where reference statistics and the digits classifier are cached (eval.fid_stats_dir)."""
-  return config.eval.fid_stats_dir or str(epath.Path(workdir) / 'eval' / 'fid_stats')
-
-
 def dataset_source_id(data_config) -> str:
   """The dataset part of a reference cache key: the tfds name, 'digits', or for
   data.dataset='folder' 'folder-<sha1 of the folder's absolute path, 12 hex>' so two folders
@@ -131,7 +124,7 @@ def reference_features(config, workdir: str, feature_fn: feature_sets.FeatureFn,
   if ecfg.reference:
     return (feature_sets.features_of_source(ecfg.reference, feature_fn, ecfg.feature_batch_size, keep,
                                    False), ecfg.reference)
-  path = feature_sets.reference_stats_path(stats_dir(config, workdir), dataset_source_id(config.data),
+  path = feature_sets.reference_stats_path(feature_sets.stats_dir(config, workdir), dataset_source_id(config.data),
                                   config.data.split, config.data.resolution, ecfg.fid_resize,
                                   checksum, ecfg.reference_num_images)
   if epath.Path(path).exists():
@@ -199,7 +192,7 @@ class SampleMetricsEvaluator:
     self.scorer = None
     if 'classifier_fd' in self.wanted:
       self.scorer = classifier_fd.Scorer(
-          str(epath.Path(stats_dir(config, workdir)) / f'classifier_{config.data.dataset}.npz'),
+          str(epath.Path(feature_sets.stats_dir(config, workdir)) / f'classifier_{config.data.dataset}.npz'),
           config.data.dataset)
     self.draw = make_sample_drawer(config, mesh) if draw_samples else None
 

@@ -36,8 +36,8 @@ def main(argv: Sequence[str]) -> None:
                                       f.diffusion_flags or '', base=f.config)
       else:
         config = diffusers.import_diffusers(f.source, f.workdir, base=f.config)
-      print(f'Imported {f.source} into {f.workdir}: ch {config.model.ch}, ch_mult '
-            f'{tuple(config.model.ch_mult)}, {config.data.resolution}px; its config is '
+      print(f'Imported {f.source} into {f.workdir}: ch {config.model.unet.ch}, ch_mult '
+            f'{tuple(config.model.unet.ch_mult)}, {config.data.resolution}px; its config is '
             f'{f.workdir}/config.json.')
     else:
       if not f.out:

@@ -33,6 +33,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 from diffusion_jax.config import defaults
+from diffusion_jax.nn import backbones
+from diffusion_jax.training import train_state
+from diffusion_jax.interop import torch_pickle
+from diffusion_jax.training import checkpoints
+from diffusion_jax.config import run_config
+from diffusion_jax.training import restore
+from diffusion_jax.parallel import sharding
 
 PyTree = Any
 StateDict = Dict[str, np.ndarray]
@@ -67,7 +74,8 @@ FIXED_UNET_OPTIONS: Dict[str, Any] = dict(
     center_input_sample=False, time_embedding_type='positional',
     mid_block_type='UNetMidBlock2D', mid_block_scale_factor=1, downsample_type='conv',
     upsample_type='conv', act_fn='silu', add_attention=True, class_embed_type=None)
-# UNet2DModel options that are config.model fields of the same name and meaning.
+# UNet2DModel options that are config.model (or config.model.unet) fields of the same name and
+# meaning.
 MODEL_FIELD_OPTIONS = ('flip_sin_to_cos', 'freq_shift', 'norm_eps', 'downsample_padding')
 BETA_SCHEDULES = {'linear': 'linear', 'scaled_linear': 'scaled_linear',
                   'squaredcos_cap_v2': 'cosine', 'sigmoid': 'sigmoid'}
@@ -130,12 +138,12 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
   up_attn = [UP_BLOCKS[b] for b in reversed(up_types)]
   if down_attn != up_attn:
     raise ConversionError(f'up_block_types={up_types} is not the mirror of down_block_types='
-                          f'{down_types}: our model.attn_resolutions puts attention at the same '
+                          f'{down_types}: our model.unet.attn_resolutions puts attention at the same '
                           'resolutions on both paths.')
   ch = int(channels_out[0])
   if any(c % ch for c in channels_out):
     raise ConversionError(f'block_out_channels={channels_out} are not multiples of the first; '
-                          'model.ch_mult cannot express them.')
+                          'model.unet.ch_mult cannot express them.')
   size = opt('sample_size')
   if isinstance(size, (list, tuple)):
     if len(set(size)) != 1:
@@ -153,7 +161,7 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
   groups = int(opt('norm_num_groups'))
   if opt('attn_norm_num_groups') not in (None, groups):
     raise ConversionError(f'attn_norm_num_groups={opt("attn_norm_num_groups")} differs from '
-                          f'norm_num_groups={groups}; ours has one model.num_groups.')
+                          f'norm_num_groups={groups}; ours has one model.unet.num_groups.')
   shift = opt('resnet_time_scale_shift')
   if shift not in ('default', 'scale_shift'):
     raise ConversionError(f'resnet_time_scale_shift={shift!r} is not supported '
@@ -165,16 +173,16 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
   resolution = int(size)
   model = config.model
   model.arch = 'unet'  # A UNet2DModel, whatever --config's network was.
-  model.ch = ch
-  model.ch_mult = tuple(int(c // ch) for c in channels_out)
-  model.num_res_blocks = int(opt('layers_per_block'))
-  model.attn_resolutions = tuple(resolution // 2**i for i, a in enumerate(down_attn) if a)
-  model.num_heads = 1
-  model.num_head_channels = -1 if head_dim is None else int(head_dim)
-  model.dropout = float(opt('dropout'))
-  model.resblock_updown = False
-  model.use_scale_shift_norm = shift == 'scale_shift'
-  model.num_groups = groups
+  model.unet.ch = ch
+  model.unet.ch_mult = tuple(int(c // ch) for c in channels_out)
+  model.unet.num_res_blocks = int(opt('layers_per_block'))
+  model.unet.attn_resolutions = tuple(resolution // 2**i for i, a in enumerate(down_attn) if a)
+  model.unet.num_heads = 1
+  model.unet.num_head_channels = -1 if head_dim is None else int(head_dim)
+  model.unet.dropout = float(opt('dropout'))
+  model.unet.resblock_updown = False
+  model.unet.use_scale_shift_norm = shift == 'scale_shift'
+  model.unet.num_groups = groups
   classes = opt('num_class_embeds')
   model.num_classes = 0 if classes is None else int(classes) - 1  # Ours adds the null class.
   model.learn_sigma = out_ch == 2 * in_ch
@@ -182,9 +190,10 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
   model.timestep_scale = 1.0
   if opt('downsample_padding') not in (0, 1):
     raise ConversionError(f'UNet2DModel option downsample_padding={opt("downsample_padding")!r} '
-                          'is not supported (0 or 1, model.downsample_padding).')
+                          'is not supported (0 or 1, model.unet.downsample_padding).')
   for name in MODEL_FIELD_OPTIONS:
-    model[name] = type(model[name])(opt(name))
+    section = model.unet if name in model.unet else model
+    section[name] = type(section[name])(opt(name))
   config.data.resolution = resolution
   config.data.channels = in_ch
   if scheduler_config is not None:
@@ -196,7 +205,7 @@ def _apply_scheduler(config: ml_collections.ConfigDict, scheduler: Mapping[str, 
   """Sets config.diffusion (and sample.variance / clip_denoised) from a DDPM/DDIM scheduler."""
   opt = lambda name: scheduler[name] if name in scheduler else DIFFUSERS_SCHEDULER_DEFAULTS[name]
   if opt('trained_betas') is not None:
-    raise ConversionError('scheduler option trained_betas is set; diffusion.beta_schedule '
+    raise ConversionError('scheduler option trained_betas is set; diffusion.ddpm.beta_schedule '
                           'only names schedules.')
   if opt('rescale_betas_zero_snr'):
     raise ConversionError('scheduler option rescale_betas_zero_snr=True has no equivalent in '
@@ -213,8 +222,8 @@ def _apply_scheduler(config: ml_collections.ConfigDict, scheduler: Mapping[str, 
   if float(opt('clip_sample_range')) != 1.0:
     raise ConversionError(f'scheduler option clip_sample_range={opt("clip_sample_range")} is '
                           'not 1.0, the range sample.clip_denoised clips to.')
-  d = config.diffusion
-  d.objective = 'ddpm'  # What a DDPM/DDIM scheduler describes, whatever --config's was.
+  config.diffusion.objective = 'ddpm'  # What a DDPM/DDIM scheduler describes.
+  d = config.diffusion.ddpm
   d.num_timesteps = int(opt('num_train_timesteps'))
   d.beta_schedule = BETA_SCHEDULES[opt('beta_schedule')]
   d.beta_start, d.beta_end = float(opt('beta_start')), float(opt('beta_end'))
@@ -230,7 +239,7 @@ def _apply_scheduler(config: ml_collections.ConfigDict, scheduler: Mapping[str, 
 
 def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """(UNet2DModel config.json, DDPMScheduler scheduler_config.json) for our config."""
-  m, resolution = config.model, config.data.resolution
+  m, u, resolution = config.model, config.model.unet, config.data.resolution
   if m.arch != 'unet':
     raise ConversionError(f"model.arch={m.arch!r}: only the U-Net (model.arch='unet') exports "
                           'as a diffusers UNet2DModel; use --mode=export for this run.')
@@ -238,21 +247,21 @@ def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any]
     raise ConversionError(f'diffusion.objective={config.diffusion.objective!r}: a diffusers '
                           'DDPMScheduler describes the discrete-time ddpm objective only; use '
                           '--mode=export for this run.')
-  if m.resblock_updown:
-    raise ConversionError('model.resblock_updown=True: the UNet2DModel DownBlock2D/UpBlock2D '
+  if u.resblock_updown:
+    raise ConversionError('model.unet.resblock_updown=True: the UNet2DModel DownBlock2D/UpBlock2D '
                           'layout has no resnet up/downsampling; cannot export.')
   if m.timestep_scale != 1.0:
     raise ConversionError(f'model.timestep_scale={m.timestep_scale} (improved-diffusion\'s '
                           'rescale_timesteps): UNet2DModel feeds the timestep unscaled; '
                           'cannot export.')
-  channels_out = [int(m.ch * mult) for mult in m.ch_mult]
-  attn = [resolution // 2**i in tuple(m.attn_resolutions) for i in range(len(m.ch_mult))]
-  if m.num_head_channels > 0:
-    head_dim = int(m.num_head_channels)
-  elif m.num_heads == 1:
+  channels_out = [int(u.ch * mult) for mult in u.ch_mult]
+  attn = [resolution // 2**i in tuple(u.attn_resolutions) for i in range(len(u.ch_mult))]
+  if u.num_head_channels > 0:
+    head_dim = int(u.num_head_channels)
+  elif u.num_heads == 1:
     head_dim = None
   else:
-    raise ConversionError(f'model.num_heads={m.num_heads}: UNet2DModel sets heads by one '
+    raise ConversionError(f'model.unet.num_heads={u.num_heads}: UNet2DModel sets heads by one '
                           'attention_head_dim; export with num_heads=1 or num_head_channels.')
   channels = int(config.data.channels)
   unet = dict(FIXED_UNET_OPTIONS)
@@ -261,18 +270,18 @@ def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any]
       out_channels=channels * (2 if m.learn_sigma else 1),
       down_block_types=['AttnDownBlock2D' if a else 'DownBlock2D' for a in attn],
       up_block_types=['AttnUpBlock2D' if a else 'UpBlock2D' for a in reversed(attn)],
-      block_out_channels=channels_out, layers_per_block=int(m.num_res_blocks),
-      dropout=float(m.dropout), attention_head_dim=head_dim, norm_num_groups=int(m.num_groups),
-      attn_norm_num_groups=int(m.num_groups) if m.use_scale_shift_norm else None,
-      resnet_time_scale_shift='scale_shift' if m.use_scale_shift_norm else 'default',
+      block_out_channels=channels_out, layers_per_block=int(u.num_res_blocks),
+      dropout=float(u.dropout), attention_head_dim=head_dim, norm_num_groups=int(u.num_groups),
+      attn_norm_num_groups=int(u.num_groups) if u.use_scale_shift_norm else None,
+      resnet_time_scale_shift='scale_shift' if u.use_scale_shift_norm else 'default',
       num_class_embeds=(int(m.num_classes) + int(m.null_class)) if m.num_classes > 0 else None,
       time_embedding_dim=None, num_train_timesteps=None)
-  unet.update({name: m[name] for name in MODEL_FIELD_OPTIONS})
-  d = config.diffusion
+  unet.update({name: (u if name in u else m)[name] for name in MODEL_FIELD_OPTIONS})
+  d = config.diffusion.ddpm
   inverse_schedules = {v: k for k, v in BETA_SCHEDULES.items()}
   inverse_predictions = {v: k for k, v in PREDICTION_TYPES.items()}
   if d.beta_schedule not in inverse_schedules:
-    raise ConversionError(f'diffusion.beta_schedule={d.beta_schedule!r} has no DDPMScheduler '
+    raise ConversionError(f'diffusion.ddpm.beta_schedule={d.beta_schedule!r} has no DDPMScheduler '
                           'beta_schedule.')
   if config.sample.variance not in VARIANCE_TYPES:
     raise ConversionError(f'sample.variance={config.sample.variance!r} has no DDPMScheduler '
@@ -384,8 +393,6 @@ def _leaf_paths(tree: PyTree) -> List[Tuple[Tuple[str, ...], Any]]:
 
 def abstract_params(config: ml_collections.ConfigDict) -> PyTree:
   """Shapes and dtypes of our parameters for `config` (nothing is computed)."""
-  from diffusion_jax.nn import backbones  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.training import train_state
   model = backbones.create_model(config.model, config.data.channels)
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
   return jax.eval_shape(lambda: train_state.init_params(model, jax.random.PRNGKey(0), image_shape))
@@ -399,7 +406,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ml_coll
   otherwise ConversionError names the key.
   """
   target = abstract_params(config)
-  num_levels = len(config.model.ch_mult)
+  num_levels = len(config.model.unet.ch_mult)
   used, leaves = set(), []
   for path, leaf in _leaf_paths(target):
     key = diffusers_key(path, num_levels)
@@ -451,7 +458,6 @@ def load_diffusers_folder(source: str) -> Tuple[Dict[str, Any], Optional[Dict[st
     from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
     state_dict = safetensors_numpy.load((folder / WEIGHTS_SAFETENSORS).read_bytes())
   elif (folder / WEIGHTS_BIN).exists():
-    from diffusion_jax.interop import torch_pickle  # pylint: disable=g-import-not-at-top
     state_dict = torch_pickle.load_state_dict(str(folder / WEIGHTS_BIN))
   else:
     raise FileNotFoundError(f'{folder} has neither {WEIGHTS_SAFETENSORS} nor {WEIGHTS_BIN}.')
@@ -460,9 +466,6 @@ def load_diffusers_folder(source: str) -> Tuple[Dict[str, Any], Optional[Dict[st
 
 def write_workdir(config: ml_collections.ConfigDict, params: PyTree, workdir: str) -> None:
   """Saves config.json and a step-0 checkpoint with params = ema_params = `params`."""
-  from diffusion_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.config import run_config
-  from diffusion_jax.training import train_state
   params = jax.tree.map(jnp.asarray, params)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   state = train_state.TrainState(
@@ -481,8 +484,6 @@ def import_diffusers(source: str, workdir: str,
 
   Everything is checked before the first write; an existing run in `workdir` is refused.
   """
-  from diffusion_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.config import run_config
   if run_config.config_path(workdir).exists() or checkpoints.latest_step_on_disk(workdir) or (
       checkpoints.checkpoint_dir(workdir).exists()):
     raise ConversionError(f'{workdir} already holds a run (config.json or checkpoints/); '
@@ -496,9 +497,6 @@ def import_diffusers(source: str, workdir: str,
 
 def export_diffusers(workdir: str, out: str, use_ema: bool = True) -> None:
   """Writes the run's (EMA) params as a diffusers UNet2DModel folder + scheduler_config.json."""
-  from diffusion_jax.training import restore
-  from diffusion_jax.config import run_config
-  from diffusion_jax.parallel import sharding
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   config = run_config.load_run_config(workdir)
   if config is None:
@@ -507,7 +505,7 @@ def export_diffusers(workdir: str, out: str, use_ema: bool = True) -> None:
   unet, scheduler = diffusers_configs(config)  # Errors before any read of weights or write.
   mesh = sharding.create_mesh(config.mesh)
   params, _ = restore.restore_params(config, workdir, mesh, use_ema=use_ema)
-  state_dict = state_dict_from_params(jax.device_get(params), len(config.model.ch_mult))
+  state_dict = state_dict_from_params(jax.device_get(params), len(config.model.unet.ch_mult))
   folder = epath.Path(out)
   folder.mkdir(parents=True, exist_ok=True)
   (folder / WEIGHTS_SAFETENSORS).write_bytes(safetensors_numpy.save(state_dict))

@@ -38,6 +38,11 @@ import numpy as np
 from diffusion_jax.interop import diffusers
 from diffusion_jax.interop.diffusers import ConversionError
 from diffusion_jax.config import defaults
+from diffusion_jax.nn import backbones
+from diffusion_jax.objectives import ddpm
+from diffusion_jax.interop import torch_pickle
+from diffusion_jax.training import checkpoints
+from diffusion_jax.config import run_config
 
 PyTree = Any
 
@@ -183,26 +188,27 @@ def config_from_flags(flags: Mapping[str, Any],
     factors.add(size // int(text))
   # Their blocks get attention where the downsample factor 2**level is listed; ours names the
   # feature-map size of those levels. Listed factors no level reaches add nothing (no weights).
-  m = config.model
+  m, u = config.model, config.model.unet
   m.arch = 'unet'  # Their UNetModel, whatever the base config's network was.
-  m.ch, m.ch_mult, m.num_res_blocks = int(f['num_channels']), mult, int(f['num_res_blocks'])
-  m.attn_resolutions = tuple(size // 2**level for level in range(len(mult))
+  u.ch, u.ch_mult, u.num_res_blocks = int(f['num_channels']), mult, int(f['num_res_blocks'])
+  u.attn_resolutions = tuple(size // 2**level for level in range(len(mult))
                              if 2**level in factors)
-  m.num_heads = int(f['num_heads'])
-  m.num_head_channels = -1 if f['num_head_channels'] is None else int(f['num_head_channels'])
-  m.dropout = float(f['dropout'])
-  m.resblock_updown = bool(f['resblock_updown'])
-  m.use_scale_shift_norm = bool(f['use_scale_shift_norm'])
-  m.num_groups = int(f['num_groups'])
+  u.num_heads = int(f['num_heads'])
+  u.num_head_channels = -1 if f['num_head_channels'] is None else int(f['num_head_channels'])
+  u.dropout = float(f['dropout'])
+  u.resblock_updown = bool(f['resblock_updown'])
+  u.use_scale_shift_norm = bool(f['use_scale_shift_norm'])
+  u.num_groups = int(f['num_groups'])
+  u.norm_eps, u.downsample_padding = 1e-5, 1
   m.num_classes = NUM_CLASSES if f['class_cond'] else 0
   m.null_class = False
   m.learn_sigma = bool(f['learn_sigma'])
-  m.flip_sin_to_cos, m.freq_shift, m.norm_eps, m.downsample_padding = True, 0, 1e-5, 1
+  m.flip_sin_to_cos, m.freq_shift = True, 0
   m.timestep_scale = 1000.0 / steps if f['rescale_timesteps'] else 1.0
   config.data.resolution, config.data.channels = size, 3
 
-  d = config.diffusion
-  d.objective = 'ddpm'  # improved/guided-diffusion's discrete-time objective.
+  config.diffusion.objective = 'ddpm'  # improved/guided-diffusion's discrete-time objective.
+  d = config.diffusion.ddpm
   d.num_timesteps = steps
   if f['noise_schedule'] == 'linear':  # Their linear schedule scales with T (Ho et al.'s at 1000).
     scale = 1000 / steps  # In their order of operations, so the float64 betas are identical.
@@ -227,9 +233,7 @@ def config_from_flags(flags: Mapping[str, Any],
   s.variance = 'learned_range' if m.learn_sigma else fixed
   config.eval.variance = fixed
 
-  from diffusion_jax.processes import discrete  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.nn import backbones
-  errors = backbones.check_model_config(m, size) + discrete.check_diffusion_config(d)
+  errors = backbones.check_model_config(m, size) + ddpm.check_config(config)
   if errors:
     raise ConversionError('the flags give a config ours cannot run:\n  ' + '\n  '.join(errors))
   return config
@@ -255,7 +259,7 @@ def _module_key(name: str, config: ml_collections.ConfigDict) -> str:
   if len(parts) not in (3, 4) or parts[0] not in ('down', 'up'):
     raise ConversionError(f'our parameter {name!r} has no openai counterpart.')
   path, level, kind = parts[0], int(parts[1]), parts[2]
-  m = config.model
+  m = config.model.unet
   per_level = m.num_res_blocks + 1
   if path == 'down':
     index = 1 + level * per_level + (int(parts[3]) if kind in ('res', 'attn') else m.num_res_blocks)
@@ -366,7 +370,6 @@ def load(source: str, model_flags: str, diffusion_flags: str = '',
          base: Optional[ml_collections.ConfigDict] = None
          ) -> Tuple[ml_collections.ConfigDict, PyTree]:
   """(config, params) of an improved/guided-diffusion .pt and its flags; writes nothing."""
-  from diffusion_jax.interop import torch_pickle  # pylint: disable=g-import-not-at-top
   flags = parse_flags(model_flags, diffusion_flags)
   config = config_from_flags(flags, base)  # Flag errors before the file is read.
   state_dict = torch_pickle.load_state_dict(source)
@@ -380,8 +383,6 @@ def import_openai(source: str, workdir: str, model_flags: str, diffusion_flags: 
 
   Everything is checked before the first write; an existing run in `workdir` is refused.
   """
-  from diffusion_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.config import run_config
   if run_config.config_path(workdir).exists() or checkpoints.checkpoint_dir(workdir).exists():
     raise ConversionError(f'{workdir} already holds a run (config.json or checkpoints/); '
                           'choose an empty --workdir.')

@@ -21,8 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffusion_jax.training import restore
-from diffusion_jax.processes import discrete
-from diffusion_jax import images
+from diffusion_jax import images, objectives
 from diffusion_jax.nn import backbones
 from diffusion_jax.pipelines import sampler
 from diffusion_jax.pipelines.sampler import sample_tag
@@ -130,12 +129,11 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
     raise ConfigError(str(e)) from e
   params, step = restore.restore_params(config, workdir, mesh, scfg.use_ema, scfg.ema)
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion)
   batch_size, num_samples = scfg.batch_size, scfg.num_samples
-  sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, batch_size)
+  sample_fn = sampler.make_sample_fn(model, config, mesh, batch_size)
   animation = bool(scfg.animation)
   if animation:
-    animate_fn = sampler.make_sample_fn(model, schedule, config, mesh, batch_size,
+    animate_fn = sampler.make_sample_fn(model, config, mesh, batch_size,
                                 trajectory_every=scfg.animation_every,
                                 trajectory_images=scfg.animation_num_images)
 
@@ -187,7 +185,8 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
       np.savez(f, **arrays)
     ncols = _grid_columns(config)
     num_grid = min(len(arr_0), ncols * ncols if ncols else 256)
-    label = images.grid_label(step, scfg.sampler, scfg.steps or config.diffusion.num_timesteps,
+    steps = objectives.get(config.diffusion.objective).sampling_steps(config)
+    label = images.grid_label(step, scfg.sampler, steps,
                               ema=(scfg.ema or True) if scfg.use_ema else False,
                               guidance_scale=scfg.guidance_scale if conditional else None)
     images.write_png(str(out_dir / 'grid.png'),

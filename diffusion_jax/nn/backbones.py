@@ -42,14 +42,13 @@ def init_params(model: nn.Module, rng: jax.Array, image_shape) -> dict:
 
 def check_model_config(model_config, resolution: int) -> List[str]:
   """Problems with `config.model` for images of `resolution` (empty list = fine); each names the
-  field and the fix: the fields of model.arch's backbone, then those every backbone shares."""
+  field and the fix: the section of model.arch's backbone, then the fields every backbone
+  reads."""
   errors: List[str] = []
   if model_config.arch in BACKBONES:
     errors.extend(BACKBONES[model_config.arch].check_config(model_config, resolution))
   else:
     errors.append(f'model.arch={model_config.arch!r} is unknown; use one of {tuple(BACKBONES)}.')
-  if not 0.0 <= model_config.dropout < 1.0:
-    errors.append(f'model.dropout={model_config.dropout} must be in [0, 1).')
   for field in ('dtype', 'param_dtype'):
     try:
       jnp.dtype(model_config[field])
@@ -58,27 +57,7 @@ def check_model_config(model_config, resolution: int) -> List[str]:
                     'bfloat16.')
   if model_config.num_classes < 0:
     errors.append(f'model.num_classes={model_config.num_classes} must be >= 0 (0 = unconditional).')
-  if not model_config.norm_eps > 0:
-    errors.append(f'model.norm_eps={model_config.norm_eps} must be > 0 (1e-6 ours, 1e-5 openai).')
   if not model_config.timestep_scale > 0:
     errors.append(f'model.timestep_scale={model_config.timestep_scale} must be > 0 (1.0 = the '
                   'network sees the training step t).')
-  errors.extend(_check_conv_backend(model_config))
   return errors
-
-
-def _check_conv_backend(model_config) -> List[str]:
-  """model.conv_backend: a known name, and for the oneDNN ones the U-Net and an installed oneDNN."""
-  if model_config.conv_backend not in unet.CONV_BACKENDS:
-    return [f'model.conv_backend={model_config.conv_backend!r} is unknown; use one of '
-            f'{unet.CONV_BACKENDS}.']
-  if model_config.conv_backend in unet.ONEDNN_BACKENDS:
-    if model_config.arch != 'unet':
-      return [f'model.conv_backend={model_config.conv_backend} applies to the U-Net only '
-              f'(model.arch={model_config.arch!r}); use xla.']
-    # The optional oneDNN extra: imported only when a config asks for it.
-    from diffusion_jax.contrib.onednn import conv as onednn_conv  # pylint: disable=g-import-not-at-top
-    reason = onednn_conv.unavailable_reason()
-    if reason:
-      return [reason]
-  return []

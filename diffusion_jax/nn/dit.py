@@ -27,14 +27,14 @@ table (N x D values) as a frozen parameter, which its logged counts include.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.nn.layers import timestep_embedding
+from diffusion_jax.nn.layers import conditioning
 
 Dtype = Any
 
@@ -182,7 +182,7 @@ class DiT(nn.Module):
     b, height, width, _ = x.shape
     p, d = self.patch_size, self.hidden_size
     if height % p or width % p:
-      raise ValueError(f'image size {height}x{width} is not divisible by model.dit_patch_size={p}.')
+      raise ValueError(f'image size {height}x{width} is not divisible by model.dit.patch_size={p}.')
     gh, gw = height // p, width // p
 
     # Patch embedding: a linear map of each flattened p x p patch (= a p x p conv of stride p).
@@ -193,25 +193,13 @@ class DiT(nn.Module):
       h = h + self.param('pos_embed', nn.initializers.normal(0.02), (1, gh * gw, d),
                          self.param_dtype).astype(jnp.float32)
     else:
-      raise ValueError(f'model.dit_pos_embed={self.pos_embed!r} is unknown; use {POS_EMBEDDINGS}.')
+      raise ValueError(f'model.dit.pos_embed={self.pos_embed!r} is unknown; use {POS_EMBEDDINGS}.')
 
-    # Conditioning c = MLP(sinusoid(t * timestep_scale)) + class embedding.
-    t = jnp.asarray(t, jnp.float32)
-    if self.timestep_scale != 1.0:
-      t = t * jnp.float32(self.timestep_scale)
-    temb = timestep_embedding(t, TIME_FREQ_DIM, flip_sin_to_cos=self.flip_sin_to_cos,
-                              freq_shift=self.freq_shift)
-    c = _dense(d, self, 't_embed_0', std=0.02)(temb.astype(self.dtype))
-    c = _dense(d, self, 't_embed_1', std=0.02)(nn.silu(c))
-    if self.num_classes > 0:
-      if y is None:
-        if not self.null_class:
-          raise ValueError('This class-conditional model has no null class (model.null_class='
-                           'False): pass class labels y.')
-        y = jnp.full((b,), self.num_classes, jnp.int32)  # The null (unconditional) class.
-      rows = self.num_classes + 1 if self.null_class else self.num_classes
-      c = c + nn.Embed(rows, d, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype,
-                       param_dtype=self.param_dtype, name='class_embed')(y)
+    # Conditioning c = MLP(sinusoid(t * timestep_scale)) + class embedding (N(0, 0.02) inits).
+    c = conditioning(self, t, y, freq_dim=TIME_FREQ_DIM, width=d,
+                     dense_names=('t_embed_0', 't_embed_1'),
+                     kernel_init=nn.initializers.normal(0.02),
+                     embed_init=nn.initializers.normal(0.02))
 
     block_cls = nn.remat(DiTBlock, static_argnums=(3,)) if self.remat else DiTBlock
     for i in range(self.depth):
@@ -228,54 +216,62 @@ class DiT(nn.Module):
 
 
 def create(model_config, channels: int) -> DiT:
-  """The DiT described by `config.model` (model.arch = 'dit') for images with `channels`."""
+  """The DiT of `config.model` (model.arch = 'dit', fields model.dit) for images with
+  `channels` channels."""
+  d = model_config.dit
   return DiT(
-      hidden_size=model_config.dit_hidden_size, depth=model_config.dit_depth,
-      num_heads=model_config.dit_num_heads, mlp_ratio=float(model_config.dit_mlp_ratio),
-      patch_size=model_config.dit_patch_size, pos_embed=model_config.dit_pos_embed,
-      dropout=model_config.dropout, num_classes=model_config.num_classes,
+      hidden_size=d.hidden_size, depth=d.depth, num_heads=d.num_heads,
+      mlp_ratio=float(d.mlp_ratio), patch_size=d.patch_size, pos_embed=d.pos_embed,
+      dropout=d.dropout, norm_eps=d.norm_eps, num_classes=model_config.num_classes,
       null_class=model_config.null_class, learn_sigma=model_config.learn_sigma,
       out_channels=channels, dtype=jnp.dtype(model_config.dtype),
       param_dtype=jnp.dtype(model_config.param_dtype), remat=model_config.remat,
       flip_sin_to_cos=model_config.flip_sin_to_cos, freq_shift=model_config.freq_shift,
-      timestep_scale=model_config.timestep_scale, norm_eps=model_config.norm_eps)
+      timestep_scale=model_config.timestep_scale)
 
 
-def check_config(model_config, resolution: int) -> list:
-  """Problems with the DiT fields of `config.model` for images of `resolution` (empty = fine);
-  each names the field and the fix."""
+def check_config(model_config, resolution: int) -> List[str]:
+  """Problems with `config.model.dit` for images of `resolution` (empty = fine); each names the
+  field and the fix."""
   errors = []
-  m = model_config
-  p = m.dit_patch_size
+  d = model_config.dit
+  p = d.patch_size
   if p < 1:
-    errors.append(f'model.dit_patch_size={p} must be >= 1 (2, 4 or 8 in the paper).')
+    errors.append(f'model.dit.patch_size={p} must be >= 1 (2, 4 or 8 in the paper).')
   elif resolution % p:
     ok = [q for q in (1, 2, 4, 8, 16, 32) if resolution % q == 0]
-    errors.append(f'data.resolution={resolution} is not divisible by model.dit_patch_size={p}; '
+    errors.append(f'data.resolution={resolution} is not divisible by model.dit.patch_size={p}; '
                   f'use a patch size dividing it, e.g. one of {ok}.')
-  if m.dit_hidden_size < 1 or m.dit_num_heads < 1:
-    errors.append(f'model.dit_hidden_size={m.dit_hidden_size} and model.dit_num_heads='
-                  f'{m.dit_num_heads} must be >= 1.')
-  elif m.dit_hidden_size % m.dit_num_heads:
-    errors.append(f'model.dit_hidden_size={m.dit_hidden_size} is not divisible by '
-                  f'model.dit_num_heads={m.dit_num_heads}; use a head count that divides it '
+  if d.hidden_size < 1 or d.num_heads < 1:
+    errors.append(f'model.dit.hidden_size={d.hidden_size} and model.dit.num_heads='
+                  f'{d.num_heads} must be >= 1.')
+  elif d.hidden_size % d.num_heads:
+    errors.append(f'model.dit.hidden_size={d.hidden_size} is not divisible by '
+                  f'model.dit.num_heads={d.num_heads}; use a head count that divides it '
                   f'(e.g. DiT-S: 384 / 6 heads).')
-  if m.dit_pos_embed not in POS_EMBEDDINGS:
-    errors.append(f'model.dit_pos_embed={m.dit_pos_embed!r} is unknown; use one of '
+  if d.pos_embed not in POS_EMBEDDINGS:
+    errors.append(f'model.dit.pos_embed={d.pos_embed!r} is unknown; use one of '
                   f'{POS_EMBEDDINGS}.')
-  elif m.dit_pos_embed == 'sincos' and m.dit_hidden_size % 4:
-    errors.append(f"model.dit_pos_embed='sincos' needs model.dit_hidden_size divisible by 4 "
-                  f"(got {m.dit_hidden_size}); change it or use 'learned'.")
-  if m.dit_depth < 1:
-    errors.append(f'model.dit_depth={m.dit_depth} must be >= 1 (transformer blocks).')
-  if not m.dit_mlp_ratio > 0:
-    errors.append(f'model.dit_mlp_ratio={m.dit_mlp_ratio} must be > 0 (4 in the paper).')
-  elif int(m.dit_hidden_size * m.dit_mlp_ratio) < 1:
-    errors.append(f'model.dit_hidden_size * model.dit_mlp_ratio = '
-                  f'{m.dit_hidden_size * m.dit_mlp_ratio} gives an empty MLP.')
-  if not m.freq_shift < TIME_FREQ_DIM // 2:
-    errors.append(f'model.freq_shift={m.freq_shift} must be < {TIME_FREQ_DIM // 2} (half the '
-                  'DiT timestep frequencies).')
+  elif d.pos_embed == 'sincos' and d.hidden_size % 4:
+    errors.append(f"model.dit.pos_embed='sincos' needs model.dit.hidden_size divisible by 4 "
+                  f"(got {d.hidden_size}); change it or use 'learned'.")
+  if d.depth < 1:
+    errors.append(f'model.dit.depth={d.depth} must be >= 1 (transformer blocks).')
+  if not d.mlp_ratio > 0:
+    errors.append(f'model.dit.mlp_ratio={d.mlp_ratio} must be > 0 (4 in the paper).')
+  elif int(d.hidden_size * d.mlp_ratio) < 1:
+    errors.append(f'model.dit.hidden_size * model.dit.mlp_ratio = '
+                  f'{d.hidden_size * d.mlp_ratio} gives an empty MLP.')
+  if not 0.0 <= d.dropout < 1.0:
+    errors.append(f'model.dit.dropout={d.dropout} must be in [0, 1).')
+  if not d.norm_eps > 0:
+    errors.append(f'model.dit.norm_eps={d.norm_eps} must be > 0 (1e-6 in the paper).')
+  if not model_config.freq_shift < TIME_FREQ_DIM // 2:
+    errors.append(f'model.freq_shift={model_config.freq_shift} must be < {TIME_FREQ_DIM // 2} '
+                  '(half the DiT timestep frequencies).')
+  if model_config.conv_backend != 'xla':
+    errors.append(f'model.conv_backend={model_config.conv_backend} applies to the U-Net only '
+                  f"(model.arch='dit'); use xla.")
   return errors
 
 

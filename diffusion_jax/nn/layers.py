@@ -4,7 +4,7 @@ conditioning vector (timestep MLP + class embedding) of the U-Net and the DiT.""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -60,7 +60,7 @@ class GroupNorm32(nn.Module):
     b, c, g = x.shape[0], x.shape[-1], self.num_groups
     if c % g:
       raise ValueError(f'GroupNorm: {c} channels are not divisible by {g} groups; '
-                       'change model.num_groups.')
+                       'change model.unet.num_groups.')
     scale, bias = _GroupNormParams(c, self.param_dtype, name='GroupNorm_0')()
     x32 = x.astype(jnp.float32)
     flat = x32.reshape(b, -1, c)
@@ -73,3 +73,36 @@ class GroupNorm32(nn.Module):
     per_channel = (b,) + (1,) * (x.ndim - 2) + (c,)
     y = x32 * a.reshape(per_channel) + shift.reshape(per_channel)
     return y.astype(self.dtype)
+
+
+def conditioning(module: nn.Module, t: jax.Array, y: Optional[jax.Array], *, freq_dim: int,
+                 width: int, dense_names: Tuple[str, str],
+                 kernel_init: Callable = nn.linear.default_kernel_init,
+                 embed_init: Callable = nn.linear.default_embed_init) -> jax.Array:
+  """The conditioning vector [B, width] of a backbone: MLP(sinusoid(t * timestep_scale)) plus
+  the class embedding of y [B] (None = the null class; an error without one).
+
+  Called inside `module`'s compact `__call__`, so its layers are the module's own: the two
+  Dense layers are named `dense_names` and the embedding 'class_embed', which keeps each
+  backbone's parameter names (checkpoints and the converters read them). Reads the module's
+  timestep_scale, flip_sin_to_cos, freq_shift, num_classes, null_class, dtype and param_dtype.
+  """
+  dense = lambda name: nn.Dense(width, dtype=module.dtype, param_dtype=module.param_dtype,
+                                kernel_init=kernel_init, name=name)
+  t = jnp.asarray(t, jnp.float32)
+  if module.timestep_scale != 1.0:  # e.g. improved-diffusion's rescale_timesteps: t * 1000 / T.
+    t = t * jnp.float32(module.timestep_scale)
+  features = timestep_embedding(t, freq_dim, flip_sin_to_cos=module.flip_sin_to_cos,
+                                freq_shift=module.freq_shift)
+  c = dense(dense_names[0])(features.astype(module.dtype))
+  c = dense(dense_names[1])(nn.silu(c))
+  if module.num_classes > 0:
+    if y is None:
+      if not module.null_class:
+        raise ValueError('This class-conditional model has no null class (model.null_class='
+                         'False): pass class labels y.')
+      y = jnp.full((t.shape[0],), module.num_classes, jnp.int32)  # The null class.
+    rows = module.num_classes + 1 if module.null_class else module.num_classes
+    c = c + nn.Embed(rows, width, embedding_init=embed_init, dtype=module.dtype,
+                     param_dtype=module.param_dtype, name='class_embed')(y)
+  return c

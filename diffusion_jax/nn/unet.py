@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.nn.layers import GroupNorm32, timestep_embedding
+from diffusion_jax.nn.layers import GroupNorm32, conditioning
 
 Dtype = Any
 # model.conv_backend: XLA's convolutions, oneDNN's (CPU), or oneDNN's with Winograd's algorithm
@@ -106,7 +106,7 @@ class AttentionBlock(nn.Module):
     heads = c // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
     if c % heads:
       raise ValueError(f'attention channels {c} are not divisible by {heads} heads; '
-                       'change model.num_heads / model.num_head_channels.')
+                       'change model.unet.num_heads / model.unet.num_head_channels.')
     h = GroupNorm32(self.num_groups, self.dtype, self.param_dtype, self.norm_eps, name='norm')(x)
     h = h.reshape(b, height * width, c)
     dense = lambda name: nn.DenseGeneral((heads, c // heads), dtype=self.dtype,
@@ -149,7 +149,6 @@ class UNet(nn.Module):
                train: bool = False) -> jax.Array:
     """x [B,H,W,C] in [-1,1] at noise level t [B] (int or float); y [B] class ids (num_classes =
     null, with model.null_class). The network embeds t * timestep_scale."""
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
     common = dict(num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -159,23 +158,8 @@ class UNet(nn.Module):
         conv_backend=self.conv_backend, **common)
     attention = lambda name: attn_cls(self.num_heads, self.num_head_channels, name=name, **common)
 
-    temb_dim = 4 * self.ch
-    t = jnp.asarray(t, jnp.float32)
-    if self.timestep_scale != 1.0:  # improved-diffusion's rescale_timesteps: t * 1000 / T.
-      t = t * jnp.float32(self.timestep_scale)
-    temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
-                              freq_shift=self.freq_shift)
-    temb = dense(temb_dim, 'temb_dense0')(temb.astype(self.dtype))
-    temb = dense(temb_dim, 'temb_dense1')(nn.silu(temb))
-    if self.num_classes > 0:
-      if y is None:
-        if not self.null_class:
-          raise ValueError('This class-conditional model has no null class (model.null_class='
-                           'False): pass class labels y.')
-        y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)  # The null (unconditional) class.
-      rows = self.num_classes + 1 if self.null_class else self.num_classes
-      temb = temb + nn.Embed(rows, temb_dim, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name='class_embed')(y)
+    temb = conditioning(self, t, y, freq_dim=self.ch, width=4 * self.ch,
+                        dense_names=('temb_dense0', 'temb_dense1'))
 
     h = _conv(self.ch, self, name='conv_in')(x.astype(self.dtype))
     skips = [h]
@@ -220,61 +204,75 @@ class UNet(nn.Module):
 
 
 def check_config(model_config, resolution: int) -> List[str]:
-  """The U-Net's own fields (model.arch = 'unet'). Every level of model.ch_mult after the first
-  halves the feature map."""
+  """Problems with `config.model.unet` for images of `resolution` (empty list = fine). Every
+  level of ch_mult after the first halves the feature map."""
   errors: List[str] = []
-  levels = len(model_config.ch_mult)
+  u = model_config.unet
+  levels = len(u.ch_mult)
   if levels < 1:
-    errors.append('model.ch_mult must have at least one level, e.g. (1, 2, 2, 2).')
+    errors.append('model.unet.ch_mult must have at least one level, e.g. (1, 2, 2, 2).')
   elif resolution % 2**(levels - 1):
     errors.append(
         f'data.resolution={resolution} cannot be halved {levels - 1} times as '
-        f'model.ch_mult={tuple(model_config.ch_mult)} needs; use a resolution divisible by '
+        f'model.unet.ch_mult={tuple(u.ch_mult)} needs; use a resolution divisible by '
         f'{2**(levels - 1)} or fewer levels.')
   else:
     sizes = [resolution // 2**i for i in range(levels)]
-    unused = [r for r in model_config.attn_resolutions if r not in sizes]
+    unused = [r for r in u.attn_resolutions if r not in sizes]
     if unused:
-      errors.append(f'model.attn_resolutions={tuple(model_config.attn_resolutions)} has {unused}, '
+      errors.append(f'model.unet.attn_resolutions={tuple(u.attn_resolutions)} has {unused}, '
                     f'which no level reaches; the feature map sizes are {sizes}.')
-  for mult in model_config.ch_mult:
-    if (model_config.ch * mult) % model_config.num_groups:
-      errors.append(f'model.ch * ch_mult = {model_config.ch * mult} channels are not divisible by '
-                    f'model.num_groups={model_config.num_groups}.')
+  for mult in u.ch_mult:
+    if (u.ch * mult) % u.num_groups:
+      errors.append(f'model.unet.ch * ch_mult = {u.ch * mult} channels are not divisible by '
+                    f'model.unet.num_groups={u.num_groups}.')
       break
-  if model_config.num_head_channels > 0:
-    channels = [model_config.ch * m for m in model_config.ch_mult]
-    bad = [c for c in channels if c % model_config.num_head_channels]
+  if u.num_head_channels > 0:
+    channels = [u.ch * m for m in u.ch_mult]
+    bad = [c for c in channels if c % u.num_head_channels]
     if bad:
-      errors.append(f'model.num_head_channels={model_config.num_head_channels} does not divide the '
+      errors.append(f'model.unet.num_head_channels={u.num_head_channels} does not divide the '
                     f'channel counts {bad}.')
-  elif model_config.num_heads < 1:
-    errors.append('model.num_heads must be >= 1 (or set model.num_head_channels > 0).')
-  if model_config.downsample_padding not in (0, 1):
-    errors.append(f'model.downsample_padding={model_config.downsample_padding} must be 0 (pad '
+  elif u.num_heads < 1:
+    errors.append('model.unet.num_heads must be >= 1 (or set model.unet.num_head_channels > 0).')
+  if u.downsample_padding not in (0, 1):
+    errors.append(f'model.unet.downsample_padding={u.downsample_padding} must be 0 (pad '
                   'bottom/right, as TF SAME) or 1 (one pixel on every side, as openai).')
-  if not model_config.freq_shift < model_config.ch // 2:
-    errors.append(f'model.freq_shift={model_config.freq_shift} must be < model.ch / 2 = '
-                  f'{model_config.ch // 2} (1 ours, 0 openai).')
+  if not 0.0 <= u.dropout < 1.0:
+    errors.append(f'model.unet.dropout={u.dropout} must be in [0, 1).')
+  if not u.norm_eps > 0:
+    errors.append(f'model.unet.norm_eps={u.norm_eps} must be > 0 (1e-6 ours, 1e-5 openai).')
+  if not model_config.freq_shift < u.ch // 2:
+    errors.append(f'model.freq_shift={model_config.freq_shift} must be < model.unet.ch / 2 = '
+                  f'{u.ch // 2} (1 ours, 0 openai).')
+  if model_config.conv_backend not in CONV_BACKENDS:
+    errors.append(f'model.conv_backend={model_config.conv_backend!r} is unknown; use one of '
+                  f'{CONV_BACKENDS}.')
+  elif model_config.conv_backend in ONEDNN_BACKENDS:
+    # The optional oneDNN extra: imported only when a config asks for it.
+    from diffusion_jax.contrib.onednn import conv as onednn_conv  # pylint: disable=g-import-not-at-top
+    reason = onednn_conv.unavailable_reason()
+    if reason:
+      errors.append(reason)
   return errors
 
 
 def create(model_config, channels: int) -> UNet:
-  """The U-Net described by `config.model` (model.arch = 'unet') for images with `channels`."""
+  """The U-Net of `config.model` (model.arch = 'unet', fields model.unet) for images with
+  `channels` channels."""
   if model_config.conv_backend in ONEDNN_BACKENDS and jax.default_backend() != 'cpu':
     raise ValueError(f'model.conv_backend={model_config.conv_backend} runs on the CPU only, and '
                      f'JAX runs on {jax.default_backend()}; use model.conv_backend=xla.')
+  u = model_config.unet
   return UNet(
-      ch=model_config.ch, ch_mult=tuple(model_config.ch_mult),
-      num_res_blocks=model_config.num_res_blocks,
-      attn_resolutions=tuple(model_config.attn_resolutions),
-      num_heads=model_config.num_heads, num_head_channels=model_config.num_head_channels,
-      dropout=model_config.dropout, resblock_updown=model_config.resblock_updown,
-      use_scale_shift_norm=model_config.use_scale_shift_norm,
-      num_groups=model_config.num_groups, num_classes=model_config.num_classes,
+      ch=u.ch, ch_mult=tuple(u.ch_mult), num_res_blocks=u.num_res_blocks,
+      attn_resolutions=tuple(u.attn_resolutions), num_heads=u.num_heads,
+      num_head_channels=u.num_head_channels, dropout=u.dropout,
+      resblock_updown=u.resblock_updown, use_scale_shift_norm=u.use_scale_shift_norm,
+      num_groups=u.num_groups, norm_eps=u.norm_eps, downsample_padding=u.downsample_padding,
+      num_classes=model_config.num_classes, null_class=model_config.null_class,
       learn_sigma=model_config.learn_sigma, out_channels=channels,
       dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
       remat=model_config.remat, flip_sin_to_cos=model_config.flip_sin_to_cos,
       freq_shift=model_config.freq_shift, timestep_scale=model_config.timestep_scale,
-      norm_eps=model_config.norm_eps, downsample_padding=model_config.downsample_padding,
-      null_class=model_config.null_class, conv_backend=model_config.conv_backend)
+      conv_backend=model_config.conv_backend)

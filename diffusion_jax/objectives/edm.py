@@ -17,8 +17,8 @@ regression of F onto the effective target. Sampling integrates the probability-f
 dx/dsigma = (x - D(x; sigma)) / sigma from x = sigma_max n over Karras' rho schedule with the
 Heun (Algorithm 1; with churn Algorithm 2) or Euler steps of `karras.karras_loop`.
 
-The network sees 'x_t' = c_in x and 't' = c_noise (float [B]); the config fields are the
-diffusion.edm_* ones of diffusion_jax/config/defaults.py. TensorFlow is never imported here.
+The network sees 'x_t' = c_in x and 't' = c_noise (float [B]); the config fields are those
+of `config.diffusion.edm`. The module implements the protocol of objectives/base.py.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import objectives
-from diffusion_jax.sampling import guidance
-from diffusion_jax.sampling import karras
+from diffusion_jax.objectives import base
+from diffusion_jax.sampling import guidance, karras
 
+NAME = 'edm'
 SAMPLERS = ('heun', 'euler')  # Algorithm 1 / 2 (with sample.s_churn > 0) and its Euler variant.
+LIKELIHOOD_METRICS = ('ode_nll',)
 
 
 def preconditioning(sigma, sigma_data: float):
@@ -64,20 +65,20 @@ def _per_example(a: jax.Array, ndim: int) -> jax.Array:
   return a.reshape(a.shape + (1,) * (ndim - a.ndim))
 
 
-def training_example(diffusion_config, x0: jax.Array, noise: jax.Array,
+def training_example(config, x0: jax.Array, noise: jax.Array,
                      key: jax.Array) -> Dict[str, jax.Array]:
   """One training batch: x0 [B,H,W,C] and `noise` like it -> the per-example arrays
 
   'x_t' = c_in x [B,H,W,C] (x = x0 + sigma noise) and 't' = c_noise [B], the network's inputs;
-  'sigma' [B] with ln(sigma) ~ N(edm_p_mean, edm_p_std^2) drawn from `key`; 'target' =
+  'sigma' [B] with ln(sigma) ~ N(p_mean, p_std^2) drawn from `key`; 'target' =
   (x0 - c_skip x) / c_out [B,H,W,C] and 'weight' = lambda(sigma) c_out^2 [B] (= 1 up to
   rounding) for `per_example_loss`. All float32.
   """
+  e = config.diffusion.edm
   x0 = x0.astype(jnp.float32)
-  log_sigma = (diffusion_config.edm_p_mean
-               + diffusion_config.edm_p_std * jax.random.normal(key, (x0.shape[0],), jnp.float32))
+  log_sigma = e.p_mean + e.p_std * jax.random.normal(key, (x0.shape[0],), jnp.float32)
   sigma = jnp.exp(log_sigma)
-  sigma_data = float(diffusion_config.edm_sigma_data)
+  sigma_data = float(e.sigma_data)
   c_skip, c_out, c_in, c_noise = preconditioning(sigma, sigma_data)
   x = x0 + _per_example(sigma, x0.ndim) * noise.astype(jnp.float32)
   target = (x0 - _per_example(c_skip, x0.ndim) * x) / _per_example(c_out, x0.ndim)
@@ -85,12 +86,11 @@ def training_example(diffusion_config, x0: jax.Array, noise: jax.Array,
           'target': target, 'weight': loss_weight(sigma, sigma_data) * c_out**2}
 
 
-def per_example_loss(diffusion_config, output: jax.Array,
-                     example: Dict[str, jax.Array]) -> jax.Array:
+def per_example_loss(config, output: jax.Array, example: Dict[str, jax.Array]) -> jax.Array:
   """weight * mean over pixels of (F - target)^2 [B]: the EDM loss lambda ||D - x0||^2 per
   pixel (the paper sums over pixels; the mean differs by the constant H W C)."""
-  del diffusion_config
-  return objectives.weighted_mse(output, example['target'], example['weight'])
+  del config
+  return base.weighted_mse(output, example['target'], example['weight'])
 
 
 def _denoise_with(net: Callable[[jax.Array, jax.Array], Tuple[jax.Array, Optional[jax.Array]]],
@@ -105,27 +105,26 @@ def _denoise_with(net: Callable[[jax.Array, jax.Array], Tuple[jax.Array, Optiona
 
 
 def denoise(apply_fn: Callable[..., jax.Array], x: jax.Array, sigma,
-            labels: Optional[jax.Array], diffusion_config) -> jax.Array:
+            labels: Optional[jax.Array], config) -> jax.Array:
   """The preconditioned denoiser D(x; sigma) [B,H,W,C] (float32) of the network
   apply_fn(x_in, t [B], labels) (or apply_fn(x_in, t) without labels) at x = x0 + sigma n;
   sigma a scalar or [B]. The probability-flow ODE is dx/dsigma = (x - D(x; sigma)) / sigma.
   """
   net = guidance.make_network_fn(apply_fn, labels=labels)
-  return _denoise_with(net, x, sigma, float(diffusion_config.edm_sigma_data))
+  return _denoise_with(net, x, sigma, float(config.diffusion.edm.sigma_data))
 
 
-def sampling_sigmas(diffusion_config, steps: int, rho: float) -> np.ndarray:
-  """Karras' schedule of `steps` noise levels from edm_sigma_max to edm_sigma_min, then 0
+def sampling_sigmas(config, steps: int, rho: float) -> np.ndarray:
+  """Karras' schedule of `steps` noise levels from edm.sigma_max to edm.sigma_min, then 0
   (float64 [steps + 1])."""
-  return karras.karras_sigmas(float(diffusion_config.edm_sigma_min),
-                                float(diffusion_config.edm_sigma_max), int(steps), float(rho))
+  e = config.diffusion.edm
+  return karras.karras_sigmas(float(e.sigma_min), float(e.sigma_max), int(steps), float(rho))
 
 
-def sample_from_config(apply_fn: Callable[..., jax.Array], diffusion_config, noise: jax.Array,
-                       rng: jax.Array, sample_config, *, labels: Optional[jax.Array] = None,
-                       null_label: Optional[int] = None, trajectory_every: int = 0,
-                       trajectory_images: Optional[int] = None):
-  """EDM sampling from `noise` (standard normal [B,H,W,C]): x = edm_sigma_max noise, then
+def sample(apply_fn: Callable[..., jax.Array], config, noise: jax.Array, rng: jax.Array, *,
+           labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
+           trajectory_every: int = 0, trajectory_images: Optional[int] = None):
+  """EDM sampling from `noise` (standard normal [B,H,W,C]): x = edm.sigma_max noise, then
   `karras.karras_loop` with sample.sampler 'heun' (2 steps - 1 network calls; 18 steps = 35
   calls is the paper's CIFAR-10 setting) or 'euler' (steps calls) over `sampling_sigmas`
   (sample.steps, sample.rho) with the churn sample.s_churn / s_tmin / s_tmax / s_noise
@@ -133,14 +132,15 @@ def sample_from_config(apply_fn: Callable[..., jax.Array], diffusion_config, noi
   sample.guidance_scale as `guidance.make_network_fn` (on F, which is guidance on D). Returns
   x_0 [B,H,W,C], or (x_0, loop.Trajectory) with trajectory_every > 0.
   """
-  name = sample_config.sampler
+  scfg = config.sample
+  name = scfg.sampler
   if name not in SAMPLERS:
     raise ValueError(f"sample.sampler={name!r} is not a sampler of diffusion.objective='edm'; "
                      f'use one of {SAMPLERS}.')
-  sigmas = sampling_sigmas(diffusion_config, sample_config.steps, sample_config.rho)
+  sigmas = sampling_sigmas(config, scfg.steps, scfg.rho)
   net = guidance.make_network_fn(apply_fn, labels=labels, null_label=null_label,
-                                 guidance_scale=sample_config.guidance_scale)
-  sigma_data = float(diffusion_config.edm_sigma_data)
+                                 guidance_scale=scfg.guidance_scale)
+  sigma_data = float(config.diffusion.edm.sigma_data)
 
   def x0_of(x, sigma, timestep):
     del timestep  # c_noise is computed from sigma by the preconditioning.
@@ -148,39 +148,54 @@ def sample_from_config(apply_fn: Callable[..., jax.Array], diffusion_config, noi
 
   x = noise.astype(jnp.float32) * float(sigmas[0])
   return karras.karras_loop(
-      x0_of, sigmas, x, rng, heun=name == 'heun', s_churn=float(sample_config.s_churn),
-      s_tmin=float(sample_config.s_tmin), s_tmax=float(sample_config.s_tmax),
-      s_noise=float(sample_config.s_noise), trajectory_every=trajectory_every,
-      trajectory_images=trajectory_images)
+      x0_of, sigmas, x, rng, heun=name == 'heun', s_churn=float(scfg.s_churn),
+      s_tmin=float(scfg.s_tmin), s_tmax=float(scfg.s_tmax), s_noise=float(scfg.s_noise),
+      trajectory_every=trajectory_every, trajectory_images=trajectory_images)
+
+
+def sampling_steps(config) -> int:
+  """sample.steps noise levels (then 0)."""
+  return int(config.sample.steps)
+
+
+def network_evaluations(config) -> int:
+  """heun: 2 steps - 1 (no correction into sigma = 0); euler: steps."""
+  steps = sampling_steps(config)
+  return 2 * steps - 1 if config.sample.sampler == 'heun' else steps
+
+
+def probability_flow(apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                     config) -> base.ProbabilityFlow:
+  """dx/dsigma = (x - D(x; sigma)) / sigma written in s = ln sigma (dx/ds = x - D, which spreads
+  the solver's steps over the noise levels) from ln sigma_min to ln sigma_max, with the prior
+  N(0, sigma_max^2 I): the density of the data plus sigma_min noise, as the model never saw
+  less. apply_fn(x, t [B]) is the network with its labels closed over."""
+  e = config.diffusion.edm
+
+  def drift(s, x):
+    return x.astype(jnp.float32) - denoise(apply_fn, x, jnp.exp(s), None, config)
+  return base.ProbabilityFlow(drift, t0=math.log(e.sigma_min), t1=math.log(e.sigma_max),
+                              prior_std=float(e.sigma_max))
 
 
 def check_config(config) -> List[str]:
-  """Problems of an objective='edm' config (empty list = fine): the diffusion.edm_* fields, the
-  ddpm-only fields it cannot honour, and config.sample's EDM sampler."""
+  """Problems of an objective='edm' config (empty list = fine): the diffusion.edm fields, the
+  model output it needs, and config.sample's EDM sampler."""
   errors: List[str] = []
-  dcfg, scfg = config.diffusion, config.sample
-  if not dcfg.edm_sigma_data > 0:
-    errors.append(f'diffusion.edm_sigma_data={dcfg.edm_sigma_data} must be > 0 (the data std; '
-                  '0.5 for images in [-1, 1]).')
-  if not 0 < dcfg.edm_sigma_min < dcfg.edm_sigma_max:
-    errors.append(f'diffusion.edm_sigma_min={dcfg.edm_sigma_min} and edm_sigma_max='
-                  f'{dcfg.edm_sigma_max} must satisfy 0 < edm_sigma_min < edm_sigma_max (0.002 '
-                  'and 80 in Karras et al.).')
-  if not dcfg.edm_p_std > 0:
-    errors.append(f'diffusion.edm_p_std={dcfg.edm_p_std} must be > 0 (1.2 in Karras et al.).')
-  if not math.isfinite(dcfg.edm_p_mean):
-    errors.append(f'diffusion.edm_p_mean={dcfg.edm_p_mean} must be finite (-1.2 in Karras '
-                  'et al.).')
+  e, scfg = config.diffusion.edm, config.sample
+  if not e.sigma_data > 0:
+    errors.append(f'diffusion.edm.sigma_data={e.sigma_data} must be > 0 (the data std; 0.5 for '
+                  'images in [-1, 1]).')
+  if not 0 < e.sigma_min < e.sigma_max:
+    errors.append(f'diffusion.edm.sigma_min={e.sigma_min} and sigma_max={e.sigma_max} must '
+                  'satisfy 0 < sigma_min < sigma_max (0.002 and 80 in Karras et al.).')
+  if not e.p_std > 0:
+    errors.append(f'diffusion.edm.p_std={e.p_std} must be > 0 (1.2 in Karras et al.).')
+  if not math.isfinite(e.p_mean):
+    errors.append(f'diffusion.edm.p_mean={e.p_mean} must be finite (-1.2 in Karras et al.).')
   if config.model.learn_sigma:
     errors.append("model.learn_sigma=True learns the reverse variance of objective 'ddpm'; "
                   "diffusion.objective='edm' has no variance output: set model.learn_sigma=False.")
-  if dcfg.prediction_type != 'epsilon':
-    errors.append(f'diffusion.prediction_type={dcfg.prediction_type!r} applies to objective '
-                  "'ddpm'; objective 'edm' always trains the preconditioned F: leave it at "
-                  "'epsilon' (the default).")
-  if dcfg.loss_weighting != 'simple':
-    errors.append(f'diffusion.loss_weighting={dcfg.loss_weighting!r} applies to objective '
-                  "'ddpm'; objective 'edm' weights by lambda(sigma): leave it at 'simple'.")
   if scfg.sampler not in SAMPLERS:
     errors.append(f"sample.sampler={scfg.sampler!r} is not a sampler of diffusion.objective="
                   f"'edm'; use one of {SAMPLERS} ('heun' with 18 steps is the paper's CIFAR-10 "

@@ -1,12 +1,13 @@
 """Flow matching (Lipman et al. 2023) on the linear path of rectified flow (Liu et al. 2023),
 with SD3's logit-normal times and time shift (Esser et al. 2024) and JiT's x-prediction trained
-with the velocity loss (Li & He 2025). The objective 'flow_matching' of objectives.py.
+with the velocity loss (Li & He 2025): the objective 'flow_matching', with the fields of
+`config.diffusion.flow_matching` (written `flow.` below). It implements objectives/base.py.
 
 The path, t in [0, 1] (t = 0 data, t = 1 pure noise):
 
   x_t = (1 - t) x0 + t eps,     eps ~ N(0, I),     v = dx_t/dt = eps - x0.
 
-Training regresses the network on v at t drawn from `diffusion.flow_time_dist`; the minimiser
+Training regresses the network on v at t drawn from `flow.time_dist`; the minimiser
 of E||v_hat(x_t, t) - v||^2 is the marginal velocity v(x, t) = E[eps - x0 | x_t = x], whose ODE
 dx/dt = v(x, t) carries N(0, I) at t = 1 to the data at t = 0 (flow matching's marginalisation).
 Given v, the conditional means are x0_hat = x - t v and eps_hat = x + (1 - t) v, and the score
@@ -17,10 +18,10 @@ the time shift t -> shift(t) = a t / (1 + (a - 1) t) (`time_shift`), which multi
 noise-to-signal ratio t / (1 - t) by a. The sampling grid is uniform in t and shifted the same
 way (`sample_time_grid`).
 
-Network (diffusion.flow_prediction): 'velocity' (output v_hat, loss ||v_hat - v||^2) or 'x0'
+Network (flow.prediction): 'velocity' (output v_hat, loss ||v_hat - v||^2) or 'x0'
 (output x0_hat; v_hat = (x_t - x0_hat) / t, and since x_t - x0 = t v the velocity loss is
-||x0_hat - x0||^2 / t^2, with t clamped below at diffusion.flow_x0_min_t as JiT does so the
-weight stays finite). The network's time input is diffusion.flow_time_scale * t.
+||x0_hat - x0||^2 / t^2, with t clamped below at flow.x0_min_t as JiT does so the
+weight stays finite). The network's time input is flow.time_scale * t.
 
 Samplers (sample.sampler, `steps` steps on the grid t_0 = 1 > t_1 > ... > t_N = 0):
   euler           x_{i+1} = x_i + h_i v(x_i, t_i)                          (h_i = t_{i+1} - t_i < 0)
@@ -46,10 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.config.errors import check_choice
-from diffusion_jax.sampling import loop
-from diffusion_jax.sampling import solvers
-from diffusion_jax.sampling import guidance
+from diffusion_jax.objectives import base
+from diffusion_jax.sampling import guidance, loop
 
+NAME = 'flow_matching'
+LIKELIHOOD_METRICS = ('ode_nll',)
 TIME_DISTS = ('uniform', 'logit_normal')
 PREDICTIONS = ('velocity', 'x0')
 SAMPLERS = ('euler', 'heun', 'midpoint', 'euler_maruyama')
@@ -57,10 +59,6 @@ SAMPLERS = ('euler', 'heun', 'midpoint', 'euler_maruyama')
 # v(x [B,H,W,C], t scalar float) -> velocity [B,H,W,C] (float32).
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-# solvers.py's shared pieces: a sample.* field (diffusion_jax/config/defaults.py's for an older saved config)
-# and the fori_loop that records trajectories.
-_field = solvers._field  # pylint: disable=protected-access
-_loop = loop.run_loop
 
 
 # ---------------------------------------------------------------- times
@@ -92,23 +90,23 @@ def time_shift_for_resolution(height: int, width: int, base_height: int,
   return math.sqrt(height * width / (base_height * base_width))
 
 
-def sample_times(diffusion_config, key: jax.Array, batch: int) -> jax.Array:
+def sample_times(flow, key: jax.Array, batch: int) -> jax.Array:
   """Training times t [B] in (0, 1): uniform or logit-normal, then `time_shift`ed."""
-  if diffusion_config.flow_time_dist == 'uniform':
+  if flow.time_dist == 'uniform':
     t = jax.random.uniform(key, (batch,), jnp.float32)
-  elif diffusion_config.flow_time_dist == 'logit_normal':
+  elif flow.time_dist == 'logit_normal':
     n = jax.random.normal(key, (batch,), jnp.float32)
-    t = jax.nn.sigmoid(diffusion_config.flow_logit_mean + diffusion_config.flow_logit_std * n)
+    t = jax.nn.sigmoid(flow.logit_mean + flow.logit_std * n)
   else:
-    raise ValueError(f'diffusion.flow_time_dist={diffusion_config.flow_time_dist!r} is unknown; '
+    raise ValueError(f'diffusion.flow_matching.time_dist={flow.time_dist!r} is unknown; '
                      f'use one of {TIME_DISTS}.')
-  return time_shift(t, float(diffusion_config.flow_time_shift))
+  return time_shift(t, float(flow.time_shift))
 
 
-def sampling_shift(diffusion_config, sample_config) -> float:
-  """sample.flow_shift, or diffusion.flow_time_shift where it is 0."""
-  shift = float(_field(sample_config, 'flow_shift'))
-  return shift if shift > 0 else float(diffusion_config.flow_time_shift)
+def sampling_shift(config) -> float:
+  """sample.flow_shift, or diffusion.flow_matching.time_shift where it is 0."""
+  shift = float(config.sample.flow_shift)
+  return shift if shift > 0 else float(config.diffusion.flow_matching.time_shift)
 
 
 def sample_time_grid(steps: int, shift: float) -> np.ndarray:
@@ -123,42 +121,41 @@ def _bcast(a: jax.Array, like: jax.Array) -> jax.Array:
   return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
 
 
-def training_example(diffusion_config, x0: jax.Array, noise: jax.Array,
+def training_example(config, x0: jax.Array, noise: jax.Array,
                      key: jax.Array) -> Dict[str, jax.Array]:
-  """One batch's arrays: network input 'x_t' [B,H,W,C], network time 't' [B] (flow_time_scale
+  """One batch's arrays: network input 'x_t' [B,H,W,C], network time 't' [B] (flow.time_scale
   times the path time), 'time' [B] (the path time t), 'x0' and 'velocity' v = noise - x0."""
-  t = sample_times(diffusion_config, key, x0.shape[0])
+  flow = config.diffusion.flow_matching
+  t = sample_times(flow, key, x0.shape[0])
   tb = _bcast(t, x0)
   return {'x_t': (1.0 - tb) * x0 + tb * noise,
-          't': t * jnp.float32(diffusion_config.flow_time_scale),
+          't': t * jnp.float32(flow.time_scale),
           'time': t, 'x0': x0, 'velocity': noise - x0}
 
 
-def per_example_loss(diffusion_config, output: jax.Array,
-                     example: Dict[str, jax.Array]) -> jax.Array:
+def per_example_loss(config, output: jax.Array, example: Dict[str, jax.Array]) -> jax.Array:
   """The velocity loss [B]: mean_dims (v_hat - v)^2, for x-prediction written as
-  (x0_hat - x0)^2 / max(t, flow_x0_min_t)^2 (equal to it where t >= the clamp)."""
-  from diffusion_jax import objectives  # pylint: disable=g-import-not-at-top
-  if diffusion_config.flow_prediction == 'velocity':
-    return objectives.weighted_mse(output, example['velocity'],
-                                   jnp.ones_like(example['time']))
-  t = jnp.maximum(example['time'], jnp.float32(diffusion_config.flow_x0_min_t))
-  return objectives.weighted_mse(output, example['x0'], 1.0 / jnp.square(t))
+  (x0_hat - x0)^2 / max(t, flow.x0_min_t)^2 (equal to it where t >= the clamp)."""
+  flow = config.diffusion.flow_matching
+  if flow.prediction == 'velocity':
+    return base.weighted_mse(output, example['velocity'], jnp.ones_like(example['time']))
+  t = jnp.maximum(example['time'], jnp.float32(flow.x0_min_t))
+  return base.weighted_mse(output, example['x0'], 1.0 / jnp.square(t))
 
 
 # ---------------------------------------------------------------- the velocity field
 
 
-def velocity_from_output(diffusion_config, output: jax.Array, x: jax.Array,
+def velocity_from_output(flow, output: jax.Array, x: jax.Array,
                          t: jax.Array) -> jax.Array:
   """v(x, t) from the network's output: itself ('velocity') or (x - x0_hat) / t ('x0')."""
   output = output.astype(jnp.float32)
-  if diffusion_config.flow_prediction == 'velocity':
+  if flow.prediction == 'velocity':
     return output
   return (x.astype(jnp.float32) - output) / t
 
 
-def make_velocity_fn(apply_fn: Callable[..., jax.Array], diffusion_config, *,
+def make_velocity_fn(apply_fn: Callable[..., jax.Array], flow, *,
                      labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
                      guidance_scale: float = 1.0) -> VelocityFn:
   """`v(x [B,H,W,C], t scalar) -> [B,H,W,C]` from apply_fn(x, t_net [B][, labels]).
@@ -168,12 +165,12 @@ def make_velocity_fn(apply_fn: Callable[..., jax.Array], diffusion_config, *,
   """
   net = guidance.make_network_fn(apply_fn, labels=labels, null_label=null_label,
                                  guidance_scale=guidance_scale)
-  scale = jnp.float32(diffusion_config.flow_time_scale)
+  scale = jnp.float32(flow.time_scale)
 
   def velocity(x, t):
     t = jnp.asarray(t, jnp.float32)
     out, _ = net(x.astype(jnp.float32), jnp.full((x.shape[0],), t * scale, jnp.float32))
-    return velocity_from_output(diffusion_config, out, x, t)
+    return velocity_from_output(flow, out, x, t)
   return velocity
 
 
@@ -222,57 +219,76 @@ def flow_sample(velocity: VelocityFn, noise: jax.Array, rng: jax.Array, *, sampl
       x_next = jnp.where(last, x + dt * v, x_sde)
     return (x_next,), x_next, x0_hat
 
-  return _loop(step, (noise.astype(jnp.float32),), steps, trajectory_every, trajectory_images)
+  return loop.run_loop(step, (noise.astype(jnp.float32),), steps, trajectory_every, trajectory_images)
 
 
-def sample_from_config(apply_fn: Callable[..., jax.Array], diffusion_config, noise: jax.Array,
-                       rng: jax.Array, sample_config, *, labels: Optional[jax.Array] = None,
-                       null_label: Optional[int] = None, trajectory_every: int = 0,
-                       trajectory_images: Optional[int] = None):
+def sample(apply_fn: Callable[..., jax.Array], config, noise: jax.Array, rng: jax.Array, *,
+           labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
+           trajectory_every: int = 0, trajectory_images: Optional[int] = None):
   """Runs config.sample's flow sampler (sampler, steps, flow_shift, flow_noise_scale,
-  guidance_scale) from x_1 = `noise` [B,H,W,C]; see `solvers.sample_from_config`."""
-  velocity = make_velocity_fn(apply_fn, diffusion_config, labels=labels, null_label=null_label,
-                              guidance_scale=_field(sample_config, 'guidance_scale'))
+  guidance_scale) from x_1 = `noise` [B,H,W,C]; the protocol of objectives/base.py."""
+  scfg = config.sample
+  velocity = make_velocity_fn(apply_fn, config.diffusion.flow_matching, labels=labels,
+                              null_label=null_label, guidance_scale=scfg.guidance_scale)
   return flow_sample(
-      velocity, noise, rng, sampler=sample_config.sampler,
-      steps=int(_field(sample_config, 'steps')),
-      shift=sampling_shift(diffusion_config, sample_config),
-      noise_scale=float(_field(sample_config, 'flow_noise_scale')),
+      velocity, noise, rng, sampler=scfg.sampler, steps=int(scfg.steps),
+      shift=sampling_shift(config), noise_scale=float(scfg.flow_noise_scale),
       trajectory_every=trajectory_every, trajectory_images=trajectory_images)
+
+
+def sampling_steps(config) -> int:
+  """sample.steps steps on the time grid."""
+  return int(config.sample.steps)
+
+
+def network_evaluations(config) -> int:
+  """euler / euler_maruyama: steps; heun: 2 steps - 1 (Euler into t = 0); midpoint: 2 steps."""
+  steps, name = sampling_steps(config), config.sample.sampler
+  return {'heun': 2 * steps - 1, 'midpoint': 2 * steps}.get(name, steps)
+
+
+# An x-prediction model's velocity (x - x0_hat) / t is 0/0 at t = 0: its density is taken at
+# t = X0_LIKELIHOOD_T0 (the data plus 1e-5 N(0, I)), as Song et al. start VP likelihoods at 1e-5.
+X0_LIKELIHOOD_T0 = 1e-5
+
+
+def probability_flow(apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                     config) -> base.ProbabilityFlow:
+  """dx/dt = v(x, t) from t0 to 1 with the prior N(0, I) at t = 1, exactly the path's end
+  x_1 = eps. t0 = 0 for velocity models, X0_LIKELIHOOD_T0 for x-prediction (far below the
+  1/128 dequantisation bins). apply_fn(x, t [B]) is the network with its labels closed over."""
+  flow = config.diffusion.flow_matching
+  velocity = make_velocity_fn(apply_fn, flow)
+  t0 = 0.0 if flow.prediction == 'velocity' else X0_LIKELIHOOD_T0
+  return base.ProbabilityFlow(lambda t, x: velocity(x, t), t0=t0, t1=1.0, prior_std=1.0)
 
 
 # ---------------------------------------------------------------- config checks
 
 
 def check_config(config) -> List[str]:
-  """Problems with the flow_* fields, the model and config.sample / config.eval for objective
+  """Problems with diffusion.flow_matching, the model and config.sample for objective
   'flow_matching' (empty list = fine); each message names the field and the fix."""
   errors: List[str] = []
-  dcfg, scfg = config.diffusion, config.sample
-  check_choice(errors, 'diffusion.flow_time_dist', dcfg.flow_time_dist, TIME_DISTS)
-  check_choice(errors, 'diffusion.flow_prediction', dcfg.flow_prediction, PREDICTIONS)
-  if not dcfg.flow_logit_std > 0:
-    errors.append(f'diffusion.flow_logit_std={dcfg.flow_logit_std} must be > 0 (SD3: 1.0).')
-  if not math.isfinite(dcfg.flow_logit_mean):
-    errors.append(f'diffusion.flow_logit_mean={dcfg.flow_logit_mean} must be finite (SD3: 0).')
-  if not dcfg.flow_time_shift > 0:
-    errors.append(f'diffusion.flow_time_shift={dcfg.flow_time_shift} must be > 0 (1 = no '
-                  'shift; see flow.time_shift_for_resolution).')
-  if not 0 < dcfg.flow_x0_min_t < 1:
-    errors.append(f'diffusion.flow_x0_min_t={dcfg.flow_x0_min_t} must be in (0, 1) (JiT: 0.05).')
-  if not dcfg.flow_time_scale > 0:
-    errors.append(f'diffusion.flow_time_scale={dcfg.flow_time_scale} must be > 0 (1000 suits '
-                  'the sinusoidal time embedding).')
+  flow, scfg = config.diffusion.flow_matching, config.sample
+  field = 'diffusion.flow_matching.'
+  check_choice(errors, field + 'time_dist', flow.time_dist, TIME_DISTS)
+  check_choice(errors, field + 'prediction', flow.prediction, PREDICTIONS)
+  if not flow.logit_std > 0:
+    errors.append(f'{field}logit_std={flow.logit_std} must be > 0 (SD3: 1.0).')
+  if not math.isfinite(flow.logit_mean):
+    errors.append(f'{field}logit_mean={flow.logit_mean} must be finite (SD3: 0).')
+  if not flow.time_shift > 0:
+    errors.append(f'{field}time_shift={flow.time_shift} must be > 0 (1 = no shift; see '
+                  'flow_matching.time_shift_for_resolution).')
+  if not 0 < flow.x0_min_t < 1:
+    errors.append(f'{field}x0_min_t={flow.x0_min_t} must be in (0, 1) (JiT: 0.05).')
+  if not flow.time_scale > 0:
+    errors.append(f'{field}time_scale={flow.time_scale} must be > 0 (1000 suits the '
+                  'sinusoidal time embedding).')
   if config.model.learn_sigma:
     errors.append("model.learn_sigma=True has no meaning for diffusion.objective="
                   "'flow_matching' (the velocity has no variance to learn); set it to False.")
-  if dcfg.prediction_type != 'epsilon':
-    errors.append(f'diffusion.prediction_type={dcfg.prediction_type!r} applies to objective '
-                  "'ddpm'; flow matching's network output is diffusion.flow_prediction "
-                  "('velocity' or 'x0'): leave prediction_type at 'epsilon' (the default).")
-  if dcfg.loss_weighting != 'simple':
-    errors.append(f'diffusion.loss_weighting={dcfg.loss_weighting!r} applies to objective '
-                  "'ddpm'; flow matching uses the velocity loss: leave it at 'simple'.")
   if scfg.sampler not in SAMPLERS:
     errors.append(f'sample.sampler={scfg.sampler!r} is not a flow_matching sampler; use one of '
                   f'{SAMPLERS} (ddpm, ddim and dpm_solver_pp need diffusion.objective=ddpm).')
@@ -283,6 +299,6 @@ def check_config(config) -> List[str]:
     errors.append(f'sample.flow_noise_scale={scfg.flow_noise_scale} must be >= 0.')
   if scfg.flow_shift < 0:
     errors.append(f'sample.flow_shift={scfg.flow_shift} must be >= 0 (0 = '
-                  'diffusion.flow_time_shift).')
+                  'diffusion.flow_matching.time_shift).')
   errors.extend(guidance.check_guidance_and_labels(scfg, config.model))
   return errors

@@ -223,3 +223,13 @@ def check_mesh_config(mesh_config, num_devices: int) -> Tuple[List[str], int]:
     else:
       errors.append(message)
   return errors, used
+
+
+def check_batch(field: str, value: int, data_devices: int, num_processes: int) -> List[str]:
+  """A global batch (`field`) must split evenly over the devices sharing it and the processes."""
+  if value <= 0 or value % data_devices or value % num_processes:
+    step = max(data_devices, num_processes)
+    return [f'{field}={value} must be a positive multiple of the {data_devices} devices on the '
+            f'data axis and of the {num_processes} processes; e.g. '
+            f'{step * max(1, -(-value // step))}.']
+  return []

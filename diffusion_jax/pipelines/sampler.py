@@ -1,8 +1,10 @@
-"""The compiled, batch-sharded sampling function: one XLA program from noise to images.
+"""The sampling program: one XLA program from noise to images, sharded over the mesh.
 
-`make_sample_fn` wraps `solvers.sample_from_config` (the sampler chosen by `config.sample`) around a
-model, shards the batch over the mesh's data axis and returns a function of (params, rng, labels).
-Training (sample grids), `--mode=sample` (sample_mode.py) and evaluation all use it.
+`make_sample_fn` puts the network (nn/) into the objective's sampler (`objectives.get(...).sample`
+with `config.sample`), shards the batch over the mesh's data axis and returns a function of
+(params, rng, labels). Training (sample grids), `--mode=sample`, the evaluations, the API and
+`--mode=export` (which serializes `make_sample_body`) all use it. `sample_tag` names a sampling
+run's output folder.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax.processes import discrete
-from diffusion_jax.nn import unet
-from diffusion_jax.sampling import solvers
+import flax.linen as nn
+
+from diffusion_jax import objectives
 from diffusion_jax.parallel import sharding
 from diffusion_jax.sampling.class_labels import parse_class_labels
 
 
-def make_sample_body(model: unet.UNet, schedule: discrete.Schedule, config, *,
+def make_sample_body(model: nn.Module, config, *,
                      noise_sharding: Optional[jax.sharding.Sharding] = None,
                      trajectory_every: int = 0, trajectory_images: int = 16
                      ) -> Callable[..., Any]:
@@ -34,7 +36,7 @@ def make_sample_body(model: unet.UNet, schedule: discrete.Schedule, config, *,
   gives the same images wherever the body runs. Labels are ignored by unconditional models.
   With `trajectory_every` > 0 it returns `(images, trajectory)` (see `make_sample_fn`).
   """
-  scfg = config.sample
+  objective = objectives.get(config.diffusion.objective)
   res, channels = config.data.resolution, config.data.channels
   num_classes = config.model.num_classes
   conditional = num_classes > 0
@@ -46,15 +48,10 @@ def make_sample_body(model: unet.UNet, schedule: discrete.Schedule, config, *,
     if noise_sharding is not None:
       noise = jax.lax.with_sharding_constraint(noise, noise_sharding)
     apply_fn = lambda x, t, y: model.apply({'params': params}, x, t, y, train=False)
-    out = solvers.sample_from_config(
-        apply_fn, schedule, noise, sampler_key, scfg,
-        prediction_type=config.diffusion.prediction_type,
-        learn_sigma=config.model.learn_sigma,
-        labels=labels if conditional else None,
-        null_label=num_classes if conditional else None,
-        trajectory_every=trajectory_every,
-        trajectory_images=min(trajectory_images, batch_size) if trajectory_every else None,
-        diffusion_config=config.diffusion)
+    out = objective.sample(
+        apply_fn, config, noise, sampler_key, labels=labels if conditional else None,
+        null_label=num_classes if conditional else None, trajectory_every=trajectory_every,
+        trajectory_images=min(trajectory_images, batch_size) if trajectory_every else None)
     if not trajectory_every:
       return jnp.clip(out, -1.0, 1.0)
     x, trajectory = out
@@ -62,7 +59,7 @@ def make_sample_body(model: unet.UNet, schedule: discrete.Schedule, config, *,
   return sample
 
 
-def make_sample_fn(model: unet.UNet, schedule: discrete.Schedule, config, mesh: Mesh,
+def make_sample_fn(model: nn.Module, config, mesh: Mesh,
                    batch_size: int, trajectory_every: int = 0, trajectory_images: int = 16
                    ) -> Callable[..., Any]:
   """Returns `sample(params, rng, labels [B] numpy) -> images [B,H,W,C]` in [-1, 1], jitted.
@@ -70,7 +67,7 @@ def make_sample_fn(model: unet.UNet, schedule: discrete.Schedule, config, mesh: 
   `params` may have any sharding over `mesh`: FSDP-sharded as `checkpoints.restore_params` and
   training hold them (each weight is gathered inside the program where it is used), or
   replicated. `sample.lower(params, rng, labels)` lowers it ahead of time. The whole sampler
-  (`make_sample_body`: `solvers.sample_from_config` with `config.sample`) is one XLA program;
+  (`make_sample_body`: the objective's sampler with `config.sample`) is one XLA program;
   the batch of `batch_size` is sharded over the mesh's data axis. `labels` is ignored by unconditional models.
   With `trajectory_every` > 0 it returns `(images, trajectory)` instead, where `trajectory`
   holds x_t and the predicted x0 of the first `trajectory_images` samples every
@@ -78,7 +75,7 @@ def make_sample_fn(model: unet.UNet, schedule: discrete.Schedule, config, mesh: 
   """
   batch_shard = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  sample = make_sample_body(model, schedule, config, noise_sharding=batch_shard,
+  sample = make_sample_body(model, config, noise_sharding=batch_shard,
                             trajectory_every=trajectory_every,
                             trajectory_images=trajectory_images)
 

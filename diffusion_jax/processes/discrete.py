@@ -17,18 +17,16 @@ t = 0 .. T-1 indexing the arrays (index 0 is the first noising step).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.config.errors import check_choice
 
 BETA_SCHEDULES = ('linear', 'cosine', 'scaled_linear', 'sigmoid')
 PREDICTION_TYPES = ('epsilon', 'x0', 'v')
-LOSS_WEIGHTINGS = ('simple', 'min_snr')
 
 
 @flax.struct.dataclass
@@ -71,7 +69,7 @@ def beta_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4,
   if name == 'sigmoid':
     x = np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)
     return beta_start + (beta_end - beta_start) / (1.0 + np.exp(-x))
-  raise ValueError(f'diffusion.beta_schedule={name!r} is unknown; use one of {BETA_SCHEDULES}.')
+  raise ValueError(f'diffusion.ddpm.beta_schedule={name!r} is unknown; use one of {BETA_SCHEDULES}.')
 
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
@@ -176,7 +174,7 @@ def x0_eps_from_scaled(output: jax.Array, x_t: jax.Array, a: jax.Array, s: jax.A
     return output, (x_t - a * output) / s
   if prediction_type == 'v':
     return a * x_t - s * output, s * x_t + a * output
-  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+  raise ValueError(f'diffusion.ddpm.prediction_type={prediction_type!r} is unknown; '
                    f'use one of {PREDICTION_TYPES}.')
 
 
@@ -205,60 +203,11 @@ def learned_log_variance(schedule: Schedule, v: jax.Array, t: jax.Array) -> jax.
   return frac * max_log + (1.0 - frac) * min_log
 
 
-def training_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
-                    prediction_type: str) -> jax.Array:
-  """What the network is regressed onto for `prediction_type`."""
-  if prediction_type == 'epsilon':
-    return noise
-  if prediction_type == 'x0':
-    return x0
-  if prediction_type == 'v':
-    return v_from_x0_eps(schedule, t, x0, noise)
-  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
-                   f'use one of {PREDICTION_TYPES}.')
-
-
 def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
   """Signal-to-noise ratio abar_t / (1 - abar_t)."""
   abar = jnp.take(schedule.alphas_cumprod, t)
   # 1 - abar from its float64-derived square root: float32 1 - abar loses digits near t = 0.
   return abar / jnp.square(jnp.take(schedule.sqrt_one_minus_alphas_cumprod, t))
-
-
-def loss_weight(schedule: Schedule, t: jax.Array, weighting: str, prediction_type: str,
-                min_snr_gamma: float = 5.0) -> jax.Array:
-  """Per-example weight [B] of the MSE on the `prediction_type` target.
-
-  simple: 1 (Ho et al.). min_snr (Hang et al. 2023): the weight that makes the loss equal to
-  min(SNR, gamma) * ||x0 - x0_hat||^2, i.e. min(SNR, gamma) / SNR for epsilon,
-  min(SNR, gamma) for x0 and min(SNR, gamma) / (SNR + 1) for v.
-  """
-  if weighting == 'simple':
-    return jnp.ones(jnp.shape(t), jnp.float32)
-  if weighting != 'min_snr':
-    raise ValueError(f'diffusion.loss_weighting={weighting!r} is unknown; '
-                     f'use one of {LOSS_WEIGHTINGS}.')
-  s = snr(schedule, t)
-  clipped = jnp.minimum(s, min_snr_gamma)
-  if prediction_type == 'epsilon':
-    return clipped / s
-  if prediction_type == 'x0':
-    return clipped
-  if prediction_type == 'v':
-    return clipped / (s + 1.0)
-  raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
-                   f'use one of {PREDICTION_TYPES}.')
-
-
-def diffusion_loss(schedule: Schedule, output: jax.Array, x0: jax.Array, noise: jax.Array,
-                   t: jax.Array, prediction_type: str, weighting: str = 'simple',
-                   min_snr_gamma: float = 5.0) -> jax.Array:
-  """Per-example weighted mean squared error [B] between `output` and the training target."""
-  target = training_target(schedule, x0.astype(jnp.float32), noise.astype(jnp.float32), t,
-                           prediction_type)
-  mse = jnp.mean(jnp.square(output.astype(jnp.float32) - target),
-                 axis=tuple(range(1, target.ndim)))
-  return loss_weight(schedule, t, weighting, prediction_type, min_snr_gamma) * mse
 
 
 # ---------------------------------------------------------------- variational bound
@@ -394,48 +343,31 @@ def prior_bpd(schedule: Schedule, x0: jax.Array) -> jax.Array:
   return _mean_over_dims(normal_kl(mean, jnp.log(var), 0.0, 0.0)) / math.log(2.0)
 
 
-def training_losses(schedule: Schedule, output: jax.Array, x0: jax.Array, noise: jax.Array,
-                    t: jax.Array, x_t: jax.Array, diffusion_config, learn_sigma: bool
-                    ) -> jax.Array:
-  """The per-example training loss [B].
-
-  Without `learn_sigma`: L_simple, the (`loss_weighting`-weighted) MSE of `diffusion_loss`.
-  With it (output [B, ..., 2C]), the hybrid objective of Nichol & Dhariwal:
-
-    L_hybrid = L_simple + lambda L_vlb,   L_vlb = T E_t[L_t]  =>  lambda T L_t per example,
-
-  lambda = `diffusion_config.vlb_weight` (0.001 in the paper, i.e. T/1000 L_t) and L_t the
-  bits/dim `vlb_term` computed with the mean prediction under stop_gradient: the mean is learnt
-  from L_simple alone and the variance channels only from L_vlb.
-  """
-  prediction, v = split_learned_sigma(output, learn_sigma)
-  loss = diffusion_loss(schedule, prediction, x0, noise, t, diffusion_config.prediction_type,
-                        diffusion_config.loss_weighting, diffusion_config.min_snr_gamma)
-  if not learn_sigma:
-    return loss
-  frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), v], axis=-1)
-  mean, log_var, _ = p_mean_variance(schedule, frozen, x_t, t, diffusion_config.prediction_type,
-                                     learn_sigma=True)
-  vlb = vlb_term(schedule, x0, x_t, t, mean, log_var)
-  weight = diffusion_config.vlb_weight * schedule.num_timesteps
-  return loss + weight * vlb
+def _fractional_index(schedule: Schedule, tau: jax.Array) -> jax.Array:
+  return jnp.asarray(tau, jnp.float32) * (schedule.num_timesteps - 1)
 
 
-def check_diffusion_config(diffusion_config) -> List[str]:
-  """Problems with `config.diffusion` (empty list = fine); each names the field and the fix."""
-  errors: List[str] = []
-  check_choice(errors, 'diffusion.beta_schedule', diffusion_config.beta_schedule, BETA_SCHEDULES)
-  check_choice(errors, 'diffusion.prediction_type', diffusion_config.prediction_type,
-                PREDICTION_TYPES)
-  check_choice(errors, 'diffusion.loss_weighting', diffusion_config.loss_weighting,
-                LOSS_WEIGHTINGS)
-  if diffusion_config.num_timesteps < 2:
-    errors.append(f'diffusion.num_timesteps={diffusion_config.num_timesteps} must be >= 2.')
-  if diffusion_config.beta_schedule in ('linear', 'scaled_linear', 'sigmoid') and not (
-      0 < diffusion_config.beta_start < diffusion_config.beta_end < 1):
-    errors.append(f'diffusion.beta_start={diffusion_config.beta_start} and beta_end='
-                  f'{diffusion_config.beta_end} must satisfy 0 < beta_start < beta_end < 1.')
-  if diffusion_config.vlb_weight < 0:
-    errors.append(f'diffusion.vlb_weight={diffusion_config.vlb_weight} must be >= 0 (0.001 in '
-                  'Nichol & Dhariwal).')
-  return errors
+def _log_alphas_cumprod(schedule: Schedule) -> jax.Array:
+  """log abar_i = sum_{s<=i} log(1 - beta_s) [T], accurate where abar is close to 1 in float32."""
+  return jnp.cumsum(jnp.log1p(-schedule.betas))
+
+
+def continuous_log_alphas_cumprod(schedule: Schedule, tau: jax.Array) -> jax.Array:
+  """log abar(tau): log abar_i interpolated linearly at i = tau (T - 1); same shape as tau."""
+  steps = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
+  return jnp.interp(_fractional_index(schedule, tau), steps, _log_alphas_cumprod(schedule))
+
+
+def continuous_beta(schedule: Schedule, tau: jax.Array) -> jax.Array:
+  """beta(tau) = -d log abar / d tau: -(T - 1) (log abar_{i+1} - log abar_i) on [i, i + 1]."""
+  log_abar = _log_alphas_cumprod(schedule)
+  i = jnp.clip(jnp.floor(_fractional_index(schedule, tau)).astype(jnp.int32), 0,
+               schedule.num_timesteps - 2)
+  return -(schedule.num_timesteps - 1) * (jnp.take(log_abar, i + 1) - jnp.take(log_abar, i))
+
+
+def network_timestep(schedule: Schedule, tau: jax.Array) -> jax.Array:
+  """The network's (float) timestep input at tau: `schedule.timesteps` interpolated at tau (T-1)."""
+  steps = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
+  return jnp.interp(_fractional_index(schedule, tau), steps,
+                    schedule.timesteps.astype(jnp.float32))

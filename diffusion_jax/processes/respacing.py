@@ -51,7 +51,7 @@ def is_section_spacing(spacing: str) -> bool:
 def _check_steps(num_timesteps: int, steps: Optional[int]) -> int:
   if steps is None or not 0 < int(steps) <= num_timesteps:
     raise ValueError(f'sample.steps={steps} must be in [1, {num_timesteps}] '
-                     '(diffusion.num_timesteps).')
+                     '(diffusion.ddpm.num_timesteps).')
   return int(steps)
 
 
@@ -66,7 +66,7 @@ def _ddim_stride(num_timesteps: int, spacing: str) -> np.ndarray:
     if len(range(0, num_timesteps, stride)) == n:
       return np.arange(0, num_timesteps, stride)
   raise ValueError(f'sample.spacing={spacing!r}: no stride gives exactly {n} of the '
-                   f'{num_timesteps} steps (diffusion.num_timesteps); use a section string '
+                   f'{num_timesteps} steps (diffusion.ddpm.num_timesteps); use a section string '
                    f"such as '{n}' or another count.")
 
 
@@ -85,7 +85,7 @@ def _sections(num_timesteps: int, spacing: str) -> np.ndarray:
     part = size + (1 if i < extra else 0)
     if count > part:
       raise ValueError(f'sample.spacing={spacing!r}: section {i} has {part} of the '
-                       f'{num_timesteps} steps (diffusion.num_timesteps) and cannot keep {count}.')
+                       f'{num_timesteps} steps (diffusion.ddpm.num_timesteps) and cannot keep {count}.')
     stride = (part - 1) / (count - 1) if count > 1 else 0.0
     kept.extend(start + int(round(j * stride)) for j in range(count))
     start += part
@@ -133,7 +133,7 @@ def respaced_timesteps(num_timesteps: int, steps: Optional[int], spacing: str,
   kept = np.asarray(kept).astype(np.int64)
   if (kept.ndim != 1 or kept[0] < 0 or kept[-1] >= t or np.any(np.diff(kept) <= 0)):
     raise ValueError(f'sample.spacing={spacing!r} with sample.steps={steps} gives invalid steps '
-                     f'{kept.tolist()} for diffusion.num_timesteps={t}.')
+                     f'{kept.tolist()} for diffusion.ddpm.num_timesteps={t}.')
   return kept.astype(np.int32)
 
 

@@ -31,7 +31,6 @@ Registered names (diffusers' spellings): ddpm, ddim, dpm_solver_pp, euler, heun.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import jax
@@ -42,7 +41,6 @@ from diffusion_jax.config.errors import check_choice
 from diffusion_jax.processes import discrete, respacing
 from diffusion_jax.processes.discrete import Schedule
 from diffusion_jax.sampling import guidance, karras, loop
-from diffusion_jax.config import defaults
 
 VARIANCES = ('fixed_small', 'fixed_large', 'learned_range')
 THRESHOLDINGS = ('static', 'dynamic', 'none')
@@ -121,7 +119,7 @@ def make_denoiser(apply_fn: Callable[..., jax.Array], schedule: Schedule, predic
   labels / null_label / guidance_scale / learn_sigma / takes_labels: see `make_network_fn`.
   """
   if prediction_type not in discrete.PREDICTION_TYPES:
-    raise ValueError(f'diffusion.prediction_type={prediction_type!r} is unknown; '
+    raise ValueError(f'diffusion.ddpm.prediction_type={prediction_type!r} is unknown; '
                      f'use one of {discrete.PREDICTION_TYPES}.')
   method = resolve_thresholding(clip_denoised, thresholding)
   if method == 'dynamic' and not 0.0 < dynamic_threshold_percentile <= 1.0:
@@ -510,18 +508,6 @@ def get_sampler(name: str) -> Callable[..., Any]:
   return SAMPLERS[name]
 
 
-@functools.lru_cache(maxsize=1)
-def _default_sample_config():
-  return defaults.get_config().sample
-
-
-def _field(config, name: str):
-  """config.<name>, or diffusion_jax/config/defaults.py's sample.<name> for a config saved without it."""
-  if (name in config) if hasattr(config, 'keys') else hasattr(config, name):
-    return config[name] if hasattr(config, 'keys') else getattr(config, name)
-  return _default_sample_config()[name]
-
-
 def sampling_schedule(schedule: Schedule, sampler: str, steps: int, spacing: str) -> Schedule:
   """The schedule a discrete sampler runs on: `schedule` respaced to `steps` with `spacing`.
 
@@ -538,71 +524,6 @@ def sampling_schedule(schedule: Schedule, sampler: str, steps: int, spacing: str
   if len(kept) == schedule.num_timesteps:
     return schedule
   return respacing.respace(schedule, kept)
-
-
-def sample_from_config(apply_fn: Callable[..., jax.Array], schedule: Schedule,
-                       noise: jax.Array, rng: jax.Array, sample_config, *,
-                       prediction_type: str, learn_sigma: bool = False,
-                       labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
-                       trajectory_every: int = 0, trajectory_images: Optional[int] = None,
-                       variance_noise: Optional[jax.Array] = None, diffusion_config=None):
-  """Runs `config.sample` from x_T = `noise`: respaces, builds the denoiser, dispatches.
-
-  apply_fn(x_t, timesteps [B], labels [B] or None) -> output (or apply_fn(x_t, timesteps)).
-  Returns x_0 [B, H, W, C], or (x_0, Trajectory) of the first `trajectory_images` samples
-  (None = all) with trajectory_every > 0 (see the module docstring). variance_noise
-  [steps, B, H, W, C]: the per-step noise of ddpm / ddim instead of draws from `rng`. Fields
-  missing from `sample_config` (a config saved by an older version) take diffusion_jax/config/defaults.py's.
-  sample.clip_denoised=False turns thresholding off; otherwise sample.thresholding decides
-  ('auto': `default_thresholding` of the sampler). With a `diffusion_config` whose objective is
-  not 'ddpm' (edm, flow_matching) the objective's own samplers run (`objectives.sample`).
-  """
-  if diffusion_config is not None and diffusion_config.objective != 'ddpm':
-    from diffusion_jax import objectives  # pylint: disable=g-import-not-at-top
-    return objectives.sample(apply_fn, diffusion_config, noise, rng, sample_config,
-                             labels=labels, null_label=null_label,
-                             trajectory_every=trajectory_every,
-                             trajectory_images=trajectory_images)
-  name = sample_config.sampler
-  sampler = get_sampler(name)
-  steps = int(_field(sample_config, 'steps'))
-  sched = sampling_schedule(schedule, name, steps, str(_field(sample_config, 'spacing')))
-  thresholding = _field(sample_config, 'thresholding')
-  if thresholding == 'auto':
-    thresholding = default_thresholding(name)
-  denoise = make_denoiser(
-      apply_fn, sched, prediction_type,
-      thresholding=thresholding if _field(sample_config, 'clip_denoised') else 'none',
-      dynamic_threshold_percentile=_field(sample_config, 'dynamic_threshold_percentile'),
-      labels=labels, null_label=null_label,
-      guidance_scale=_field(sample_config, 'guidance_scale'), learn_sigma=learn_sigma,
-      use_clipped_model_output=bool(_field(sample_config, 'use_clipped_model_output')))
-  if variance_noise is not None and name not in ('ddpm', 'ddim'):
-    raise ValueError(f'variance_noise is taken by the ddpm and ddim samplers, not by '
-                     f'sample.sampler={name!r}.')
-  extra = {} if variance_noise is None else dict(variance_noise=variance_noise)
-  if name == 'ddpm':
-    options = dict(variance=_field(sample_config, 'variance'), **extra)
-  elif name == 'ddim':
-    set_alpha_to_one = bool(_field(sample_config, 'set_alpha_to_one'))
-    options = dict(eta=_field(sample_config, 'eta'), set_alpha_to_one=set_alpha_to_one,
-                   **extra)
-    if not set_alpha_to_one:  # abar of training step 0, which `sched` may not keep.
-      options['final_alpha_cumprod'] = float(respacing.alphas_cumprod64(schedule)[0])
-  elif name == 'dpm_solver_pp':
-    options = dict(solver_order=int(_field(sample_config, 'solver_order')),
-                   solver_type=_field(sample_config, 'solver_type'))
-  elif name in CONTINUOUS_SAMPLERS:
-    options = dict(steps=steps, rho=float(_field(sample_config, 'rho')),
-                   s_churn=float(_field(sample_config, 's_churn')),
-                   s_tmin=float(_field(sample_config, 's_tmin')),
-                   s_tmax=float(_field(sample_config, 's_tmax')),
-                   s_noise=float(_field(sample_config, 's_noise')))
-  else:  # A sampler registered elsewhere: give it everything.
-    options = dict(sample_config, **extra)
-  if trajectory_images is not None:
-    options['trajectory_images'] = trajectory_images
-  return sampler(denoise, sched, noise, rng, trajectory_every=trajectory_every, **options)
 
 
 def check_sampler_config(sample_config, model_config, num_timesteps: int) -> List[str]:

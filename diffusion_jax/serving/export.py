@@ -33,7 +33,6 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax.training import restore
-from diffusion_jax.processes import discrete
 from diffusion_jax.nn import unet
 from diffusion_jax.nn import backbones
 from diffusion_jax.pipelines import sampler
@@ -41,7 +40,6 @@ from diffusion_jax.serving import loader
 from diffusion_jax.serving.loader import ARTIFACT_FILE, CARD_FILE, CARD_FORMAT, WEIGHTS_FILE
 from diffusion_jax.parallel import sharding
 from diffusion_jax.sampling.class_labels import parse_class_labels
-from diffusion_jax.modes.validation import validate_config
 
 # jax.export's lowering platforms ('rocm' too; every one lowers on any machine).
 KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
@@ -92,8 +90,7 @@ def export_sampler(config, params: PyTree, platforms) -> jax.export.Exported:
   if isinstance(model, unet.UNet) and model.conv_backend != 'xla':
     # oneDNN's custom calls exist in this process only; the same parameters serve XLA's convs.
     model = model.clone(conv_backend='xla')
-  schedule = discrete.make_schedule(config.diffusion)
-  fn = sampler.make_sample_body(model, schedule, config)
+  fn = sampler.make_sample_body(model, config)
   key = jax.random.PRNGKey(0)
   (batch,) = jax.export.symbolic_shape(BATCH_DIM, constraints=(f'{BATCH_DIM} >= 1',))
   specs = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params),
@@ -151,8 +148,6 @@ def export(config, workdir: str) -> epath.Path:
   stays whole until the new one is complete.
   """
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.pipelines import sampler  # pylint: disable=g-import-not-at-top
-  validate_config(config, mode='export')
   mesh = sharding.create_mesh(config.mesh)  # Restoring raises NoCheckpointError (no writes).
   params, step = restore.restore_params(config, workdir, mesh, config.sample.use_ema,
                                             config.sample.ema)  # The EMA sample mode reads.

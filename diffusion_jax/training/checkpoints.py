@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from diffusion_jax.config import run_config
 
 PyTree = Any
 
@@ -190,7 +191,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
   the data position (`data_position`), so it describes itself. A failure of the previous
   asynchronous save is raised here rather than lost.
   """
-  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   manager.check_for_errors()
   items = {name: ocp.args.StandardSave(tree) for name, tree in state_items(state).items()}
   if config is not None:
@@ -414,7 +414,6 @@ def saved_run_config(manager: ocp.CheckpointManager, workdir: str
   The 'config' item of the newest checkpoint that has a readable one, else
   `<workdir>/config.json`; (None, '') when the workdir has no checkpoint or neither exists.
   """
-  from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None, ''

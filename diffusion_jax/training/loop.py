@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +36,8 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from diffusion_jax.training import checkpoints
-from diffusion_jax.processes import discrete
-from diffusion_jax.training import ema
-from diffusion_jax import images
+from diffusion_jax.training import ema as ema_lib
+from diffusion_jax import images, objectives
 from diffusion_jax.data import pipeline
 from diffusion_jax.nn import backbones
 from diffusion_jax.parallel import multihost
@@ -48,7 +47,6 @@ from diffusion_jax.pipelines import sampler
 from diffusion_jax.parallel import sharding
 from diffusion_jax.training import train_state
 from diffusion_jax.sampling.class_labels import default_labels
-from diffusion_jax.modes.validation import validate_config
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -72,7 +70,7 @@ def _mean_metrics(history: List[Dict[str, jax.Array]]) -> Dict[str, float]:
 
 
 def flatten_config(config) -> Dict[str, object]:
-  """{'training.batch_size': 128, 'model.ch_mult': '(1, 2)', ...}: TensorBoard hparams
+  """{'training.batch_size': 128, 'model.unet.ch_mult': '(1, 2)', ...}: TensorBoard hparams
   (`run_config.flatten`'s dotted keys; bools, numbers and strings kept, anything else (tuples,
   None) as str)."""
   return {name: value if isinstance(value, (bool, int, float, str)) else str(value)
@@ -279,8 +277,9 @@ def write_sample_grid(sample_fn, params, config, workdir: str, step: int,
   batch = images.to_uint8(multihost.to_host(x))[:num]
   upscale = max(1, 64 // config.data.resolution)
   scfg = config.sample
+  steps = objectives.get(config.diffusion.objective).sampling_steps(config)
   label = images.grid_label(
-      step, scfg.sampler, scfg.steps or config.diffusion.num_timesteps, ema=True,
+      step, scfg.sampler, steps, ema=True,
       guidance_scale=scfg.guidance_scale if config.model.num_classes > 0 else None)
   grid = images.make_grid(batch, upscale=upscale, label=label)
   if jax.process_index() == 0:
@@ -402,12 +401,17 @@ def _should_stop_for_preemption(flag: _PreemptionFlag, step: int, steps_per_call
   return flag.requested or reached
 
 
-def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
-  """Trains (or resumes training) as `config` says, writing everything under `workdir`.
+def train(config, workdir: str, make_evaluator: Optional[Callable[..., Any]] = None
+          ) -> train_state.TrainState:
+  """Trains (or resumes training) as `config` (checked already: modes/train.py) says, writing
+  everything under `workdir`.
 
-  Returns the final state, or the state saved when the run was preempted (SIGTERM).
+  `make_evaluator(config, workdir, mesh)` builds the in-training eval (called once, before the
+  loop, when training.eval_every_steps > 0); the evaluator is called as
+  `evaluator(state, ema_params, step, writer)` at the steps `evaluator.due(step, is_last)` says,
+  and closed at the end. Returns the final state, or the state saved when the run was
+  preempted (SIGTERM).
   """
-  validate_config(config, mode='train')
   mesh = sharding.create_mesh(config.mesh)
   tcfg = config.training
   res, channels = config.data.resolution, config.data.channels
@@ -416,10 +420,9 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   on_nonfinite = tcfg.on_nonfinite
 
   model = backbones.create_model(config.model, channels)
-  schedule = discrete.make_schedule(config.diffusion)
   tx = train_state.create_optimizer(config.optim, tcfg.num_train_steps)
   min_size = sharding.fsdp_min_size(config.mesh)
-  ema_keys = ema.ema_keys(config.optim)  # Extra EMAs (optim.ema_decays / ema_sigma_rels).
+  ema_keys = ema_lib.ema_keys(config.optim)  # Extra EMAs (optim.ema_decays / ema_sigma_rels).
   shardings = train_state.state_shardings(model, tx, image_shape, mesh, min_size, ema_keys)
   abstract = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -467,7 +470,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                                        keep_every=tcfg.keep_every_steps)
   # Snapshots of the power EMAs for --mode=posthoc_ema: their own folder, never deleted.
   snapshot_every = config.optim.ema_snapshot_every_steps
-  snapshot_specs = ema.power_specs(config.optim)
+  snapshot_specs = ema_lib.power_specs(config.optim)
   snapshots = (posthoc_ema.create_snapshot_manager(workdir, tcfg.async_checkpointing)
                if snapshot_every > 0 else None)
   if state is None:
@@ -482,11 +485,11 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   # Both programs are compiled ahead of time, before any data is read: an OOM shows here, and
   # a restarted run loads them from the persistent compilation cache.
   train_step = train_state.make_train_step(
-      model, tx, schedule, config, mesh, steps_per_call=k).lower(
+      model, tx, config, mesh, steps_per_call=k).lower(
           abstract, abstract_batch(config, mesh, k)).compile()
   logging.info('Train step (%d step(s) per call): %s', k, describe_compiled(train_step))
   grid_batch = grid_batch_size(tcfg.num_grid_samples, mesh.devices.size)
-  sample_fn = sampler.make_sample_fn(model, schedule, config, mesh, grid_batch)
+  sample_fn = sampler.make_sample_fn(model, config, mesh, grid_batch)
   compiled_grid = sample_fn.lower(abstract.ema_params, jax.random.PRNGKey(config.sample.seed),
                                   grid_labels(config, grid_batch)).compile()
   logging.info('Sample grid (%d images, batch %d): %s', tcfg.num_grid_samples, grid_batch,
@@ -496,9 +499,8 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   wait_for_all_processes('train_compiled')
   # In-training eval (training.eval_every_steps > 0): feature networks, reference statistics
   # and the sampler are built once here, before the loop.
-  from diffusion_jax.evaluation import sample_metrics  # pylint: disable=g-import-not-at-top
-  train_eval = (sample_metrics.TrainingEvaluator(config, workdir, mesh)
-                if tcfg.eval_every_steps > 0 else None)
+  train_eval = (make_evaluator(config, workdir, mesh)
+                if make_evaluator is not None and tcfg.eval_every_steps > 0 else None)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   if start_step == 0:

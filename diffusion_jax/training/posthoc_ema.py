@@ -13,7 +13,7 @@ apply). Each process writes its shards; orbax's multi-host save finalises on pro
   python main.py --config=... --workdir=... --mode=posthoc_ema --config.posthoc_ema.sigma_rel=0.08
 
 then fits the power EMA of that sigma_rel at step `posthoc_ema.step` (-1: the newest snapshot)
-as a linear combination of every snapshot up to that step (ema.solve_posthoc: least squares over
+as a linear combination of every snapshot up to that step (ema_lib.solve_posthoc: least squares over
 the EMA profiles, Karras et al. 2024, Sec. 3.2), logs the profile's relative fit error, and
 writes the combined parameters to
 
@@ -37,7 +37,11 @@ from etils import epath
 from jax.sharding import Mesh
 
 from diffusion_jax.training import checkpoints
-from diffusion_jax.training import ema
+from diffusion_jax.training import ema as ema_lib
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
+from diffusion_jax.config.errors import ConfigError
 
 PyTree = Any
 SNAPSHOT_SUBDIR = 'ema_snapshots'
@@ -56,7 +60,7 @@ def snapshot_dir(workdir: str) -> epath.Path:
 def reconstruction_dir(workdir: str, sigma_rel: float) -> epath.Path:
   """`<workdir>/posthoc_ema/sigma_rel_<s>` ('.' written as 'p': sigma_rel_0p08)."""
   return (checkpoints.checkpoint_dir(workdir).parent / RECONSTRUCTION_SUBDIR /
-          ema.state_key(ema.SIGMA_REL, sigma_rel))
+          ema_lib.state_key(ema_lib.SIGMA_REL, sigma_rel))
 
 
 def _manager(directory: epath.Path, arrays: str, json_item: str, async_save: bool,
@@ -77,7 +81,7 @@ def create_snapshot_manager(workdir: str, async_save: bool = True,
 
 
 def save_snapshot(manager: ocp.CheckpointManager, step: int, extra_emas: Dict[str, PyTree],
-                  specs: Sequence[ema.EmaSpec]) -> bool:
+                  specs: Sequence[ema_lib.EmaSpec]) -> bool:
   """Starts saving the power EMAs `specs` of `extra_emas` as snapshot `step`; False (nothing
   written) when that snapshot exists (a resumed run redoing steps reproduces it exactly)."""
   manager.check_for_errors()
@@ -109,9 +113,6 @@ def list_snapshots(workdir: str) -> List[Dict[str, Any]]:
 
 def _abstract_params(config, mesh: Mesh) -> PyTree:
   """Float32 parameter shapes with the train state's FSDP shardings on `mesh` (what an EMA is)."""
-  from diffusion_jax.nn import backbones  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.parallel import sharding
-  from diffusion_jax.training import train_state
   model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
@@ -128,7 +129,6 @@ def plan(config, workdir: str) -> Dict[str, Any]:
   Raises ConfigError when there is no snapshot (naming the fields that enable them) or none at
   or before `posthoc_ema.step`.
   """
-  from diffusion_jax.config.errors import ConfigError  # pylint: disable=g-import-not-at-top
   pcfg = config.posthoc_ema
   snapshots = list_snapshots(workdir)
   if not snapshots:
@@ -148,8 +148,8 @@ def plan(config, workdir: str) -> Dict[str, Any]:
                       f'{max(steps)}); use -1 or a step <= {max(steps)}.')
   columns = [(s['step'], key, float(v['gamma'])) for s in used for key, v in
              sorted(s['emas'].items())]
-  gamma = ema.sigma_rel_to_gamma(pcfg.sigma_rel)
-  weights, error = ema.solve_posthoc([c[0] for c in columns], [c[2] for c in columns],
+  gamma = ema_lib.sigma_rel_to_gamma(pcfg.sigma_rel)
+  weights, error = ema_lib.solve_posthoc([c[0] for c in columns], [c[2] for c in columns],
                                          target, gamma, pcfg.profile)
   return {'sigma_rel': float(pcfg.sigma_rel), 'gamma': gamma, 'step': target,
           'profile': pcfg.profile, 'relative_error': error,
@@ -160,9 +160,6 @@ def reconstruct(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path
   """`--mode=posthoc_ema`: writes the reconstructed EMA of `posthoc_ema.sigma_rel`; returns the
   folder `<workdir>/posthoc_ema/sigma_rel_<s>/<step>`. A reconstruction of the same sigma_rel
   and step written before is replaced (it is recomputed from the same snapshots)."""
-  from diffusion_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.modes.validation import validate_config  # pylint: disable=g-import-not-at-top
-  validate_config(config, mode='posthoc_ema')
   fit = plan(config, workdir)  # Every input check before any array is read.
   logging.info('Post-hoc EMA sigma_rel=%g (gamma=%.4f) at step %d from %d snapshot profiles: '
                'relative L2 fit error of the EMA profile %.3g (%s inner products).',

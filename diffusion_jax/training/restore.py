@@ -12,6 +12,11 @@ from jax.sharding import Mesh
 
 from diffusion_jax.training.checkpoints import (EXTRA_EMA_ITEM, NoCheckpointError,
                                                 checkpoint_dir, create_manager, restore_items)
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.training import train_state
+from diffusion_jax.training import ema as ema_lib
+from diffusion_jax.training import posthoc_ema
 
 PyTree = Any
 
@@ -30,9 +35,6 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
   Corrupt steps are skipped (not moved: readers never write). Raises NoCheckpointError when
   there is no checkpoint.
   """
-  from diffusion_jax.nn import backbones  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.parallel import sharding
-  from diffusion_jax.training import train_state
   model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
@@ -41,12 +43,10 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
   abstract = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
   if use_ema and ema:
-    from diffusion_jax.training import ema  # pylint: disable=g-import-not-at-top
-    kind, value = ema.parse_selection(ema)
-    if kind == ema.POSTHOC:
-      from diffusion_jax.training import posthoc_ema  # pylint: disable=g-import-not-at-top
+    kind, value = ema_lib.parse_selection(ema)
+    if kind == ema_lib.POSTHOC:
       return posthoc_ema.restore_reconstruction(workdir, value, abstract.ema_params)
-    return restore_extra_ema(workdir, ema.state_key(kind, value), ema, abstract.ema_params)
+    return restore_extra_ema(workdir, ema_lib.state_key(kind, value), ema, abstract.ema_params)
   name = 'ema_params' if use_ema else 'params'
   manager = create_manager(workdir, read_only=True, async_save=False)
   try:

@@ -21,8 +21,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
-from diffusion_jax.processes import discrete
-from diffusion_jax.training import ema
+from diffusion_jax.nn import backbones
+from diffusion_jax.training import ema as ema_lib
 from diffusion_jax import objectives
 from diffusion_jax.parallel import sharding
 
@@ -34,7 +34,7 @@ class TrainState:
   """Everything a run needs to continue: `step` counts applied optimizer updates.
 
   `ema_params` is the primary EMA (`optim.ema_decay`); `extra_emas` the EMAs of
-  `optim.ema_decays` / `optim.ema_sigma_rels` ({ema.EmaSpec.key: float32 tree}, see ema.py),
+  `optim.ema_decays` / `optim.ema_sigma_rels` ({ema_lib.EmaSpec.key: float32 tree}, see ema.py),
   None when none is configured (the state and checkpoint layout are then those of before).
   """
   step: jax.Array
@@ -107,30 +107,22 @@ def ema_update(ema_params: PyTree, params: PyTree, decay: jax.Array) -> PyTree:
       ema_params, params)
 
 
-def init_params(model: nn.Module, rng: jax.Array, image_shape: Tuple[int, int, int]) -> PyTree:
-  """Initial parameters of `model` for images [H, W, C]."""
-  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  y = jnp.zeros((1,), jnp.int32) if getattr(model, 'num_classes', 0) else None
-  return model.init({'params': rng}, x, t, y, train=False)['params']
-
-
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
                          image_shape: Tuple[int, int, int],
                          ema_keys: Sequence[str] = ()) -> TrainState:
   """Shapes and dtypes of the initial state (nothing is computed or allocated); `ema_keys`
-  (`ema.ema_keys(config.optim)`) are the extra EMAs."""
+  (`ema_lib.ema_keys(config.optim)`) are the extra EMAs."""
   return jax.eval_shape(
       lambda: _init_state(model, tx, jax.random.PRNGKey(0), image_shape, ema_keys))
 
 
 def _init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                 image_shape: Tuple[int, int, int], ema_keys: Sequence[str] = ()) -> TrainState:
-  params = init_params(model, rng, image_shape)
+  params = backbones.init_params(model, rng, image_shape)
   ema = jax.tree.map(lambda p: p.astype(jnp.float32), params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
                     opt_state=tx.init(params),
-                    extra_emas=ema.init_emas(params, ema_keys) if ema_keys else None)
+                    extra_emas=ema_lib.init_emas(params, ema_keys) if ema_keys else None)
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
@@ -168,7 +160,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: discrete.Schedule, config, mesh: Mesh,
+                    config, mesh: Mesh,
                     steps_per_call: Optional[int] = None
                     ) -> Callable[[TrainState, Dict[str, jax.Array]],
                                   Tuple[TrainState, Dict[str, jax.Array]]]:
@@ -179,7 +171,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   optimizer steps in a `lax.scan`: batch arrays are [k, B, ...] and metrics [k].
   `training.grad_accum_steps` = a splits every B into a micro-batches of B / a whose gradients
   are averaged before one update; noise and timesteps are still drawn for the whole B, so the
-  step equals one step on B up to float rounding (exactly so when model.dropout = 0; dropout
+  step equals one step on B up to float rounding (exactly so when model.unet.dropout = 0; dropout
   masks are drawn per micro-batch). The float32 gradient sum is kept in the parameters'
   shardings, so under FSDP a device holds only its shard of it.
   metrics: 'loss', 'grad_norm' (before clipping), 'learning_rate' (the one this update uses:
@@ -187,7 +179,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   'nonfinite' (1 when the
   loss or gradients were NaN/Inf; the update is then not applied, only `step` advances).
   """
-  dcfg, ocfg, tcfg = config.diffusion, config.optim, config.training
+  ocfg, tcfg = config.optim, config.training
+  objective = objectives.get(config.diffusion.objective)
   lr_schedule = learning_rate_schedule(ocfg, tcfg.num_train_steps)
   base_key = jax.random.PRNGKey(config.seed)
   num_classes = config.model.num_classes
@@ -197,17 +190,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   batch_axes = sharding.batch_sharding(mesh).spec[0]
   micro_sharding = jax.sharding.NamedSharding(mesh, P(None, batch_axes))
   image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  extra_ema_specs = ema.ema_specs(ocfg)
+  extra_ema_specs = ema_lib.ema_specs(ocfg)
   state_sharding = state_shardings(model, tx, image_shape, mesh,
                                    sharding.fsdp_min_size(config.mesh),
-                                   ema.ema_keys(ocfg))
+                                   ema_lib.ema_keys(ocfg))
   # XLA:CPU runs a convolution's weight gradient inside a while loop tens of times slower than
   # outside one (benchmarks/scan_backward_cpu.py), so on the CPU the k steps and the
   # micro-batches are unrolled; other backends keep rolled loops (one copy of the body to
   # compile).
   on_cpu = mesh.devices.flat[0].platform == 'cpu'
 
-  learn_sigma = config.model.learn_sigma
   # XLA:CPU's in-process all-reduce of the gradients costs ~30 us per tensor, and the devices
   # wait on each other in it: a sixth of a digits step on two devices. So on the CPU, with
   # a replicated state, each device takes the gradient of its own rows (a shard_map) and the
@@ -215,7 +207,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   # without dropout: inside the shard_map each device would draw its own masks, which would then
   # depend on the device count.
   per_device_grads = (on_cpu and mesh.size > 1 and mesh.shape.get(sharding.FSDP_AXIS, 1) == 1
-                      and config.model.dropout == 0)
+                      and config.model.unet.dropout == 0)
 
   def loss_and_grads(params, example, labels, drop_key):
     """Mean loss of one (micro-)batch and its gradient.
@@ -227,7 +219,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     def loss_fn(params, example, labels):
       out = model.apply({'params': params}, example['x_t'], example['t'], labels, train=True,
                         rngs={'dropout': drop_key})
-      return jnp.mean(objectives.per_example_loss(schedule, dcfg, out, example, learn_sigma))
+      return jnp.mean(objective.per_example_loss(config, out, example))
 
     if not per_device_grads:
       return jax.value_and_grad(loss_fn)(params, example, labels)
@@ -275,7 +267,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     t_key, noise_key, drop_key, label_key = jax.random.split(step_key, 4)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     # The corrupted input, the network's time input and the loss targets of the objective.
-    example = objectives.training_example(schedule, dcfg, x0, noise, t_key)
+    example = objective.training_example(config, x0, noise, t_key)
     labels = None
     if num_classes > 0:
       labels = batch['label'].astype(jnp.int32)
@@ -295,7 +287,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                        ema_decay_at(state.step, ocfg.ema_decay, ocfg.ema_warmup))
       extra_emas = None
       if extra_ema_specs:  # optim.ema_decays / ema_sigma_rels, in float32 (ema.py).
-        extra_emas = ema.update_emas(
+        extra_emas = ema_lib.update_emas(
             state.extra_emas, params, state.step, extra_ema_specs,
             lambda d: ema_decay_at(state.step, d, ocfg.ema_warmup))
       return TrainState(step=state.step + 1, params=params, ema_params=ema,
