@@ -3,7 +3,7 @@ loop's resume / stop-on-NaN behaviour.
 
 The checkpoint-manager tests use a small synthetic TrainState (a few parameter arrays, the real
 optimizer's state after two updates), which needs no model compile. The training-loop tests run
-`loop.train_and_evaluate` with the same small class-conditional config as
+`modes.train.train_and_evaluate` with the same small class-conditional config as
 test_train_state.py; the persistent compilation cache shared by this session's test modules
 means its train step and init are compiled once per session.
 """
@@ -28,8 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import tiny  # pylint: disable=g-import-not-at-top
 from diffusion_jax.training import checkpoints
 from diffusion_jax.data import pipeline
+from diffusion_jax.modes import train as train_mode
 from diffusion_jax.parallel import sharding
-from diffusion_jax.training import loop
+from diffusion_jax.training import hooks
+from diffusion_jax.training import run_log
 from diffusion_jax.training import train_state
 
 
@@ -292,6 +294,45 @@ def test_legacy_single_item_checkpoint_is_still_read(tmp_path, meshes):
   assert _steps_on_disk(tmp_path) == [4]
 
 
+@pytest.mark.parametrize('layout', ['items', 'legacy'])
+def test_checkpoint_without_num_updates_restores_it_as_its_step(tmp_path, meshes, layout):
+  """A checkpoint written before TrainState.num_updates existed (its meta item holds only
+  'step'; or the legacy single item) restores with num_updates = step, in a buffer of its own:
+  the train step donates the state, and two leaves on one buffer cannot both be donated. A
+  state saved with the field round-trips it, even where it differs from the step."""
+  mesh8, _ = meshes
+  old = make_state(mesh8, seed=3, step=5)  # num_updates None: what the old code wrote.
+  assert old.num_updates is None
+  assert set(checkpoints.state_items(old)[checkpoints.META_ITEM]) == {'step'}
+  if layout == 'legacy':
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    writer = ocp.CheckpointManager(tmp_path / 'checkpoints', options=options,
+                                   item_handlers=ocp.StandardCheckpointHandler())
+    writer.save(5, args=ocp.args.StandardSave(old))
+  else:
+    writer = checkpoints.create_manager(str(tmp_path), async_save=False)
+    checkpoints.save(writer, 5, old)
+  writer.wait_until_finished()
+  writer.close()
+  counter = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh8))
+  target = _zeros_like(old).replace(num_updates=counter)
+  manager = checkpoints.create_manager(str(tmp_path), async_save=False)
+  restored, step = checkpoints.restore_latest(manager, target)
+  assert step == 5 and int(restored.num_updates) == 5 and int(restored.step) == 5
+  assert restored.num_updates.sharding.is_equivalent_to(counter.sharding, 0)
+  assert_trees_equal(restored.replace(num_updates=None), old)
+  bumped = jax.jit(lambda s: s.replace(step=s.step + 1, num_updates=s.num_updates + 1),
+                   donate_argnums=0)(restored)  # Would raise on one buffer donated twice.
+  assert (int(bumped.step), int(bumped.num_updates)) == (6, 6)
+  if layout == 'items':  # The new layout keeps the field: 2 applied updates in 7 steps.
+    new = old.replace(step=jnp.asarray(7, jnp.int32), num_updates=jnp.asarray(2, jnp.int32))
+    checkpoints.save(manager, 7, new)
+    manager.wait_until_finished()
+    restored, step = checkpoints.restore_latest(manager, target)
+    assert step == 7 and (int(restored.step), int(restored.num_updates)) == (7, 2)
+  manager.close()
+
+
 def test_is_transient_error():
   import errno  # pylint: disable=g-import-not-at-top
   assert checkpoints.is_transient_error(TimeoutError('read timed out'))
@@ -384,7 +425,7 @@ def loop_config(num_train_steps, **training):
   config.training.num_train_steps = num_train_steps
   config.training.checkpoint_every_steps = 2
   config.training.log_every_steps = 2
-  config.training.sample_every_steps = 0  # Only the final grid.
+  config.training.sample_every_steps = 100  # More than the run's steps: only the final grid.
   # Extra EMAs (ema.py) and power-EMA snapshots: the resume below is bit-exact with them too.
   config.optim.ema_decays = (0.9,)
   config.optim.ema_sigma_rels = (0.1,)
@@ -422,16 +463,16 @@ def resumed_run(tmp_path_factory):
   """Train 4 steps, resume to 6, run the finished command once more; and, for reference,
   6 uninterrupted steps in another workdir."""
   workdir = tmp_path_factory.mktemp('resume')
-  first = jax.device_get(loop.train_and_evaluate(
+  first = jax.device_get(train_mode.train_and_evaluate(
       loop_config(4, async_checkpointing=True), str(workdir)))
   after_first = {'steps': _steps_on_disk(workdir), 'loss_steps': _scalar_steps(workdir),
                  'files': _files(workdir)}
-  second = jax.device_get(loop.train_and_evaluate(loop_config(6), str(workdir)))
+  second = jax.device_get(train_mode.train_and_evaluate(loop_config(6), str(workdir)))
   after_second = {'steps': _steps_on_disk(workdir), 'loss_steps': _scalar_steps(workdir),
                   'files': _files(workdir)}
-  third = loop.train_and_evaluate(loop_config(6), str(workdir))
+  third = train_mode.train_and_evaluate(loop_config(6), str(workdir))
   reference_dir = tmp_path_factory.mktemp('uninterrupted')
-  uninterrupted = jax.device_get(loop.train_and_evaluate(loop_config(6), str(reference_dir)))
+  uninterrupted = jax.device_get(train_mode.train_and_evaluate(loop_config(6), str(reference_dir)))
   return dict(workdir=workdir, first=first, second=second, third=third,
               after_first=after_first, after_second=after_second,
               uninterrupted=uninterrupted, reference_dir=reference_dir)
@@ -501,7 +542,7 @@ def test_resume_with_another_network_is_a_config_error(resumed_run, tmp_path):
   (workdir / 'config.json').unlink()  # The checkpoint's config is the reference.
   before = _tree_snapshot(workdir)
   with pytest.raises(ConfigError) as info:
-    loop.train_and_evaluate(changed, str(workdir))
+    train_mode.train_and_evaluate(changed, str(workdir))
   message = str(info.value)
   assert 'model.unet.ch: run has 16, requested 32' in message
   assert 'diffusion.ddpm.num_timesteps: run has 100, requested 50' in message
@@ -514,13 +555,13 @@ def test_resume_with_another_network_is_a_config_error(resumed_run, tmp_path):
     shutil.rmtree(workdir / 'checkpoints' / str(step) / checkpoints.CONFIG_ITEM)
   run_config.save_run_config(loop_config(6), str(workdir))
   before = _tree_snapshot(workdir)
-  with pytest.raises(ConfigError, match=r'config\.json(.|\n)*model\.ch: run has 16, requested 32'):
-    loop.train_and_evaluate(changed, str(workdir))
+  with pytest.raises(ConfigError, match=r'config\.json(.|\n)*model\.unet\.ch: run has 16, requested 32'):
+    train_mode.train_and_evaluate(changed, str(workdir))
   assert _tree_snapshot(workdir) == before
 
 
 def test_flatten_config_for_hparams():
-  flat = loop.flatten_config(loop_config(6))
+  flat = run_log.flatten_config(loop_config(6))
   assert flat['training.num_train_steps'] == 6
   assert flat['model.unet.ch_mult'] == '(1, 2)'
   assert flat['optim.lr_schedule'] == 'constant'
@@ -529,7 +570,7 @@ def test_flatten_config_for_hparams():
 
 def test_resume_continues_from_the_checkpoint(resumed_run):
   """The second call restores step 4 and trains only steps 5 and 6; since the data order is a
-  function of the step (loop.py), the result equals 6 uninterrupted steps bit for bit."""
+  function of the step (training/loop.py), the result equals 6 uninterrupted steps bit for bit."""
   run = resumed_run
   first, second = run['first'], run['second']
   assert int(second.step) == 6
@@ -576,8 +617,8 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(
 
   monkeypatch.setattr(pipeline, 'global_batches', poisoned)
   workdir = tmp_path / 'nan_run'
-  with pytest.raises(loop.NonFiniteLossError, match='NaN/Inf'):
-    loop.train_and_evaluate(loop_config(6, log_every_steps=log_every), str(workdir))
+  with pytest.raises(hooks.NonFiniteLossError, match='NaN/Inf'):
+    train_mode.train_and_evaluate(loop_config(6, log_every_steps=log_every), str(workdir))
   assert _steps_on_disk(workdir) == [2]
   manager = checkpoints.create_manager(str(workdir), async_save=False)
   restored, step = checkpoints.restore_latest(manager, jax.device_put(
@@ -595,10 +636,10 @@ def test_corrupt_newest_checkpoint_is_quarantined_and_saved_again(tmp_path, resu
   """A 4-step run whose checkpoint 4 is corrupted resumes from 2, trains past 4 and saves 4
   and 6 again (no StepAlreadyExistsError crash loop); the new 4 is the healthy run's 4."""
   workdir = tmp_path / 'corrupt_run'
-  loop.train_and_evaluate(loop_config(4), str(workdir))
+  train_mode.train_and_evaluate(loop_config(4), str(workdir))
   assert _steps_on_disk(workdir) == [2, 4]
   _corrupt(workdir / 'checkpoints' / '4', 'array_data_garbage')
-  final = jax.device_get(loop.train_and_evaluate(loop_config(6), str(workdir)))
+  final = jax.device_get(train_mode.train_and_evaluate(loop_config(6), str(workdir)))
   assert _steps_on_disk(workdir) == [2, 4, 6]
   assert (workdir / 'checkpoints' / '4.corrupt').is_dir()
   assert_trees_equal(final, resumed_run['uninterrupted'])
@@ -638,10 +679,10 @@ def test_resume_with_other_grad_clip_and_optimizer(tmp_path):
   workdir = str(tmp_path / 'switch')
   first = loop_config(2)
   first.optim.grad_clip, first.optim.optimizer = 1.0, 'adam'
-  state2 = jax.device_get(loop.train_and_evaluate(first, workdir))
+  state2 = jax.device_get(train_mode.train_and_evaluate(first, workdir))
   second = loop_config(4)
   second.optim.grad_clip, second.optim.optimizer, second.optim.weight_decay = 0.0, 'adamw', 0.1
-  state4 = jax.device_get(loop.train_and_evaluate(second, workdir))
+  state4 = jax.device_get(train_mode.train_and_evaluate(second, workdir))
   assert int(state4.step) == 4 and _steps_on_disk(workdir) == [2, 4]
   counts = [int(x) for path, x in _leaves_with_paths(state4.opt_state) if 'count' in path]
   assert counts and all(c == 4 for c in counts)  # Adam moments continued from step 2.

@@ -21,9 +21,9 @@ sys.path.insert(0, ROOT)
 from configs import tiny  # pylint: disable=g-import-not-at-top
 from diffusion_jax.training import checkpoints
 from diffusion_jax.modes import validation
-from diffusion_jax.processes import discrete
 from diffusion_jax.data import pipeline
 from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import policy
 from diffusion_jax.parallel import sharding
 from diffusion_jax.training import train_state
 
@@ -40,9 +40,7 @@ def small_config(**training):
 def build(config, mesh, **step_kwargs):
   model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape,
-                                         mesh, sharding.fsdp_min_size(config.mesh))
+  state = train_state.create_train_state(config, mesh)
   step = train_state.make_train_step(model, tx, config, mesh, **step_kwargs)
   return state, step
 
@@ -124,30 +122,12 @@ def test_auto_cpu_devices_defer_to_an_explicit_xla_flag_and_to_clusters():
     sharding.configure_cpu_devices(mesh, [64], environ=flag)
 
 
-def test_programs_finish_one_at_a_time_only_on_a_multi_device_cpu_mesh():
-  """XLA:CPU's in-process collectives deadlocked with two programs in flight; loops wait there,
-  and only there (one device, or GPUs/TPUs, keep asynchronous dispatch)."""
-
-  class Pending:
-    waited = 0
-
-    def block_until_ready(self):
-      Pending.waited += 1
-      return self
-
-  outputs = {'state': Pending(), 'metrics': [Pending()]}
-  sharding.finish_before_next_program(sharding.create_mesh(small_config().mesh), outputs)
-  assert Pending.waited == 1  # Eight CPU devices: the program waited for, through one output.
-  one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), sharding.BATCH_AXES)
-  sharding.finish_before_next_program(one_device, outputs)
-  assert Pending.waited == 1
-  gpu_like = type('FakeMesh', (), {'size': 8, 'devices': np.array([type('D', (), {
-      'platform': 'gpu'})()] * 8)})()
-  sharding.finish_before_next_program(gpu_like, outputs)
-  assert Pending.waited == 1
-  # The premise of waiting for one output: a program's outputs become ready together on every
-  # device. A slow program (tens of ms) with two outputs; after waiting for the first, every
-  # shard of the second is ready.
+def test_one_output_is_ready_when_a_program_has_finished():
+  """The premise of policy.finish_before_next_program waiting for one output (XLA:CPU's
+  in-process collectives deadlocked with two programs in flight; tests/test_training_policy.py
+  checks where it waits): a program's outputs become ready together on every device. A slow
+  program (tens of ms) with two outputs; after waiting for the first, every shard of the second
+  is ready."""
   mesh = sharding.create_mesh(small_config().mesh)
 
   def slow(x):
@@ -156,7 +136,7 @@ def test_programs_finish_one_at_a_time_only_on_a_multi_device_cpu_mesh():
 
   x = jax.device_put(jnp.ones((8 * 128, 128)) / 128, sharding.batch_sharding(mesh))
   total, doubled = jax.jit(slow)(x)
-  sharding.finish_before_next_program(mesh, (total, doubled))
+  policy.finish_before_next_program(mesh, (total, doubled))
   assert all(shard.data.is_ready() for shard in doubled.addressable_shards)
 
 
@@ -243,11 +223,8 @@ def test_grad_accum_sum_stays_in_the_fsdp_layout():
   mesh = sharding.create_mesh(config.mesh)
   model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  abstract = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      train_state.abstract_train_state(model, tx, shape),
-      train_state.state_shardings(model, tx, shape, mesh, 256))
+  shape = train_state.image_shape(config)
+  abstract = train_state.abstract_train_state(config, mesh)
   rows = sharding.batch_sharding(mesh)
   batch = {'image': jax.ShapeDtypeStruct((16,) + shape, jnp.float32, sharding=rows),
            'label': jax.ShapeDtypeStruct((16,), jnp.int32, sharding=rows)}
@@ -369,12 +346,7 @@ def final_state(workdir, config=None):
   """The newest checkpoint of `workdir`, restored onto one device."""
   config = config or small_config()
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
-  model = backbones.create_model(config.model, config.data.channels)
-  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
-      train_state.abstract_train_state(model, tx, shape))
+  abstract = train_state.abstract_train_state(config, mesh)
   manager = checkpoints.create_manager(str(workdir), read_only=True, async_save=False)
   state, step = checkpoints.restore_latest(manager, abstract)
   manager.close()

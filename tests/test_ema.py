@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from configs import tiny  # pylint: disable=g-import-not-at-top
 from diffusion_jax.training import checkpoints
 from diffusion_jax.training import restore
-from diffusion_jax.processes import discrete
 from diffusion_jax.training import ema as ema_lib
 from diffusion_jax.nn import backbones
 from diffusion_jax.training import posthoc_ema
@@ -241,10 +240,7 @@ def test_extra_emas_are_fsdp_sharded_and_follow_their_rules_in_the_train_step():
   mesh = sharding.create_mesh(config.mesh)
   model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  res = config.data.resolution
-  state = train_state.create_train_state(
-      model, tx, jax.random.PRNGKey(0), (res, res, config.data.channels), mesh,
-      sharding.fsdp_min_size(config.mesh), ema_lib.ema_keys(config.optim))
+  state = train_state.create_train_state(config, mesh, jax.random.PRNGKey(0))
   step_fn = train_state.make_train_step(model, tx, config, mesh)
   assert state.extra_emas is not None
   assert sorted(state.extra_emas) == sorted(ema_lib.ema_keys(config.optim))
@@ -348,7 +344,7 @@ def test_train_posthoc_and_sample_through_the_cli(tmp_path, cli_env):
   # The written parameters are the fitted combination of the snapshots.
   config = tiny.get_config()
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
-  abstract = posthoc_ema._abstract_params(config, mesh)  # pylint: disable=protected-access
+  abstract = train_state.abstract_train_state(config, mesh).ema_params
   recon, step = posthoc_ema.restore_reconstruction(str(workdir), 0.08, abstract)
   assert step == 6
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -387,3 +383,86 @@ def test_train_posthoc_and_sample_through_the_cli(tmp_path, cli_env):
   proc = run_cli(cli_env, f'--workdir={workdir}', '--mode=sample',
                  '--config.sample.ema=posthoc:0.2')
   assert proc.returncode != 0 and 'posthoc_ema.sigma_rel=0.2' in proc.stderr, _tail(proc)
+
+
+# ------------------------------------------------------------------ skipped non-finite steps
+
+
+def test_skipped_steps_keep_the_power_emas_and_their_reconstruction_exact(tmp_path, monkeypatch):
+  """training.on_nonfinite='skip' with step 3's batch NaN: 6 steps are 5 applied updates
+  theta_1..theta_5 (the params of steps 1, 2, 4, 5, 6; step 3 leaves them as step 2's). Each
+  power-EMA snapshot (steps 2, 4, 6 after 2, 3, 5 updates) is the closed-form power profile of
+  the applied updates, sum_tau w_tau(n) theta_tau; a post-hoc EMA is the profile solve_posthoc
+  fitted on those update counts (exactly the tracked EMA for its own sigma_rel). Counting
+  steps instead (t = step + 1) shifts every weight from step 3 on: snapshot 4 would be
+  built from t = 1, 2, 4 and its reconstruction would not match."""
+  from diffusion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.modes import train as train_mode  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  real = pipeline.global_batches
+
+  def poisoned(dataset, batch_sharding):
+    for i, batch in enumerate(real(dataset, batch_sharding)):
+      yield dict(batch, image=batch['image'] * jnp.nan) if i == 2 else batch
+
+  monkeypatch.setattr(pipeline, 'global_batches', poisoned)
+  config = tiny.get_config()
+  config.model.unet.dropout = 0.0
+  config.optim.warmup_steps, config.optim.learning_rate = 0, 1e-2  # Big steps: clear weights.
+  config.optim.ema_sigma_rels = (0.05, 0.1)
+  config.optim.ema_snapshot_every_steps = 2
+  config.training.update(num_train_steps=6, checkpoint_every_steps=1, keep_checkpoints=10,
+                         log_every_steps=2, sample_every_steps=0, on_nonfinite='skip')
+  workdir = tmp_path / 'run'
+  state = train_mode.train_and_evaluate(config, str(workdir))
+  assert (int(state.step), int(state.num_updates)) == (6, 5)
+  assert not (workdir / 'samples').exists()  # sample_every_steps=0: no grid, not even the last.
+
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
+  abstract = train_state.abstract_train_state(config, mesh)
+  manager = checkpoints.create_manager(str(workdir), read_only=True, async_save=False)
+  params = {s: jax.device_get(manager.restore(s, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract.params)))['params']) for s in range(1, 7)}
+  manager.close()
+  leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+  for a, b in zip(leaves(params[3]), leaves(params[2])):
+    np.testing.assert_array_equal(a, b)  # The skipped step changed nothing.
+  thetas = [leaves(params[s]) for s in (1, 2, 4, 5, 6)]
+
+  def ideal(weights):  # sum_tau weights[tau - 1] theta_tau, leaf by leaf, in float64.
+    return [sum(w * theta[i] for w, theta in zip(weights, thetas)) for i in range(len(thetas[0]))]
+
+  infos = posthoc_ema.list_snapshots(str(workdir))
+  assert [(i['step'], i['updates']) for i in infos] == [(2, 2), (4, 3), (6, 5)]
+  reader = posthoc_ema.create_snapshot_manager(str(workdir), async_save=False, read_only=True)
+  snapshots = {}
+  for info in infos:
+    snapshots[info['step']] = jax.device_get(reader.restore(info['step'], args=ocp.args.Composite(
+        power_emas=ocp.args.StandardRestore({k: abstract.ema_params for k in info['emas']})))[
+            'power_emas'])
+  reader.close()
+  for info in infos:
+    n = info['updates']
+    for key, spec in info['emas'].items():
+      want = ideal(list(ema_lib.power_profile(n, spec['gamma'], n)))
+      for got, w in zip(leaves(snapshots[info['step']][key]), want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6, err_msg=f'{info["step"]} {key}')
+
+  for sigma_rel in (0.1, 0.08):
+    config.posthoc_ema.sigma_rel = sigma_rel
+    posthoc_ema.reconstruct(config, str(workdir), mesh)
+    recon, step = posthoc_ema.restore_reconstruction(str(workdir), sigma_rel,
+                                                     abstract.ema_params)
+    fit = posthoc_ema.read_fit(posthoc_ema.reconstruction_dir(str(workdir), sigma_rel) / '6')
+    assert step == 6 and fit['updates'] == 5
+    # The profile the fit assumed: sum_i x_i w_i(tau) over the applied updates tau = 1..5.
+    by_step = {i['step']: i for i in infos}
+    assumed = sum(w * ema_lib.power_profile(by_step[s]['updates'],
+                                            by_step[s]['emas'][key]['gamma'], 5)
+                  for s, key, w in fit['snapshots'])
+    if sigma_rel == 0.1:  # A tracked EMA: the fit is exact, the target's own profile.
+      assert fit['relative_error'] < 1e-6
+      np.testing.assert_allclose(
+          assumed, ema_lib.power_profile(5, ema_lib.sigma_rel_to_gamma(0.1), 5), atol=1e-9)
+    for got, w in zip(leaves(recon), ideal(list(assumed))):
+      np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)

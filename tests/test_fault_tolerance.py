@@ -24,6 +24,8 @@ import test_distributed as td  # pylint: disable=g-import-not-at-top
 from diffusion_jax.training import checkpoints
 from diffusion_jax.data import pipeline
 from diffusion_jax.parallel import sharding
+from diffusion_jax.modes import train as train_mode
+from diffusion_jax.training import hooks
 from diffusion_jax.training import loop
 
 
@@ -156,7 +158,7 @@ def test_skip_nonfinite_steps_and_keep_every(tmp_path, monkeypatch):
   config.sample.steps = 2
   config.mesh.data = 1
   config.mesh.allow_idle_devices = True  # One device of the 8 on purpose.
-  state = loop.train_and_evaluate(config, str(tmp_path))
+  state = train_mode.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 8
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
   assert td.logged_losses(tmp_path, 'skipped_steps') == {4: 1.0, 8: 1.0}
@@ -166,8 +168,10 @@ def test_skip_nonfinite_steps_and_keep_every(tmp_path, monkeypatch):
   assert sorted(losses) == [4, 8] and all(np.isfinite(v) for v in losses.values())
   # One tag per meaning: ours is the log window's rate, clu's 'steps_per_sec' the run's.
   assert sorted(td.logged_losses(tmp_path, 'train/steps_per_sec_window')) == [4, 8]
-  # 7 updates were applied in 8 steps: the schedule counts applied updates.
+  # 7 updates were applied in 8 steps: the schedule and the EMAs count applied updates.
   assert int(state.opt_state[1][0].count) == 7
+  assert int(state.num_updates) == 7
+  assert not (tmp_path / 'samples').exists()  # sample_every_steps=0: never, not even the last.
 
 
 # ------------------------------------------------------------------ multi-process preemption
@@ -246,12 +250,12 @@ def test_preemption_sync_ids_go_up_by_one_with_steps_per_call(monkeypatch, k):
   the old loop did, passes k, 2k, ... and never meets max + 1 when k > 1)."""
   fake = _FakeSyncManager()
   monkeypatch.setattr(checkpoints, 'reached_preemption', fake)
-  flag = loop._PreemptionFlag()  # pylint: disable=protected-access
+  flag = hooks.PreemptionFlag()
   stopped_at = None
   for step in range(k, 40 * k + 1, k):
     if step == 10 * k:
       fake.notify()  # A SIGTERM arrives during the 10th call: sync point 9k + 1.
-    if loop._should_stop_for_preemption(flag, step, k):  # pylint: disable=protected-access
+    if hooks.preemption_requested(flag, step, k):
       stopped_at = step
       break
   assert fake.ids == list(range(1, len(fake.ids) + 1))

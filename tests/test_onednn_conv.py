@@ -2,6 +2,10 @@
 
 Checked against XLA's own convolution (an independent implementation) and a closed form, on one
 device and partitioned over the 8 virtual devices of conftest.py, down to a whole train step.
+
+oneDNN is optional (`pip install -e '.[test,onednn]'`, as .ci/run does): where it cannot be built
+(no wheels, no C++ compiler, not Linux) the tests that run the kernel skip, naming the reason;
+those of the config and of moving a run between backends run everywhere.
 """
 
 import os
@@ -24,6 +28,12 @@ from diffusion_jax.nn import backbones
 from diffusion_jax.contrib.onednn import conv as onednn_conv
 from diffusion_jax.parallel import sharding
 from test_distributed import assert_trees_close, build  # pylint: disable=g-bad-import-order
+from test_train_state import shard_map_checks
+
+UNAVAILABLE = onednn_conv.unavailable_reason()
+needs_onednn = pytest.mark.skipif(
+    UNAVAILABLE is not None,
+    reason=f"oneDNN kernel unavailable ({UNAVAILABLE}); pip install -e '.[test,onednn]'")
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -72,8 +82,13 @@ CASES = [  # (batch, size, in channels, out channels, kernel, stride, padding)
 ]
 
 
+@needs_onednn
 def test_onednn_conv_bypasses_xla_and_builds_once():
   assert onednn_conv.unavailable_reason() is None, onednn_conv.unavailable_reason()
+  config = tiny.get_config()  # Installed: the config check has nothing to say.
+  for backend in ('onednn', 'onednn_winograd'):
+    config.model.conv_backend = backend
+    assert not backbones.check_model_config(config.model, config.data.resolution), backend
   library = onednn_conv.build()
   assert library.parent == onednn_conv._cache_dir() and library.exists()
   assert onednn_conv.build() == library  # Cached by content: the second call compiles nothing.
@@ -83,6 +98,7 @@ def test_onednn_conv_bypasses_xla_and_builds_once():
   assert 'dj_onednn_conv_forward' in hlo and 'convolution' not in hlo
 
 
+@needs_onednn
 @pytest.mark.parametrize('case', CASES, ids=[str(i) for i in range(len(CASES))])
 def test_onednn_conv_and_both_gradients_match_xla(case):
   n, size, cin, cout, k, stride, padding = case
@@ -94,6 +110,7 @@ def test_onednn_conv_and_both_gradients_match_xla(case):
   _assert_close(got, want, rtol=1e-5)
 
 
+@needs_onednn
 def test_a_centred_delta_kernel_is_the_identity_and_its_gradient_a_sum():
   """Closed form: y = conv(x, delta) = x; d/dw sum(y * c) at the centre = sum(x * c), and at the
   other taps the sum of x shifted against c (zero-padded)."""
@@ -112,6 +129,7 @@ def test_a_centred_delta_kernel_is_the_identity_and_its_gradient_a_sum():
   np.testing.assert_allclose(np.asarray(dw), want, rtol=1e-5, atol=1e-5)
 
 
+@needs_onednn
 def test_other_convolutions_fall_back_to_xla():
   """bfloat16, dilation and grouped convolutions are not the U-Net's: lax computes them."""
   x, w = jnp.ones((1, 6, 6, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 4), jnp.bfloat16)
@@ -125,6 +143,7 @@ def test_other_convolutions_fall_back_to_xla():
       x32, w32, (1, 1), 'SAME', dimension_numbers=NHWC, feature_group_count=2))
 
 
+@needs_onednn
 @pytest.mark.parametrize('winograd', [False, True])
 def test_partitioned_over_the_batch_with_no_gather_and_the_same_values(winograd):
   """On 8 devices with the batch sharded: each device convolves its own rows (no all-gather of
@@ -153,6 +172,7 @@ def test_partitioned_over_the_batch_with_no_gather_and_the_same_values(winograd)
                                                    'SAME'), rtol=5e-5 if winograd else 1e-5)
 
 
+@needs_onednn
 @pytest.mark.parametrize('fsdp', [1, 4])
 def test_train_steps_with_onednn_match_xla(fsdp):
   """The same parameters (one init, one layout) and, after three steps on data-parallel or
@@ -167,6 +187,12 @@ def test_train_steps_with_onednn_match_xla(fsdp):
     configs[backend] = config
   mesh = sharding.create_mesh(configs['xla'].mesh)
   (s_xla, step_xla), (s_dnn, step_dnn) = build(configs['xla'], mesh), build(configs['onednn'], mesh)
+  # The custom VJP does not annotate varying axes: only oneDNN's per-device-gradient shard_map
+  # (data parallel, fsdp=1) runs with check_vma off; XLA's keeps it on.
+  checks = {name: shard_map_checks(step, s, _batch(16, mesh))
+            for name, step, s in (('xla', step_xla, s_xla), ('onednn', step_dnn, s_dnn))}
+  assert checks == ({'xla': [True], 'onednn': [False]} if fsdp == 1 else
+                    {'xla': [], 'onednn': []})
   step_dnn = step_dnn.lower(s_dnn, _batch(16, mesh)).compile()
   assert 'custom_call_target="dj_onednn_conv_kernel_grad"' in step_dnn.as_text()
   assert_trees_close(s_dnn.params, s_xla.params, rtol=0, atol=0)
@@ -176,6 +202,8 @@ def test_train_steps_with_onednn_match_xla(fsdp):
     s_dnn, m_dnn = step_dnn(s_dnn, batch)
     np.testing.assert_allclose(float(m_dnn['loss']), float(m_xla['loss']), rtol=1e-5)
   assert_trees_close(s_dnn.params, s_xla.params, rtol=1e-4, atol=1e-5)
+
+
 
 
 def _batch(n, mesh, seed=0):
@@ -207,6 +235,7 @@ def _float64_conv(x, w):
              for i in range(3) for j in range(3))
 
 
+@needs_onednn
 @pytest.mark.parametrize('case', WINOGRAD_CASES, ids=[str(i) for i in range(len(WINOGRAD_CASES))])
 def test_winograd_conv_and_both_gradients_match_xla(case):
   """F(4x4, 3x3) in all three directions against XLA's direct convolution, to ~1e-5 of the
@@ -229,6 +258,7 @@ def test_winograd_conv_and_both_gradients_match_xla(case):
   assert wino_error < max(20 * direct_error, 1e-6), (wino_error, direct_error)
 
 
+@needs_onednn
 def test_winograd_delta_kernel_is_the_identity_and_its_gradient_a_sum():
   """The closed form of test_a_centred_delta_kernel_..., on a layer large enough for Winograd
   (the transforms make the identity exact only up to rounding)."""
@@ -249,6 +279,7 @@ def test_winograd_delta_kernel_is_the_identity_and_its_gradient_a_sum():
 @pytest.mark.parametrize('case', CASES + [(8, 4, 64, 64, 3, 1, 'SAME'), (32, 8, 16, 64, 3, 1, 'SAME'),
                                   (64, 2, 64, 64, 3, 1, 'SAME')],
                          ids=[str(i) for i in range(len(CASES) + 3)])
+@needs_onednn
 def test_layers_outside_the_winograd_rule_stay_direct(case):
   """Other kernels, strides, paddings, too few tiles (8 images of 4x4 = 8 tiles), channels
   (16 in) or maps smaller than a tile (2x2): winograd=True computes exactly what winograd=False
@@ -264,6 +295,7 @@ def test_layers_outside_the_winograd_rule_stay_direct(case):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@needs_onednn
 def test_train_steps_with_winograd_match_xla():
   """conv_backend='onednn_winograd' on one device, with a U-Net whose 8x8 level (64 channels,
   64 tiles) takes Winograd's algorithm: three steps give XLA's loss and parameters to ~1e-4."""
@@ -298,13 +330,13 @@ def test_conv_backend_errors_name_the_field_and_the_fix(monkeypatch):
   assert any('model.conv_backend=onednn_winograd applies to the U-Net only' in e
              for e in errors), errors
   config.model.arch = 'unet'
-  assert not backbones.check_model_config(config.model, config.data.resolution)
   monkeypatch.setattr(onednn_conv, '_dist_file', lambda *args: None)  # Wheels not installed.
   with pytest.raises(ValueError, match=r"model.conv_backend=onednn needs the oneDNN wheels: pip "
                      r"install 'diffusion-jax\[onednn\]'"):
     validation.validate_config(config)
 
 
+@needs_onednn
 def test_export_serves_the_same_parameters_with_xla_convolutions():
   """jax.export cannot carry this process's custom calls: the exported sampler uses XLA's
   convolutions on the same parameters."""
@@ -326,7 +358,7 @@ def test_a_run_moves_between_conv_backends():
   saved.model.conv_backend = 'onednn'
   assert run_config.locked_differences(saved, requested) == []
   run_config.check_resume_config(saved, requested, 'the run')
-  merged = run_config.config_for_run(saved, requested, {'model.conv_backend': 'xla'})
+  merged = run_config.config_for_run(saved, {'model.conv_backend': 'xla'})
   assert merged.model.conv_backend == 'xla'
   requested.model.unet.ch = 2 * saved.model.unet.ch
   assert [name for name, _, _ in run_config.locked_differences(saved, requested)] == ['model.unet.ch']

@@ -19,11 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
 from diffusion_jax.training import restore
-from diffusion_jax.processes import discrete
 from diffusion_jax.nn import backbones
 from diffusion_jax.pipelines import sampler
 from diffusion_jax.parallel import sharding
-from diffusion_jax.training import loop
+from diffusion_jax.modes import train as train_mode
 from diffusion_jax.training import train_state
 
 
@@ -34,7 +33,7 @@ def fsdp_config():
   config.training.num_train_steps = 2
   config.training.checkpoint_every_steps = 2
   config.training.log_every_steps = 2
-  config.training.sample_every_steps = 0  # The final grid only (sampled from sharded EMA).
+  config.training.sample_every_steps = 2  # The final grid only (sampled from sharded EMA).
   config.training.batch_size = 8
   config.training.num_grid_samples = 8
   config.sample.batch_size = 8
@@ -45,7 +44,7 @@ def fsdp_config():
 def fsdp_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('fsdp_run')
   config = fsdp_config()
-  state = loop.train_and_evaluate(config, str(workdir))
+  state = train_mode.train_and_evaluate(config, str(workdir))
   return config, workdir, state
 
 
@@ -72,11 +71,7 @@ def test_restore_params_reads_only_ema_into_fsdp_shardings(fsdp_run, monkeypatch
   assert opened and set(opened) == {'ema_params'}  # Neither opt_state nor params was opened.
 
   # The trained EMA parameters, bit for bit, in the layout the train state gives them.
-  model = backbones.create_model(config.model, config.data.channels)
-  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  res = config.data.resolution
-  expected = train_state.state_shardings(model, tx, (res, res, config.data.channels), mesh,
-                                         config.mesh.fsdp_min_size).ema_params
+  expected = train_state.state_shardings(config, mesh).ema_params
   for leaf, trained, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params),
                                  jax.tree.leaves(expected)):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
@@ -108,7 +103,6 @@ def test_sharded_sampler_memory_and_samples_match_replicated(fsdp_run):
   mesh = sharding.create_mesh(config.mesh)
   params, _ = restore.restore_params(config, str(workdir), mesh, use_ema=True)
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion.ddpm)
   batch = config.sample.batch_size
   sample_fn = sampler.make_sample_fn(model, config, mesh, batch)
   rng, labels = jax.random.PRNGKey(3), np.zeros((batch,), np.int32)

@@ -27,7 +27,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax.processes import discrete
 from diffusion_jax.data import pipeline
 from diffusion_jax.nn import backbones
 from diffusion_jax.parallel import sharding
@@ -73,14 +72,11 @@ def assert_trees_close(a, b, rtol, atol):
 def env():
   config = small_config()
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion.ddpm)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   mesh8 = sharding.create_mesh(config.mesh)
   mesh1 = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
   assert mesh8.devices.size == 8 and mesh1.devices.size == 1
-  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape,
-                                         mesh8)
+  state = train_state.create_train_state(config, mesh8)
   images, labels = pipeline.load_digits()
   e = types.SimpleNamespace(
       config=config, model=model, tx=tx, mesh8=mesh8, mesh1=mesh1,
@@ -127,6 +123,22 @@ def test_initial_state(env):
   # Adam moments start at zero.
   moments = [x for path, x in _leaves_with_paths(init.opt_state) if x.dtype == np.float32]
   assert moments and all(not np.any(x) for x in moments)
+
+
+def test_abstract_train_state_describes_the_created_state(env):
+  """abstract_train_state(config, mesh) is the created state's tree, shapes, dtypes and
+  shardings (nothing computed) and
+  the created state is the reference init; both counters start at 0."""
+  abstract = train_state.abstract_train_state(env.config, env.mesh8)
+  created = train_state.create_train_state(env.config, env.mesh8)
+  assert jax.tree.structure(abstract) == jax.tree.structure(created)
+  for a, c in zip(jax.tree.leaves(abstract), jax.tree.leaves(created)):
+    assert (a.shape, a.dtype) == (c.shape, c.dtype)
+    assert a.sharding.is_equivalent_to(c.sharding, len(a.shape))
+  unsharded = train_state.abstract_train_state(env.config)
+  assert all(getattr(a, 'sharding', None) is None for a in jax.tree.leaves(unsharded))
+  assert (int(created.step), int(created.num_updates)) == (0, 0)
+  assert_trees_equal(jax.device_get(created), env.init)
 
 
 # ------------------------------------------------------------------ learning rate
@@ -333,10 +345,12 @@ def test_nonfinite_batch_leaves_state_untouched(env, warm, bad):
   assert_trees_equal(host.params, warm.params)
   assert_trees_equal(host.ema_params, warm.ema_params)
   assert_trees_equal(host.opt_state, warm.opt_state)
+  assert int(host.num_updates) == int(warm.num_updates) == 4  # Counts applied updates only.
   # Training continues normally from there.
   state, metrics = env.step8(state, env.batch(env.mesh8))
   host, metrics = jax.device_get((state, metrics))
   assert metrics['nonfinite'] == 0.0 and np.isfinite(metrics['loss'])
+  assert (int(host.step), int(host.num_updates)) == (int(warm.step) + 2, 5)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host))
   assert not np.array_equal(host.params['conv_out']['kernel'], warm.params['conv_out']['kernel'])
 
@@ -397,7 +411,6 @@ def test_cpu_devices_average_the_gradient_as_one_flat_vector(env, dropout):
   dropout it keeps XLA's per-tensor reduction, so the masks do not depend on the device count."""
   config = small_config()
   config.model.unet.dropout = dropout
-  schedule = discrete.make_schedule(config.diffusion.ddpm)
   model = backbones.create_model(config.model, config.data.channels)
   step = train_state.make_train_step(model, env.tx, config, env.mesh8)
   text = step.lower(env.put(env.init, env.mesh8), env.batch(env.mesh8)).compile().as_text()
@@ -405,5 +418,26 @@ def test_cpu_devices_average_the_gradient_as_one_flat_vector(env, dropout):
   reduced = _all_reduced_shapes(text)
   if dropout == 0:
     assert reduced == [[str(num_params), '']]  # The flat gradient and the loss, one op.
+    # model.conv_backend='xla': the shard_map checks its varying axes (off only for oneDNN).
+    assert shard_map_checks(step, env.put(env.init, env.mesh8), env.batch(env.mesh8)) == [True]
   else:
     assert sum(len(shapes) for shapes in reduced) > 20  # A tensor per parameter.
+    assert shard_map_checks(step, env.put(env.init, env.mesh8), env.batch(env.mesh8)) == []
+
+
+def shard_map_checks(step, state, batch):
+  """The check_vma flag of every shard_map in the traced train step (and its sub-jaxprs)."""
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'shard_map':
+        found.append(eqn.params['check_vma'])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            visit(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            visit(sub)
+  visit(step.trace(state, batch).jaxpr.jaxpr)
+  return found

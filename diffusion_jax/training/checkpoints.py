@@ -6,7 +6,7 @@ is an orbax Composite of named items, so a reader takes only what it needs:
   params/, ema_params/, opt_state/  the train state's parameter trees (one orbax item each)
   extra_emas/                        the extra EMAs ({key: tree}, ema.py), only when the run has
                                      any (optim.ema_decays / ema_sigma_rels)
-  meta/                              every other TrainState field (step, ...)
+  meta/                              every other TrainState field (step, num_updates)
   config/                            the run's resolved config (JSON, as <workdir>/config.json)
   data/                              the data position (JSON: seed, global batch size, dataset,
                                      split, next step; the batch at step s is a function of
@@ -17,7 +17,9 @@ Training restores the four state items; `--mode=sample|eval` and the converters 
 asynchronous: training continues while the arrays are written, and a checkpoint only appears
 under its final name once it is complete. Restoring places each array straight onto the
 sharding of the abstract state it is given, so a run can resume on another device count.
-Checkpoints of older versions (one orbax item `default/` holding the whole state) are still read.
+Checkpoints of older versions (one orbax item `default/` holding the whole state) are still read,
+and so are those written before a TrainState field of `DEFAULTED_FIELDS` existed (it starts as
+the field it defaults to).
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ LEGACY_ITEM = 'default'  # Older checkpoints: the whole TrainState as one item.
 # The extra EMAs (TrainState.extra_emas): an item only when there are any, so a run without
 # them keeps the layout above; a checkpoint without it restores them from its `params`.
 EXTRA_EMA_ITEM = 'extra_emas'
+# Scalar TrainState fields (in `meta`) newer than some checkpoints: {field: the field whose
+# restored value it starts as when a checkpoint lacks it}. `num_updates` counts applied updates;
+# a checkpoint from before it counted them restores it as its `step`.
+DEFAULTED_FIELDS = {'num_updates': 'step'}
 
 
 def _handler_registry() -> ocp.handlers.CheckpointHandlerRegistry:
@@ -152,7 +158,9 @@ def state_items(state: PyTree) -> Dict[str, PyTree]:
   extra = fields.pop(EXTRA_EMA_ITEM, None)
   if jax.tree.leaves(extra):
     items[EXTRA_EMA_ITEM] = extra
-  items[META_ITEM] = fields
+  # A field left None (a state built by hand without `num_updates`) is not saved; it restores
+  # from its default (DEFAULTED_FIELDS).
+  items[META_ITEM] = {name: value for name, value in fields.items() if value is not None}
   return items
 
 
@@ -297,14 +305,21 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract: PyTree,
   wanted_items = {name: tree for name, tree in state_items(abstract).items() if name in names}
   if legacy:  # One item with the whole state; its paths start with the field names.
     saved = _with_retries(lambda: _saved_shapes(step_dir / LEGACY_ITEM), what, retries, backoff_s)
-    wanted = _shapes_by_path(abstract)
   else:
-    saved, wanted = {}, {}
-    for name, tree in wanted_items.items():
+    saved = {}
+    for name in wanted_items:
       prefix = '' if name == META_ITEM else name + '/'
       saved.update(_with_retries(lambda n=name, p=prefix: _saved_shapes(step_dir / n, p),
                                  what, retries, backoff_s))
-      wanted.update({prefix + path: shape for path, shape in _shapes_by_path(tree).items()})
+  # Fields the checkpoint predates are not read; they start from their defaults below.
+  defaulted = {name: source for name, source in DEFAULTED_FIELDS.items()
+               if name in wanted_items.get(META_ITEM, {}) and name not in saved}
+  if defaulted:
+    abstract = abstract.replace(**{name: None for name in defaulted})
+    wanted_items = {name: tree for name, tree in state_items(abstract).items() if name in names}
+  wanted = _shapes_by_path(abstract) if legacy else {
+      ('' if name == META_ITEM else name + '/') + path: shape
+      for name, tree in wanted_items.items() for path, shape in _shapes_by_path(tree).items()}
   differences = structure_differences(saved, wanted)
   if differences:
     raise CheckpointMismatchError(
@@ -318,11 +333,24 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract: PyTree,
         lambda: ocp.StandardCheckpointHandler().restore(
             step_dir / LEGACY_ITEM, args=ocp.args.StandardRestore(abstract)),
         what, retries, backoff_s)
-    return {name: tree for name, tree in state_items(restored).items() if name in names}
-  args = ocp.args.Composite(**{name: ocp.args.StandardRestore(tree)
-                               for name, tree in wanted_items.items()})
-  restored = _with_retries(lambda: manager.restore(step, args=args), what, retries, backoff_s)
-  return {name: restored[name] for name in wanted_items}
+    items = {name: tree for name, tree in state_items(restored).items() if name in names}
+  else:
+    args = ocp.args.Composite(**{name: ocp.args.StandardRestore(tree)
+                                 for name, tree in wanted_items.items()})
+    restored = _with_retries(lambda: manager.restore(step, args=args), what, retries, backoff_s)
+    items = {name: restored[name] for name in wanted_items}
+  if defaulted:
+    logging.info('Checkpoint %d in %s predates %s: restored as %s.', step, manager.directory,
+                 sorted(defaulted), [defaulted[n] for n in sorted(defaulted)])
+    items[META_ITEM] = _with_defaults(items[META_ITEM], defaulted)
+  return items
+
+
+def _with_defaults(meta: Dict[str, Any], defaulted: Dict[str, str]) -> Dict[str, Any]:
+  """`meta` with each field of `defaulted` set to a copy of its source field (a copy: the
+  train step donates the state, and one buffer cannot be donated twice)."""
+  return dict(meta, **{name: jax.device_put(meta[source], meta[source].sharding, may_alias=False)
+                       for name, source in defaulted.items()})
 
 
 def restore_items(manager: ocp.CheckpointManager, target: PyTree, names: Sequence[str], *,

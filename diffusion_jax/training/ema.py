@@ -152,7 +152,9 @@ def init_emas(params: PyTree, keys: Sequence[str]) -> Dict[str, PyTree]:
 def update_emas(emas: Dict[str, PyTree], params: PyTree, step: jax.Array,
                 specs: Sequence[EmaSpec], decay_at: Callable[[float], jax.Array]
                 ) -> Dict[str, PyTree]:
-  """One update of every extra EMA with the parameters after update number `step` (0-based).
+  """One update of every extra EMA with the parameters after applied update number `step`
+  (0-based: TrainState.num_updates, which a skipped non-finite step does not advance, so the
+  profiles are those of the applied updates that `solve_posthoc` assumes).
 
   Constant decays: e <- d e + (1 - d) theta with d = decay_at(value) (the primary EMA's rule,
   `train_state.ema_decay_at`). Power EMAs: e <- beta_t e + (1 - beta_t) theta, t = step + 1.

@@ -5,7 +5,12 @@ Training with `optim.ema_sigma_rels` (e.g. EDM2's (0.05, 0.1)) and
 EMAs of the state to
 
   <workdir>/ema_snapshots/<step>/power_emas/   {state key: float32 parameter tree} (orbax)
-                                 info/         JSON: {'step', 'emas': {key: {sigma_rel, gamma}}}
+                                 info/         JSON: {'step', 'updates',
+                                                      'emas': {key: {sigma_rel, gamma}}}
+
+where 'updates' is the count of optimizer updates applied up to that step (TrainState.
+num_updates: `step` less the non-finite steps skipped with training.on_nonfinite='skip'), the t
+of the power EMAs (snapshots of older runs have no 'updates': their step is taken),
 
 an orbax CheckpointManager of its own that never deletes (training.keep_checkpoints does not
 apply). Each process writes its shards; orbax's multi-host save finalises on process 0.
@@ -36,12 +41,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.parallel import sharding
 from diffusion_jax.training import checkpoints
 from diffusion_jax.training import ema as ema_lib
-from diffusion_jax.nn import backbones
-from diffusion_jax.parallel import sharding
 from diffusion_jax.training import train_state
-from diffusion_jax.config.errors import ConfigError
 
 PyTree = Any
 SNAPSHOT_SUBDIR = 'ema_snapshots'
@@ -81,14 +85,16 @@ def create_snapshot_manager(workdir: str, async_save: bool = True,
 
 
 def save_snapshot(manager: ocp.CheckpointManager, step: int, extra_emas: Dict[str, PyTree],
-                  specs: Sequence[ema_lib.EmaSpec]) -> bool:
-  """Starts saving the power EMAs `specs` of `extra_emas` as snapshot `step`; False (nothing
-  written) when that snapshot exists (a resumed run redoing steps reproduces it exactly)."""
+                  specs: Sequence[ema_lib.EmaSpec], updates: Optional[int] = None) -> bool:
+  """Starts saving the power EMAs `specs` of `extra_emas` as snapshot `step`, after `updates`
+  applied optimizer updates (TrainState.num_updates; default `step`, no step skipped); False
+  (nothing written) when that snapshot exists (a resumed run redoing steps reproduces it
+  exactly)."""
   manager.check_for_errors()
   if step in manager.all_steps():
     return False
   trees = {spec.key: extra_emas[spec.key] for spec in specs}
-  info = {'step': int(step),
+  info = {'step': int(step), 'updates': int(step if updates is None else updates),
           'emas': {spec.key: {'sigma_rel': spec.value, 'gamma': spec.gamma} for spec in specs}}
   manager.save(step, args=ocp.args.Composite(**{
       SNAPSHOT_ITEM: ocp.args.StandardSave(trees), INFO_ITEM: ocp.args.JsonSave(info)}),
@@ -97,7 +103,8 @@ def save_snapshot(manager: ocp.CheckpointManager, step: int, extra_emas: Dict[st
 
 
 def list_snapshots(workdir: str) -> List[Dict[str, Any]]:
-  """[{'step', 'emas': {key: {'sigma_rel', 'gamma'}}}] of every snapshot, by step."""
+  """[{'step', 'updates', 'emas': {key: {'sigma_rel', 'gamma'}}}] of every snapshot, by step
+  ('updates' is `step` in a snapshot written before it was recorded)."""
   if not snapshot_dir(workdir).exists():
     return []
   manager = create_snapshot_manager(workdir, async_save=False, read_only=True)
@@ -105,26 +112,23 @@ def list_snapshots(workdir: str) -> List[Dict[str, Any]]:
     out = []
     for step in sorted(manager.all_steps()):
       path = snapshot_dir(workdir) / str(step) / INFO_ITEM
-      out.append(ocp.JsonCheckpointHandler().restore(path, args=ocp.args.JsonRestore()))
+      info = ocp.JsonCheckpointHandler().restore(path, args=ocp.args.JsonRestore())
+      out.append({'updates': info['step'], **info})
     return out
   finally:
     manager.close()
 
 
-def _abstract_params(config, mesh: Mesh) -> PyTree:
-  """Float32 parameter shapes with the train state's FSDP shardings on `mesh` (what an EMA is)."""
-  model = backbones.create_model(config.model, config.data.channels)
-  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  shapes = train_state.abstract_train_state(model, tx, image_shape)
-  shardings = sharding.state_shardings(shapes, mesh, sharding.fsdp_min_size(config.mesh))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes.ema_params, shardings.ema_params)
-
-
 def plan(config, workdir: str) -> Dict[str, Any]:
   """What `reconstruct` will do, from the snapshots' JSON alone (no arrays read): the target
-  step, gamma, the (step, key) of each snapshot used, their weights and the fit error.
+  step and its applied-update count, gamma, the (step, key) of each snapshot used, their
+  weights and the fit error.
+
+  The profiles are functions of applied updates (a power EMA's t is TrainState.num_updates,
+  which a skipped non-finite step does not advance): each snapshot is a power EMA at its
+  'updates', and the target at the updates of the newest snapshot at or before
+  `posthoc_ema.step` plus the steps after it (none of which is known to be skipped). A snapshot
+  taken before any update (every step skipped) is no power EMA and is left out.
 
   Raises ConfigError when there is no snapshot (naming the fields that enable them) or none at
   or before `posthoc_ema.step`.
@@ -146,14 +150,19 @@ def plan(config, workdir: str) -> Dict[str, Any]:
   if target > max(steps):
     raise ConfigError(f'posthoc_ema.step={pcfg.step} is after the newest EMA snapshot (step '
                       f'{max(steps)}); use -1 or a step <= {max(steps)}.')
-  columns = [(s['step'], key, float(v['gamma'])) for s in used for key, v in
-             sorted(s['emas'].items())]
+  target_updates = int(used[-1]['updates']) + target - int(used[-1]['step'])
+  used = [s for s in used if s['updates'] > 0]
+  if not used or target_updates <= 0:
+    raise ConfigError(f'No optimizer update was applied up to step {target} (every step was '
+                      'skipped as non-finite): there is no EMA to reconstruct there.')
+  columns = [(s['step'], key, float(v['gamma']), int(s['updates'])) for s in used
+             for key, v in sorted(s['emas'].items())]
   gamma = ema_lib.sigma_rel_to_gamma(pcfg.sigma_rel)
-  weights, error = ema_lib.solve_posthoc([c[0] for c in columns], [c[2] for c in columns],
-                                         target, gamma, pcfg.profile)
+  weights, error = ema_lib.solve_posthoc([c[3] for c in columns], [c[2] for c in columns],
+                                         target_updates, gamma, pcfg.profile)
   return {'sigma_rel': float(pcfg.sigma_rel), 'gamma': gamma, 'step': target,
-          'profile': pcfg.profile, 'relative_error': error,
-          'snapshots': [[int(s), key, float(w)] for (s, key, _), w in zip(columns, weights)]}
+          'updates': target_updates, 'profile': pcfg.profile, 'relative_error': error,
+          'snapshots': [[int(s), key, float(w)] for (s, key, _, _), w in zip(columns, weights)]}
 
 
 def reconstruct(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
@@ -166,7 +175,7 @@ def reconstruct(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path
                fit['sigma_rel'], fit['gamma'], fit['step'], len(fit['snapshots']),
                fit['relative_error'], fit['profile'])
   mesh = mesh or sharding.create_mesh(config.mesh)
-  abstract = _abstract_params(config, mesh)
+  abstract = train_state.abstract_train_state(config, mesh).ema_params
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   axpy = jax.jit(lambda acc, x, w: jax.tree.map(lambda a, b: a + w * b, acc, x),
                  out_shardings=shardings, donate_argnums=0)

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from diffusion_jax.training.checkpoints import (EXTRA_EMA_ITEM, NoCheckpointError,
-                                                checkpoint_dir, create_manager, restore_items)
-from diffusion_jax.nn import backbones
-from diffusion_jax.parallel import sharding
-from diffusion_jax.training import train_state
 from diffusion_jax.training import ema as ema_lib
 from diffusion_jax.training import posthoc_ema
+from diffusion_jax.training import train_state
+from diffusion_jax.training.checkpoints import (EXTRA_EMA_ITEM, NoCheckpointError,
+                                                checkpoint_dir, create_manager, restore_items)
 
 PyTree = Any
+
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
                    use_ema: bool, ema: str = '') -> Tuple[PyTree, int]:
@@ -30,18 +28,11 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
   returned).
 
   Only that item is read (no optimizer state, not the other parameter tree), straight into
-  the FSDP shardings the train state has on `mesh` (`train_state.state_shardings` with
-  `config.mesh.fsdp_min_size`): no device ever holds more than its shard of a sharded tensor.
-  Corrupt steps are skipped (not moved: readers never write). Raises NoCheckpointError when
-  there is no checkpoint.
+  the FSDP shardings the train state has on `mesh` (`train_state.abstract_train_state`): no
+  device ever holds more than its shard of a sharded tensor. Corrupt steps are skipped (not
+  moved: readers never write). Raises NoCheckpointError when there is no checkpoint.
   """
-  model = backbones.create_model(config.model, config.data.channels)
-  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  shapes = train_state.abstract_train_state(model, tx, image_shape)
-  shardings = sharding.state_shardings(shapes, mesh, sharding.fsdp_min_size(config.mesh))
-  abstract = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  abstract = train_state.abstract_train_state(config, mesh)
   if use_ema and ema:
     kind, value = ema_lib.parse_selection(ema)
     if kind == ema_lib.POSTHOC:

@@ -2,11 +2,16 @@
 
 The state is plain data (a pytree: step, params, EMA params, optimizer state), so it can be
 sharded, donated and checkpointed as is; the model and optimizer are passed explicitly.
+`abstract_train_state(config, mesh)` is the one description of a run's state (shapes, dtypes and
+FSDP shardings); the init, the restore of a checkpoint and the readers of parameters all start
+from it.
+
 One train step is one `jax.jit` with explicit shardings over the mesh: the global batch is
-split over the `data` axis, the state replicated, and the step's noise, timesteps and dropout
-are drawn for the *global* batch from a key folded with the step, so the result does not
-depend on how many devices share the batch (up to the order of float sums). On the CPU, without
-dropout, the gradient is taken per device in a `shard_map` and averaged as one flat vector.
+split over the `data` axis, the state replicated or FSDP-sharded, and the step's noise,
+timesteps and dropout are drawn for the *global* batch from a key folded with the step, so the
+result does not depend on how many devices share the batch (up to the order of float sums).
+How the program is laid out for the backend (per-device gradients, unrolled loops, the
+non-finite guard) is `parallel.policy`'s choice, not the step's.
 """
 
 from __future__ import annotations
@@ -17,21 +22,32 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax.nn import backbones
-from diffusion_jax.training import ema as ema_lib
 from diffusion_jax import objectives
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import policy as policy_lib
 from diffusion_jax.parallel import sharding
+from diffusion_jax.training import ema as ema_lib
 
 PyTree = Any
+ImageShape = Tuple[int, int, int]
+TrainStep = Callable[[Any, Dict[str, jax.Array]], Tuple[Any, Dict[str, jax.Array]]]
 
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a run needs to continue: `step` counts applied optimizer updates.
+  """Everything a run needs to continue.
+
+  `step` counts train steps taken (the data position: the batch and noise of step s are
+  functions of (seed, s)); `num_updates` counts the optimizer updates applied, which is `step`
+  less the non-finite steps skipped (training.on_nonfinite='skip'). The EMAs average the
+  parameters after each applied update, so their update number (the power EMA's t, the
+  warm-up's n) is `num_updates`. A checkpoint written before the field existed restores it as
+  its `step` (checkpoints.py); None only in a state built by hand (then not saved).
 
   `ema_params` is the primary EMA (`optim.ema_decay`); `extra_emas` the EMAs of
   `optim.ema_decays` / `optim.ema_sigma_rels` ({ema_lib.EmaSpec.key: float32 tree}, see ema.py),
@@ -42,6 +58,7 @@ class TrainState:
   ema_params: PyTree
   opt_state: PyTree
   extra_emas: Optional[Dict[str, PyTree]] = None
+  num_updates: Optional[jax.Array] = None
 
 
 def learning_rate_schedule(optim_config, num_train_steps: int) -> optax.Schedule:
@@ -92,11 +109,12 @@ def applied_learning_rate(opt_state: PyTree, lr_schedule: optax.Schedule) -> jax
   return lr_schedule(states[0].count)
 
 
-def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
-  """EMA decay for update number `step` (0-based): `decay`, or min(decay, (1+n)/(10+n))."""
+def ema_decay_at(update: jax.Array, decay: float, warmup: bool) -> jax.Array:
+  """EMA decay for applied update number `update` (0-based): `decay`, or
+  min(decay, (1+n)/(10+n))."""
   if not warmup:
     return jnp.asarray(decay, jnp.float32)
-  n = step.astype(jnp.float32)
+  n = update.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
@@ -107,63 +125,242 @@ def ema_update(ema_params: PyTree, params: PyTree, decay: jax.Array) -> PyTree:
       ema_params, params)
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                         image_shape: Tuple[int, int, int],
-                         ema_keys: Sequence[str] = ()) -> TrainState:
-  """Shapes and dtypes of the initial state (nothing is computed or allocated); `ema_keys`
-  (`ema_lib.ema_keys(config.optim)`) are the extra EMAs."""
-  return jax.eval_shape(
-      lambda: _init_state(model, tx, jax.random.PRNGKey(0), image_shape, ema_keys))
+# ------------------------------------------------------------------ the state of a config
+
+
+def image_shape(config: ml_collections.ConfigDict) -> ImageShape:
+  """(H, W, C) of the run's images: (data.resolution, data.resolution, data.channels)."""
+  return (config.data.resolution, config.data.resolution, config.data.channels)
 
 
 def _init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                image_shape: Tuple[int, int, int], ema_keys: Sequence[str] = ()) -> TrainState:
-  params = backbones.init_params(model, rng, image_shape)
+                shape: ImageShape, ema_keys: Sequence[str] = ()) -> TrainState:
+  """The initial state: every EMA starts at the parameters, both counters at 0."""
+  params = backbones.init_params(model, rng, shape)
   ema = jax.tree.map(lambda p: p.astype(jnp.float32), params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
                     opt_state=tx.init(params),
-                    extra_emas=ema_lib.init_emas(params, ema_keys) if ema_keys else None)
+                    extra_emas=ema_lib.init_emas(params, ema_keys) if ema_keys else None,
+                    num_updates=jnp.zeros((), jnp.int32))
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
-                    image_shape: Tuple[int, int, int], mesh: Mesh,
-                    fsdp_min_size: int = sharding.DEFAULT_FSDP_MIN_SIZE,
-                    ema_keys: Sequence[str] = ()) -> TrainState:
-  """The NamedSharding of every leaf of the train state (FSDP rule of `sharding.py`); the
-  extra EMAs get the same shardings as the parameters (same shapes, same rule)."""
-  return sharding.state_shardings(abstract_train_state(model, tx, image_shape, ema_keys), mesh,
-                                  fsdp_min_size)
+def _abstract_state(model: nn.Module, tx: optax.GradientTransformation, shape: ImageShape,
+                    ema_keys: Sequence[str], mesh: Optional[Mesh],
+                    fsdp_min_size: int) -> TrainState:
+  """ShapeDtypeStructs of the initial state (nothing computed), with the FSDP shardings of
+  `sharding.state_shardings` on `mesh` when given; the extra EMAs get the parameters' shardings
+  (same shapes, same rule)."""
+  shapes = jax.eval_shape(lambda: _init_state(model, tx, jax.random.PRNGKey(0), shape, ema_keys))
+  if mesh is None:
+    return shapes
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, sharding.state_shardings(shapes, mesh, fsdp_min_size))
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: Tuple[int, int, int], mesh: Mesh,
+def abstract_train_state(config: ml_collections.ConfigDict,
+                         mesh: Optional[Mesh] = None) -> TrainState:
+  """The train state of a run of `config`, as ShapeDtypeStructs (nothing is computed or
+  allocated): model.* picks the parameters, optim.* the optimizer state and the extra EMAs
+  (`ema_lib.ema_keys(config.optim)`); with `mesh`, each leaf carries its FSDP NamedSharding
+  (mesh.fsdp_min_size). What a checkpoint is restored onto; `.params` / `.ema_params` are what
+  a reader of parameters needs."""
+  model = backbones.create_model(config.model, config.data.channels)
+  tx = create_optimizer(config.optim, config.training.num_train_steps)
+  return _abstract_state(model, tx, image_shape(config), ema_lib.ema_keys(config.optim), mesh,
+                         sharding.fsdp_min_size(config.mesh))
+
+
+def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+  """The NamedSharding of every leaf of the train state of `config` on `mesh`."""
+  return jax.tree.map(lambda a: a.sharding, abstract_train_state(config, mesh))
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh,
+                       rng: Optional[jax.Array] = None) -> TrainState:
+  """The initial train state of `config` (parameters from `rng`, default PRNGKey(config.seed)),
+  built directly in its sharded layout on `mesh`.
+
+  The init is one `jit` whose outputs carry the FSDP shardings, so no device ever holds a full
+  copy of a sharded tensor (with mesh.fsdp = 1 everything is replicated).
+  """
+  model = backbones.create_model(config.model, config.data.channels)
+  tx = create_optimizer(config.optim, config.training.num_train_steps)
+  rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+  return _create_from_parts(model, tx, rng, image_shape(config), mesh,
+                            sharding.fsdp_min_size(config.mesh), ema_lib.ema_keys(config.optim))
+
+
+def _create_from_parts(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       shape: ImageShape, mesh: Mesh,
                        fsdp_min_size: int = sharding.DEFAULT_FSDP_MIN_SIZE,
                        ema_keys: Sequence[str] = ()) -> TrainState:
-  """Initialises the state directly in its sharded layout; every EMA starts at the params.
-
-  The init is one `jit` whose outputs carry the FSDP shardings, so no device ever holds
-  a full copy of a sharded tensor (with mesh.fsdp = 1 everything is replicated).
-  """
-  shardings = state_shardings(model, tx, image_shape, mesh, fsdp_min_size, ema_keys)
-  init = jax.jit(lambda key: _init_state(model, tx, key, image_shape, ema_keys),
+  """`create_train_state` of an explicit model and optimizer."""
+  shardings = jax.tree.map(
+      lambda a: a.sharding, _abstract_state(model, tx, shape, ema_keys, mesh, fsdp_min_size))
+  init = jax.jit(lambda key: _init_state(model, tx, key, shape, ema_keys),
                  out_shardings=shardings)
   # Under jax.eval_shape / jit it is only traced (and jax.jit's compiler_options are refused on
   # a nested jit, hence the explicit compile below rather than that argument).
   if isinstance(rng, jax.core.Tracer):
     return init(rng)
-  # The init runs once and is mostly inlined threefry rounds: on XLA:CPU, LLVM's optimisation of
-  # it took ~3x longer than without (11.4 s -> 4.3 s for the digits U-Net, whose run is
-  # milliseconds either way); the values agree to float rounding (relative 2e-7).
-  options = ({'xla_backend_optimization_level': 0}
-             if mesh.devices.flat[0].platform == 'cpu' else None)
+  options = policy_lib.policy_for(mesh).compiler_options()
   return init.lower(rng).compile(options)(rng)
 
 
+# ------------------------------------------------------------------ the train step
+
+
+def _step_labels(config: ml_collections.ConfigDict, batch: Dict[str, jax.Array],
+                 key: jax.Array) -> Optional[jax.Array]:
+  """The step's class labels [B] (None for an unconditional model); with
+  training.cond_drop_prob > 0 each is replaced by the null class with that probability
+  (classifier-free guidance trains the unconditional model too)."""
+  num_classes = config.model.num_classes
+  if num_classes <= 0:
+    return None
+  labels = batch['label'].astype(jnp.int32)
+  drop_prob = config.training.cond_drop_prob
+  if drop_prob > 0:
+    labels = jnp.where(jax.random.bernoulli(key, drop_prob, labels.shape), num_classes, labels)
+  return labels
+
+
+def _gradient_fn(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh,
+                 policy: policy_lib.BackendPolicy) -> Callable[..., Tuple[jax.Array, PyTree]]:
+  """`grads(params, example, labels, drop_key) -> (mean loss, its gradient)` of one
+  (micro-)batch.
+
+  `example` holds per-example arrays (leading axis B): the network input 'x_t' at network time
+  't', and what the objective's loss needs (`objectives.training_example`). With
+  `policy.per_device_grads` each device differentiates its own rows inside a `shard_map` and the
+  devices average the gradient as one flat vector (one all-reduce instead of one per tensor).
+  """
+  objective = objectives.get(config.diffusion.objective)
+
+  def loss_fn(params, example, labels, drop_key):
+    out = model.apply({'params': params}, example['x_t'], example['t'], labels, train=True,
+                      rngs={'dropout': drop_key})
+    return jnp.mean(objective.per_example_loss(config, out, example))
+
+  if not policy.per_device_grads:
+    return jax.value_and_grad(loss_fn)
+  axes = sharding.batch_sharding(mesh).spec[0]
+
+  def device_mean(params, example, labels, drop_key):  # On one device's rows of the batch.
+    if policy.check_vma:  # Per-device gradients: the flat pmean below is the one reduction.
+      params = jax.lax.pcast(params, axes, to='varying')
+    loss, grads = jax.value_and_grad(loss_fn)(params, example, labels, drop_key)
+    flat, unflatten = ravel_pytree(grads)
+    return jax.lax.pmean(loss, axes), unflatten(jax.lax.pmean(flat, axes))
+
+  return jax.shard_map(device_mean, mesh=mesh, in_specs=(P(), P(axes), P(axes), P()),
+                       out_specs=P(), check_vma=policy.check_vma)
+
+
+def _accumulated_fn(grad_fn: Callable[..., Tuple[jax.Array, PyTree]], accum: int, mesh: Mesh,
+                    params_sharding: PyTree, unroll: bool) -> Callable[..., Tuple[jax.Array,
+                                                                                  PyTree]]:
+  """`grad_fn` averaged over `accum` equal micro-batches of the global batch (micro-batch i =
+  rows i, i + accum, ...; dropout key folded with i).
+
+  The float32 gradient sum lives in the parameters' layout `params_sharding`: under FSDP each
+  device keeps only its shard of the sum (the micro-batch gradients are reduce-scattered into
+  it), not a full replicated copy of every gradient.
+  """
+  micro_sharding = NamedSharding(mesh, P(None, sharding.batch_sharding(mesh).spec[0]))
+  as_params = lambda tree: jax.lax.with_sharding_constraint(tree, params_sharding)
+
+  def split(x):  # [B, ...] -> [accum, B / accum, ...].
+    if x is None:
+      return None
+    x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+    return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+  def accumulated(params, example, labels, drop_key):
+    def body(carry, micro):
+      loss_sum, grad_sum = carry
+      mexample, mlabels, i = micro
+      loss, grads = grad_fn(params, mexample, mlabels, jax.random.fold_in(drop_key, i))
+      grad_sum = as_params(jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads))
+      return (loss_sum + loss, grad_sum), None
+
+    zeros = as_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    micro = (jax.tree.map(split, example), split(labels), jnp.arange(accum))
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro,
+                                           unroll=accum if unroll else 1)
+    grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
+    return loss_sum / accum, grads
+
+  return accumulated
+
+
+def _apply_update(tx: optax.GradientTransformation, optim_config, state: TrainState,
+                  grads: PyTree) -> TrainState:
+  """The state after one applied update with `grads`: optimizer step, then every EMA of the new
+  parameters at update number `state.num_updates` (ema.py: the power EMAs' t is it + 1)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  n = state.num_updates
+  decay_at = lambda d: ema_decay_at(n, d, optim_config.ema_warmup)
+  ema = ema_update(state.ema_params, params, decay_at(optim_config.ema_decay))
+  extra_emas = None
+  specs = ema_lib.ema_specs(optim_config)
+  if specs:  # optim.ema_decays / ema_sigma_rels, in float32 (ema.py).
+    extra_emas = ema_lib.update_emas(state.extra_emas, params, n, specs, decay_at)
+  return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                    extra_emas=extra_emas, num_updates=n + 1)
+
+
+def _unless_nonfinite(finite: jax.Array, update: Callable[[TrainState], TrainState],
+                      state: TrainState, policy: policy_lib.BackendPolicy) -> TrainState:
+  """`update(state)` when `finite`, else `state` with only `step` advanced: no NaN ever reaches
+  the parameters, the EMAs or the optimizer, and `num_updates` counts applied updates only.
+  (`policy.skip_with_cond`: a `lax.cond`, which updates the donated state in place, or a
+  `where` over both results.)"""
+  skipped = lambda s: s.replace(step=s.step + 1)
+  if policy.skip_with_cond:
+    return jax.lax.cond(finite, update, skipped, state)
+  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), update(state),
+                      skipped(state))
+
+
+def _train_step_fn(model: nn.Module, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict, mesh: Mesh,
+                   policy: policy_lib.BackendPolicy, params_sharding: PyTree) -> TrainStep:
+  """One optimizer step `(state, batch) -> (state, metrics)`, not yet compiled."""
+  objective = objectives.get(config.diffusion.objective)
+  lr_schedule = learning_rate_schedule(config.optim, config.training.num_train_steps)
+  base_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  accum = int(config.training.grad_accum_steps)
+  grad_fn = _gradient_fn(model, config, mesh, policy)
+  if accum > 1:
+    grad_fn = _accumulated_fn(grad_fn, accum, mesh, params_sharding, policy.unroll_loops)
+
+  def train_step(state: TrainState, batch: Dict[str, jax.Array]):
+    x0 = batch['image'].astype(jnp.float32)
+    t_key, noise_key, drop_key, label_key = jax.random.split(
+        jax.random.fold_in(base_key, state.step), 4)
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    # The corrupted input, the network's time input and the loss targets of the objective.
+    example = objective.training_example(config, x0, noise, t_key)
+    labels = _step_labels(config, batch, label_key)
+    loss, grads = grad_fn(state.params, example, labels, drop_key)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = _unless_nonfinite(
+        finite, lambda s: _apply_update(tx, config.optim, s, grads), state, policy)
+    metrics = {'loss': loss, 'grad_norm': grad_norm,
+               'learning_rate': applied_learning_rate(state.opt_state, lr_schedule),
+               'nonfinite': 1.0 - finite.astype(jnp.float32)}
+    return new_state, metrics
+
+  return train_step
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    config, mesh: Mesh,
-                    steps_per_call: Optional[int] = None
-                    ) -> Callable[[TrainState, Dict[str, jax.Array]],
-                                  Tuple[TrainState, Dict[str, jax.Array]]]:
+                    config: ml_collections.ConfigDict, mesh: Mesh,
+                    steps_per_call: Optional[int] = None,
+                    policy: Optional[policy_lib.BackendPolicy] = None) -> TrainStep:
   """Returns the jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
   batch: {'image': [B,H,W,C] in [-1,1], 'label': [B] (class-conditional models)}, B the global
@@ -171,153 +368,26 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   optimizer steps in a `lax.scan`: batch arrays are [k, B, ...] and metrics [k].
   `training.grad_accum_steps` = a splits every B into a micro-batches of B / a whose gradients
   are averaged before one update; noise and timesteps are still drawn for the whole B, so the
-  step equals one step on B up to float rounding (exactly so when model.unet.dropout = 0; dropout
-  masks are drawn per micro-batch). The float32 gradient sum is kept in the parameters'
-  shardings, so under FSDP a device holds only its shard of it.
+  step equals one step on B up to float rounding (exactly so without dropout; dropout masks are
+  drawn per micro-batch).
   metrics: 'loss', 'grad_norm' (before clipping), 'learning_rate' (the one this update uses:
   the schedule counts applied updates, optax's count, which a skipped step does not advance),
-  'nonfinite' (1 when the
-  loss or gradients were NaN/Inf; the update is then not applied, only `step` advances).
+  'nonfinite' (1 when the loss or gradients were NaN/Inf; the update is then not applied, only
+  `step` advances).
+  `policy` (default `policy_for(mesh, config)`) shapes the program, never its result (up to the
+  order of float sums).
   """
-  ocfg, tcfg = config.optim, config.training
-  objective = objectives.get(config.diffusion.objective)
-  lr_schedule = learning_rate_schedule(ocfg, tcfg.num_train_steps)
-  base_key = jax.random.PRNGKey(config.seed)
-  num_classes = config.model.num_classes
-  cond_drop_prob = tcfg.cond_drop_prob
-  accum = int(tcfg.grad_accum_steps)
-  k = int(tcfg.steps_per_call if steps_per_call is None else steps_per_call)
-  batch_axes = sharding.batch_sharding(mesh).spec[0]
-  micro_sharding = jax.sharding.NamedSharding(mesh, P(None, batch_axes))
-  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  extra_ema_specs = ema_lib.ema_specs(ocfg)
-  state_sharding = state_shardings(model, tx, image_shape, mesh,
-                                   sharding.fsdp_min_size(config.mesh),
-                                   ema_lib.ema_keys(ocfg))
-  # XLA:CPU runs a convolution's weight gradient inside a while loop tens of times slower than
-  # outside one (benchmarks/scan_backward_cpu.py), so on the CPU the k steps and the
-  # micro-batches are unrolled; other backends keep rolled loops (one copy of the body to
-  # compile).
-  on_cpu = mesh.devices.flat[0].platform == 'cpu'
-
-  # XLA:CPU's in-process all-reduce of the gradients costs ~30 us per tensor, and the devices
-  # wait on each other in it: a sixth of a digits step on two devices. So on the CPU, with
-  # a replicated state, each device takes the gradient of its own rows (a shard_map) and the
-  # devices average it as one flat vector: 1.15x the digits step (benchmarks/RESULTS.md). Only
-  # without dropout: inside the shard_map each device would draw its own masks, which would then
-  # depend on the device count.
-  per_device_grads = (on_cpu and mesh.size > 1 and mesh.shape.get(sharding.FSDP_AXIS, 1) == 1
-                      and config.model.unet.dropout == 0)
-
-  def loss_and_grads(params, example, labels, drop_key):
-    """Mean loss of one (micro-)batch and its gradient.
-
-    `example` holds per-example arrays (leading axis B): the network input 'x_t' at network time
-    't', and what the objective's loss needs (`objectives.training_example`).
-    """
-
-    def loss_fn(params, example, labels):
-      out = model.apply({'params': params}, example['x_t'], example['t'], labels, train=True,
-                        rngs={'dropout': drop_key})
-      return jnp.mean(objective.per_example_loss(config, out, example))
-
-    if not per_device_grads:
-      return jax.value_and_grad(loss_fn)(params, example, labels)
-
-    def device_mean(params, example, labels):  # On one device's rows of the batch.
-      loss, grads = jax.value_and_grad(loss_fn)(params, example, labels)
-      flat, unflatten = ravel_pytree(grads)
-      return jax.lax.pmean(loss, batch_axes), unflatten(jax.lax.pmean(flat, batch_axes))
-
-    # check_vma=False: the oneDNN convolutions' custom VJP does not annotate varying axes.
-    return jax.shard_map(device_mean, mesh=mesh, in_specs=(P(), P(batch_axes), P(batch_axes)),
-                         out_specs=P(), check_vma=False)(params, example, labels)
-
-  def accumulated(params, example, labels, drop_key):
-    """Mean loss and gradient over `accum` equal micro-batches of the global batch."""
-    def split(x):  # [B, ...] -> [accum, B / accum, ...]; micro-batch i = rows i, i + a, ...
-      if x is None:
-        return None
-      x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
-      return jax.lax.with_sharding_constraint(x, micro_sharding)
-
-    micro = (jax.tree.map(split, example), split(labels), jnp.arange(accum))
-
-    # The float32 gradient sum lives in the parameters' layout: under FSDP each device keeps
-    # only its shard of the sum (the micro-batch gradients are reduce-scattered into it), not a
-    # full replicated copy of every gradient.
-    as_params = lambda tree: jax.lax.with_sharding_constraint(tree, state_sharding.params)
-
-    def body(carry, m):
-      loss_sum, grad_sum = carry
-      mexample, mlabels, i = m
-      loss, grads = loss_and_grads(params, mexample, mlabels, jax.random.fold_in(drop_key, i))
-      grad_sum = as_params(jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads))
-      return (loss_sum + loss, grad_sum), None
-
-    zeros = as_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro,
-                                           unroll=accum if on_cpu else 1)
-    grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
-    return loss_sum / accum, grads
-
-  def train_step(state: TrainState, batch: Dict[str, jax.Array]):
-    x0 = batch['image'].astype(jnp.float32)
-    step_key = jax.random.fold_in(jax.random.fold_in(base_key, 1), state.step)
-    t_key, noise_key, drop_key, label_key = jax.random.split(step_key, 4)
-    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    # The corrupted input, the network's time input and the loss targets of the objective.
-    example = objective.training_example(config, x0, noise, t_key)
-    labels = None
-    if num_classes > 0:
-      labels = batch['label'].astype(jnp.int32)
-      if cond_drop_prob > 0:  # Classifier-free guidance: sometimes train the null class.
-        drop = jax.random.bernoulli(label_key, cond_drop_prob, labels.shape)
-        labels = jnp.where(drop, num_classes, labels)
-
-    grad_fn = loss_and_grads if accum == 1 else accumulated
-    loss, grads = grad_fn(state.params, example, labels, drop_key)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def updated(state: TrainState) -> TrainState:
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      ema = ema_update(state.ema_params, params,
-                       ema_decay_at(state.step, ocfg.ema_decay, ocfg.ema_warmup))
-      extra_emas = None
-      if extra_ema_specs:  # optim.ema_decays / ema_sigma_rels, in float32 (ema.py).
-        extra_emas = ema_lib.update_emas(
-            state.extra_emas, params, state.step, extra_ema_specs,
-            lambda d: ema_decay_at(state.step, d, ocfg.ema_warmup))
-      return TrainState(step=state.step + 1, params=params, ema_params=ema,
-                        opt_state=opt_state, extra_emas=extra_emas)
-
-    def skipped(state: TrainState) -> TrainState:
-      return state.replace(step=state.step + 1)
-
-    # A non-finite step leaves the state untouched, so no NaN ever reaches params or EMA. On the
-    # CPU a `lax.cond` does that in place; a `where(finite, new, old)` over the donated state
-    # makes XLA copy the old parameters and Adam moments every step (3x the model's size, 429 MB
-    # for cifar10_ddpm; benchmarks/RESULTS.md). Other backends keep the `where`: XLA's
-    # conditional there reads the predicate back to the host before the update's kernels.
-    if on_cpu:
-      new_state = jax.lax.cond(finite, updated, skipped, state)
-    else:
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated(state),
-                               skipped(state))
-    metrics = {'loss': loss, 'grad_norm': grad_norm,
-               'learning_rate': applied_learning_rate(state.opt_state, lr_schedule),
-               'nonfinite': 1.0 - finite.astype(jnp.float32)}
-    return new_state, metrics
-
-  def multi_step(state: TrainState, batches: Dict[str, jax.Array]):
-    return jax.lax.scan(train_step, state, batches, unroll=k if on_cpu else 1)
-
-  replicated = sharding.replicated(mesh)
+  policy = policy_lib.policy_for(mesh, config) if policy is None else policy
+  k = int(config.training.steps_per_call if steps_per_call is None else steps_per_call)
+  state_sharding = jax.tree.map(lambda a: a.sharding, _abstract_state(
+      model, tx, image_shape(config), ema_lib.ema_keys(config.optim), mesh,
+      sharding.fsdp_min_size(config.mesh)))
+  step = _train_step_fn(model, tx, config, mesh, policy, state_sharding.params)
   if k == 1:
-    fn, batch_sharding = train_step, sharding.batch_sharding(mesh)
+    fn, batch_sharding = step, sharding.batch_sharding(mesh)
   else:
-    fn, batch_sharding = multi_step, sharding.stacked_batch_sharding(mesh)
+    fn = lambda state, batches: jax.lax.scan(step, state, batches,
+                                             unroll=k if policy.unroll_loops else 1)
+    batch_sharding = sharding.stacked_batch_sharding(mesh)
   return jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
