@@ -1,4 +1,4 @@
-"""Tests of diffusion_jax.input_pipeline: sources, preprocessing, host splits, sharding."""
+"""Tests of diffusion_jax.data.pipeline and its sources: preprocessing, host splits, sharding."""
 
 import math
 import os
@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from configs import default
 from configs import tiny
 from diffusion_jax.data import pipeline
+from diffusion_jax.data import tfds_source
 from diffusion_jax.config.errors import ConfigError
 from diffusion_jax.modes.validation import validate_config
 
@@ -733,21 +734,20 @@ def test_tfds_array_record_resume_reads_only_what_it_uses(array_record_dir, monk
       self.reads.extend(int(i) for i in indices)
       return self.source.__getitems__(indices)
 
-  real_open = pipeline._open_tfds_data_source
+  real_open = tfds_source._open_data_source
 
   def counting_open(*args, **kwargs):
     opened.append(Counting(real_open(*args, **kwargs)))
     return opened[-1]
 
-  monkeypatch.setattr(pipeline, '_open_tfds_data_source', counting_open)
+  monkeypatch.setattr(tfds_source, '_open_data_source', counting_open)
   config = _ramps_config(array_record_dir, random_flip=False, prefetch=0)
-  builder = tfds.builder('input_pipeline_test_ramps', data_dir=config.data_dir)
   rows, taken = np.arange(4), 3
 
   # The reader behind the tf.data stream: exactly `taken` batches read for `taken` batches.
   exact = {}
   for start in (1, 10_000):
-    source = pipeline._tfds_indexed(config, builder, 'train')
+    source = tfds_source.indexed(config, 'train')
     records = pipeline._indexed_records(source, 4, rows, seed=5, start_step=start)
     got = [next(records) for _ in range(4 * taken)]
     order = pipeline._step_indices(13, 4, rows, seed=5, start_step=start)
@@ -778,11 +778,11 @@ def test_tfds_tfrecord_fallback_streams_and_warns(array_record_dir, monkeypatch)
   """A TFRecord-only dataset keeps the tf.data stream (start step = skipped batches) and
   warns once with the command that makes resume O(1)."""
   warnings = []
-  monkeypatch.setattr(pipeline, '_WARNED_SEQUENTIAL', set())
-  monkeypatch.setattr(pipeline.logging, 'warning',
+  monkeypatch.setattr(tfds_source, '_WARNED_SEQUENTIAL', set())
+  monkeypatch.setattr(tfds_source.logging, 'warning',
                       lambda msg, *args: warnings.append(msg % args))
   opened = []
-  monkeypatch.setattr(pipeline, '_open_tfds_data_source',
+  monkeypatch.setattr(tfds_source, '_open_data_source',
                       lambda *a, **k: opened.append(a))
   config = _ramps_config(array_record_dir, 'tfrecord', random_flip=False, shuffle_buffer=1)
   first = _steps(config, 4, range(4), 0, 5)

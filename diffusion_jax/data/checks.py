@@ -1,26 +1,25 @@
 """Checks of `config.data` before anything reads data: the image fields every mode uses, and (in
 the modes that read data) whether the dataset is known, its label count and its image size.
 
-Only tfds metadata is read (dataset_info.json); TensorFlow is imported only by those checks.
+Each source checks its own fields (`check` of the registry's source, data/sources.py); only tfds
+metadata is read (dataset_info.json); TensorFlow is imported only by the modes that read data.
 """
 
 from __future__ import annotations
 
 from typing import List
 
-LOCAL_DATASETS = ('digits', 'folder')
+from diffusion_jax.data import sources
 
 
 def _check_data_fields(errors: List[str], config) -> None:
-  """data.* fields every mode reads (image shape, folder name)."""
+  """data.* fields every mode reads (image shape, the source's own fields such as data.folder)."""
   data = config.data
   if data.channels not in (1, 3):
     errors.append(f'data.channels={data.channels} must be 1 (grayscale) or 3 (RGB).')
   if data.resolution <= 0:
     errors.append(f'data.resolution={data.resolution} must be positive.')
-  if data.dataset == 'folder' and not data.folder:
-    errors.append("data.folder is empty but data.dataset='folder': set "
-                  '--config.data.folder=/path/to/images.')
+  errors.extend(sources.source_of(data).check(data))
   if data.center_crop < 0:
     errors.append(f'data.center_crop={data.center_crop} must be >= 0 (0 = crop to the short '
                   'side; e.g. 140 for CelebA).')
@@ -30,13 +29,12 @@ def _check_data_source(errors: List[str], config, mode: str) -> None:
   """Is the dataset known, and (training a class-conditional model) does its label count match
   model.num_classes? Reads tfds metadata only (dataset_info.json, no TF graph)."""
   data, model = config.data, config.model
-  if data.dataset not in LOCAL_DATASETS:
-    _check_tfds_name(errors, data.dataset)
-  if data.center_crop > 0 and data.dataset != 'folder' and not errors:
+  errors.extend(sources.check_name(str(data.dataset)))
+  if data.center_crop > 0 and not errors:
     _check_center_crop(errors, data)
   if mode != 'train' or model.num_classes <= 0 or errors:
     return
-  if data.dataset != 'digits' and not data.label_key:
+  if not sources.source_of(data).has_labels(data):
     errors.append('model.num_classes > 0 needs labels: set data.label_key (e.g. "label").')
     return
   from diffusion_jax.data import pipeline  # pylint: disable=g-import-not-at-top (imports TensorFlow)
@@ -55,7 +53,8 @@ def _check_data_source(errors: List[str], config, mode: str) -> None:
 
 def _check_center_crop(errors: List[str], data) -> None:
   """data.center_crop must fit in the images where their size is known (digits, tfds
-  features of static shape; read from metadata). Folders are checked when an image is read."""
+  features of static shape; read from metadata). Where `image_size` is None (folders) the first
+  image read that is too small names the field."""
   from diffusion_jax.data import pipeline  # pylint: disable=g-import-not-at-top (imports TensorFlow)
   try:
     size = pipeline.image_size_of(data)
@@ -65,15 +64,6 @@ def _check_center_crop(errors: List[str], data) -> None:
     errors.append(f'data.center_crop={data.center_crop} is larger than the {size[0]}x{size[1]} '
                   f'images of data.dataset={data.dataset!r}; set it to at most {min(size)} '
                   '(or 0 to crop to the short side).')
-
-
-def _check_tfds_name(errors: List[str], name: str) -> None:
-  """Appends an error if `name` is neither a local dataset nor a registered tfds builder."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (TensorFlow)
-  builder_name = name.split('/')[0].split(':')[0]
-  if builder_name not in tfds.list_builders(with_community_datasets=False):
-    errors.append(f'data.dataset={name!r} is neither {LOCAL_DATASETS} nor a tensorflow-datasets '
-                  "name (e.g. 'cifar10', 'celeb_a', 'imagenet_resized/64x64').")
 
 
 def check_data_config(config, mode: str) -> List[str]:
