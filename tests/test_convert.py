@@ -1,4 +1,4 @@
-"""diffusers UNet2DModel <-> diffusion-jax conversion (diffusion_jax/cli.py).
+"""diffusers UNet2DModel <-> diffusion-jax conversion (diffusion_jax/interop/diffusers.py, cli.py).
 
 The fixtures (tests/fixtures/diffusers/, made by make_diffusers_fixture.py with torch and
 diffusers) hold tiny random UNet2DModels and their outputs; these tests need neither.
@@ -20,22 +20,25 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 from configs import cifar10_ddpm
+from diffusion_jax import images
+from diffusion_jax import objectives
+from diffusion_jax.config import run_config
+from diffusion_jax.interop import common
+from diffusion_jax.interop import diffusers
+from diffusion_jax.interop import torch_pickle
+from diffusion_jax.modes import sample as sample_mode
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.pipelines import sampler
+from diffusion_jax.processes import discrete
 from diffusion_jax.training import checkpoints
 from diffusion_jax.training import restore
-from diffusion_jax.interop import diffusers
-from diffusion_jax.interop import cli
-from diffusion_jax.processes import discrete
-from diffusion_jax import images
-from diffusion_jax.nn import backbones
-from diffusion_jax.config import run_config
-from diffusion_jax.modes import sample as sample_mode
-from diffusion_jax.sampling import solvers
-from diffusion_jax.pipelines import sampler
-from diffusion_jax.parallel import sharding
-from diffusion_jax.interop import torch_pickle
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'diffusers'
 LAYOUTS = ('attn_low_lpb1', 'attn_high_lpb2_heads', 'class_scale_shift', 'openai_style_options')
+# The fixtures whose last class row is the classifier-free-guidance null class (the import is told
+# so: diffusers' UNet2DModel itself has no null class).
+NULL_CLASS = {'class_scale_shift': True}
 
 # google/ddpm-cifar10-32's unet config.json (its hub file has no dropout, attn_norm_num_groups,
 # ... keys: they take diffusers' defaults).
@@ -52,7 +55,8 @@ DDPM_CIFAR10_UNET = {
 
 def _imported(name):
   unet_config, scheduler_config, state_dict = diffusers.load_diffusers_folder(str(FIXTURES / name))
-  config = diffusers.config_from_diffusers(unet_config, scheduler_config)
+  config = diffusers.config_from_diffusers(unet_config, scheduler_config,
+                                           null_class=NULL_CLASS.get(name))
   return config, diffusers.params_from_state_dict(state_dict, config), state_dict
 
 
@@ -67,7 +71,8 @@ def test_import_onto_a_dit_or_edm_base_makes_a_ddpm_unet_and_export_refuses_them
   """A UNet2DModel + DDPMScheduler is a ddpm U-Net whatever --config was; a DiT or non-ddpm run
   has no diffusers form and says so (naming the field) instead of writing a wrong folder."""
   from configs import digits_dit, digits_edm  # pylint: disable=g-import-not-at-top
-  unet_config, scheduler_config, _ = diffusers.load_diffusers_folder(str(FIXTURES / 'attn_low_lpb1'))
+  unet_config, scheduler_config, _ = diffusers.load_diffusers_folder(
+      str(FIXTURES / 'attn_low_lpb1'))
   for base in (digits_dit.get_config(), digits_edm.get_config()):
     config = diffusers.config_from_diffusers(unet_config, scheduler_config, base=base)
     assert (config.model.arch, config.diffusion.objective) == ('unet', 'ddpm')
@@ -92,15 +97,18 @@ def test_imported_forward_matches_diffusers(name):
 def test_derived_configs():
   """Each UNet2DModel option lands in the config field that expresses it."""
   low, _, _ = _imported('attn_low_lpb1')
-  assert (low.model.unet.ch, tuple(low.model.unet.ch_mult), low.model.unet.num_res_blocks) == (8, (1, 2), 1)
+  assert (low.model.unet.ch, tuple(low.model.unet.ch_mult),
+          low.model.unet.num_res_blocks) == (8, (1, 2), 1)
   assert tuple(low.model.unet.attn_resolutions) == (4,) and low.model.unet.num_head_channels == -1
   assert (low.data.resolution, low.data.channels, low.model.unet.num_groups) == (8, 3, 4)
   heads, _, _ = _imported('attn_high_lpb2_heads')
-  assert tuple(heads.model.unet.attn_resolutions) == (8,) and heads.model.unet.num_head_channels == 4
+  assert tuple(heads.model.unet.attn_resolutions) == (8,)
+  assert heads.model.unet.num_head_channels == 4
   assert heads.model.unet.num_res_blocks == 2 and heads.data.channels == 1
   openai_style, _, _ = _imported('openai_style_options')
   m = openai_style.model
-  assert (m.flip_sin_to_cos, m.freq_shift, m.norm_eps, m.downsample_padding) == (True, 0, 1e-5, 1)
+  assert (m.flip_sin_to_cos, m.freq_shift, m.unet.norm_eps, m.unet.downsample_padding) == (
+      True, 0, 1e-5, 1)
   assert (low.model.flip_sin_to_cos, low.model.freq_shift, low.model.unet.norm_eps,
           low.model.unet.downsample_padding) == (False, 1, 1e-6, 0)
   cond, _, _ = _imported('class_scale_shift')
@@ -158,9 +166,9 @@ def test_workdir_round_trip(tmp_path):
 def _cifar10_state_dict():
   """A state dict with google/ddpm-cifar10-32's keys and shapes (from our tree's inverse map)."""
   config = cifar10_ddpm.get_config()
-  target = diffusers.abstract_params(config)
+  target = common.abstract_params(config)
   rows = [(diffusers.diffusers_key(path, 4), diffusers.torch_shape(path, leaf.shape))
-          for path, leaf in diffusers._leaf_paths(target)]  # pylint: disable=protected-access
+          for path, leaf in common.leaf_paths(target)]
   return {key: np.zeros(shape, np.float32) for key, shape in rows}
 
 
@@ -169,7 +177,7 @@ def test_cifar10_ddpm_key_and_shape_map():
   config = diffusers.config_from_diffusers(DDPM_CIFAR10_UNET)
   expected = cifar10_ddpm.get_config().model.to_dict()
   got = config.model.to_dict()
-  expected.pop('dropout'), got.pop('dropout')  # The hub config leaves dropout at 0.
+  expected['unet'].pop('dropout'), got['unet'].pop('dropout')  # The hub config leaves it at 0.
   assert got == expected
   state_dict = _cifar10_state_dict()
   assert len(state_dict) == 328
@@ -274,8 +282,7 @@ def test_sample_mode_on_converted_workdir(tmp_path):
   _, params, _ = _imported('attn_low_lpb1')
   mesh = sharding.create_mesh(config.mesh)
   model = backbones.create_model(config.model, config.data.channels)
-  sample_fn = sampler.make_sample_fn(model, config,
-                                      mesh, 8)
+  sample_fn = sampler.make_sample_fn(model, config, mesh, 8)
   direct = sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(config.sample.seed), 0),
                      np.zeros((8,), np.int32))
   np.testing.assert_array_equal(arr, images.to_uint8(np.asarray(direct)))
@@ -295,9 +302,9 @@ def _scheduler_trajectory(sampler, steps, spacing, noise_key=None, **sample_fiel
   noise = jnp.asarray(ref['ddim_noise'].transpose(0, 2, 3, 1))
   variance_noise = (None if noise_key is None
                     else jnp.asarray(ref[noise_key].transpose(0, 1, 3, 4, 2)))
-  _, trajectory = solvers.sample_from_config(
-      apply_fn, discrete.make_schedule(config.diffusion.ddpm), noise, jax.random.PRNGKey(0),
-      config.sample, prediction_type='epsilon', trajectory_every=1,
+  assert config.diffusion.ddpm.prediction_type == 'epsilon'
+  _, trajectory = objectives.get('ddpm').sample(
+      apply_fn, config, noise, jax.random.PRNGKey(0), trajectory_every=1,
       variance_noise=variance_noise)
   return np.asarray(trajectory.x_t).transpose(0, 1, 4, 2, 3), ref
 
@@ -409,7 +416,8 @@ def test_scheduler_options_map_or_fail():
       '_class_name': 'DDIMScheduler', 'num_train_timesteps': 500,
       'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'v_prediction',
       'clip_sample': False})
-  assert (config.diffusion.ddpm.num_timesteps, config.diffusion.ddpm.beta_schedule) == (500, 'cosine')
+  assert (config.diffusion.ddpm.num_timesteps,
+          config.diffusion.ddpm.beta_schedule) == (500, 'cosine')
   assert config.diffusion.ddpm.prediction_type == 'v' and not config.sample.clip_denoised
   unet, scheduler = diffusers.diffusers_configs(config)
   assert (scheduler['beta_schedule'], scheduler['prediction_type']) == ('squaredcos_cap_v2',
@@ -455,7 +463,7 @@ def test_fine_tuning_resumes_from_the_imported_weights(tmp_path):
   config.training.num_train_steps = 2
   config.training.sample_every_steps = 0
   config.training.checkpoint_every_steps = 2
-  state = loop.train_and_evaluate(config, workdir)
+  state = loop.train(config, workdir)
   assert int(state.step) == 2 and checkpoints.latest_step_on_disk(workdir) == 2
   _, imported, _ = _imported('attn_high_lpb2_heads')
   mesh = sharding.create_mesh(config.mesh)

@@ -1,4 +1,4 @@
-"""improved/guided-diffusion checkpoints -> our U-Net (diffusion_jax/openai.py).
+"""improved/guided-diffusion checkpoints -> our U-Net (diffusion_jax/interop/openai.py).
 
 The fixtures (tests/fixtures/openai/, made by make_openai_fixture.py with the original openai
 model code and torch) hold tiny random UNetModels, their outputs and a respaced sampler
@@ -19,15 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.training import restore
-from diffusion_jax.interop import diffusers
-from diffusion_jax.processes import discrete
-from diffusion_jax.nn import backbones
-from diffusion_jax.interop import openai
+from diffusion_jax import objectives
 from diffusion_jax.config import run_config
-from diffusion_jax.sampling import solvers
-from diffusion_jax.parallel import sharding
+from diffusion_jax.interop import common
+from diffusion_jax.interop import openai
 from diffusion_jax.interop import torch_pickle
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import sharding
+from diffusion_jax.processes import discrete
+from diffusion_jax.sampling import solvers
+from diffusion_jax.training import restore
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'openai'
 MODELS = ('improved_cifar10_style', 'guided_legacy_heads', 'guided_imagenet64_style',
@@ -66,13 +67,14 @@ def test_flags_become_config_fields():
   cifar = openai.config_from_flags(openai.parse_flags(
       '--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3',
       '--diffusion_steps 4000 --noise_schedule cosine'))
-  m = cifar.model
-  assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, m.dropout) == (128, (1, 2, 2, 2), 3, 0.3)
-  assert tuple(m.attn_resolutions) == (16, 8) and (m.num_heads, m.num_head_channels) == (4, -1)
-  assert m.learn_sigma and m.use_scale_shift_norm and not m.resblock_updown
+  m, u = cifar.model, cifar.model.unet
+  assert (u.ch, tuple(u.ch_mult), u.num_res_blocks, u.dropout) == (128, (1, 2, 2, 2), 3, 0.3)
+  assert tuple(u.attn_resolutions) == (16, 8) and (u.num_heads, u.num_head_channels) == (4, -1)
+  assert m.learn_sigma and u.use_scale_shift_norm and not u.resblock_updown
   assert m.timestep_scale == 1000 / 4000  # improved-diffusion: rescale_timesteps=True default.
-  assert (m.flip_sin_to_cos, m.freq_shift, m.norm_eps, m.downsample_padding) == (True, 0, 1e-5, 1)
-  assert (cifar.diffusion.ddpm.num_timesteps, cifar.diffusion.ddpm.beta_schedule) == (4000, 'cosine')
+  assert (m.flip_sin_to_cos, m.freq_shift, u.norm_eps, u.downsample_padding) == (True, 0, 1e-5, 1)
+  assert (cifar.diffusion.ddpm.num_timesteps,
+          cifar.diffusion.ddpm.beta_schedule) == (4000, 'cosine')
   assert cifar.diffusion.ddpm.vlb_weight == 0.001  # rescale_learned_sigmas=True: (T/1000) L_t.
   assert (cifar.sample.sampler, cifar.sample.variance) == ('ddpm', 'learned_range')
   from configs import digits_dit  # pylint: disable=g-import-not-at-top
@@ -86,9 +88,9 @@ def test_flags_become_config_fields():
       '--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True',
       '--timestep_respacing 250'))
   g = guided.model
-  assert tuple(g.ch_mult) == (1, 1, 2, 3, 4) and tuple(g.attn_resolutions) == (32, 16, 8)
-  assert (g.num_classes, g.null_class, g.resblock_updown, g.timestep_scale) == (1000, False,
-                                                                               True, 1.0)
+  assert tuple(g.unet.ch_mult) == (1, 1, 2, 3, 4) and tuple(g.unet.attn_resolutions) == (32, 16, 8)
+  assert (g.num_classes, g.null_class, g.unet.resblock_updown, g.timestep_scale) == (1000, False,
+                                                                                    True, 1.0)
   assert (guided.sample.spacing, guided.diffusion.ddpm.beta_start) == ('250', 1e-4)
   linear = openai.config_from_flags(openai.parse_flags(
       '--image_size 64 --num_channels 128 --num_res_blocks 3 --sigma_small True',
@@ -138,9 +140,9 @@ def test_respaced_ddim_gives_the_network_rescaled_timesteps():
       unscaled.apply({'params': params}, x, jnp.array([667.0])))
 
   apply_fn = lambda x_t, t: model.apply({'params': params}, x_t, t)
-  _, trajectory = solvers.sample_from_config(
-      apply_fn, schedule, _nhwc(ref['ddim_noise']), jax.random.PRNGKey(0), config.sample,
-      prediction_type=config.diffusion.ddpm.prediction_type, learn_sigma=True, trajectory_every=1)
+  assert config.model.learn_sigma
+  _, trajectory = objectives.get('ddpm').sample(
+      apply_fn, config, _nhwc(ref['ddim_noise']), jax.random.PRNGKey(0), trajectory_every=1)
   ours = np.asarray(trajectory.x_t).transpose(0, 1, 4, 2, 3)
   assert ours.shape == ref['ddim_trajectory'].shape
   np.testing.assert_allclose(ours, ref['ddim_trajectory'], atol=2e-5, rtol=0)
@@ -200,8 +202,8 @@ def test_bad_checkpoints_and_flags_fail_and_write_nothing(tmp_path, monkeypatch,
       state_dict = dict(original)
       edit(state_dict)
       return state_dict
-    monkeypatch.setattr(torch_pickle, 'load_state_dict', load_edited)
-  error = torch_pickle.UnsafePickleError if case == 'foreign_global' else diffusers.ConversionError
+    monkeypatch.setattr(torch_pickle, 'open_state_dict', load_edited)
+  error = torch_pickle.UnsafePickleError if case == 'foreign_global' else common.ConversionError
   with pytest.raises(error, match=re.escape(message)):
     openai.import_openai(str(source), str(tmp_path / 'run'), flags['model_flags'],
                                      flags['diffusion_flags'])
@@ -217,7 +219,7 @@ def test_flags_ours_cannot_express_are_refused():
       ('--image_size 64 --learn_sigma maybe', "--learn_sigma='maybe'"),
       ('--image_size 64 --num_channels 100', 'model.unet.num_groups=32'),
   ]:
-    with pytest.raises(diffusers.ConversionError, match=message):
+    with pytest.raises(common.ConversionError, match=message):
       openai.config_from_flags(openai.parse_flags(model_flags))
 
 

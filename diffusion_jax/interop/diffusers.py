@@ -3,10 +3,13 @@
   python -m diffusion_jax.convert --from=diffusers --source=DIR --workdir=RUN \\
       [--config=configs/cifar10_ddpm.py]   # the fields the diffusers folder does not set
   python -m diffusion_jax.convert --to=diffusers --workdir=RUN --out=DIR
-  python -m diffusion_jax.convert --from=openai --source=MODEL.pt --workdir=RUN \\
-      --model_flags="..." [--diffusion_flags="..."]   # see openai_checkpoints.py
 
-Our U-Net (unet.py) is diffusers' DDPM-family `UNet2DModel` (DownBlock2D / AttnDownBlock2D /
+DIR is a `UNet2DModel` folder (config.json + diffusion_pytorch_model.safetensors or .bin; its
+scheduler_config.json beside it or in ../scheduler/) or a pipeline root as
+`DDPMPipeline.save_pretrained` writes it and the hub holds it (model_index.json, unet/,
+scheduler/).
+
+Our U-Net (nn/unet.py) is diffusers' DDPM-family `UNet2DModel` (DownBlock2D / AttnDownBlock2D /
 UpBlock2D / AttnUpBlock2D; its flip_sin_to_cos, freq_shift, norm_eps and downsample_padding are
 config.model fields of the same names), so a state dict maps one-to-one onto our parameters:
 
@@ -14,11 +17,21 @@ config.model fields of the same names), so a state dict maps one-to-one onto our
   to_q/to_k/to_v [h*d, c] -> [c, h, d]    to_out.0 [c, h*d] -> [h, d, c]
   GroupNorm weight -> scale         Embedding weight -> embedding
 
-Import derives a full config (diffusion_jax/config/defaults.py's get_config() plus what the UNet and scheduler
-configs say; a diffusers option our config cannot express is an error naming it), checks every
-key and shape before anything is written, and saves `<workdir>/config.json` and a step-0
-checkpoint whose params and EMA params are the imported weights. Export writes the EMA params
-as config.json + diffusion_pytorch_model.safetensors + scheduler_config.json.
+The 2022 uploads (google/ddpm-cifar10-32 and the other google/ddpm-* models) name the attention
+projections as diffusers' deprecated AttentionBlock did: query / key / value / proj_attn for
+to_q / to_k / to_v / to_out.0, same shapes (diffusers renames them when it loads such a file);
+both layouts are read.
+
+Import derives a full config (the --config file, else diffusion_jax/config/defaults.py, plus what
+the UNet and scheduler configs say). Every key of both JSON files is mapped to a field or refused
+by name (CONFIG_KEYS / SCHEDULER_KEYS say which); keys starting with '_' are metadata, which
+diffusers drops too, but for `_class_name` (checked) and NULL_CLASS_KEY. `num_class_embeds` rows
+are all classes unless the import is told (`null_class`) or the folder says (NULL_CLASS_KEY,
+written by our export) that the last one is the classifier-free-guidance null class; the notes of
+the import say which it chose and why. Every key, shape and dtype of the weights is checked
+before a tensor is read, and only then `<workdir>/config.json` and a step-0 checkpoint (params =
+EMA = the imported weights) are written (common.py). Export writes the EMA params as config.json
++ diffusion_pytorch_model.safetensors + scheduler_config.json.
 """
 
 from __future__ import annotations
@@ -28,29 +41,36 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from safetensors import numpy as safetensors_numpy
+from safetensors import safe_open
+
+from diffusion_jax import objectives
 from diffusion_jax.config import defaults
-from diffusion_jax.nn import backbones
-from diffusion_jax.training import train_state
-from diffusion_jax.interop import torch_pickle
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import run_config
-from diffusion_jax.training import restore
+from diffusion_jax.interop import common
+from diffusion_jax.interop import torch_pickle
+from diffusion_jax.nn import backbones
 from diffusion_jax.parallel import sharding
+from diffusion_jax.training import restore
 
 PyTree = Any
 StateDict = Dict[str, np.ndarray]
+ConversionError = common.ConversionError
 
 WEIGHTS_SAFETENSORS = 'diffusion_pytorch_model.safetensors'
 WEIGHTS_BIN = 'diffusion_pytorch_model.bin'
 UNET_CONFIG = 'config.json'
 SCHEDULER_CONFIG = 'scheduler_config.json'
+PIPELINE_INDEX = 'model_index.json'
+# Written by our export (diffusers ignores '_' keys): whether the last class row is the null
+# class, so that a round trip keeps model.null_class.
+NULL_CLASS_KEY = '_diffusion_jax_null_class'
 
-# diffusers' own defaults for UNet2DModel / DDPMScheduler arguments (what a config.json that
-# lacks a key means, e.g. older hub configs); these are diffusers' semantics, not ours.
+# diffusers' own defaults for UNet2DModel / DDPMScheduler / DDIMScheduler arguments (what a
+# config.json that lacks a key means, e.g. older hub configs); diffusers' semantics, not ours.
 DIFFUSERS_UNET_DEFAULTS: Dict[str, Any] = dict(
     sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
     time_embedding_type='positional', time_embedding_dim=None, freq_shift=0,
@@ -67,7 +87,8 @@ DIFFUSERS_SCHEDULER_DEFAULTS: Dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
     trained_betas=None, variance_type='fixed_small', clip_sample=True, prediction_type='epsilon',
     thresholding=False, dynamic_thresholding_ratio=0.995, clip_sample_range=1.0,
-    sample_max_value=1.0, rescale_betas_zero_snr=False)
+    sample_max_value=1.0, timestep_spacing='leading', steps_offset=0,
+    rescale_betas_zero_snr=False, set_alpha_to_one=True)
 
 # Options whose value must be exactly this for our network (no config field of ours varies them).
 FIXED_UNET_OPTIONS: Dict[str, Any] = dict(
@@ -77,16 +98,29 @@ FIXED_UNET_OPTIONS: Dict[str, Any] = dict(
 # UNet2DModel options that are config.model (or config.model.unet) fields of the same name and
 # meaning.
 MODEL_FIELD_OPTIONS = ('flip_sin_to_cos', 'freq_shift', 'norm_eps', 'downsample_padding')
+# Every UNet2DModel argument: each is mapped to a config field or checked above. Its
+# num_train_timesteps sizes the 'learned' time embedding only, which FIXED_UNET_OPTIONS refuses.
+CONFIG_KEYS = tuple(DIFFUSERS_UNET_DEFAULTS)
 BETA_SCHEDULES = {'linear': 'linear', 'scaled_linear': 'scaled_linear',
                   'squaredcos_cap_v2': 'cosine', 'sigmoid': 'sigmoid'}
 PREDICTION_TYPES = {'epsilon': 'epsilon', 'sample': 'x0', 'v_prediction': 'v'}
 VARIANCE_TYPES = ('fixed_small', 'fixed_large', 'learned_range')
+# diffusers' timestep_spacing values, which sample.spacing reads the same way for the ddpm and
+# ddim samplers (processes/respacing.py).
+TIMESTEP_SPACINGS = ('linspace', 'leading', 'trailing')
+# The scheduler classes that convert, and the sampler each is (sample.sampler).
+SCHEDULER_SAMPLERS = {'DDPMScheduler': 'ddpm', 'DDIMScheduler': 'ddim'}
+# The arguments of each (diffusers 0.42), plus what the 2022 schedulers wrote: tensor_format (the
+# array library the scheduler computed in: no effect on the numbers) and timestep_values (None).
+_COMMON_SCHEDULER_KEYS = (
+    'num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedule', 'trained_betas',
+    'clip_sample', 'prediction_type', 'thresholding', 'dynamic_thresholding_ratio',
+    'clip_sample_range', 'sample_max_value', 'timestep_spacing', 'steps_offset',
+    'rescale_betas_zero_snr', 'tensor_format', 'timestep_values')
+SCHEDULER_KEYS = {'DDPMScheduler': _COMMON_SCHEDULER_KEYS + ('variance_type',),
+                  'DDIMScheduler': _COMMON_SCHEDULER_KEYS + ('set_alpha_to_one',)}
 DOWN_BLOCKS = {'DownBlock2D': False, 'AttnDownBlock2D': True}
 UP_BLOCKS = {'UpBlock2D': False, 'AttnUpBlock2D': True}
-
-
-class ConversionError(ValueError):
-  """The source cannot be converted exactly; the message names the option, block or key."""
 
 
 # ------------------------------------------------------------------ configs
@@ -101,15 +135,55 @@ def _same(a: Any, b: Any) -> bool:
   return a == b
 
 
+def _check_keys(config: Mapping[str, Any], known: Sequence[str], what: str) -> None:
+  """Refuses a key of a diffusers JSON file that the import does not map (metadata keys
+  starting with '_' aside, which diffusers itself drops)."""
+  unknown = sorted(k for k in config if not str(k).startswith('_') and k not in known)
+  if unknown:
+    raise ConversionError(f'{what} has option {unknown[0]}={config[unknown[0]]!r}, which this '
+                          f'import does not know (it maps {", ".join(sorted(known))}); it may '
+                          'change the model, so it is not ignored.')
+
+
+def class_rows(unet_config: Mapping[str, Any], null_class: Optional[bool]
+               ) -> Tuple[int, bool, str]:
+  """(model.num_classes, model.null_class, why) for a UNet2DModel's `num_class_embeds` rows.
+
+  null_class True: the last row is the classifier-free-guidance null class; False: every row is
+  a class; None: NULL_CLASS_KEY of the config (our export writes it), else False (diffusers'
+  UNet2DModel has no null class of its own).
+  """
+  rows = _unet_option(unet_config, 'num_class_embeds')
+  if rows is None:
+    return 0, True, 'unconditional (num_class_embeds is not set)'
+  rows = int(rows)
+  marker = unet_config.get(NULL_CLASS_KEY)
+  if null_class is not None:
+    chosen, why = bool(null_class), 'as the import was told (--null_class)'
+  elif isinstance(marker, bool):
+    chosen, why = marker, f'as config.json says ({NULL_CLASS_KEY}, written by diffusion-jax)'
+  else:
+    chosen, why = False, ("diffusers' UNet2DModel has no null class, so every row is a class; "
+                          'import with --null_class=true if the last row is the '
+                          'classifier-free-guidance null class')
+  if chosen and rows < 2:
+    raise ConversionError(f'num_class_embeds={rows} with null_class=True leaves no class.')
+  num_classes = rows - 1 if chosen else rows
+  return num_classes, chosen, (f'num_class_embeds={rows}: model.num_classes={num_classes}, '
+                               f'model.null_class={chosen}, {why}.')
+
+
 def config_from_diffusers(unet_config: Mapping[str, Any],
                           scheduler_config: Optional[Mapping[str, Any]] = None,
-                          base: Optional[ml_collections.ConfigDict] = None
-                          ) -> ml_collections.ConfigDict:
+                          base: Optional[ml_collections.ConfigDict] = None, *,
+                          null_class: Optional[bool] = None,
+                          notes: Optional[List[str]] = None) -> ml_collections.ConfigDict:
   """Our full config for a diffusers UNet2DModel (+ DDPM/DDIM scheduler) config.
 
-  Starts from `base` (diffusion_jax/config/defaults.py's get_config() when None) and sets data.resolution,
-  data.channels, config.model and config.diffusion (and sample.variance / clip_denoised from
-  the scheduler). Raises ConversionError naming the first option ours cannot express.
+  Starts from `base` (diffusion_jax/config/defaults.py's get_config() when None) and sets
+  data.resolution, data.channels, config.model and config.diffusion (and the sample fields the
+  scheduler states). `null_class`: see `class_rows`. The choices made are appended to `notes`
+  (when given) as sentences. Raises ConversionError naming the first option ours cannot express.
   """
   if base is None:
     base = defaults.get_config()
@@ -118,6 +192,7 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
   class_name = unet_config.get('_class_name', 'UNet2DModel')
   if class_name != 'UNet2DModel':
     raise ConversionError(f'config.json is a {class_name}; only UNet2DModel converts.')
+  _check_keys(unet_config, CONFIG_KEYS, 'The UNet2DModel config.json')
   for name, needed in FIXED_UNET_OPTIONS.items():
     if not _same(opt(name), needed):
       raise ConversionError(
@@ -138,8 +213,8 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
   up_attn = [UP_BLOCKS[b] for b in reversed(up_types)]
   if down_attn != up_attn:
     raise ConversionError(f'up_block_types={up_types} is not the mirror of down_block_types='
-                          f'{down_types}: our model.unet.attn_resolutions puts attention at the same '
-                          'resolutions on both paths.')
+                          f'{down_types}: our model.unet.attn_resolutions puts attention at the '
+                          'same resolutions on both paths.')
   ch = int(channels_out[0])
   if any(c % ch for c in channels_out):
     raise ConversionError(f'block_out_channels={channels_out} are not multiples of the first; '
@@ -183,10 +258,8 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
   model.unet.resblock_updown = False
   model.unet.use_scale_shift_norm = shift == 'scale_shift'
   model.unet.num_groups = groups
-  classes = opt('num_class_embeds')
-  model.num_classes = 0 if classes is None else int(classes) - 1  # Ours adds the null class.
+  model.num_classes, model.null_class, why = class_rows(unet_config, null_class)
   model.learn_sigma = out_ch == 2 * in_ch
-  model.null_class = True
   model.timestep_scale = 1.0
   if opt('downsample_padding') not in (0, 1):
     raise ConversionError(f'UNet2DModel option downsample_padding={opt("downsample_padding")!r} '
@@ -196,17 +269,38 @@ def config_from_diffusers(unet_config: Mapping[str, Any],
     section[name] = type(section[name])(opt(name))
   config.data.resolution = resolution
   config.data.channels = in_ch
+  if notes is not None and model.num_classes:
+    notes.append(why)
   if scheduler_config is not None:
-    _apply_scheduler(config, scheduler_config)
+    _apply_scheduler(config, scheduler_config, notes)
+  errors = backbones.check_model_config(model, resolution) + objectives.check_config(config)
+  if errors:
+    raise ConversionError('the diffusers configs give a config ours cannot run: '
+                          + ' '.join(errors))
   return config
 
 
-def _apply_scheduler(config: ml_collections.ConfigDict, scheduler: Mapping[str, Any]) -> None:
-  """Sets config.diffusion (and sample.variance / clip_denoised) from a DDPM/DDIM scheduler."""
+def _apply_scheduler(config: ml_collections.ConfigDict, scheduler: Mapping[str, Any],
+                     notes: Optional[List[str]] = None) -> None:
+  """Sets config.diffusion and the sample fields a DDPM/DDIM scheduler config states: the
+  sampler (its class), spacing, variance (DDPM) or set_alpha_to_one (DDIM), x0 clipping."""
+  class_name = scheduler.get('_class_name', 'DDPMScheduler')
+  if class_name not in SCHEDULER_SAMPLERS:
+    raise ConversionError(f'scheduler_config.json is a {class_name!r}; the schedulers that '
+                          f'convert are {sorted(SCHEDULER_SAMPLERS)} (sample.sampler ddpm / ddim; '
+                          'edit _class_name to import the betas and pick another sampler).')
+  # A scheduler made from another class's config keeps that class's options (diffusers ignores
+  # them), so the other DDPM-family class's keys are accepted and have no effect.
+  _check_keys(scheduler, sorted(set(SCHEDULER_KEYS['DDPMScheduler'])
+                                | set(SCHEDULER_KEYS['DDIMScheduler'])),
+              f'The {class_name} scheduler_config.json')
   opt = lambda name: scheduler[name] if name in scheduler else DIFFUSERS_SCHEDULER_DEFAULTS[name]
   if opt('trained_betas') is not None:
     raise ConversionError('scheduler option trained_betas is set; diffusion.ddpm.beta_schedule '
                           'only names schedules.')
+  if scheduler.get('timestep_values') is not None:
+    raise ConversionError('scheduler option timestep_values is set; sample.spacing only names '
+                          'spacings.')
   if opt('rescale_betas_zero_snr'):
     raise ConversionError('scheduler option rescale_betas_zero_snr=True has no equivalent in '
                           'config.diffusion.')
@@ -216,29 +310,53 @@ def _apply_scheduler(config: ml_collections.ConfigDict, scheduler: Mapping[str, 
   if opt('prediction_type') not in PREDICTION_TYPES:
     raise ConversionError(f'scheduler option prediction_type={opt("prediction_type")!r} is not '
                           f'supported; use one of {sorted(PREDICTION_TYPES)}.')
+  # dynamic_thresholding_ratio and sample_max_value act only with thresholding=True.
   if opt('thresholding'):
     raise ConversionError('scheduler option thresholding=True is not converted; set '
                           'sample.thresholding=dynamic yourself.')
   if float(opt('clip_sample_range')) != 1.0:
     raise ConversionError(f'scheduler option clip_sample_range={opt("clip_sample_range")} is '
                           'not 1.0, the range sample.clip_denoised clips to.')
+  spacing = opt('timestep_spacing')
+  if spacing not in TIMESTEP_SPACINGS:
+    raise ConversionError(f'scheduler option timestep_spacing={spacing!r} is not one of '
+                          f'{TIMESTEP_SPACINGS}, the spacings sample.spacing shares.')
+  offset = opt('steps_offset')
+  if offset != 0 and spacing == 'leading':  # diffusers adds it to the leading timesteps only.
+    raise ConversionError(f"scheduler option steps_offset={offset!r} with timestep_spacing="
+                          "'leading' shifts every timestep; sample.spacing='leading' has no "
+                          'offset.')
   config.diffusion.objective = 'ddpm'  # What a DDPM/DDIM scheduler describes.
   d = config.diffusion.ddpm
   d.num_timesteps = int(opt('num_train_timesteps'))
   d.beta_schedule = BETA_SCHEDULES[opt('beta_schedule')]
   d.beta_start, d.beta_end = float(opt('beta_start')), float(opt('beta_end'))
   d.prediction_type = PREDICTION_TYPES[opt('prediction_type')]
-  variance = scheduler['variance_type'] if 'variance_type' in scheduler else None
-  if variance is not None:  # DDIMScheduler has no variance_type.
+  s = config.sample
+  s.sampler, s.spacing = SCHEDULER_SAMPLERS[class_name], spacing
+  if class_name == 'DDPMScheduler':
+    variance = opt('variance_type')
     if variance not in VARIANCE_TYPES:
       raise ConversionError(f'scheduler option variance_type={variance!r} is not supported; '
                             f'use one of {VARIANCE_TYPES}.')
-    config.sample.variance = variance
-  config.sample.clip_denoised = bool(opt('clip_sample'))
+    s.variance = variance
+  else:
+    s.set_alpha_to_one = bool(opt('set_alpha_to_one'))
+  s.clip_denoised = bool(opt('clip_sample'))
+  if notes is not None:
+    notes.append(f'{class_name}: sample.sampler={s.sampler!r}, sample.spacing={spacing!r} '
+                 '(the sampler the pipeline runs; any sample.* field can be changed with '
+                 '--config.sample.<field> in --mode=sample).')
 
 
 def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-  """(UNet2DModel config.json, DDPMScheduler scheduler_config.json) for our config."""
+  """(UNet2DModel config.json, scheduler_config.json) for our config.
+
+  The scheduler is a DDIMScheduler for a run that samples with ddim, else a DDPMScheduler (the
+  training process; diffusers' DDPMPipeline samples it ancestrally), with sample.spacing as its
+  timestep_spacing where diffusers has that spacing. A class-conditional model's config.json
+  also says (NULL_CLASS_KEY) whether its last class row is the null class.
+  """
   m, u, resolution = config.model, config.model.unet, config.data.resolution
   if m.arch != 'unet':
     raise ConversionError(f"model.arch={m.arch!r}: only the U-Net (model.arch='unet') exports "
@@ -276,6 +394,8 @@ def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any]
       resnet_time_scale_shift='scale_shift' if u.use_scale_shift_norm else 'default',
       num_class_embeds=(int(m.num_classes) + int(m.null_class)) if m.num_classes > 0 else None,
       time_embedding_dim=None, num_train_timesteps=None)
+  if m.num_classes > 0:
+    unet[NULL_CLASS_KEY] = bool(m.null_class)
   unet.update({name: (u if name in u else m)[name] for name in MODEL_FIELD_OPTIONS})
   d = config.diffusion.ddpm
   inverse_schedules = {v: k for k, v in BETA_SCHEDULES.items()}
@@ -283,15 +403,21 @@ def diffusers_configs(config: ml_collections.ConfigDict) -> Tuple[Dict[str, Any]
   if d.beta_schedule not in inverse_schedules:
     raise ConversionError(f'diffusion.ddpm.beta_schedule={d.beta_schedule!r} has no DDPMScheduler '
                           'beta_schedule.')
-  if config.sample.variance not in VARIANCE_TYPES:
-    raise ConversionError(f'sample.variance={config.sample.variance!r} has no DDPMScheduler '
-                          f'variance_type; use one of {VARIANCE_TYPES}.')
+  s = config.sample
   scheduler = dict(
-      _class_name='DDPMScheduler', num_train_timesteps=int(d.num_timesteps),
-      beta_schedule=inverse_schedules[d.beta_schedule], beta_start=float(d.beta_start),
-      beta_end=float(d.beta_end), prediction_type=inverse_predictions[d.prediction_type],
-      variance_type=config.sample.variance, clip_sample=bool(config.sample.clip_denoised),
-      clip_sample_range=1.0, trained_betas=None)
+      num_train_timesteps=int(d.num_timesteps), beta_schedule=inverse_schedules[d.beta_schedule],
+      beta_start=float(d.beta_start), beta_end=float(d.beta_end),
+      prediction_type=inverse_predictions[d.prediction_type], clip_sample=bool(s.clip_denoised),
+      clip_sample_range=1.0, trained_betas=None, steps_offset=0)
+  if s.spacing in TIMESTEP_SPACINGS:
+    scheduler['timestep_spacing'] = s.spacing
+  if s.sampler == 'ddim':
+    scheduler.update(_class_name='DDIMScheduler', set_alpha_to_one=bool(s.set_alpha_to_one))
+  else:
+    if s.variance not in VARIANCE_TYPES:
+      raise ConversionError(f'sample.variance={s.variance!r} has no DDPMScheduler '
+                            f'variance_type; use one of {VARIANCE_TYPES}.')
+    scheduler.update(_class_name='DDPMScheduler', variance_type=s.variance)
   return unet, scheduler
 
 
@@ -305,8 +431,8 @@ _TOP_LEVEL = {'conv_in': 'conv_in', 'temb_dense0': 'time_embedding.linear_1',
 _SUBMODULES = {'norm1': 'norm1', 'conv1': 'conv1', 'temb_proj': 'time_emb_proj', 'norm2': 'norm2',
                'conv2': 'conv2', 'skip': 'conv_shortcut', 'norm': 'group_norm', 'query': 'to_q',
                'key': 'to_k', 'value': 'to_v', 'proj_out': 'to_out.0'}
-_LEAVES = {'kernel': 'weight', 'bias': 'bias', 'scale': 'weight', 'embedding': 'weight'}
-_LEVEL_MODULE = re.compile(r'^(down|up)_(\d+)_(res|attn)_(\d+)$|^(down|up)_(\d+)_(downsample|upsample)$')
+_LEVEL_MODULE = re.compile(r'^(down|up)_(\d+)_(res|attn)_(\d+)$'
+                           r'|^(down|up)_(\d+)_(downsample|upsample)$')
 
 
 def _module_prefix(name: str, num_levels: int) -> str:
@@ -326,15 +452,7 @@ def _module_prefix(name: str, num_levels: int) -> str:
 
 def diffusers_key(path: Sequence[str], num_levels: int) -> str:
   """The diffusers state-dict key of our parameter at `path` ('down_0_res_0', 'conv1', 'kernel')."""
-  parts = [_module_prefix(path[0], num_levels)]
-  for name in path[1:-1]:
-    if name == 'GroupNorm_0':
-      continue
-    if name not in _SUBMODULES:
-      raise ConversionError(f'our parameter {"/".join(path)} has no diffusers counterpart.')
-    parts.append(_SUBMODULES[name])
-  parts.append(_LEAVES[path[-1]])
-  return '.'.join(parts)
+  return common.torch_key(path, _module_prefix(path[0], num_levels), _SUBMODULES, 'diffusers')
 
 
 def _layout(path: Sequence[str], ndim: int) -> str:
@@ -381,123 +499,194 @@ def to_torch(path: Sequence[str], value: np.ndarray) -> np.ndarray:
   if layout == 'conv':
     return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
   if layout in ('dense', 'out') or (layout == 'qkv' and value.ndim == 3):
-    flat = value.reshape(value.shape[0], -1) if layout == 'qkv' else value.reshape(-1, value.shape[-1])
+    flat = (value.reshape(value.shape[0], -1) if layout == 'qkv'
+            else value.reshape(-1, value.shape[-1]))
     return np.ascontiguousarray(flat.T)
   return np.ascontiguousarray(value.reshape(torch_shape(path, value.shape)))
 
 
-def _leaf_paths(tree: PyTree) -> List[Tuple[Tuple[str, ...], Any]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [(tuple(str(k.key) for k in keys), leaf) for keys, leaf in flat]
+# The 2022 (deprecated AttentionBlock) names of the attention projections, in diffusers'
+# attention modules: `<block>.attentions.<i>.<old>.<weight|bias>` is today's `<new>`; the
+# group_norm keeps its name and no shape changes.
+LEGACY_ATTENTION_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
+_LEGACY_KEY = re.compile(r'^((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions'
+                         r'\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$')
+_MODERN_KEY = re.compile(r'^(.*\.attentions\.\d+)\.(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$')
 
 
-def abstract_params(config: ml_collections.ConfigDict) -> PyTree:
-  """Shapes and dtypes of our parameters for `config` (nothing is computed)."""
-  model = backbones.create_model(config.model, config.data.channels)
-  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  return jax.eval_shape(lambda: train_state.init_params(model, jax.random.PRNGKey(0), image_shape))
+def legacy_key(key: str) -> Optional[str]:
+  """The 2022 name of today's attention key ('...attentions.0.to_out.0.weight' ->
+  '...attentions.0.proj_attn.weight'), or None for a key that was not renamed."""
+  match = _MODERN_KEY.match(key)
+  if not match:
+    return None
+  old = {v: k for k, v in LEGACY_ATTENTION_NAMES.items()}[match.group(2)]
+  return f'{match.group(1)}.{old}.{match.group(3)}'
 
 
-def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict
+def modern_state_dict(state_dict: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, str]]:
+  """(state dict under today's names, {today's name: the file's 2022 name}) of a state dict in
+  either layout. A file holding a tensor under both names is a ConversionError naming them."""
+  out: Dict[str, Any] = {}
+  renamed: Dict[str, str] = {}
+  for key, tensor in state_dict.items():
+    match = _LEGACY_KEY.match(key)
+    new = (f'{match.group(1)}.{LEGACY_ATTENTION_NAMES[match.group(2)]}.{match.group(3)}'
+           if match else key)
+    if new in out:
+      raise ConversionError(f'The checkpoint holds both {key!r} and {renamed.get(new, new)!r}, '
+                            'the 2022 and the current name of one tensor.')
+    out[new] = tensor
+    if match:
+      renamed[new] = key
+  return out, renamed
+
+
+def params_from_state_dict(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict
                            ) -> PyTree:
-  """Our parameter tree (numpy, config.model.param_dtype) from a diffusers state dict.
+  """Our parameter tree (numpy, config.model.param_dtype) from a diffusers state dict, in the
+  current layout or the 2022 one (LEGACY_ATTENTION_NAMES).
 
-  Every key of ours must be present with its exact shape and every diffusers key must be used;
-  otherwise ConversionError names the key.
+  Every key of ours must be present with its exact shape and a floating dtype, and every key of
+  the file must be used, before any tensor is read; otherwise ConversionError names the key as
+  the file has it.
   """
-  target = abstract_params(config)
+  state_dict, renamed = modern_state_dict(state_dict)
   num_levels = len(config.model.unet.ch_mult)
-  used, leaves = set(), []
-  for path, leaf in _leaf_paths(target):
-    key = diffusers_key(path, num_levels)
-    if key not in state_dict:
-      raise ConversionError(f'The checkpoint has no tensor {key!r} (our {"/".join(path)}, shape '
-                            f'{torch_shape(path, leaf.shape)}): it is not this architecture.')
-    tensor = np.asarray(state_dict[key])
-    expected = torch_shape(path, leaf.shape)
-    if tuple(tensor.shape) != expected:
-      raise ConversionError(f'Tensor {key!r} has shape {tuple(tensor.shape)}, expected '
-                            f'{expected} for our {"/".join(path)}.')
-    used.add(key)
-    leaves.append(from_torch(path, tensor.astype(np.float32), leaf.shape).astype(leaf.dtype))
-  extra = sorted(set(state_dict) - used)
-  if extra:
-    raise ConversionError(f'The checkpoint has tensors our model does not: {extra[:5]}'
-                          f'{" ..." if len(extra) > 5 else ""} ({len(extra)} in all).')
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
+
+  def describe(key: str) -> str:
+    if key in renamed:
+      return f'{renamed[key]!r} (today {key!r})'
+    old = legacy_key(key)
+    return f'{key!r} (2022 name {old!r})' if renamed and old else repr(key)
+
+  return common.params_from_state_dict(
+      state_dict, common.abstract_params(config), lambda path: diffusers_key(path, num_levels),
+      torch_shape, from_torch, missing_hint='it is not this architecture.', describe=describe)
 
 
 def state_dict_from_params(params: PyTree, num_levels: int) -> StateDict:
-  """The diffusers state dict (float32 numpy) of our parameters."""
+  """The diffusers state dict (float32 numpy, current names) of our parameters."""
   return {diffusers_key(path, num_levels): to_torch(path, np.asarray(leaf, np.float32))
-          for path, leaf in _leaf_paths(params)}
+          for path, leaf in common.leaf_paths(params)}
 
 
 # ------------------------------------------------------------------ files
 
-def load_diffusers_folder(source: str) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]],
-                                                Mapping[str, np.ndarray]]:
-  """(UNet config, scheduler config or None, state dict) of a diffusers UNet2DModel folder.
+_SAFETENSORS_DTYPES = {'F16': 'float16', 'BF16': 'bfloat16', 'F32': 'float32', 'F64': 'float64',
+                       'I8': 'int8', 'U8': 'uint8', 'I16': 'int16', 'I32': 'int32',
+                       'I64': 'int64', 'BOOL': 'bool'}
 
-  Reads config.json, diffusion_pytorch_model.safetensors (preferred) or .bin (through the
-  restricted unpickler of torch_pickle.py), and scheduler_config.json if present (also one
-  folder up, as in a pipeline's unet/ + scheduler/ layout).
+
+class SafetensorsTensor:
+  """A tensor of a .safetensors file, not yet read: `shape`, `dtype_name`, `numpy()` (the
+  safetensors library checks the header's offsets against the file)."""
+
+  def __init__(self, handle: Any, key: str):
+    self._handle, self._key = handle, key
+    view = handle.get_slice(key)
+    self.shape = tuple(int(n) for n in view.get_shape())
+    self.dtype_name = _SAFETENSORS_DTYPES.get(view.get_dtype(), view.get_dtype())
+
+  def numpy(self) -> np.ndarray:
+    if self.dtype_name == 'bfloat16':
+      raise ConversionError(f'Tensor {self._key!r} is bfloat16, which numpy safetensors cannot '
+                            'read; save the model in float32 or float16.')
+    return self._handle.get_tensor(self._key)
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    out = self.numpy()
+    return out if dtype is None else out.astype(dtype)
+
+
+def _read_json(path: epath.Path) -> Dict[str, Any]:
+  try:
+    value = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConversionError(f'{path} is not valid JSON ({e}).') from None
+  if not isinstance(value, dict):
+    raise ConversionError(f'{path} holds a {type(value).__name__}, not a JSON object.')
+  return value
+
+
+def _pipeline_folders(root: epath.Path) -> Tuple[epath.Path, Optional[epath.Path]]:
+  """(unet folder, scheduler_config.json or None) of a pipeline root (model_index.json)."""
+  index = _read_json(root / PIPELINE_INDEX)
+  components = {k: v for k, v in index.items() if not str(k).startswith('_')}
+  other = sorted(set(components) - {'unet', 'scheduler'})
+  if 'unet' not in components or other:
+    raise ConversionError(
+        f'{root / PIPELINE_INDEX} is a {index.get("_class_name", "pipeline")} with components '
+        f'{sorted(components)}: only a pipeline of a UNet2DModel (unet/) and a scheduler '
+        f'converts{f"; {other} would be left out" if other else ""}.')
+  unet = components['unet']
+  if isinstance(unet, (list, tuple)) and len(unet) == 2 and unet[1] != 'UNet2DModel':
+    raise ConversionError(f'{root / PIPELINE_INDEX}: its unet is a {unet[1]}; only UNet2DModel '
+                          'converts.')
+  scheduler = root / 'scheduler' / SCHEDULER_CONFIG
+  return root / 'unet', scheduler if scheduler.exists() else None
+
+
+def load_diffusers_folder(source: str) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]],
+                                                Mapping[str, Any]]:
+  """(UNet config, scheduler config or None, state dict) of a diffusers UNet2DModel folder or
+  pipeline root (model_index.json, unet/, scheduler/).
+
+  The state dict's tensors are not read yet (they have .shape and .numpy()): from
+  diffusion_pytorch_model.safetensors (preferred) or .bin (through the restricted unpickler of
+  torch_pickle.py, every tensor checked against its storage). The scheduler config is the
+  folder's scheduler_config.json, or ../scheduler/'s for the unet/ folder of a pipeline.
   """
   folder = epath.Path(source)
+  if (folder / PIPELINE_INDEX).exists():
+    folder, scheduler_file = _pipeline_folders(folder)
+  else:
+    scheduler_file = next((c for c in (folder / SCHEDULER_CONFIG,
+                                       folder.parent / 'scheduler' / SCHEDULER_CONFIG)
+                           if c.exists()), None)
   config_file = folder / UNET_CONFIG
   if not config_file.exists():
     raise FileNotFoundError(f'{config_file} is missing: --source must be a diffusers UNet2DModel '
-                            'folder (config.json + diffusion_pytorch_model.safetensors).')
-  unet_config = json.loads(config_file.read_text())
-  scheduler_config = None
-  for candidate in (folder / SCHEDULER_CONFIG, folder.parent / 'scheduler' / SCHEDULER_CONFIG):
-    if candidate.exists():
-      scheduler_config = json.loads(candidate.read_text())
-      break
+                            'folder (config.json + diffusion_pytorch_model.safetensors) or a '
+                            'pipeline root (model_index.json, unet/, scheduler/).')
+  unet_config = _read_json(config_file)
+  scheduler_config = None if scheduler_file is None else _read_json(scheduler_file)
   if (folder / WEIGHTS_SAFETENSORS).exists():
-    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-    state_dict = safetensors_numpy.load((folder / WEIGHTS_SAFETENSORS).read_bytes())
+    try:
+      handle = safe_open(str(folder / WEIGHTS_SAFETENSORS), framework='numpy')
+    except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own types)
+      raise ConversionError(f'{folder / WEIGHTS_SAFETENSORS} is not a readable safetensors file '
+                            f'({type(e).__name__}: {e}).') from None
+    state_dict = {key: SafetensorsTensor(handle, key) for key in handle.keys()}
   elif (folder / WEIGHTS_BIN).exists():
-    state_dict = torch_pickle.load_state_dict(str(folder / WEIGHTS_BIN))
+    state_dict = torch_pickle.open_state_dict(str(folder / WEIGHTS_BIN))
   else:
-    raise FileNotFoundError(f'{folder} has neither {WEIGHTS_SAFETENSORS} nor {WEIGHTS_BIN}.')
+    found = sorted(p.name for p in folder.iterdir() if 'diffusion_pytorch_model' in p.name)
+    seen = f' (it has {found}: variants and shards are not read)' if found else ''
+    raise FileNotFoundError(f'{folder} has neither {WEIGHTS_SAFETENSORS} nor {WEIGHTS_BIN}{seen}.')
   return unet_config, scheduler_config, state_dict
 
 
-def write_workdir(config: ml_collections.ConfigDict, params: PyTree, workdir: str) -> None:
-  """Saves config.json and a step-0 checkpoint with params = ema_params = `params`."""
-  params = jax.tree.map(jnp.asarray, params)
-  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  state = train_state.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      ema_params=jax.tree.map(lambda p: p.astype(jnp.float32), params), opt_state=tx.init(params))
-  run_config.save_run_config(config, workdir)
-  manager = checkpoints.create_manager(workdir, keep=1, async_save=False)
-  checkpoints.save(manager, 0, state, config)
-  manager.wait_until_finished()
-  manager.close()
-
-
-def import_diffusers(source: str, workdir: str,
-                     base: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
-  """Converts a diffusers UNet2DModel folder into a run directory; returns its config.
+def import_diffusers(source: str, workdir: str, base: Optional[ml_collections.ConfigDict] = None,
+                     *, null_class: Optional[bool] = None,
+                     notes: Optional[List[str]] = None) -> ml_collections.ConfigDict:
+  """Converts a diffusers UNet2DModel folder or pipeline root into a run directory; returns its
+  config (`null_class`, `notes`: see config_from_diffusers).
 
   Everything is checked before the first write; an existing run in `workdir` is refused.
   """
-  if run_config.config_path(workdir).exists() or checkpoints.latest_step_on_disk(workdir) or (
-      checkpoints.checkpoint_dir(workdir).exists()):
-    raise ConversionError(f'{workdir} already holds a run (config.json or checkpoints/); '
-                          'choose an empty --workdir.')
+  common.check_empty_workdir(workdir)
   unet_config, scheduler_config, state_dict = load_diffusers_folder(source)
-  config = config_from_diffusers(unet_config, scheduler_config, base)
+  config = config_from_diffusers(unet_config, scheduler_config, base, null_class=null_class,
+                                 notes=notes)
   params = params_from_state_dict(state_dict, config)
-  write_workdir(config, params, workdir)
+  common.write_run(config, params, workdir)
   return config
 
 
 def export_diffusers(workdir: str, out: str, use_ema: bool = True) -> None:
   """Writes the run's (EMA) params as a diffusers UNet2DModel folder + scheduler_config.json."""
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   config = run_config.load_run_config(workdir)
   if config is None:
     raise FileNotFoundError(f'{run_config.config_path(workdir)} is missing: export needs the '
@@ -511,4 +700,3 @@ def export_diffusers(workdir: str, out: str, use_ema: bool = True) -> None:
   (folder / WEIGHTS_SAFETENSORS).write_bytes(safetensors_numpy.save(state_dict))
   (folder / UNET_CONFIG).write_text(json.dumps(unet, indent=2, sort_keys=True))
   (folder / SCHEDULER_CONFIG).write_text(json.dumps(scheduler, indent=2, sort_keys=True))
-

@@ -10,7 +10,7 @@ given (num_head_channels, channel_mult, resblock_updown, use_fp16, use_new_atten
 else improved-diffusion's (the two differ in rescale_timesteps / rescale_learned_sigmas, which
 improved-diffusion turns on by default).
 
-Every architectural difference to our defaults is a config.model field (diffusion_jax/config/defaults.py):
+Every architectural difference to our defaults is a config.model field (config/defaults.py):
 [cos, sin] timestep features at frequencies 10000^(-i/half) (flip_sin_to_cos, freq_shift=0),
 GroupNorm eps 1e-5 (norm_eps), one pixel of padding on every side of the stride-2 convolutions
 (downsample_padding=1), a class embedding without a null row (null_class=False), and
@@ -29,20 +29,17 @@ is a ConversionError naming it.
 from __future__ import annotations
 
 import shlex
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-import jax
 import ml_collections
 import numpy as np
 
-from diffusion_jax.interop import diffusers
-from diffusion_jax.interop.diffusers import ConversionError
 from diffusion_jax.config import defaults
+from diffusion_jax.interop import common
+from diffusion_jax.interop import torch_pickle
+from diffusion_jax.interop.common import ConversionError
 from diffusion_jax.nn import backbones
 from diffusion_jax.objectives import ddpm
-from diffusion_jax.interop import torch_pickle
-from diffusion_jax.training import checkpoints
-from diffusion_jax.config import run_config
 
 PyTree = Any
 
@@ -162,7 +159,7 @@ def _channel_mult(flags: Mapping[str, Any]) -> Tuple[int, ...]:
 def config_from_flags(flags: Mapping[str, Any],
                       base: Optional[ml_collections.ConfigDict] = None
                       ) -> ml_collections.ConfigDict:
-  """Our full config for parsed flags: `base` (diffusion_jax/config/defaults.py when None) with data.resolution /
+  """Our full config for parsed flags: `base` (config/defaults.py when None) with data.resolution /
   channels, config.model, config.diffusion and the sampler (image_sample.py's: ddpm, or ddim with
   --use_ddim, on timestep_respacing) set from them."""
   if base is None:
@@ -248,7 +245,6 @@ _TOP = {'conv_in': 'input_blocks.0.0', 'temb_dense0': 'time_embed.0',
         'temb_dense1': 'time_embed.2', 'class_embed': 'label_emb', 'norm_out': 'out.0',
         'conv_out': 'out.2', 'mid_res_0': 'middle_block.0', 'mid_attn': 'middle_block.1',
         'mid_res_1': 'middle_block.2'}
-_LEAF = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias'}
 
 
 def _module_key(name: str, config: ml_collections.ConfigDict) -> str:
@@ -277,15 +273,7 @@ def _module_key(name: str, config: ml_collections.ConfigDict) -> str:
 def openai_key(path: Sequence[str], config: ml_collections.ConfigDict) -> str:
   """Their state-dict key of our parameter at `path` (('mid_attn', 'query', 'kernel') ->
   'middle_block.1.qkv.weight')."""
-  parts = [_module_key(path[0], config)]
-  for name in path[1:-1]:
-    if name == 'GroupNorm_0':
-      continue
-    if name not in _RES:
-      raise ConversionError(f'our parameter {"/".join(path)} has no openai counterpart.')
-    parts.append(_RES[name])
-  parts.append(_LEAF[path[-1]])
-  return '.'.join(parts)
+  return common.torch_key(path, _module_key(path[0], config), _RES, 'openai')
 
 
 def _qkv_rows(which: int, heads: int, dim: int, new_order: bool) -> np.ndarray:
@@ -327,41 +315,22 @@ def from_openai(path: Sequence[str], tensor: np.ndarray, shape: Tuple[int, ...],
   return tensor.reshape(shape)
 
 
-def _leaf_paths(tree: PyTree) -> List[Tuple[Tuple[str, ...], Any]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [(tuple(str(k.key) for k in keys), leaf) for keys, leaf in flat]
-
-
 def expected_shapes(config: ml_collections.ConfigDict) -> Dict[str, Tuple[int, ...]]:
   """{their key: their shape} of the checkpoint `config` converts from (nothing is computed)."""
   return {openai_key(path, config): openai_shape(path, leaf.shape)
-          for path, leaf in _leaf_paths(diffusers.abstract_params(config))}
+          for path, leaf in common.leaf_paths(common.abstract_params(config))}
 
 
-def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
+def params_from_state_dict(state_dict: Mapping[str, Any],
                            config: ml_collections.ConfigDict, new_order: bool) -> PyTree:
   """Our parameter tree (numpy) from their state dict; every key must be present with its shape
-  and every one of theirs used, else ConversionError names the key."""
-  target = diffusers.abstract_params(config)
-  used, leaves = set(), []
-  for path, leaf in _leaf_paths(target):
-    key, expected = openai_key(path, config), openai_shape(path, leaf.shape)
-    if key not in state_dict:
-      raise ConversionError(f'The checkpoint has no tensor {key!r} (our {"/".join(path)}, shape '
-                            f'{expected}): it is not the model these flags describe.')
-    tensor = np.asarray(state_dict[key])
-    if tuple(tensor.shape) != expected:
-      raise ConversionError(f'Tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} '
-                            f'for our {"/".join(path)}: check the flags.')
-    used.add(key)
-    value = from_openai(path, tensor.astype(np.float32), leaf.shape, new_order)
-    leaves.append(value.astype(leaf.dtype))
-  extra = sorted(set(state_dict) - used)
-  if extra:
-    raise ConversionError(f'The checkpoint has tensors our model does not: {extra[:5]}'
-                          f'{" ..." if len(extra) > 5 else ""} ({len(extra)} in all); check the '
-                          'flags.')
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
+  and a floating dtype and every one of theirs used, before any tensor is read, else
+  ConversionError names the key."""
+  return common.params_from_state_dict(
+      state_dict, common.abstract_params(config), lambda path: openai_key(path, config),
+      openai_shape, lambda path, tensor, shape: from_openai(path, tensor, shape, new_order),
+      missing_hint='it is not the model these flags describe.', shape_hint=': check the flags',
+      extra_hint='; check the flags')
 
 
 # ------------------------------------------------------------------ files
@@ -372,7 +341,7 @@ def load(source: str, model_flags: str, diffusion_flags: str = '',
   """(config, params) of an improved/guided-diffusion .pt and its flags; writes nothing."""
   flags = parse_flags(model_flags, diffusion_flags)
   config = config_from_flags(flags, base)  # Flag errors before the file is read.
-  state_dict = torch_pickle.load_state_dict(source)
+  state_dict = torch_pickle.open_state_dict(source)  # Checked, not read.
   return config, params_from_state_dict(state_dict, config,
                                         bool(flags['use_new_attention_order']))
 
@@ -383,9 +352,7 @@ def import_openai(source: str, workdir: str, model_flags: str, diffusion_flags: 
 
   Everything is checked before the first write; an existing run in `workdir` is refused.
   """
-  if run_config.config_path(workdir).exists() or checkpoints.checkpoint_dir(workdir).exists():
-    raise ConversionError(f'{workdir} already holds a run (config.json or checkpoints/); '
-                          'choose an empty --workdir.')
+  common.check_empty_workdir(workdir)
   config, params = load(source, model_flags, diffusion_flags, base)
-  diffusers.write_workdir(config, params, workdir)
+  common.write_run(config, params, workdir)
   return config
