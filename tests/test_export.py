@@ -31,10 +31,10 @@ from test_main import cli_env  # pylint: disable=unused-import  (a fixture)
 from diffusion_jax.training import checkpoints
 from diffusion_jax.training import restore
 from diffusion_jax.sampling import class_labels
-from diffusion_jax.processes import discrete
 from diffusion_jax.serving import export
 from diffusion_jax.nn import backbones
 from diffusion_jax.config import run_config
+from diffusion_jax.modes import export as export_mode
 from diffusion_jax.modes import sample as sample_mode
 from diffusion_jax.pipelines import sampler
 from diffusion_jax import serving
@@ -138,7 +138,7 @@ def _sample_mode_references(workdir: str):
     arr_0_16 = data['arr_0']
   params, _ = restore.restore_params(config, workdir, mesh, use_ema=True)
   sample_fn = sampler.make_sample_fn(backbones.create_model(config.model, config.data.channels),
-                                      discrete.make_schedule(config.diffusion.ddpm), config, mesh, 16)
+                                     config, mesh, 16)
   labels = class_labels.labels_for(np.arange(16), np.array([3, 7, 1]), tsc.NUM_CLASSES)
   want = np.asarray(sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(SEED), 0), labels))
   return arr_0, arr_1, arr_0_16, want
@@ -192,6 +192,70 @@ def test_a_tampered_file_is_refused(export_dir, tmp_path, name):  # pylint: disa
     serving.load(copy)
 
 
+def _copy_with_card(export_dir, tmp_path, edit):  # pylint: disable=redefined-outer-name
+  """A copy of the export folder whose card.json `edit(card)` changed (the checksums hold)."""
+  copy = tmp_path / 'edited'
+  shutil.copytree(export_dir[1], copy)
+  card = json.loads((copy / serving.CARD_FILE).read_text())
+  edit(card)
+  (copy / serving.CARD_FILE).write_text(json.dumps(card))
+  return copy
+
+
+def _no_deserialize(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError('deserialized before the card was checked')
+  monkeypatch.setattr(jax.export, 'deserialize', refuse)
+
+
+@pytest.mark.parametrize('offset', [1, -1])
+def test_a_calling_convention_this_jax_cannot_run_is_refused(export_dir, tmp_path, monkeypatch,
+                                                             offset):  # pylint: disable=redefined-outer-name
+  """A version above what this JAX runs asks for a newer jax, one below for a new export; both
+  name the versions, before anything is deserialized."""
+  low = jax.export.minimum_supported_calling_convention_version
+  high = jax.export.maximum_supported_calling_convention_version
+  version = high + 1 if offset > 0 else low - 1
+
+  def edit(card):
+    card['calling_convention_version'] = version
+    card['jax_version'] = '9.9.9' if offset > 0 else '0.4.1'
+  copy = _copy_with_card(export_dir, tmp_path, edit)
+  _no_deserialize(monkeypatch)
+  with pytest.raises(serving.IncompatibleExportError) as e:
+    serving.load(copy)
+  message = str(e.value)
+  assert f'calling convention version {version}' in message and f'{low}..{high}' in message
+  assert jax.__version__ in message
+  assert ('pip install jax==9.9.9' in message if offset > 0
+          else 'export the run again' in message and '0.4.1' in message)
+
+
+def test_another_prng_implementation_is_refused(export_dir, tmp_path, monkeypatch):  # pylint: disable=redefined-outer-name
+  copy = _copy_with_card(export_dir, tmp_path, lambda card: card['rng'].update(prng_impl='rbg'))
+  _no_deserialize(monkeypatch)
+  with pytest.raises(serving.IncompatibleExportError,
+                     match=r"jax_default_prng_impl='rbg'.*'threefry2x32'.*jax_default_prng_impl"):
+    serving.load(copy)
+
+
+def test_another_jax_version_that_runs_it_loads_with_a_warning(export_dir, tmp_path):  # pylint: disable=redefined-outer-name
+  """Only the jax version differs: a warning naming both, and the same images."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  copy = _copy_with_card(export_dir, tmp_path, lambda card: card.update(jax_version='0.4.99'))
+  with pytest.warns(serving.JaxVersionWarning,
+                    match=r'jax 0\.4\.99, loaded by jax ' + re.escape(jax.__version__)):
+    edited = serving.load(copy)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', serving.JaxVersionWarning)  # Its own version: no warning.
+    original = serving.load(export_dir[1])
+  np.testing.assert_array_equal(edited.sample(2, seed=SEED), original.sample(2, seed=SEED))
+  for edit in (lambda card: card.pop('calling_convention_version'),
+               lambda card: card['rng'].pop('prng_impl')):
+    with pytest.raises(ValueError, match='has no (calling_convention_version|rng.prng_impl)'):
+      serving.load(_copy_with_card(export_dir, tmp_path / str(id(edit)), edit))
+
+
 def test_bad_platform_and_missing_checkpoint_write_nothing(export_dir, tmp_path):  # pylint: disable=redefined-outer-name
   """An unknown platform is a ConfigError naming export.platforms; an empty workdir a
   NoCheckpointError; neither lowers anything or writes an export folder."""
@@ -200,11 +264,11 @@ def test_bad_platform_and_missing_checkpoint_write_nothing(export_dir, tmp_path)
   config = _config()
   config.export.platforms = ('cpu', 'gpu')
   with pytest.raises(ConfigError, match=r"export\.platforms=.*\['gpu'\]"):
-    export.export(config, workdir)
+    export_mode.export(config, workdir)
   assert sorted(p.name for p in (epath.Path(workdir) / 'export').iterdir()) == before
 
   empty = tmp_path / 'empty'
   empty.mkdir()
   with pytest.raises(checkpoints.NoCheckpointError, match='No checkpoint'):
-    export.export(_config(), str(empty))
+    export_mode.export(_config(), str(empty))
   assert not (empty / 'export').exists()

@@ -22,9 +22,9 @@ from diffusion_jax.evaluation import cli
 from diffusion_jax.evaluation import fid_resize
 from diffusion_jax.evaluation import inception
 from diffusion_jax.evaluation import metrics
-from diffusion_jax.nn import backbones
 from diffusion_jax.parallel import sharding
 from diffusion_jax.training import train_state
+from diffusion_jax.modes import train as train_mode
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 needs_weights = pytest.mark.skipif(
@@ -33,6 +33,14 @@ needs_weights = pytest.mark.skipif(
 
 
 # ------------------------------------------------------------------ resizes
+
+
+def _resize_numpy(images, mode, out_size=fid_resize.INCEPTION_SIZE):
+  """[N, H, W, C] images resized with `mode`'s matrices in float64 (out = A_h img A_w^T)."""
+  images = np.asarray(images, np.float64)
+  a_h = fid_resize.resize_matrix(mode, images.shape[1], out_size)
+  a_w = fid_resize.resize_matrix(mode, images.shape[2], out_size)
+  return np.einsum('oh,nhwc,pw->nopc', a_h, images, a_w, optimize=True)
 
 
 def test_tf_legacy_resize_is_its_formula_and_tensorflows():
@@ -50,7 +58,7 @@ def test_tf_legacy_resize_is_its_formula_and_tensorflows():
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   images = np.random.default_rng(0).uniform(0, 255, size=(2, 8, 11, 3))
-  ours = fid_resize.resize_numpy(images, 'tf_legacy')
+  ours = _resize_numpy(images, 'tf_legacy')
   theirs = tf.compat.v1.image.resize_bilinear(images.astype(np.float32), (299, 299),
                                               align_corners=False, half_pixel_centers=False)
   np.testing.assert_allclose(ours, theirs.numpy(), atol=2e-3)
@@ -69,10 +77,10 @@ def test_resize_modes_differ_as_documented():
     image = rng.uniform(0, 255, size=(size_in, size_in)).astype(np.float32)
     pil = np.asarray(Image.fromarray(image, mode='F').resize((size_out, size_out),
                                                            Image.Resampling.BICUBIC))
-    ours = fid_resize.resize_numpy(image[None, :, :, None], 'pil_bicubic', size_out)[0, :, :, 0]
+    ours = _resize_numpy(image[None, :, :, None], 'pil_bicubic', size_out)[0, :, :, 0]
     np.testing.assert_allclose(ours, pil, atol=2e-2)
   images = rng.uniform(0, 255, size=(1, 8, 8, 1))
-  out = {m: fid_resize.resize_numpy(images, m) for m in fid_resize.RESIZE_MODES}
+  out = {m: _resize_numpy(images, m) for m in fid_resize.RESIZE_MODES}
   for a, b in (('tf_legacy', 'torch_bilinear'), ('tf_legacy', 'pil_bicubic'),
                ('torch_bilinear', 'pil_bicubic')):
     assert np.abs(out[a] - out[b]).max() > 1.0, (a, b)
@@ -122,12 +130,18 @@ def test_streaming_statistics_equal_in_memory():
     calls.append(len(batch))
     return {'pool3': batch.reshape(len(batch), -1).astype(np.float64)}
 
-  result = feature_sets.extract_features(feature_sets.array_batches(images, 10), feature_fn, 8, keep=20)
+  result = feature_sets.extract_features(feature_sets.array_batches(images, 10), feature_fn, 8,
+                                         keep=20)
   flat = images.reshape(37, -1).astype(np.float64)
   assert set(calls) == {8} and len(calls) == 5 and result.num_images == 37
   np.testing.assert_allclose(result.mu, flat.mean(0), rtol=1e-12)
   np.testing.assert_allclose(result.sigma, np.cov(flat, rowvar=False), rtol=1e-9, atol=1e-9)
-  np.testing.assert_array_equal(result.features, flat[:20])
+  # 20 of the 37 rows, a seeded uniform subset (metrics.KeptFeatures), in stream order.
+  kept = metrics.KeptFeatures(20, 0)
+  kept.add(flat)
+  assert result.features.shape == (20, 4) and result.kept_method == 'reservoir'
+  np.testing.assert_array_equal(result.features, flat[kept.positions])
+  assert np.all(np.diff(kept.positions) > 0) and kept.positions[-1] > 19  # Not the first 20.
 
 
 def _mmd2_unbiased_loops(x, y):
@@ -202,6 +216,9 @@ def test_cli_npz_against_a_folder_of_the_same_images(tmp_path, capsys):
   assert abs(result['fid']) < 1e-2  # The same images.
   stats = feature_sets.load_stats_file(str(tmp_path / 'stats.npz'))
   assert stats.num_images == 4 and stats.features.shape == (4, 2048)
+  assert (stats.kept_method, stats.kept_seed) == ('reservoir', 0)
+  kept = {'method': 'reservoir', 'seed': 0, 'rows': 4}
+  assert result['kept_features'] == {'a': kept, 'b': kept}
   # KID of a set with itself, every subset the whole set: the unbiased estimate is
   # 2 (sum K - tr K) / (m (m - 1)) - 2 sum K / m^2 < 0, not 0.
   f = stats.features.astype(np.float64)
@@ -235,7 +252,8 @@ def test_check_eval_config_names_the_fields():
 @needs_weights
 def test_eval_mode_writes_every_sample_metric(tmp_path):
   config = tiny.get_config()
-  config.model.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=(), num_classes=10)
+  config.model.unet.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=())
+  config.model.num_classes = 10
   config.diffusion.ddpm.num_timesteps = 20
   config.sample.update(steps=2, batch_size=8)
   config.eval.update(metrics=('fid', 'kid', 'precision_recall', 'classifier_fd'),
@@ -243,9 +261,7 @@ def test_eval_mode_writes_every_sample_metric(tmp_path):
                      kid_subset_size=4, kid_num_subsets=3, num_kept_features=16)
   workdir = tmp_path / 'run'
   mesh = sharding.create_mesh(config.mesh)
-  model = backbones.create_model(config.model, config.data.channels)
-  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh)
+  state = train_state.create_train_state(config, mesh, jax.random.PRNGKey(0))
   manager = restore.create_manager(str(workdir), async_save=False)
   checkpoints.save(manager, 3, state)
   manager.close()
@@ -261,6 +277,10 @@ def test_eval_mode_writes_every_sample_metric(tmp_path):
   assert fid_json['resize'] == 'tf_legacy' and fid_json['inception_sha256'] == sha
   assert fid_json['num_reference'] == 8
   assert 0 <= results['precision_recall']['precision'] <= 1
+  for metric in ('kid', 'precision_recall'):  # How the rows were kept is part of the figure.
+    assert results[metric]['kept_features'] == {
+        'samples': {'method': 'reservoir', 'seed': config.eval.seed, 'rows': 12},
+        'reference': {'method': 'reservoir', 'seed': config.eval.seed, 'rows': 8}}
   assert results['classifier_fd']['classifier_fd'] > 0
   assert 0 <= results['classifier_fd']['label_agreement'] <= 1
   cached = list((workdir / 'eval' / 'fid_stats').glob('digits_*tf_legacy_n8_*.npz'))
@@ -345,7 +365,7 @@ def _event_scalars(folder, tag):
 
 def _train_eval_config(tmp_path, num_train_steps):
   config = tiny.get_config()
-  config.model.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=())
+  config.model.unet.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=())
   config.diffusion.ddpm.num_timesteps = 20
   config.sample.update(steps=2, batch_size=16)
   config.training.update(num_train_steps=num_train_steps, eval_every_steps=2,
@@ -358,11 +378,10 @@ def _train_eval_config(tmp_path, num_train_steps):
 
 def test_training_eval_writes_scalars_and_keeps_the_best_checkpoint(tmp_path, caplog):
   import logging  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.training import loop  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
   config = _train_eval_config(tmp_path, 4)
   with caplog.at_level(logging.INFO):
-    loop.train_and_evaluate(config, str(workdir))
+    train_mode.train_and_evaluate(config, str(workdir))
   values = {s: json.loads((workdir / 'eval' / f'classifier_fd_step{s}.json').read_text())
             ['classifier_fd'] for s in (2, 4)}
   lines = [r.getMessage() for r in caplog.records if ' at step 4: ' in r.getMessage()]
@@ -378,10 +397,7 @@ def test_training_eval_writes_scalars_and_keeps_the_best_checkpoint(tmp_path, ca
                 if p.name.isdigit()) == [str(best_step)]
   # The best checkpoint's EMA parameters score what was recorded for them.
   mesh = sharding.create_mesh(config.mesh)
-  model = backbones.create_model(config.model, config.data.channels)
-  tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  like = jax.eval_shape(lambda: train_state.create_train_state(
-      model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh))
+  like = train_state.abstract_train_state(config)
   like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                      sharding=sharding.replicated(mesh)), like)
   reader = restore.create_manager(str(workdir), read_only=True, async_save=False,
@@ -396,7 +412,7 @@ def test_training_eval_writes_scalars_and_keeps_the_best_checkpoint(tmp_path, ca
   # Resume with an earlier best nothing can beat: it is read from best.json, so step 6 is
   # not saved as best, and keep_checkpoints=1 deletes old steps but never the best one.
   (workdir / 'eval' / 'best.json').write_text(json.dumps(dict(best, value=-1.0)))
-  loop.train_and_evaluate(_train_eval_config(tmp_path, 6), str(workdir))
+  train_mode.train_and_evaluate(_train_eval_config(tmp_path, 6), str(workdir))
   assert (workdir / 'eval' / 'classifier_fd_step6.json').exists()
   assert json.loads((workdir / 'eval' / 'best.json').read_text())['value'] == -1.0
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['6']
@@ -471,22 +487,25 @@ def test_reference_statistics_are_cached_per_folder_and_reused(tmp_path, monkeyp
     yield np.random.default_rng(seed).integers(0, 256, size=(10, 8, 8, 1), dtype=np.uint8)
 
   monkeypatch.setattr(sample_metrics, '_dataset_batches', fake_dataset_batches)
+  for name in ('images_a', 'images_b'):  # The key lists the folder's files.
+    (tmp_path / name).mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name / '0.png')
   config = tiny.get_config()
   config.data.update(dataset='folder', folder=str(tmp_path / 'images_a'))
   config.eval.update(fid_stats_dir=str(tmp_path / 'stats'), num_kept_features=4)
   workdir = str(tmp_path / 'run')
-  first, path_a = sample_metrics.reference_features(config, workdir, _pixel_features, 'abc', 4, None)
-  again, path_again = sample_metrics.reference_features(config, workdir, _pixel_features, 'abc', 4,
-                                                    None)
+  reference = lambda: sample_metrics.reference_features(config, workdir, _pixel_features, 'abc',
+                                                        4, None)
+  first, path_a = reference()
+  again, path_again = reference()
   assert reads == [config.data.folder]  # The second evaluation read the cache file only.
   assert path_again == path_a and again.num_images == first.num_images == 10
   np.testing.assert_allclose(again.sigma, first.sigma, rtol=1e-12)
   config.data.folder = str(tmp_path / 'images_b')  # Another folder: its own statistics.
-  other, path_b = sample_metrics.reference_features(config, workdir, _pixel_features, 'abc', 4, None)
+  other, path_b = reference()
   assert len(reads) == 2 and path_b != path_a
   assert not np.allclose(other.mu, first.mu)
   assert sample_metrics.dataset_source_id(config.data) in path_b
   config.data.folder = str(tmp_path / 'images_b') + '/'  # The same folder, written otherwise.
-  assert sample_metrics.reference_features(config, workdir, _pixel_features, 'abc', 4, None)[1] == (
-      path_b)
+  assert reference()[1] == path_b
   assert len(reads) == 2

@@ -9,7 +9,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from scipy import integrate, stats
@@ -20,6 +19,7 @@ from diffusion_jax.processes import discrete
 from diffusion_jax.modes import evaluate as evaluate_mode
 from diffusion_jax.evaluation import likelihood
 from diffusion_jax.nn import backbones
+from diffusion_jax.objectives import ddpm
 from diffusion_jax.parallel import sharding
 from diffusion_jax.training import train_state
 
@@ -34,10 +34,17 @@ def _schedule(n):
   return discrete.schedule_from_betas(_linear_betas(n))
 
 
-def _diffusion_config(**overrides):
-  cfg = ml_collections.ConfigDict(default.get_config().diffusion.to_dict())
-  cfg.update(overrides)
-  return cfg
+def _ddpm_config(num_timesteps, learn_sigma=False, **overrides):
+  """A default config with objective 'ddpm', `num_timesteps` linear betas (those of
+  `_linear_betas`) and `overrides` of diffusion.ddpm."""
+  config = default.get_config()
+  config.diffusion.objective = 'ddpm'
+  config.diffusion.ddpm.update(num_timesteps=num_timesteps, beta_schedule='linear',
+                               beta_start=1e-4, beta_end=0.02, **overrides)
+  config.model.learn_sigma = learn_sigma
+  np.testing.assert_allclose(np.asarray(ddpm.schedule(config).betas),
+                             _linear_betas(num_timesteps), rtol=1e-6)  # float32 betas.
+  return config
 
 
 # ------------------------------------------------------------------ Gaussian building blocks
@@ -212,19 +219,20 @@ def test_training_losses_without_learn_sigma_is_l_simple():
   x0, noise, out = (rng.normal(size=(6, 4, 4, 3)).astype(np.float32) for _ in range(3))
   t = jnp.array([0, 3, 10, 50, 80, 99])
   x_t = discrete.q_sample(schedule, x0, t, noise)
+  example = {'x0': x0, 'noise': noise, 't': t, 'x_t': x_t}
   for weighting in ('simple', 'min_snr'):
-    cfg = _diffusion_config(loss_weighting=weighting)
+    config = _ddpm_config(100, loss_weighting=weighting)
     np.testing.assert_array_equal(
-        np.asarray(discrete.training_losses(schedule, out, x0, noise, t, x_t, cfg, False)),
-        np.asarray(discrete.diffusion_loss(schedule, out, x0, noise, t, 'epsilon', weighting)))
+        np.asarray(ddpm.per_example_loss(config, out, example)),
+        np.asarray(ddpm.diffusion_loss(schedule, out, x0, noise, t, 'epsilon', weighting)))
 
 
 @pytest.mark.parametrize('prediction_type,weighting', [('epsilon', 'simple'), ('v', 'min_snr')])
 def test_hybrid_loss_gradients_are_split_by_the_stop_gradient(prediction_type, weighting):
   num_steps = 100
   schedule = _schedule(num_steps)
-  cfg = _diffusion_config(prediction_type=prediction_type, loss_weighting=weighting,
-                          vlb_weight=0.001)
+  config = _ddpm_config(num_steps, learn_sigma=True, prediction_type=prediction_type,
+                        loss_weighting=weighting, vlb_weight=0.001)
   rng = np.random.default_rng(6)
   x0 = (rng.integers(0, 256, size=(6, 4, 4, 3)) / 127.5 - 1).astype(np.float32)
   noise = rng.normal(size=x0.shape).astype(np.float32)
@@ -234,13 +242,13 @@ def test_hybrid_loss_gradients_are_split_by_the_stop_gradient(prediction_type, w
   v = rng.uniform(-1, 1, size=x0.shape).astype(np.float32)
   output = jnp.concatenate([pred, v], axis=-1)
 
-  hybrid = jax.jit(lambda o: jnp.mean(discrete.training_losses(schedule, o, x0, noise, t, x_t,
-                                                                cfg, True)))
+  example = {'x0': x0, 'noise': noise, 't': t, 'x_t': x_t}
+  hybrid = jax.jit(lambda o: jnp.mean(ddpm.per_example_loss(config, o, example)))
   grad = jax.jit(jax.grad(hybrid))(output)
   grad_pred, grad_v = np.asarray(grad[..., :3]), np.asarray(grad[..., 3:])
 
-  simple = lambda p: jnp.mean(discrete.diffusion_loss(schedule, p, x0, noise, t,
-                                                       prediction_type, weighting))
+  simple = lambda p: jnp.mean(ddpm.diffusion_loss(schedule, p, x0, noise, t,
+                                                   prediction_type, weighting))
   np.testing.assert_allclose(grad_pred, np.asarray(jax.jit(jax.grad(simple))(pred)),
                              rtol=1e-5,
                              atol=1e-9)
@@ -278,7 +286,7 @@ class _FullCovGaussian:
     b = x.shape[0]
     xf = x.reshape(b, 4)
     tau = t / (self.schedule.num_timesteps - 1)
-    abar = jnp.exp(likelihood.continuous_log_alphas_cumprod(self.schedule, tau))[:, None]
+    abar = jnp.exp(discrete.continuous_log_alphas_cumprod(self.schedule, tau))[:, None]
     s = jnp.sqrt(abar)
     q, lam = jnp.asarray(self.q, jnp.float32), jnp.asarray(self.lam, jnp.float32)
     x0_hat = self.mu + ((s * lam / (abar * lam + 1 - abar)) * ((xf - s * self.mu) @ q)) @ q.T
@@ -312,10 +320,12 @@ def test_ode_log_likelihood_of_exact_gaussian_model():
   ref, marginal, log_m = model.reference(x, abar[0], abar[-1])
   y = jnp.asarray(x.reshape(batch, 2, 2, 1), jnp.float32)
 
+  config = _ddpm_config(num_steps, prediction_type='epsilon')
+
   def solve(probe, num_probes):
-    return jax.jit(lambda y_, key: likelihood.ode_log_likelihood(
-        model.apply_fn, schedule, y_, key, prediction_type='epsilon', probe=probe,
-        num_probes=num_probes))(y, jax.random.PRNGKey(7))
+    return jax.jit(lambda y_, key: likelihood.log_likelihood(
+        model.apply_fn, config, y_, key, probe=probe, num_probes=num_probes))(
+            y, jax.random.PRNGKey(7))
 
   exact = solve('exact', 1)
   assert bool(exact.successful) and int(exact.num_steps) < 500
@@ -325,10 +335,10 @@ def test_ode_log_likelihood_of_exact_gaussian_model():
   # log p = prior + int div f, and int div f is the flow's log-Jacobian.
   np.testing.assert_allclose(np.asarray(exact.delta_log_prob), np.trace(log_m), atol=1e-2)
 
-  # ode_nll_bpd on continuous points: -log p / (D ln 2).
-  bpd = jax.jit(lambda y_, key: likelihood.ode_nll_bpd(
-      model.apply_fn, schedule, y_, key, prediction_type='epsilon', dequantize_data=False,
-      probe='exact'))(y, jax.random.PRNGKey(8))
+  # nll_bpd on continuous points: -log p / (D ln 2).
+  bpd = jax.jit(lambda y_, key: likelihood.nll_bpd(
+      model.apply_fn, config, y_, key, dequantize_data=False, probe='exact'))(
+          y, jax.random.PRNGKey(8))
   np.testing.assert_allclose(np.asarray(bpd), -ref / (4 * LN2), atol=1e-2 / (4 * LN2))
 
   # Hutchinson with K Rademacher probes: unbiased, with variance 2 sum_{i != j} A_ij^2 / K
@@ -365,16 +375,16 @@ def test_continuous_process_interpolates_the_schedule():
   schedule = _schedule(10)
   log_abar = np.log(np.cumprod(1 - _linear_betas(10)))
   tau = jnp.arange(10) / 9.0
-  np.testing.assert_allclose(np.asarray(likelihood.continuous_log_alphas_cumprod(schedule, tau)),
+  np.testing.assert_allclose(np.asarray(discrete.continuous_log_alphas_cumprod(schedule, tau)),
                              log_abar, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(likelihood.network_timestep(schedule, tau)),
+  np.testing.assert_allclose(np.asarray(discrete.network_timestep(schedule, tau)),
                              np.arange(10), atol=1e-5)
   # beta(tau) = -d log abar / d tau, constant on each interval.
   mid = (jnp.arange(9) + 0.5) / 9.0
-  np.testing.assert_allclose(np.asarray(likelihood.continuous_beta(schedule, mid)),
+  np.testing.assert_allclose(np.asarray(discrete.continuous_beta(schedule, mid)),
                              -9.0 * np.diff(log_abar), rtol=1e-4)
   np.testing.assert_allclose(
-      np.asarray(jax.vmap(jax.grad(lambda s: -likelihood.continuous_log_alphas_cumprod(
+      np.asarray(jax.vmap(jax.grad(lambda s: -discrete.continuous_log_alphas_cumprod(
           schedule, s)))(mid)), -9.0 * np.diff(log_abar), rtol=1e-3)
 
 
@@ -383,7 +393,8 @@ def test_continuous_process_interpolates_the_schedule():
 
 def test_evaluate_end_to_end(tmp_path):
   config = tiny.get_config()
-  config.model.update(learn_sigma=True, ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=())
+  config.model.learn_sigma = True
+  config.model.unet.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=())
   config.diffusion.ddpm.num_timesteps = 20
   config.training.batch_size = 8
   config.training.num_train_steps = 1
@@ -398,9 +409,8 @@ def test_evaluate_end_to_end(tmp_path):
   # One hybrid-loss train step, then a checkpoint, as the training loop would write it.
   mesh = sharding.create_mesh(config.mesh)
   model = backbones.create_model(config.model, config.data.channels)
-  schedule = discrete.make_schedule(config.diffusion.ddpm)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh)
+  state = train_state.create_train_state(config, mesh, jax.random.PRNGKey(0))
   step_fn = train_state.make_train_step(model, tx, config, mesh)
   images = np.random.default_rng(0).uniform(-1, 1, size=(8, 8, 8, 1)).astype(np.float32)
   state, metrics = step_fn(state, {'image': jax.device_put(images, sharding.batch_sharding(mesh))})

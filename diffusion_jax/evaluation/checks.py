@@ -1,4 +1,4 @@
-"""Checks of the sample-metric and in-training-eval fields of `config.eval`, and the metric names."""
+"""Checks of the sample-metric and in-training-eval fields of `config.eval`; the metric names."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from typing import List, Optional, Sequence
 from etils import epath
 
 from diffusion_jax.config.errors import check_choice
-from diffusion_jax.evaluation import fid_resize, likelihood
+from diffusion_jax.evaluation import classifier_fd, fid_resize, likelihood, metrics
 from diffusion_jax.parallel import sharding
 from diffusion_jax.processes import discrete
-from diffusion_jax.evaluation import classifier_fd
 
 SAMPLE_METRICS = ('fid', 'kid', 'precision_recall', 'is', 'classifier_fd')
 INCEPTION_METRICS = ('fid', 'kid', 'precision_recall', 'is')
@@ -21,6 +20,11 @@ LIKELIHOOD_METRICS = ('vlb', 'ode_nll')
 RANKING_METRICS = ('fid', 'kid', 'classifier_fd')
 
 
+def as_tuple(names) -> tuple:
+  """`eval.metrics` / `eval.train_metrics` as a tuple (a lone string is one name)."""
+  return (names,) if isinstance(names, str) else tuple(names)
+
+
 def check_eval_config(config, num_devices: Optional[int] = None) -> List[str]:
   """Problems with the sample-metric fields of `config.eval` for --mode=eval (empty = fine).
 
@@ -28,7 +32,7 @@ def check_eval_config(config, num_devices: Optional[int] = None) -> List[str]:
   is asked for, the fields it reads; paths given must exist. Reads no data, compiles nothing.
   """
   ecfg, errors = config.eval, []
-  metrics_ = (ecfg.metrics,) if isinstance(ecfg.metrics, str) else tuple(ecfg.metrics)
+  metrics_ = as_tuple(ecfg.metrics)
   known = LIKELIHOOD_METRICS + SAMPLE_METRICS
   unknown = [m for m in metrics_ if m not in known]
   if unknown or not metrics_:
@@ -55,8 +59,7 @@ def check_train_eval_config(config, num_devices: Optional[int] = None) -> List[s
     return [f'training.eval_every_steps={every} must be >= 0 (0 = off).']
   if every == 0:
     return []
-  metrics_ = ((ecfg.train_metrics,) if isinstance(ecfg.train_metrics, str)
-              else tuple(ecfg.train_metrics))
+  metrics_ = as_tuple(ecfg.train_metrics)
   if isinstance(ecfg.train_metrics, str):
     errors.append(f'eval.train_metrics={ecfg.train_metrics!r} must be a tuple, e.g. '
                   f'({ecfg.train_metrics!r},).')
@@ -105,7 +108,7 @@ def _check_sample_metric_fields(config, wanted: Sequence[str], num_devices: Opti
     if ecfg.reference_num_images != -1 and ecfg.reference_num_images < 2:
       errors.append(f'eval.reference_num_images={ecfg.reference_num_images} must be -1 (all) '
                     'or >= 2.')
-  if any(m in wanted for m in ('kid', 'precision_recall')) and ecfg.num_kept_features < 2:
+  if any(m in wanted for m in metrics.ROW_METRICS) and ecfg.num_kept_features < 2:
     errors.append(f'eval.num_kept_features={ecfg.num_kept_features} must be >= 2 for kid / '
                   'precision_recall.')
   if 'kid' in wanted and (ecfg.kid_subset_size < 2 or ecfg.kid_num_subsets < 1):
@@ -127,8 +130,8 @@ def check_likelihood_config(config, data_devices: int, num_processes: int) -> Li
   """Problems with the likelihood fields of `config.eval` when eval.metrics asks for 'vlb' or
   'ode_nll' (empty list = fine)."""
   ecfg = config.eval
-  metrics = (ecfg.metrics,) if isinstance(ecfg.metrics, str) else tuple(ecfg.metrics)
-  if not any(m in LIKELIHOOD_METRICS for m in metrics):
+  wanted = as_tuple(ecfg.metrics)
+  if not any(m in LIKELIHOOD_METRICS for m in wanted):
     return []
   errors = sharding.check_batch('eval.batch_size', ecfg.batch_size, data_devices, num_processes)
   if ecfg.num_batches == 0 or ecfg.num_batches < -1:
@@ -136,7 +139,7 @@ def check_likelihood_config(config, data_devices: int, num_processes: int) -> Li
   check_choice(errors, 'eval.variance', ecfg.variance, discrete.VARIANCE_TYPES)
   if ecfg.num_kl_buckets < 1:
     errors.append(f'eval.num_kl_buckets={ecfg.num_kl_buckets} must be >= 1.')
-  if 'ode_nll' in metrics:
+  if 'ode_nll' in wanted:
     check_choice(errors, 'eval.ode_solver', ecfg.ode_solver, likelihood.SOLVERS)
     check_choice(errors, 'eval.ode_probe', ecfg.ode_probe, likelihood.PROBES)
     if not (ecfg.ode_rtol > 0 and ecfg.ode_atol > 0):

@@ -11,7 +11,6 @@ Figures are only comparable for the same classifier: its file's sha256 is report
 
 from __future__ import annotations
 
-import io
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -21,7 +20,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from diffusion_jax.evaluation import metrics
+from diffusion_jax.evaluation import feature_sets, metrics
 from diffusion_jax.interop import torch_pickle
 
 PyTree = Any
@@ -77,14 +76,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray) -> Tuple[PyTree, fl
 
 
 def _save_params(path: epath.Path, params: PyTree) -> None:
-  flat = {'/'.join(k.key for k in kp): np.asarray(v)
-          for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  buffer = io.BytesIO()
-  np.savez(buffer, **flat)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + '.tmp')
-  tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)
+  feature_sets.save_npz_atomically(str(path), {
+      '/'.join(k.key for k in kp): np.asarray(v)
+      for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]})
 
 
 def _load_params(path: epath.Path) -> PyTree:
@@ -154,9 +148,3 @@ class Scorer:
     if labels is not None:
       out['label_agreement'] = float(np.mean(np.argmax(fake_logits, -1) == np.asarray(labels)))
     return out
-
-
-def score_samples(samples: np.ndarray, labels: Optional[np.ndarray], cache_path: str,
-                  dataset: str = 'digits') -> Dict[str, Any]:
-  """classifier_fd of uint8 samples [N, 8, 8, 1] against the whole dataset (a one-off Scorer)."""
-  return Scorer(cache_path, dataset)(samples, labels)

@@ -1,22 +1,25 @@
 """Feature sets of image collections, and the sample-quality figures compared from them.
 
-An image set may be a samples `.npz` (`arr_0` uint8 NHWC: ours or guided-diffusion's
-VIRTUAL_*.npz), a folder of images (PNG/JPEG/BMP/WebP, all one size), a prepared
-tensorflow-datasets split written `tfds:NAME:SPLIT` (e.g. `tfds:cifar10:train`,
-`tfds:cifar10:test[:5000]`; read from --data_dir, never downloaded), or a statistics `.npz`
-with `mu` / `sigma` (as pytorch-fid and TTUR write them; ours also hold `features` for KID and
-precision/recall). The figures are printed as one JSON object with the number of images of each
-set, the resize mode and the sha256 of the Inception weights (evaluation/cli.py prints them).
+The sources an image set may come from (`features_of_source`): a samples `.npz` (`arr_0` uint8
+NHWC), a folder of images (all one size, read in path order), a prepared tensorflow-datasets
+split `tfds:NAME:SPLIT`, or a statistics `.npz` (`mu`, `sigma`, optionally `features`) read as
+is; evaluation/cli.py is their command line.
 
 Features are streamed: mean and covariance accumulate in float64 batch by batch (metrics.py);
-only the first `keep` feature rows are kept (KID, precision/recall) and the logits (IS).
+a seeded uniform subset of `keep` feature rows is kept for KID and precision/recall
+(metrics.KeptFeatures, a reservoir: the subset does not depend on the order of the set), and
+the logits for IS. The method and seed of the kept rows are stored with the statistics and
+reported with the figures (`kept_info`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+import json
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 import numpy as np
 from etils import epath
@@ -34,25 +37,28 @@ class FeatureSet:
   num_images: int
   mu: np.ndarray
   sigma: np.ndarray
-  features: Optional[np.ndarray] = None   # The first `keep` pool3 rows [K, 2048] (float32).
+  features: Optional[np.ndarray] = None   # Kept pool3 rows [K, 2048] float32, in set order.
   logits: Optional[np.ndarray] = None     # [N, 1008] when the network has them.
+  kept_method: str = ''                   # How `features` were chosen (KeptFeatures.METHOD).
+  kept_seed: Optional[int] = None         # Their seed.
 
 
 def extract_features(batches: Iterable[np.ndarray], feature_fn: FeatureFn, batch_size: int,
-                     keep: int, want_logits: bool = False) -> FeatureSet:
+                     keep: int, want_logits: bool = False, keep_seed: int = 0) -> FeatureSet:
   """Runs uint8 [b, H, W, C] batches (any b) through `feature_fn` in fixed batches of
-  `batch_size` (the last padded and the padding dropped), streaming the statistics."""
-  stats, kept, logits = None, metrics.KeptFeatures(keep), []
+  `batch_size` (the last padded and the padding dropped), streaming the statistics and keeping
+  a uniform subset of `keep` rows drawn with `keep_seed`."""
+  stats, kept, logits = None, metrics.KeptFeatures(keep, keep_seed), []
 
   def run(chunk: np.ndarray) -> None:
-    nonlocal stats, kept
+    nonlocal stats
     n = len(chunk)
     if n < batch_size:
       chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
     out = feature_fn(chunk)
     pool3 = np.asarray(out['pool3'])[:n]
     stats = metrics.update_stats(stats or metrics.empty_stats(pool3.shape[1]), pool3)
-    kept = kept.add(pool3)
+    kept.add(pool3)
     if want_logits:
       logits.append(np.asarray(out['logits'], np.float32)[:n])
 
@@ -69,33 +75,61 @@ def extract_features(batches: Iterable[np.ndarray], feature_fn: FeatureFn, batch
     raise ValueError('No images to compute features of (the set is empty).')
   mu, sigma = metrics.mean_and_covariance(stats)
   return FeatureSet(stats.count, mu, sigma, kept.rows,
-                    np.concatenate(logits) if want_logits else None)
+                    np.concatenate(logits) if want_logits else None,
+                    kept_method=kept.METHOD, kept_seed=keep_seed)
 
 
-def save_feature_set(path: str, feature_set: FeatureSet, **info) -> None:
-  """Writes `mu`, `sigma`, `num_images`, `features` (if kept) and string/number `info`."""
-  arrays = {'mu': feature_set.mu, 'sigma': feature_set.sigma,
-            'num_images': np.asarray(feature_set.num_images)}
-  if feature_set.features is not None:
-    arrays['features'] = feature_set.features
-  arrays |= {k: np.asarray(v) for k, v in info.items()}
+def kept_info(feature_set: FeatureSet) -> Dict[str, Any]:
+  """{'method', 'seed', 'rows'} of the kept feature rows, reported beside KID and
+  precision/recall (method '' for a statistics file that does not say, e.g. one of an earlier
+  version)."""
+  rows = 0 if feature_set.features is None else int(len(feature_set.features))
+  return {'method': feature_set.kept_method, 'seed': feature_set.kept_seed, 'rows': rows}
+
+
+def save_npz_atomically(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+  """Writes `arrays` as an npz at `path` (local or gs://) through a temporary file renamed into
+  place, so a half-written file is never read."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)  # A half-written cache file is never read.
+  tmp.replace(path)  # Overwrites an older file of that name.
+
+
+def save_feature_set(path: str, feature_set: FeatureSet, **info) -> None:
+  """Writes `mu`, `sigma`, `num_images`, `features` with `kept_method` / `kept_seed` (if kept)
+  and string/number `info`."""
+  arrays = {'mu': feature_set.mu, 'sigma': feature_set.sigma,
+            'num_images': np.asarray(feature_set.num_images)}
+  if feature_set.features is not None:
+    arrays |= {'features': feature_set.features,
+               'kept_method': np.asarray(feature_set.kept_method),
+               'kept_seed': np.asarray(-1 if feature_set.kept_seed is None
+                                       else feature_set.kept_seed)}
+  save_npz_atomically(path, arrays | {k: np.asarray(v) for k, v in info.items()})
 
 
 def load_stats_file(path: str) -> FeatureSet:
-  """A statistics npz (`mu`, `sigma`; optionally `features`, `num_images`)."""
+  """A statistics npz (`mu`, `sigma`; optionally `features`, `kept_method`, `kept_seed`,
+  `num_images`)."""
   with epath.Path(path).open('rb') as f:
     data = dict(np.load(f))
   if 'mu' not in data or 'sigma' not in data:
     raise ValueError(f'{path} has no mu/sigma: not a statistics file.')
+  seed = int(data['kept_seed']) if 'kept_seed' in data else -1
   return FeatureSet(int(data.get('num_images', -1)), data['mu'], data['sigma'],
-                    data.get('features'))
+                    data.get('features'), kept_method=str(data.get('kept_method', '')),
+                    kept_seed=None if seed < 0 else seed)
+
+
+def read_stats_info(path: str, name: str) -> Optional[str]:
+  """The string field `name` of a statistics npz (e.g. 'cache_key'), or None without it."""
+  with epath.Path(path).open('rb') as f:
+    with np.load(f) as data:
+      return str(data[name]) if name in data.files else None
 
 
 def _is_stats_file(path: epath.Path) -> bool:
@@ -206,22 +240,23 @@ def tfds_batches(source: str, batch_size: int, data_dir: Optional[str] = None,
 
 
 def features_of_source(path: str, feature_fn: FeatureFn, batch_size: int, keep: int,
-                       want_logits: bool, data_dir: Optional[str] = None) -> FeatureSet:
+                       want_logits: bool, data_dir: Optional[str] = None,
+                       keep_seed: int = 0) -> FeatureSet:
   """Features of a samples npz, a folder of images, a tfds split ('tfds:NAME:SPLIT', read from
-  `data_dir`), or a statistics npz (read as is)."""
+  `data_dir`), or a statistics npz (read as is); `keep` rows kept with `keep_seed`."""
   if path.startswith(TFDS_PREFIX):
-    return extract_features(tfds_batches(path, batch_size, data_dir), feature_fn, batch_size,
-                            keep, want_logits)
-  p = epath.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f'{path} does not exist.')
-  if p.is_dir():
-    return extract_features(folder_batches(folder_images(path), batch_size), feature_fn,
-                            batch_size, keep, want_logits)
-  if _is_stats_file(p):
-    return load_stats_file(path)
-  return extract_features(array_batches(load_samples_npz(path), batch_size), feature_fn,
-                          batch_size, keep, want_logits)
+    batches = tfds_batches(path, batch_size, data_dir)
+  else:
+    p = epath.Path(path)
+    if not p.exists():
+      raise FileNotFoundError(f'{path} does not exist.')
+    if p.is_dir():
+      batches = folder_batches(folder_images(path), batch_size)
+    elif _is_stats_file(p):
+      return load_stats_file(path)
+    else:
+      batches = array_batches(load_samples_npz(path), batch_size)
+  return extract_features(batches, feature_fn, batch_size, keep, want_logits, keep_seed)
 
 
 def compare(generated: FeatureSet, reference: FeatureSet, wanted: Sequence[str], *,
@@ -232,7 +267,7 @@ def compare(generated: FeatureSet, reference: FeatureSet, wanted: Sequence[str],
   if 'fid' in wanted:
     out['fid'] = metrics.frechet_distance(generated.mu, generated.sigma, reference.mu,
                                           reference.sigma)
-  needs_rows = [m for m in ('kid', 'precision_recall') if m in wanted]
+  needs_rows = [m for m in metrics.ROW_METRICS if m in wanted]
   if needs_rows and (generated.features is None or reference.features is None):
     raise ValueError(f'{needs_rows} need feature rows, but a statistics file without '
                      '`features` (e.g. pytorch-fid\'s) was given; use images or our stats files.')
@@ -251,13 +286,27 @@ def compare(generated: FeatureSet, reference: FeatureSet, wanted: Sequence[str],
   return out
 
 
-def reference_stats_path(stats_dir: str, dataset: str, split: str, resolution: int,
-                         resize: str, checksum: str, num_images: int) -> str:
-  """Cache file of a dataset's reference features, keyed by everything they depend on."""
-  name = '_'.join([dataset.replace('/', '-'), split.replace('/', '-').replace(':', '-'),
-                   f'{resolution}px', resize, f'n{num_images if num_images > 0 else "all"}',
-                   checksum[:12]])
+def reference_stats_path(stats_dir: str, key: Mapping[str, Any]) -> str:
+  """Cache file of a dataset's reference features for `key`, the JSON-able dict of everything
+  they depend on (sample_metrics.reference_cache_key).
+
+  The name is readable (dataset, split, resolution, resize, image count) and ends in 16 hex of
+  the sha256 of the whole key, so a change of any field (center crop, channels, Inception
+  weights, ...) is another file. The key itself is stored in the file ('cache_key') and
+  compared when it is read.
+  """
+  digest = hashlib.sha256(cache_key_json(key).encode()).hexdigest()[:16]
+  count = key['reference_num_images']
+  name = '_'.join([str(key['dataset']).replace('/', '-'),
+                   str(key['split']).replace('/', '-').replace(':', '-'),
+                   f'{key["resolution"]}px', str(key['resize']),
+                   f'n{count if count > 0 else "all"}', digest])
   return str(epath.Path(stats_dir) / f'{name}.npz')
+
+
+def cache_key_json(key: Mapping[str, Any]) -> str:
+  """The canonical JSON of a cache key (sorted keys), as hashed and stored."""
+  return json.dumps(dict(key), sort_keys=True)
 
 
 def stats_dir(config, workdir: str) -> str:

@@ -85,12 +85,3 @@ def input_scale_shift(mode: str) -> Tuple[float, float]:
   if mode == 'torch_bilinear':
     return 1.0 / 127.5, -1.0
   return 1.0 / 128.0, -1.0
-
-
-def resize_numpy(images: np.ndarray, mode: str, out_size: int = INCEPTION_SIZE) -> np.ndarray:
-  """Resizes [N, H, W, C] images with `mode`'s matrices in float64 (reference for tests)."""
-  images = np.asarray(images, np.float64)
-  a_h = resize_matrix(mode, images.shape[1], out_size)
-  a_w = resize_matrix(mode, images.shape[2], out_size)
-  return np.einsum('oh,nhwc,pw->nopc', a_h, images, a_w, optimize=True)
-

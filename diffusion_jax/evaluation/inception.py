@@ -418,6 +418,29 @@ def preprocess(images: jax.Array, resize_mode: str) -> jax.Array:
   return x * scale + shift
 
 
+def feature_program(num_logits: int, resize_mode: str, mesh: Optional[Mesh] = None):
+  """The jitted `features(params, images [B, H, W, C] uint8) -> {'pool3', 'logits'?}`: with a
+  mesh, the batch sharded over its devices and the weights replicated. `make_feature_fn` runs
+  it; --mode=compile lowers it for a TPU topology from `abstract_params`."""
+  model = InceptionV3(num_logits)
+
+  def features(p, images):
+    return model.apply({'params': p}, preprocess(images, resize_mode))
+
+  if mesh is None:
+    return jax.jit(features)
+  batch_shard, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return jax.jit(features, in_shardings=(replicated, batch_shard), out_shardings=batch_shard)
+
+
+def abstract_params(num_logits: int) -> PyTree:
+  """The Inception parameters' shapes and dtypes, with no weights file read."""
+  images = jax.ShapeDtypeStruct((1, fid_resize.INCEPTION_SIZE, fid_resize.INCEPTION_SIZE, 3),
+                                jnp.float32)
+  return jax.eval_shape(lambda x: InceptionV3(num_logits).init(jax.random.PRNGKey(0), x),
+                        images)['params']
+
+
 def make_feature_fn(params: PyTree, num_logits: int, resize_mode: str,
                     mesh: Optional[Mesh] = None) -> Callable[[Any], Dict[str, np.ndarray]]:
   """Returns `features(images [B, H, W, C] uint8) -> {'pool3': [B, 2048], 'logits'?}` (numpy).
@@ -425,17 +448,11 @@ def make_feature_fn(params: PyTree, num_logits: int, resize_mode: str,
   Jitted; with a mesh the batch is sharded over all its devices (B must divide evenly) and the
   weights replicated, like the sampler. Inputs may be numpy or (sharded) jax arrays.
   """
-  model = InceptionV3(num_logits)
-
-  def features(p, images):
-    return model.apply({'params': p}, preprocess(images, resize_mode))
-
+  jitted = feature_program(num_logits, resize_mode, mesh)
   if mesh is None:
-    jitted = jax.jit(features)
     return lambda images: jax.device_get(jitted(params, jnp.asarray(images)))
-  batch_shard, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  params = jax.device_put(params, replicated)
-  jitted = jax.jit(features, in_shardings=(replicated, batch_shard), out_shardings=batch_shard)
+  batch_shard = sharding.batch_sharding(mesh)
+  params = jax.device_put(params, sharding.replicated(mesh))
 
   def sharded(images):
     if not isinstance(images, jax.Array):

@@ -24,7 +24,7 @@ All functions are pure and traceable; jit the call (likelihood_metrics.py shards
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Tuple
 
 import diffrax
 import jax
@@ -70,7 +70,7 @@ def bpd_from_log_prob(log_prob: jax.Array, num_dims: int, dequantized: bool) -> 
 
 
 class ODELikelihood(NamedTuple):
-  """Result of `ode_log_likelihood`: per example [B] unless noted."""
+  """Result of `log_likelihood`: per example [B] unless noted."""
   log_prob: jax.Array        # log p_0(y), nats: prior_log_prob + delta_log_prob.
   prior_log_prob: jax.Array  # log N(x(1); 0, I).
   delta_log_prob: jax.Array  # int_0^1 div f dtau.
@@ -161,6 +161,14 @@ def nll_bpd(apply_fn: ApplyFn, config, x: jax.Array, rng: jax.Array, *,
   taken as continuous points and the result is -log p(x) / (D ln 2). NaN where the solver
   failed. Jit the call.
   """
+  return nll_bpd_and_solve(apply_fn, config, x, rng, dequantize_data=dequantize_data,
+                           **solver_options)[0]
+
+
+def nll_bpd_and_solve(apply_fn: ApplyFn, config, x: jax.Array, rng: jax.Array, *,
+                      dequantize_data: bool = True, **solver_options
+                      ) -> Tuple[jax.Array, ODELikelihood]:
+  """(`nll_bpd`'s bits/dim [B], the solve it came from: its step count and success)."""
   deq_key, probe_key = jax.random.split(rng)
   if dequantize_data:
     y = dequantize(x, deq_key)
@@ -170,4 +178,4 @@ def nll_bpd(apply_fn: ApplyFn, config, x: jax.Array, rng: jax.Array, *,
     y = x.astype(jnp.float32)
   result = log_likelihood(apply_fn, config, y, probe_key, **solver_options)
   bpd = bpd_from_log_prob(result.log_prob, math.prod(x.shape[1:]), dequantize_data)
-  return jnp.where(result.successful, bpd, jnp.nan)
+  return jnp.where(result.successful, bpd, jnp.nan), result

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any, Callable, Dict, List, Tuple
 
 import jax
@@ -73,19 +72,17 @@ def make_ode_nll_fn(model: nn.Module, config, mesh: Mesh
   """Returns jitted `ode_nll(params, x [B,H,W,C] in [-1,1], labels [B], rng) -> (bpd [B], steps)`.
 
   bpd is the dequantised PF-ODE NLL (NaN where the solver failed); steps the solver's step count.
-  The ODE is that of config.diffusion.objective (`likelihood.log_likelihood`).
+  The ODE is that of config.diffusion.objective (`likelihood.nll_bpd`).
   """
   ecfg = config.eval
 
   def ode_nll(params, x, labels, rng):
-    deq_key, probe_key = jax.random.split(rng)
     apply_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, labels, train=False)
-    result = likelihood.log_likelihood(
-        apply_fn, config, likelihood.dequantize(x, deq_key), probe_key, probe=ecfg.ode_probe,
-        num_probes=ecfg.ode_num_probes, solver=ecfg.ode_solver, rtol=ecfg.ode_rtol,
-        atol=ecfg.ode_atol, max_steps=ecfg.ode_max_steps)
-    bpd = likelihood.bpd_from_log_prob(result.log_prob, math.prod(x.shape[1:]), True)
-    return jnp.where(result.successful, bpd, jnp.nan), result.num_steps
+    bpd, result = likelihood.nll_bpd_and_solve(
+        apply_fn, config, x, rng, probe=ecfg.ode_probe, num_probes=ecfg.ode_num_probes,
+        solver=ecfg.ode_solver, rtol=ecfg.ode_rtol, atol=ecfg.ode_atol,
+        max_steps=ecfg.ode_max_steps)
+    return bpd, result.num_steps
 
   replicated, batch_shard = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   # params: as given (FSDP-sharded as restored, or replicated); XLA gathers each weight in use.

@@ -16,7 +16,8 @@ classifier_fd.py). The formulas are those of the reference implementations:
   original TF code computes it.
 
 `FeatureStats` streams mean and covariance over batches (Chan et al.'s pairwise update), so
-FID never holds all features in memory.
+FID never holds all features in memory; `KeptFeatures` keeps a seeded uniform subset of the
+rows (a reservoir) for KID and precision/recall.
 """
 
 from __future__ import annotations
@@ -163,14 +164,90 @@ def inception_score(logits: np.ndarray, num_splits: int = 10) -> Tuple[float, fl
   return float(np.mean(scores)), float(np.std(scores))
 
 
-@dataclasses.dataclass(frozen=True)
-class KeptFeatures:
-  """The first `limit` feature rows seen (for KID and precision/recall, which need the rows)."""
-  limit: int
-  rows: Optional[np.ndarray] = None
+# The figures computed from feature rows (KeptFeatures) rather than from the streamed moments.
+ROW_METRICS = ('kid', 'precision_recall')
 
-  def add(self, features: np.ndarray) -> 'KeptFeatures':
-    have = 0 if self.rows is None else len(self.rows)
-    take = np.asarray(features, np.float32)[:max(self.limit - have, 0)]
-    rows = take if self.rows is None else np.concatenate([self.rows, take])
-    return KeptFeatures(self.limit, rows)
+
+class KeptFeatures:
+  """A seeded uniform random subset of at most `limit` rows of a stream of feature batches,
+  for KID and precision/recall, which need rows (FID only needs the streamed moments).
+
+  Bottom-k sampling, a reservoir sample: every row gets an independent U[0, 1) key, drawn in
+  stream order from PCG64 seeded with `seed`, and the `limit` rows with the smallest keys are
+  kept. The kept set is a uniform random subset of min(limit, N) of the N rows whatever their
+  order (a class-sorted folder keeps every class in proportion, where the first `limit` rows
+  would keep the first classes only) and whatever the batch sizes (the same seed and stream
+  give the same rows). Memory: the kept rows and one batch; a full reservoir replaces rows in
+  place. Explicit, mutable state: `add` each batch, then read `rows`.
+  """
+  METHOD = 'reservoir'
+
+  def __init__(self, limit: int, seed: int = 0):
+    if limit < 0:
+      raise ValueError(f'KeptFeatures: limit={limit} must be >= 0 (0 keeps no rows).')
+    self.limit, self.seed = int(limit), int(seed)
+    self.num_seen = 0
+    self._rng = np.random.default_rng(self.seed)
+    self._rows: Optional[np.ndarray] = None  # [capacity, D] float32; the first `_count` used.
+    self._keys = np.empty((0,), np.float64)
+    self._positions = np.empty((0,), np.int64)
+    self._count = 0
+
+  def add(self, features: np.ndarray) -> None:
+    """Offers the rows of `features` [B, D] (their stream positions follow the earlier ones)."""
+    x = np.asarray(features, np.float32)
+    keys = self._rng.random(len(x))  # Drawn for every row, so the stream decides the keys.
+    positions = self.num_seen + np.arange(len(x), dtype=np.int64)
+    self.num_seen += len(x)
+    if self._rows is None:
+      self._rows = np.empty((0,) + x.shape[1:], np.float32)
+    if self.limit == 0 or not len(x):
+      return
+    free = self.limit - self._count
+    if free > 0:  # Filling: take rows while there is room.
+      take = min(free, len(x))
+      self._grow(self._count + take)
+      end = self._count + take
+      self._rows[self._count:end] = x[:take]
+      self._keys[self._count:end] = keys[:take]
+      self._positions[self._count:end] = positions[:take]
+      self._count = end
+      x, keys, positions = x[take:], keys[take:], positions[take:]
+    entering = keys < self._keys.max() if len(x) else np.zeros((0,), bool)
+    if not entering.any():
+      return
+    x, keys, positions = x[entering], keys[entering], positions[entering]
+    combined = np.concatenate([self._keys, keys])
+    kept = np.argpartition(combined, self.limit - 1)[:self.limit]
+    new = kept[kept >= self.limit] - self.limit
+    stays = np.zeros((self.limit,), bool)
+    stays[kept[kept < self.limit]] = True
+    slots = np.flatnonzero(~stays)  # As many evicted slots as new rows enter.
+    self._rows[slots], self._keys[slots] = x[new], keys[new]
+    self._positions[slots] = positions[new]
+
+  def _grow(self, size: int) -> None:
+    """Capacity for `size` rows (doubling, at most `limit`), keeping the rows held."""
+    if size <= len(self._keys):
+      return
+    capacity = min(self.limit, max(size, 2 * len(self._keys)))
+    rows = np.empty((capacity,) + self._rows.shape[1:], np.float32)
+    rows[:self._count] = self._rows[:self._count]
+    self._rows = rows
+    self._keys = np.concatenate([self._keys[:self._count],
+                                 np.empty((capacity - self._count,), np.float64)])
+    self._positions = np.concatenate([self._positions[:self._count],
+                                      np.empty((capacity - self._count,), np.int64)])
+
+  @property
+  def positions(self) -> np.ndarray:
+    """Stream positions [K] of the kept rows, ascending."""
+    return np.sort(self._positions[:self._count])
+
+  @property
+  def rows(self) -> Optional[np.ndarray]:
+    """The kept rows [min(limit, N), D] float32 in stream order; None before any batch."""
+    if self._rows is None:
+      return None
+    order = np.argsort(self._positions[:self._count], kind='stable')
+    return self._rows[:self._count][order]

@@ -22,20 +22,17 @@ from clu import metric_writers
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax.training import checkpoints
-from diffusion_jax.sampling import class_labels
-from diffusion_jax.evaluation import classifier_fd
-from diffusion_jax.evaluation import feature_sets
-from diffusion_jax.evaluation import checks
 from diffusion_jax import images
-from diffusion_jax.evaluation import inception
-from diffusion_jax.data import pipeline
-from diffusion_jax.nn import backbones
-from diffusion_jax.parallel import multihost
-from diffusion_jax.pipelines import sampler
-from diffusion_jax.parallel import sharding
 from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.data import pipeline
+from diffusion_jax.evaluation import checks, classifier_fd, feature_sets, inception
+from diffusion_jax.evaluation import metrics as metrics_lib
 from diffusion_jax.evaluation.writers import read_best, write_sample_results
+from diffusion_jax.nn import backbones
+from diffusion_jax.parallel import multihost, sharding
+from diffusion_jax.pipelines import sampler
+from diffusion_jax.sampling import class_labels
+from diffusion_jax.training import checkpoints
 
 PyTree = Any
 
@@ -115,21 +112,62 @@ def dataset_source_id(data_config) -> str:
   return 'folder-' + hashlib.sha1(folder.rstrip('/').encode()).hexdigest()[:12]
 
 
+def folder_fingerprint(folder: str) -> str:
+  """sha256 of the sorted (relative path, size) of a folder's images: which files the
+  reference of data.dataset='folder' read, so added, removed, renamed or resized files make
+  another cache file (a file rewritten to the same size is not seen). One listing and one stat
+  per image, once per evaluator."""
+  root = epath.Path(folder)
+  digest = hashlib.sha256()
+  for path in feature_sets.folder_images(folder):
+    digest.update(f'{path.relative_to(root)}\0{path.stat().length}\n'.encode())
+  return digest.hexdigest()
+
+
+# Bumped when what a reference cache file holds changes meaning (v2: reservoir-kept rows).
+REFERENCE_CACHE_VERSION = 2
+
+
+def reference_cache_key(config, checksum: str) -> Dict[str, Any]:
+  """Everything data.split's reference features depend on, as the cache is keyed
+  (feature_sets.reference_stats_path): the images (dataset identity, data_dir, split,
+  resolution, center_crop, channels, image_key, how many), how they are resized for Inception,
+  and the full sha256 of the Inception weights."""
+  dcfg, ecfg = config.data, config.eval
+  key = {'version': REFERENCE_CACHE_VERSION, 'dataset': dataset_source_id(dcfg),
+         'data_dir': str(dcfg.data_dir or ''), 'split': str(dcfg.split),
+         'resolution': int(dcfg.resolution), 'center_crop': int(dcfg.center_crop),
+         'channels': int(dcfg.channels), 'image_key': str(dcfg.image_key),
+         'reference_num_images': int(ecfg.reference_num_images), 'resize': str(ecfg.fid_resize),
+         'inception_sha256': str(checksum)}
+  if dcfg.dataset == 'folder':
+    key['folder_files'] = folder_fingerprint(str(dcfg.folder))
+  return key
+
+
 def reference_features(config, workdir: str, feature_fn: feature_sets.FeatureFn, checksum: str,
                        keep: int, mesh: Mesh, progress: bool = False
                        ) -> Tuple[feature_sets.FeatureSet, str]:
   """(features of eval.reference, its description); data.split's are cached in fid_stats_dir
-  (keyed by `feature_sets.reference_stats_path`) and read from there by every later evaluation."""
+  under `reference_cache_key` and read from there by every later evaluation with that key.
+
+  A cache file is used when its stored key is the one asked for and it kept enough rows; rows
+  are kept with eval.seed (the seed is stored, and reported with KID and precision/recall).
+  """
   ecfg = config.eval
   if ecfg.reference:
-    return (feature_sets.features_of_source(ecfg.reference, feature_fn, ecfg.feature_batch_size, keep,
-                                   False), ecfg.reference)
-  path = feature_sets.reference_stats_path(feature_sets.stats_dir(config, workdir), dataset_source_id(config.data),
-                                  config.data.split, config.data.resolution, ecfg.fid_resize,
-                                  checksum, ecfg.reference_num_images)
+    return (feature_sets.features_of_source(ecfg.reference, feature_fn, ecfg.feature_batch_size,
+                                            keep, False, keep_seed=ecfg.seed), ecfg.reference)
+  key = reference_cache_key(config, checksum)
+  path = feature_sets.reference_stats_path(feature_sets.stats_dir(config, workdir), key)
+  key_json = feature_sets.cache_key_json(key)
   if epath.Path(path).exists():
-    cached = feature_sets.load_stats_file(path)
-    if keep == 0 or (cached.features is not None and len(cached.features) >= min(
+    stored = feature_sets.read_stats_info(path, 'cache_key')
+    cached = feature_sets.load_stats_file(path) if stored == key_json else None
+    if cached is None:
+      logging.warning('%s was written for another reference (%s, not %s): computing it again.',
+                      path, stored, key_json)
+    elif keep == 0 or (cached.features is not None and len(cached.features) >= min(
         keep, cached.num_images)):
       logging.info('Reference statistics from %s', path)
       return cached, path
@@ -142,10 +180,12 @@ def reference_features(config, workdir: str, feature_fn: feature_sets.FeatureFn,
                                f'reference {config.data.dataset}/{config.data.split}',
                                progress))
   features = feature_sets.extract_features(batches, feature_fn, ecfg.feature_batch_size,
-                                  max(keep, ecfg.num_kept_features))
+                                           max(keep, ecfg.num_kept_features),
+                                           keep_seed=ecfg.seed)
   if jax.process_index() == 0:
-    feature_sets.save_feature_set(path, features, dataset=config.data.dataset, split=config.data.split,
-                         resize=ecfg.fid_resize, sha256=checksum)
+    feature_sets.save_feature_set(path, features, cache_key=key_json,
+                                  dataset=config.data.dataset, split=config.data.split,
+                                  resize=ecfg.fid_resize, sha256=checksum)
   return features, path
 
 
@@ -171,7 +211,7 @@ class SampleMetricsEvaluator:
     self.wanted = [m for m in metrics if m in checks.SAMPLE_METRICS]
     self.inception_metrics = [m for m in self.wanted if m in checks.INCEPTION_METRICS]
     self.keep = ecfg.num_kept_features if any(
-        m in self.wanted for m in ('kid', 'precision_recall')) else 0
+        m in self.wanted for m in metrics_lib.ROW_METRICS) else 0
     self.want_logits = 'is' in self.wanted
     self.feature_fn, self.checksum, self.weights_path = None, '', ''
     self.reference, self.reference_name = None, ''
@@ -192,8 +232,8 @@ class SampleMetricsEvaluator:
     self.scorer = None
     if 'classifier_fd' in self.wanted:
       self.scorer = classifier_fd.Scorer(
-          str(epath.Path(feature_sets.stats_dir(config, workdir)) / f'classifier_{config.data.dataset}.npz'),
-          config.data.dataset)
+          str(epath.Path(feature_sets.stats_dir(config, workdir))
+              / f'classifier_{config.data.dataset}.npz'), config.data.dataset)
     self.draw = make_sample_drawer(config, mesh) if draw_samples else None
 
   def __call__(self, params: PyTree, step: int) -> Dict[str, Dict[str, Any]]:
@@ -220,17 +260,22 @@ class SampleMetricsEvaluator:
     results: Dict[str, Dict[str, Any]] = {}
     common = {'step': int(step), 'samples': source}
     if self.inception_metrics:
-      generated = feature_sets.extract_features(image_stream(), self.feature_fn, ecfg.feature_batch_size,
-                                       self.keep, self.want_logits)
+      generated = feature_sets.extract_features(image_stream(), self.feature_fn,
+                                                ecfg.feature_batch_size, self.keep,
+                                                self.want_logits, keep_seed=ecfg.seed)
       figures = feature_sets.compare(generated, self.reference, self.inception_metrics,
-                            kid_subset_size=ecfg.kid_subset_size,
-                            kid_num_subsets=ecfg.kid_num_subsets, pr_k=ecfg.pr_k,
-                            is_splits=ecfg.is_splits, seed=ecfg.seed)
+                                     kid_subset_size=ecfg.kid_subset_size,
+                                     kid_num_subsets=ecfg.kid_num_subsets, pr_k=ecfg.pr_k,
+                                     is_splits=ecfg.is_splits, seed=ecfg.seed)
       info = {**common, 'num_samples': generated.num_images, 'reference': self.reference_name,
               'num_reference': self.reference.num_images, 'resize': ecfg.fid_resize,
               'inception_weights': self.weights_path, 'inception_sha256': self.checksum}
       for metric in self.inception_metrics:
         results[metric] = {k: figures[k] for k in METRIC_FIGURES[metric]} | info
+      kept = {'samples': feature_sets.kept_info(generated),
+              'reference': feature_sets.kept_info(self.reference)}
+      for metric in metrics_lib.ROW_METRICS:
+        results.get(metric, {}).update(kept_features=kept)
       results.get('kid', {}).update(kid_subset_size=ecfg.kid_subset_size,
                                     kid_num_subsets=ecfg.kid_num_subsets)
       results.get('precision_recall', {}).update(k=ecfg.pr_k)
@@ -302,7 +347,7 @@ class TrainingEvaluator:
         self.best_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.best_path.parent / (self.best_path.name + '.tmp')
         tmp.write_text(json.dumps(self.best, indent=2))
-        tmp.rename(self.best_path)
+        tmp.replace(self.best_path)  # rename would refuse an existing best.json.
     logging.info('%s at step %d: %.6g (best %.6g at step %d%s)', self.figure, step, value,
                  self.best['value'] if self.best else float('nan'),
                  self.best['step'] if self.best else -1, ', saved' if improved else '')

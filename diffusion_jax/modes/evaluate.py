@@ -55,9 +55,10 @@ def _sample_metrics_eval(config, workdir: str, mesh: Mesh, params: PyTree, step:
 def evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> Dict[str, Any]:
   """`--mode=eval`: the metrics of `eval.metrics` for the newest checkpoint in `workdir`.
 
-  Likelihood metrics as `likelihood_metrics.likelihood_eval` (written to vlb_step<step>.json); each sample metric
-  to `<workdir>/eval/<metric>_step<step>.json` and TensorBoard as `<metric>/<figure>`. Returns
-  the likelihood dict (when asked for) with each sample metric's dict under its name.
+  Likelihood metrics as `likelihood_metrics.likelihood_eval` (written to vlb_step<step>.json);
+  each sample metric to `<workdir>/eval/<metric>_step<step>.json` and TensorBoard as
+  `<metric>/<figure>`. Returns the likelihood dict (when asked for) with each sample metric's
+  dict under its name.
   """
   validate_config(config, mode='eval')
   mesh = mesh or sharding.create_mesh(config.mesh)

@@ -1,4 +1,5 @@
-"""`--mode=export`: the run's sampler as a self-contained `jax.export` artifact (serving/export.py)."""
+"""`--mode=export`: the run's sampler as a self-contained `jax.export` artifact
+(serving/export.py)."""
 
 from __future__ import annotations
 

@@ -4,14 +4,16 @@ class-conditional models), a PNG grid and, with `sample.animation`, `animation.g
 Large runs (`sample.num_samples` in the tens of thousands, many hosts) are written in shards:
 every process saves only the rows its own devices computed, tagged with their global sample
 index, to `<out>/shards/samples_p{process:03d}_b{batch:05d}.npz`; after a barrier process 0
-merges them into `samples.npz`, checking that indices 0..N-1 each appear exactly once.
+streams them into `samples.npz` (`merge_shards`: at most one shard in memory), checking that
+indices 0..N-1 each appear exactly once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+import zipfile
+from typing import Any, Optional, Tuple
 
 import jax
 import numpy as np
@@ -26,6 +28,7 @@ from diffusion_jax.nn import backbones
 from diffusion_jax.pipelines import sampler
 from diffusion_jax.pipelines.sampler import sample_tag
 from diffusion_jax.parallel import sharding
+from diffusion_jax.parallel import policy
 from diffusion_jax.sampling.class_labels import labels_for
 from diffusion_jax.sampling.class_labels import parse_class_labels
 from diffusion_jax.config.errors import ConfigError
@@ -51,33 +54,99 @@ def write_shard(path: epath.Path, indices: np.ndarray, images_uint8: np.ndarray,
     np.savez(f, **arrays)
 
 
-def merge_shards(shard_dir: epath.Path, num_samples: int,
-                 conditional: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """Reads every shard in `shard_dir` into (images [N,...] uint8, labels [N] or None) by index.
+def _member_header(archive: zipfile.ZipFile, name: str) -> Tuple[Tuple[int, ...], np.dtype]:
+  """(shape, dtype) of the .npy member `name` of an open npz, from its header alone."""
+  with archive.open(f'{name}.npy') as member:
+    version = np.lib.format.read_magic(member)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read_header(member)
+  if fortran_order:
+    raise RuntimeError(f'{name}.npy is Fortran-ordered; shards are written C-ordered.')
+  return shape, dtype
 
-  Raises RuntimeError unless the shards hold each index 0..num_samples-1 exactly once.
+
+def _read_shard_member(path: epath.Path, name: str) -> np.ndarray:
+  """One array of a shard npz (np.load reads only that member)."""
+  with path.open('rb') as f:
+    with np.load(f) as shard:
+      return shard[name]
+
+
+def merge_shards(shard_dir: epath.Path, out_path: epath.Path, num_samples: int,
+                 conditional: bool, head: int = 0) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+  """Writes the shards of `shard_dir` in sample-index order as `out_path`, an npz with `arr_0`
+  (uint8 [N, H, W, C]) and, when `conditional`, `arr_1` (int32 labels [N]), as np.savez writes
+  them (guided-diffusion's evaluator reads it); returns (images of samples 0..head-1, the
+  labels [N] or None).
+
+  Streamed, so process 0 never holds all N images (~10 GB for 50k at 256^2): a first pass reads
+  only the shards' indices (and labels) and raises RuntimeError unless they hold each index
+  0..num_samples-1 exactly once, before anything is written; the second writes arr_0's .npy
+  member into the zip run by run of consecutive indices from one shard, holding at most one
+  shard's images. A shard is read once per run it holds: once when, as `generate` writes
+  them, its indices are one contiguous range. The file is written next to `out_path` and
+  renamed into place.
   """
-  out_images, out_labels = None, None
+  paths = sorted(shard_dir.glob(SHARD_PATTERN))
   seen = np.zeros((num_samples,), np.int64)
-  for path in sorted(shard_dir.glob(SHARD_PATTERN)):
+  owner = np.full((num_samples,), -1, np.int64)  # Which shard holds sample i, and which row.
+  row_of = np.zeros((num_samples,), np.int64)
+  labels = np.zeros((num_samples,), np.int32) if conditional else None
+  image_shape = None
+  for k, path in enumerate(paths):
     with path.open('rb') as f:
-      shard = dict(np.load(f))
-    idx = shard['index']
+      with np.load(f) as shard:
+        idx = shard['index']
+        shape, dtype = _member_header(shard.zip, 'image')
+        if conditional:
+          if 'label' not in shard.files:
+            raise RuntimeError(f'{path} has no labels, but the model is class-conditional.')
+          shard_labels = shard['label']
     if idx.size and (idx.min() < 0 or idx.max() >= num_samples):
       raise RuntimeError(f'{path} holds sample indices outside [0, {num_samples}).')
-    if out_images is None:
-      out_images = np.zeros((num_samples,) + shard['image'].shape[1:], np.uint8)
-      out_labels = np.zeros((num_samples,), np.int32) if conditional else None
+    if dtype != np.uint8 or shape[0] != idx.size or (image_shape not in (None, shape[1:])):
+      raise RuntimeError(f'{path} holds images {shape} {dtype} for {idx.size} indices; every '
+                         f'shard must hold uint8 images of one shape ({image_shape}).')
+    image_shape = shape[1:]
     np.add.at(seen, idx, 1)
-    out_images[idx] = shard['image']
+    owner[idx], row_of[idx] = k, np.arange(idx.size)
     if conditional:
-      out_labels[idx] = shard['label']
-  if out_images is None or np.any(seen != 1):
+      labels[idx] = shard_labels
+  if image_shape is None or np.any(seen != 1):
     missing, repeated = int(np.sum(seen == 0)), int(np.sum(seen > 1))
     raise RuntimeError(f'The shards in {shard_dir} do not hold samples 0..{num_samples - 1} '
                        f'exactly once: {missing} missing, {repeated} repeated. (With several '
                        'hosts the workdir must be one file system they share, e.g. gs://.)')
-  return out_images, out_labels
+
+  first = np.zeros((min(head, num_samples),) + tuple(image_shape), np.uint8)
+  starts = np.flatnonzero(np.diff(owner, prepend=-1))  # Runs of samples from one shard.
+  ends = np.append(starts[1:], num_samples)
+  tmp = out_path.parent / (out_path.name + '.tmp')
+  with tmp.open('wb') as f:
+    with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive:
+      with archive.open('arr_0.npy', 'w', force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, {
+            'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False,
+            'shape': (num_samples,) + tuple(image_shape)})
+        loaded, images_k = -1, None
+        for start, end in zip(starts, ends):
+          if owner[start] != loaded:
+            images_k = None  # The last shard's images go before the next shard's are read.
+            loaded = int(owner[start])
+            images_k = _read_shard_member(paths[loaded], 'image')
+          rows = row_of[start:end]
+          run = (images_k[rows[0]:rows[-1] + 1] if np.all(np.diff(rows) == 1)
+                 else images_k[rows])
+          member.write(np.ascontiguousarray(run).reshape(-1).data)
+          if start < len(first):
+            first[start:min(end, len(first))] = run[:len(first) - start]
+        del images_k
+      if conditional:
+        with archive.open('arr_1.npy', 'w', force_zip64=True) as member:
+          np.lib.format.write_array(member, labels)
+  tmp.replace(out_path)  # An earlier samples.npz of this tag is overwritten.
+  return first, labels
 
 
 def _grid_upscale(config) -> int:
@@ -164,7 +233,7 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
     labels = labels_for(indices, class_labels, num_classes)
     key = jax.random.fold_in(rng, b)
     if pending is not None:
-      sharding.finish_before_next_program(mesh, pending[1])
+      policy.finish_before_next_program(mesh, pending[1])
     if animation and b == 0:
       x, trajectory = animate_fn(params, key, labels)
       if process == 0:
@@ -179,19 +248,17 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
   multihost_utils.sync_global_devices('sampling: shards written')
 
   if process == 0:
-    arr_0, arr_1 = merge_shards(shard_dir, num_samples, conditional)
-    arrays = {'arr_0': arr_0} if arr_1 is None else {'arr_0': arr_0, 'arr_1': arr_1}
-    with (out_dir / 'samples.npz').open('wb') as f:
-      np.savez(f, **arrays)
     ncols = _grid_columns(config)
-    num_grid = min(len(arr_0), ncols * ncols if ncols else 256)
+    num_grid = min(num_samples, ncols * ncols if ncols else 256)
+    grid, _ = merge_shards(shard_dir, out_dir / 'samples.npz', num_samples, conditional,
+                           head=num_grid)
     steps = objectives.get(config.diffusion.objective).sampling_steps(config)
     label = images.grid_label(step, scfg.sampler, steps,
                               ema=(scfg.ema or True) if scfg.use_ema else False,
                               guidance_scale=scfg.guidance_scale if conditional else None)
     images.write_png(str(out_dir / 'grid.png'),
-                     images.make_grid(arr_0[:num_grid], ncols=ncols, upscale=_grid_upscale(config),
+                     images.make_grid(grid, ncols=ncols, upscale=_grid_upscale(config),
                                       label=label))
-    logging.info('Wrote %d samples of step %d to %s', len(arr_0), step, out_dir)
+    logging.info('Wrote %d samples of step %d to %s', num_samples, step, out_dir)
   multihost_utils.sync_global_devices('sampling done')
   return out_dir

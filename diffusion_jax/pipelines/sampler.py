@@ -95,10 +95,15 @@ def make_sample_fn(model: nn.Module, config, mesh: Mesh,
   def sample_with_host_labels(params, rng, labels):
     return jitted(params, rng, global_labels(labels))
 
-  # Ahead-of-time compilation (`.lower(params, rng, labels).compile()`, e.g. for its
-  # memory_analysis()) with the same arguments as a call.
-  sample_with_host_labels.lower = lambda params, rng, labels: jitted.lower(
-      params, rng, global_labels(labels))
+  def lower(params, rng, labels):
+    """Ahead-of-time lowering (`.lower(...).compile()`, e.g. for its memory_analysis()) with
+    the arguments of a call, or with ShapeDtypeStructs for all three (a mesh of devices this
+    process cannot address, as --mode=compile's TPU topology)."""
+    if not isinstance(labels, jax.ShapeDtypeStruct):
+      labels = global_labels(labels)
+    return jitted.lower(params, rng, labels)
+
+  sample_with_host_labels.lower = lower
   return sample_with_host_labels
 
 

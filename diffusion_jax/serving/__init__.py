@@ -7,8 +7,10 @@ runs one importing only jax, numpy and safetensors (loader.py, which can be copi
 """
 
 from diffusion_jax.serving.loader import (ARTIFACT_FILE, CARD_FILE, CARD_FORMAT, WEIGHTS_FILE,
-                                          ChecksumError, Sampler, load, to_uint8,
-                                          unflatten_params)
+                                          ChecksumError, IncompatibleExportError,
+                                          JaxVersionWarning, Sampler, check_runtime, load,
+                                          to_uint8, unflatten_params)
 
-__all__ = ['ARTIFACT_FILE', 'CARD_FILE', 'CARD_FORMAT', 'WEIGHTS_FILE', 'ChecksumError', 'Sampler',
-           'load', 'to_uint8', 'unflatten_params']
+__all__ = ['ARTIFACT_FILE', 'CARD_FILE', 'CARD_FORMAT', 'WEIGHTS_FILE', 'ChecksumError',
+           'IncompatibleExportError', 'JaxVersionWarning', 'Sampler', 'check_runtime', 'load',
+           'to_uint8', 'unflatten_params']

@@ -143,9 +143,10 @@ def _card(config, step: int, exported: jax.export.Exported, flat: Dict[str, np.n
 def export(config, workdir: str) -> epath.Path:
   """`--mode=export`: writes the sampler of the newest checkpoint; returns its folder.
 
-  Checks the config and finds the checkpoint before anything is lowered or written; the folder
-  is written next to its final place and renamed into it, so an earlier export of the same tag
-  stays whole until the new one is complete.
+  The config is checked by modes/export.py (`validate_config`, with `check_export_config`)
+  before this runs; here the checkpoint is found before anything is lowered or written. The
+  folder is written next to its final place and renamed into it, so an earlier export of the
+  same tag stays whole until the new one is complete.
   """
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   mesh = sharding.create_mesh(config.mesh)  # Restoring raises NoCheckpointError (no writes).
@@ -168,7 +169,8 @@ def export(config, workdir: str) -> epath.Path:
   (tmp_dir / ARTIFACT_FILE).write_bytes(bytes(exported.serialize()))
   stored = {k: v.astype(np.float32) if v.dtype == jnp.bfloat16 else v for k, v in flat.items()}
   (tmp_dir / WEIGHTS_FILE).write_bytes(safetensors_numpy.save(stored))
-  files = {name: {'sha256': loader.sha256(str(tmp_dir / name)), 'bytes': (tmp_dir / name).stat().length}
+  files = {name: {'sha256': loader.sha256(str(tmp_dir / name)),
+                  'bytes': (tmp_dir / name).stat().length}
            for name in (ARTIFACT_FILE, WEIGHTS_FILE)}
   card = _card(config, step, exported, flat, files)
   (tmp_dir / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True))

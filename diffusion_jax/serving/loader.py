@@ -6,8 +6,10 @@
   images = sampler.sample(4, seed=0, labels=[3, 3, 7, 7], as_uint8=False)  # float in [-1, 1]
 
 This module imports nothing else from diffusion_jax (not the model, diffusion or sampler
-code), so it can be copied alone next to an export folder. `load` checks the sha256 of the
-artifact and the weights against card.json before anything is deserialized.
+code), so it can be copied alone next to an export folder. Before anything is deserialized,
+`load` checks that this JAX can run the artifact as card.json describes it (`check_runtime`:
+its jax.export calling convention, its PRNG implementation; another jax version is a warning)
+and the sha256 of the artifact and the weights against the card.
 
 With an int seed, `sample(n, seed, batch_index=k)` uses the key `fold_in(PRNGKey(seed), k)`
 and, by default, the labels of sample indices k*n .. k*n + n-1 — exactly batch k of
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import jax
@@ -32,6 +35,57 @@ CARD_FORMAT = 'diffusion_jax.export/1'
 
 class ChecksumError(ValueError):
   """A file of an export folder does not match the sha256 its card.json records."""
+
+
+class IncompatibleExportError(ValueError):
+  """This JAX cannot run the artifact as exported: its calling convention or PRNG differ."""
+
+
+class JaxVersionWarning(UserWarning):
+  """The artifact was exported by another jax version (which this one can run)."""
+
+
+def check_runtime(card: Mapping[str, Any], card_path: str) -> Optional[str]:
+  """Compares `card` (a parsed card.json) with the running JAX, before deserializing.
+
+  Raises IncompatibleExportError when the artifact's jax.export calling convention version is
+  outside what this JAX runs, or when its PRNG implementation is not this process's
+  `jax_default_prng_impl` (a seed would give other keys, or keys of another shape); each
+  message names both sides and the fix. Returns the warning to give when only the jax version
+  differs (None when it is the same).
+  """
+  from jax import export as jax_export  # pylint: disable=g-import-not-at-top
+  missing = [name for name in ('jax_version', 'calling_convention_version', 'rng')
+             if name not in card]
+  if 'rng' in card and 'prng_impl' not in card['rng']:
+    missing.append('rng.prng_impl')
+  if missing:
+    raise ValueError(f'{card_path} has no {", ".join(missing)}: not a card of {CARD_FORMAT} '
+                     '(export again with `python main.py ... --mode=export`).')
+  exported_by, running = str(card['jax_version']), jax.__version__
+  version = int(card['calling_convention_version'])
+  low = jax_export.minimum_supported_calling_convention_version
+  high = jax_export.maximum_supported_calling_convention_version
+  if not low <= version <= high:
+    fix = (f'upgrade jax (e.g. `pip install jax=={exported_by}`)' if version > high else
+           f'export the run again with this jax ({running}), or load it with jax '
+           f'{exported_by}')
+    raise IncompatibleExportError(
+        f'{card_path}: the artifact has jax.export calling convention version {version} '
+        f'(exported by jax {exported_by}), but jax {running} runs versions {low}..{high}: '
+        f'{fix}.')
+  impl, running_impl = str(card['rng']['prng_impl']), str(jax.config.jax_default_prng_impl)
+  if impl != running_impl:
+    raise IncompatibleExportError(
+        f"{card_path}: the artifact was exported with jax_default_prng_impl={impl!r}, but this "
+        f'process uses {running_impl!r}, whose keys for a seed differ: set '
+        f"jax.config.update('jax_default_prng_impl', {impl!r}) (or JAX_DEFAULT_PRNG_IMPL="
+        f'{impl}) before loading, or export again with {running_impl!r}.')
+  if exported_by != running:
+    return (f'{card_path}: exported by jax {exported_by}, loaded by jax {running}; its calling '
+            f'convention {version} runs on both, but the images of a seed may differ in the '
+            f'last bits. Export again with jax {running} for bit-identical samples.')
+  return None
 
 
 def sha256(path: str) -> str:
@@ -139,8 +193,10 @@ class Sampler:
 def load(export_dir: Union[str, os.PathLike]) -> Sampler:
   """Reads an export folder: card.json, then the artifact and weights after their checksums.
 
-  Raises FileNotFoundError naming a missing file and ChecksumError naming a file whose sha256
-  differs from the card's (a corrupted or replaced file).
+  Raises FileNotFoundError naming a missing file, IncompatibleExportError when this JAX cannot
+  run the artifact (`check_runtime`; another jax version that can is a JaxVersionWarning) and
+  ChecksumError naming a file whose sha256 differs from the card's (a corrupted or replaced
+  file).
   """
   from jax import export as jax_export  # pylint: disable=g-import-not-at-top
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
@@ -156,6 +212,9 @@ def load(export_dir: Union[str, os.PathLike]) -> Sampler:
   if card.get('format') != CARD_FORMAT:
     raise ValueError(f'{paths[CARD_FILE]} has format {card.get("format")!r}; this loader reads '
                      f'{CARD_FORMAT!r}.')
+  version_warning = check_runtime(card, paths[CARD_FILE])
+  if version_warning:
+    warnings.warn(version_warning, JaxVersionWarning, stacklevel=2)
   for name in (ARTIFACT_FILE, WEIGHTS_FILE):
     want, got = card['files'][name]['sha256'], sha256(paths[name])
     if got != want:
