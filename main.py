@@ -8,9 +8,11 @@
       --config.posthoc_ema.sigma_rel=0.08    # EDM2 post-hoc EMA from the run's EMA snapshots
   python main.py --config=configs/cifar10_ddpm.py --workdir=gs://bucket/run \\
       --config.training.batch_size=256                                          # any field
+  python main.py --config=configs/imagenet64_dit.py --workdir=runs/plan --mode=compile \\
+      --config.compile.topology=v5p-128   # compile for a pod here: per-chip memory, FLOPs
 
 On a multi-host TPU pod or a multi-node GPU cluster the same command runs on every host;
-`jax.distributed` is initialised when diffusion_jax/distributed.py detects a cluster (SLURM,
+`jax.distributed` is initialised when diffusion_jax/parallel/distributed.py detects a cluster (SLURM,
 Open MPI, Cloud TPU VM / GKE, or the --coordinator_address flags) and logs what it found.
 """
 
@@ -50,6 +52,8 @@ class _QuietCheckpointLogs(logging.Filter):
 def main(argv):
   del argv
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if FLAGS.mode == 'compile':  # Compiles for a described pod: never the local accelerator.
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   absl_logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   import jax  # pylint: disable=g-import-not-at-top
   from diffusion_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
@@ -84,11 +88,14 @@ def main(argv):
   # tfds) keeps its traceback.
   try:
     config = FLAGS.config
-    if FLAGS.mode != 'train':
+    if FLAGS.mode not in ('train', 'compile'):
       config = run_config_for_mode(config, FLAGS.workdir)
     result = run_mode(config, FLAGS.workdir)
     if FLAGS.mode == 'eval':
       print(eval_summary(result, FLAGS.workdir))
+    elif FLAGS.mode == 'compile':
+      from diffusion_jax.modes import compile as compile_mode  # pylint: disable=g-import-not-at-top
+      print(compile_mode.format_report(result))
     elif FLAGS.mode in WRITTEN:
       print(f'{WRITTEN[FLAGS.mode]} written to {result}')
   except (ConfigError, run_config.LockedFieldError) as e:
@@ -102,19 +109,19 @@ WRITTEN = {'sample': 'Samples', 'export': 'Exported sampler', 'posthoc_ema': 'Po
 
 
 def run_config_for_mode(config, workdir: str):
-  """--mode=sample|eval|export: the run's own <workdir>/config.json (when there is one) with the
-  command-line overrides applied; a --config or override changing a model/diffusion field of
-  the saved run raises run_config.LockedFieldError naming each field. Sections the run's
-  config.json predates (e.g. `export`) come from --config."""
+  """--mode=sample|eval|export|posthoc_ema: the run's own <workdir>/config.json (when there is
+  one) with the explicit command-line overrides applied. The --config file only supplies the
+  fields the run's config.json lacks (sections it predates, e.g. `export`, or fields an import
+  did not write); its other values are not requests, so a --config whose model or diffusion
+  fields differ from the run's (e.g. configs/cifar10_ddpm.py after `convert --from=diffusers`)
+  is fine. An override changing a model/diffusion field of the saved run raises
+  run_config.LockedFieldError naming each field."""
   from diffusion_jax.config import run_config  # pylint: disable=g-import-not-at-top
-  saved = run_config.load_run_config(workdir)
+  saved = run_config.load_run_config(workdir, fallback=config)
   if saved is None:
     return config
-  for section in config.keys():
-    if section not in saved:
-      saved[section] = config.to_dict()[section]
   overrides = config_flags.get_override_values(FLAGS['config'])
-  merged = run_config.config_for_run(saved, config, overrides)
+  merged = run_config.config_for_run(saved, overrides)
   logging.info('Using the run\'s own %s with overrides %s', run_config.config_path(workdir),
                sorted(overrides))
   return merged

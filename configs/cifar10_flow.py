@@ -17,6 +17,10 @@ Lipman et al. 2023 ("Flow Matching for Generative Modeling", Table 1, CIFAR-10, 
 path, which is this path, on a U-Net, adaptive dopri5): FID 6.35, NLL 2.99 bits/dim, 142 NFE.
 Liu et al. 2023 ("Flow Straight and Fast", Table 1, 1-Rectified Flow, DDPM++ network, RK45):
 FID 2.58.
+
+Target pod: v5e-8 (batch 128 = 16 images per chip).
+`--mode=compile` compiles it for that pod on any machine and reports per-chip memory, FLOPs
+and collectives (benchmarks/compile_pods.py; figures in benchmarks/RESULTS.md).
 """
 
 from configs import cifar10_ddpm
@@ -31,4 +35,5 @@ def get_config():
   config.sample.sampler = 'heun'
   config.sample.steps = 50
   config.eval.metrics = ('ode_nll',)   # 'vlb' is the discrete-time (ddpm) bound.
+  config.compile.topology = 'v5e-8'  # The target pod of the docstring.
   return config

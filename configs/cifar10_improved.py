@@ -18,6 +18,10 @@ What differs from DDPM (configs/cifar10_ddpm.py), following the paper's CIFAR-10
   gradient clipping at 1.0 is kept from the defaults as a safety net.
 The bits/dim and FID to expect are in the paper's CIFAR-10 table (L_hybrid, cosine, T = 4000);
 --mode=eval reports the same bound (eval.metrics 'vlb') with every one of the T terms evaluated.
+
+Target pod: v5e-8 (batch 128 = 16 images per chip).
+`--mode=compile` compiles it for that pod on any machine and reports per-chip memory, FLOPs
+and collectives (benchmarks/compile_pods.py; figures in benchmarks/RESULTS.md).
 """
 
 from configs import default
@@ -56,4 +60,5 @@ def get_config():
 
   config.eval.metrics = ('vlb',)
   config.eval.batch_size = 256
+  config.compile.topology = 'v5e-8'  # The target pod of the docstring.
   return config

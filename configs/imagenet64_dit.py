@@ -32,6 +32,10 @@ Choices:
 Published comparison point: FID 2.07 (50k samples vs the training set) of ADM, the
 class-conditional U-Net of Dhariwal & Nichol 2021 ("Diffusion Models Beat GANs"), on ImageNet
 64x64 with 250 sampling steps. Untuned here: no result of this config is claimed.
+
+Target pod: v5p-64 (32 chips, batch 1024 = 32 images per chip).
+`--mode=compile` compiles it for that pod on any machine and reports per-chip memory, FLOPs
+and collectives (benchmarks/compile_pods.py; figures in benchmarks/RESULTS.md).
 """
 
 from configs import default
@@ -100,4 +104,5 @@ def get_config():
   config.mesh.data = 1                 # Every device on the fsdp axis (any device count); on
   config.mesh.fsdp = -1                # hosts of 8 chips, --config.mesh.data=-1
                                        # --config.mesh.fsdp=8 keeps each shard group in a host.
+  config.compile.topology = 'v5p-64'  # The target pod of the docstring.
   return config

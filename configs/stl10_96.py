@@ -5,6 +5,10 @@
 
 ch 128, ch_mult (1, 2, 2, 2, 4) -> feature maps 96, 48, 24, 12, 6; attention at 24 and 12,
 AdaGN scale-shift, 2 heads of 64 channels; bf16 compute.
+
+Target pod: v5e-8 (batch 64 = 8 images per chip).
+`--mode=compile` compiles it for that pod on any machine and reports per-chip memory, FLOPs
+and collectives (benchmarks/compile_pods.py; figures in benchmarks/RESULTS.md).
 """
 
 from configs import default
@@ -25,4 +29,5 @@ def get_config():
   config.training.batch_size = 64
   config.training.num_train_steps = 500_000
   config.sample.steps = 100
+  config.compile.topology = 'v5e-8'  # The target pod of the docstring.
   return config

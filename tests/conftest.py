@@ -9,6 +9,11 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# The `compile` extra installs libtpu and the CUDA plugin: tests run on the CPU backend only
+# (tests/test_compile_mode.py describes TPUs and GPUs through them explicitly), and several
+# workers may load libtpu at once.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

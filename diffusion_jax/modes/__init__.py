@@ -6,6 +6,7 @@ function `(config, workdir) -> result`; `validation.py` checks a config for a mo
   eval         evaluate.evaluate          likelihood and sample-quality figures
   export       export.export              a jax.export sampler, its weights and card
   posthoc_ema  posthoc_ema.reconstruct    EDM2's post-hoc EMA from the run's snapshots
+  compile      compile.compile_for_topology  the run's programs compiled for a TPU pod, here
 
 A new mode is one module plus one entry in `MODES`. Modes are imported when asked for, so
 `--mode=sample` never imports TensorFlow.
@@ -23,6 +24,7 @@ MODES: Dict[str, Tuple[str, str]] = {
     'eval': ('evaluate', 'evaluate'),
     'export': ('export', 'export'),
     'posthoc_ema': ('posthoc_ema', 'reconstruct'),
+    'compile': ('compile', 'compile_for_topology'),
 }
 
 

@@ -55,18 +55,35 @@ def create_mesh(mesh_config, devices: Optional[Sequence[jax.Device]] = None) -> 
   """A ('data', 'fsdp') mesh over the first data * fsdp of `devices` (default: all).
 
   Devices keep the order of `jax.devices()` (grouped by process), so each host's devices
-  hold one contiguous block of the batch; on TPU the physical topology picks the order.
+  hold one contiguous block of the batch. On TPU, a mesh over all the devices follows the
+  physical torus (`mesh_utils.create_device_mesh`); over several slices (devices with distinct
+  `slice_index`) the data axis spans the slices over DCN and each slice holds whole FSDP
+  groups on its ICI (`create_hybrid_device_mesh`), so only the gradient all-reduce of data
+  parallelism crosses slices. --mode=compile builds a pod's mesh with this same rule.
   """
   devices = list(jax.devices() if devices is None else devices)
   data, fsdp = mesh_shape(mesh_config, len(devices))
+  whole = data * fsdp == len(devices)
   devices = devices[:data * fsdp]
   grid = None
-  if devices[0].platform == 'tpu' and len(devices) == jax.device_count():
-    try:
-      from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-      grid = mesh_utils.create_device_mesh((data, fsdp), devices)
-    except Exception:  # pylint: disable=broad-except  # Unusual topologies: plain order.
-      grid = None
+  if devices[0].platform == 'tpu' and whole:
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
+    if num_slices > 1:
+      if data % num_slices:
+        raise ValueError(
+            f'mesh.data={data} must be a multiple of the {num_slices} slices (DCN carries the '
+            'data axis; FSDP groups stay inside a slice); use mesh.data=-1 or a multiple.')
+      grid = mesh_utils.create_hybrid_device_mesh(
+          (data // num_slices, fsdp), (num_slices, 1), devices, allow_split_physical_axes=True)
+    else:
+      for split in (False, True):  # Whole torus axes per mesh axis where the sizes allow.
+        try:
+          grid = mesh_utils.create_device_mesh((data, fsdp), devices,
+                                               allow_split_physical_axes=split)
+          break
+        except Exception:  # pylint: disable=broad-except  # Unusual topologies: plain order.
+          grid = None
   if grid is None:
     grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
   return Mesh(grid, BATCH_AXES)
@@ -89,24 +106,6 @@ def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   """The same full copy on every device of the mesh."""
   return NamedSharding(mesh, P())
-
-
-def finish_before_next_program(mesh: Mesh, outputs: PyTree) -> None:
-  """Waits for the last program (whose results are `outputs`) when `mesh` is several XLA:CPU
-  devices.
-
-  XLA:CPU's in-process collectives can deadlock when a program is dispatched on the mesh while
-  the previous one still runs on some device (one device a program ahead of another): the
-  tests' two-device train runs hung in the gradient all-reduce. Loops that dispatch program
-  after program call this before each dispatch; elsewhere it returns at once, so dispatch stays
-  asynchronous on GPUs and TPUs. One output is waited for: every output of a program on the mesh
-  has a shard on each device, ready when the program ends there, and waiting for all of a train
-  state's leaves slowed the digits loop by ~5% (benchmarks/RESULTS.md).
-  """
-  if mesh.size > 1 and mesh.devices.flat[0].platform == 'cpu':
-    leaves = jax.tree.leaves(outputs)
-    if leaves:
-      jax.block_until_ready(leaves[0])
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
