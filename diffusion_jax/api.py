@@ -60,7 +60,7 @@ def load_run(workdir: str, *, use_ema: bool = True, mesh: Optional[Mesh] = None)
   config = run_config.load_run_config(workdir)
   if config is None:
     raise FileNotFoundError(
-        f'{run_config.config_path(workdir)} is missing: train first (train.train_and_evaluate '
+        f'{run_config.config_path(workdir)} is missing: train first (diffusion_jax.train_and_evaluate '
         'or main.py) or import a checkpoint (python -m diffusion_jax.convert) into this workdir.')
   mesh = mesh or sharding.create_mesh(config.mesh)
   params, step = restore.restore_params(config, workdir, mesh, use_ema)

@@ -1,5 +1,9 @@
 """diffusion_jax.api: what the notebooks call (load a run, sample it, count evaluations)."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -59,10 +63,34 @@ def test_bad_fields_and_labels_are_named(run):
     api.load_run(run.workdir + '_missing')
 
 
-def test_network_evaluations():
-  # Heun: one Euler step plus a correction per step, none on the last step into sigma = 0.
-  assert [api.network_evaluations(s, 10) for s in ('ddpm', 'ddim', 'dpm_solver_pp', 'euler',
-                                                    'heun')] == [10, 10, 10, 10, 19]
-  assert api.network_evaluations('heun', 10, guidance_scale=3.0) == 38
-  with pytest.raises(ValueError, match='sample.sampler'):
-    api.network_evaluations('plms', 10)
+def test_network_evaluations(run):
+  """The objective's count for the run's sampler: heun is one Euler step plus a correction per
+  step, none on the last step into sigma = 0; guidance doubles the calls, except at the scales 1
+  and 0, which call the conditional or the unconditional network alone."""
+  counts = [api.network_evaluations(run, sampler=s, steps=10)
+            for s in ('ddpm', 'ddim', 'dpm_solver_pp', 'euler', 'heun')]
+  assert counts == [10, 10, 10, 10, 19]
+  assert api.network_evaluations(run, sampler='ddim', spacing='ddim25') == 25  # Fixes the count.
+  assert api.network_evaluations(run, sampler='heun', steps=10, guidance_scale=3.0) == 38
+  assert api.network_evaluations(run, sampler='heun', steps=10, guidance_scale=0.0) == 19
+  with pytest.raises(ConfigError, match='sample.sampler'):
+    api.network_evaluations(run, sampler='plms', steps=10)
+
+
+def test_every_public_name_resolves_and_importing_the_package_is_light():
+  """`import diffusion_jax` loads neither JAX nor TensorFlow; sampling names resolve without
+  TensorFlow (only the modes that read data import it); every documented name (the README's
+  Python API) resolves, and an unknown one is an AttributeError naming it."""
+  code = ('import sys, diffusion_jax as dj; '
+          'print([m for m in ("jax", "tensorflow", "flax") if m in sys.modules]); '
+          '[getattr(dj, n) for n in ("get_config", "load_run", "sample", "generate", "export", '
+          '"load_export", "objectives", "backbones", "solvers")]; '
+          'print("tensorflow" in sys.modules); '
+          'print([n for n in dj.__all__ if getattr(dj, n, None) is None])')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       env=dict(os.environ, JAX_PLATFORMS='cpu')).stdout.splitlines()
+  assert out == ['[]', 'False', '[]'], out
+  import diffusion_jax as dj  # pylint: disable=g-import-not-at-top
+  with pytest.raises(AttributeError, match='no_such_name'):
+    dj.no_such_name  # pylint: disable=pointless-statement

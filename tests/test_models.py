@@ -162,15 +162,16 @@ def test_cifar10_ddpm_parameter_count():
 
 def test_create_model_maps_config_fields():
   config = default.get_config().model
-  config.ch, config.ch_mult, config.num_classes = 64, (1, 2, 4), 10
+  config.unet.ch, config.unet.ch_mult, config.num_classes = 64, (1, 2, 4), 10
   config.learn_sigma, config.dtype, config.remat = True, 'bfloat16', True
-  config.num_head_channels, config.use_scale_shift_norm = 32, True
+  config.unet.num_head_channels, config.unet.use_scale_shift_norm = 32, True
+  config.unet.norm_eps, config.unet.dropout = 1e-5, 0.3
   model = backbones.create_model(config, 1)
-  assert (model.unet.ch, tuple(model.unet.ch_mult), model.num_classes, model.out_channels) == (
+  assert (model.ch, tuple(model.ch_mult), model.num_classes, model.out_channels) == (
       64, (1, 2, 4), 10, 1)
-  assert model.learn_sigma and model.remat and model.unet.use_scale_shift_norm
+  assert model.learn_sigma and model.remat and model.use_scale_shift_norm
   assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
-  assert model.unet.num_head_channels == 32 and model.unet.dropout == config.dropout
+  assert (model.num_head_channels, model.norm_eps, model.dropout) == (32, 1e-5, 0.3)
 
 
 # ------------------------------------------------------------------ init and conditioning
@@ -293,6 +294,21 @@ def test_attention_heads(kwargs, heads):
 def test_attention_heads_must_divide_channels():
   with pytest.raises(ValueError, match='num_head'):
     _param_shapes(small_model(num_heads=3))
+
+
+def test_head_channels_are_checked_only_where_attention_runs():
+  """UNet2DModel's defaults (block_out_channels (4, 8, 8, 8) scaled) are valid: a level without
+  attention need not divide into heads; an attention level or the middle block must."""
+  config = default.get_config()
+  u = config.model.unet
+  u.ch, u.ch_mult, u.num_groups, u.num_head_channels = 4, (1, 2, 2, 2), 2, 8
+  u.attn_resolutions = (4,)  # Level 2 at 16 px input: 8 channels, as is the middle block.
+  assert unet.check_config(config.model, 16) == []
+  u.attn_resolutions = (16,)  # Level 0 has 4 channels: cannot split into heads of 8.
+  errors = unet.check_config(config.model, 16)
+  assert len(errors) == 1 and 'num_head_channels=8' in errors[0] and '[4]' in errors[0]
+  u.attn_resolutions, u.ch_mult = (), (2, 2, 1)  # The middle block runs on the last level (4).
+  assert '[4]' in ' '.join(unet.check_config(config.model, 16))
 
 
 def test_variants_run_and_are_finite():

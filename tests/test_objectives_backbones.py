@@ -3,7 +3,7 @@
 For each (diffusion.objective, model.arch) a tiny digits run (configs/tiny.py, 8 virtual CPU
 devices) must: train with a falling loss, resume from its middle checkpoint to the very same
 bits as the uninterrupted run (params, every EMA, Adam moments), and draw samples through
-`sample_mode.generate`, which is what `--mode=sample` runs. ddpm x unet is the default and is
+`modes.sample.generate`, which is what `--mode=sample` runs. ddpm x unet is the default and is
 covered by test_main.py / test_fault_tolerance.py; the other five pairs are here.
 """
 
@@ -14,8 +14,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from diffusion_jax import objectives
+from diffusion_jax.config.errors import ConfigError
 from diffusion_jax.modes import sample as sample_mode
-from diffusion_jax.training import loop
+from diffusion_jax.modes import train as train_mode
+from diffusion_jax.modes.validation import validate_config
+from diffusion_jax.training import run_log
+from tests.plugins import toy_objective
 
 STEPS = 40
 COMBOS = [('ddpm', 'dit'), ('edm', 'unet'), ('edm', 'dit'), ('flow_matching', 'unet'),
@@ -50,11 +55,11 @@ def _config(objective: str, arch: str):
 def test_objective_and_backbone_train_resume_and_sample(objective, arch, tmp_path):
   config = _config(objective, arch)
   run = tmp_path / 'run'
-  state = loop.train_and_evaluate(config, str(run))
+  state = train_mode.train_and_evaluate(config, str(run))
   assert int(state.step) == STEPS
   final = [np.asarray(x) for x in jax.tree.leaves(state)]
 
-  history = loop.read_train_metrics(str(run))
+  history = run_log.read_train_metrics(str(run))
   np.testing.assert_array_equal(history['step'], np.arange(10, STEPS + 1, 10))
   losses = history['loss']
   assert np.all(np.isfinite(losses)), losses
@@ -64,7 +69,7 @@ def test_objective_and_backbone_train_resume_and_sample(objective, arch, tmp_pat
   resumed = tmp_path / 'resumed'
   shutil.copytree(run, resumed)
   shutil.rmtree(resumed / 'checkpoints' / str(STEPS))
-  again = loop.train_and_evaluate(config, str(resumed))
+  again = train_mode.train_and_evaluate(config, str(resumed))
   again = [np.asarray(x) for x in jax.tree.leaves(again)]
   assert len(again) == len(final)
   for a, b in zip(final, again):
@@ -77,3 +82,44 @@ def test_objective_and_backbone_train_resume_and_sample(objective, arch, tmp_pat
   # Trained for 40 steps the samples are not digits yet, but not noise at its start either:
   # neither constant nor saturated everywhere.
   assert 5 < samples.std() and 0.05 < np.mean((samples > 20) & (samples < 235)) + 0.05
+
+
+@pytest.fixture
+def toy():
+  """tests/plugins/toy_objective.py registered as diffusion.objective='toy' (and removed)."""
+  objectives.register(toy_objective)
+  yield toy_objective
+  objectives.unregister(toy_objective.NAME)
+
+
+def test_a_new_objective_is_one_registered_module(toy, tmp_path):
+  """A module of its own plus `objectives.register`: the toy objective validates, trains with a
+  falling loss and samples through the modes, without a change to any other module."""
+  config = _config('ddpm', 'unet')
+  config.diffusion.objective = toy.NAME
+  with pytest.raises(ConfigError, match='diffusion.toy, which the config lacks'):
+    validate_config(config, 'train', num_devices=8, num_processes=1)
+  config.diffusion.toy = toy.default_config()
+  config.sample.sampler = 'euler'
+  validate_config(config, 'sample', num_devices=8, num_processes=1)
+  config.diffusion.toy.sigma_max = 0.01  # The objective's own check names its field.
+  with pytest.raises(ConfigError, match='diffusion.toy.sigma_min=0.02 and sigma_max=0.01'):
+    validate_config(config, 'sample', num_devices=8, num_processes=1)
+  config.diffusion.toy.sigma_max = 20.0
+  run = tmp_path / 'toy'
+  state = train_mode.train_and_evaluate(config, str(run))
+  assert int(state.step) == STEPS
+  losses = run_log.read_train_metrics(str(run))['loss']
+  assert losses[-1] < 0.8 * losses[0], losses
+  out_dir = sample_mode.generate(config, str(run))
+  with np.load(out_dir / 'samples.npz') as f:
+    samples = f['arr_0']
+  assert samples.shape == (16, 8, 8, 1) and 5 < samples.std()
+
+
+def test_unknown_objective_is_refused_by_name():
+  config = _config('ddpm', 'unet')
+  config.diffusion.objective = 'toy'  # Not registered.
+  with pytest.raises(ConfigError, match=r"diffusion.objective='toy' is unknown; use one of "
+                                        r"\('ddpm', 'edm', 'flow_matching'\)"):
+    validate_config(config, 'sample', num_devices=8, num_processes=1)

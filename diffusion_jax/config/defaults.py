@@ -6,6 +6,9 @@ The experiment configs under configs/ start from `get_config()` here and overrid
 `--config.training.batch_size=64`.
 """
 
+import difflib
+from typing import List, Sequence, Set
+
 import ml_collections
 
 
@@ -261,7 +264,7 @@ def get_config() -> ml_collections.ConfigDict:
   ecfg.use_ema = True
   ecfg.ema = ''                  # Which EMA the likelihood metrics read (as sample.ema; sample
                                  # metrics draw with sample.use_ema / sample.ema).
-  ecfg.seed = 0                  # Noise of the VLB terms, dequantisation and ODE probes.
+  ecfg.seed = 0                  # VLB noise, dequantisation, ODE probes, kept feature rows.
   ecfg.variance = 'fixed_large'  # Reverse variance of fixed-variance models in the VLB:
                                  # fixed_large (beta_t) | fixed_small (posterior beta~_t).
                                  # Learned with model.learn_sigma.
@@ -291,7 +294,7 @@ def get_config() -> ml_collections.ConfigDict:
                                  # a samples .npz or a folder of images.
   ecfg.reference_num_images = -1  # Images of data.split for the reference; -1 = all.
   ecfg.feature_batch_size = 64   # Global Inception batch (a multiple of the devices).
-  ecfg.num_kept_features = 10_000  # Feature rows kept per set for kid / precision_recall.
+  ecfg.num_kept_features = 10_000  # Seeded uniform subset of rows per set for kid / PR.
   ecfg.kid_subset_size = 1000    # KID: unbiased MMD^2 averaged over subsets of this size ...
   ecfg.kid_num_subsets = 100     # ... this many of them.
   ecfg.pr_k = 3                  # Precision/recall: k-th nearest neighbour radii.
@@ -321,6 +324,15 @@ def get_config() -> ml_collections.ConfigDict:
   posthoc.profile = 'discrete'   # Profile inner products: 'discrete' (exact sums over steps of
                                  # our per-step update) | 'continuous' (the paper's closed form).
 
+  # ---------------------------------------------------------------- compile for a pod
+  # --mode=compile: the programs of a run compiled for a TPU pod on this machine (libtpu, the
+  # `tpu` extra; no TPU needed) and their per-chip memory, FLOPs and collectives reported.
+  config.compile = ccfg = ml_collections.ConfigDict()
+  ccfg.topology = ''             # 'v5p-128' | 'v5e-256' | 'v6e-64' | 'v4-32' | 'v5e:4x4' ...
+  ccfg.num_slices = 1            # Slices joined over DCN (the data axis spans them).
+  ccfg.programs = ('train', 'sample_grid', 'sample', 'eval_features')  # eval_features only
+                                 # when eval.train_metrics has an Inception metric.
+
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()
   # Mesh ('data', 'fsdp'): the batch is split over both axes; params, EMA and optimizer state
@@ -337,3 +349,31 @@ def get_config() -> ml_collections.ConfigDict:
                                  # --xla_force_host_platform_device_count and in multi-process
                                  # jobs (left to them); 1 = one device.
   return config
+
+
+def unknown_fields(config: ml_collections.ConfigDict,
+                   extra_sections: Sequence[str] = ()) -> List[str]:
+  """Problems for fields of `config` that `get_config()` lacks (empty list = fine), each with the
+  nearest known field: `config.model.update(ch=8)` would otherwise add a key nothing reads.
+  `extra_sections` ('diffusion.toy', ...) are sections of registered plugins, taken as they are."""
+  known = _field_paths(get_config())
+  errors = []
+  for path in sorted(_field_paths(config) - known):
+    if any(path == s or path.startswith(s + '.') for s in extra_sections):
+      continue
+    leaf = path.rsplit('.', 1)[-1]
+    near = [p for p in sorted(known) if p.rsplit('.', 1)[-1] == leaf]
+    near = near or difflib.get_close_matches(path, sorted(known), n=1)
+    hint = f'; did you mean {" or ".join(near[:3])}?' if near else '.'
+    errors.append(f'{path} is not a config field (nothing reads it){hint}')
+  return errors
+
+
+def _field_paths(config: ml_collections.ConfigDict, prefix: str = '') -> Set[str]:
+  """Dotted paths of every field and section of `config`."""
+  paths = set()
+  for key, value in config.items():
+    paths.add(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      paths |= _field_paths(value, f'{prefix}{key}.')
+  return paths

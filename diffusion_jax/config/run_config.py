@@ -1,14 +1,20 @@
 """A run's own config: written to `<workdir>/config.json` at the start of training, read back by
-`--mode=sample|eval`, so a run directory says how it was made.
+`--mode=sample|eval|export`, so a run directory says how it was made.
 
 JSON has no tuples; `load_run_config` turns lists back into tuples wherever the default config
-(`diffusion_jax/config/defaults.py`) holds a tuple, so a reloaded config equals the one that was saved.
+(`diffusion_jax/config/defaults.py`) holds a tuple, so a reloaded config equals the one that was
+saved.
+
+In the modes that read a run (`config_for_run`), the run's config.json is the config: the
+--config file only supplies the fields the run lacks (it predates them, or an import wrote it),
+and only the explicit command-line overrides are requests; an override of a field of the trained
+network (model, diffusion) that differs from the run's value is a LockedFieldError naming it.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import ml_collections
 from etils import epath
@@ -58,24 +64,32 @@ def _add_missing(value: Dict[str, Any], like: Dict[str, Any]) -> Dict[str, Any]:
   return merged
 
 
-def config_from_json(text: str) -> ml_collections.ConfigDict:
+def config_from_json(text: str, fallback: Optional[ml_collections.ConfigDict] = None
+                     ) -> ml_collections.ConfigDict:
   """Inverse of `config_to_json`: lists become tuples where the default config has tuples.
 
-  A config of an earlier layout is migrated first (migration.py), and a field the saved config
-  lacks (the run predates it) takes its value from config/defaults.py, so an older run reads as
-  if it had been started with that default.
+  A config of an earlier layout is migrated first (migration.py). A field the saved config lacks
+  (the run predates it) takes its value from `fallback` (e.g. the --config file) when that has
+  the field and it is not one of the trained network (LOCKED_SECTIONS), else from
+  config/defaults.py: a network field added later defaults to the behaviour the code had
+  before, which is the network the run trained, whatever --config says.
   """
   like: Dict[str, Any] = defaults.get_config().to_dict()
-  saved = migration.migrate(json.loads(text))
-  return ml_collections.ConfigDict(_add_missing(_restore_tuples(saved, like), like))
+  saved = _restore_tuples(migration.migrate(json.loads(text)), like)
+  if fallback is not None:
+    saved = _add_missing(saved, {k: v for k, v in fallback.to_dict().items()
+                                 if k not in LOCKED_SECTIONS})
+  return ml_collections.ConfigDict(_add_missing(saved, like))
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config saved in `<workdir>/config.json`, or None if the run has none."""
+def load_run_config(workdir: str, fallback: Optional[ml_collections.ConfigDict] = None
+                    ) -> ml_collections.ConfigDict | None:
+  """The config saved in `<workdir>/config.json` (a field it lacks from `fallback` or the
+  defaults, as `config_from_json` says), or None if the run has none."""
   path = config_path(workdir)
   if not path.exists():
     return None
-  return config_from_json(path.read_text())
+  return config_from_json(path.read_text(), fallback)
 
 
 class LockedFieldError(ValueError):
@@ -155,18 +169,21 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any]
   return merged
 
 
-def config_for_run(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict,
-                   overrides: Dict[str, Any]) -> ml_collections.ConfigDict:
-  """The config --mode=sample|eval uses: the run's own `saved` config with the command-line
-  `overrides` applied (sample, eval, mesh, ... fields may change).
+def config_for_run(saved: ml_collections.ConfigDict, overrides: Dict[str, Any]
+                   ) -> ml_collections.ConfigDict:
+  """The config --mode=sample|eval|export uses: the run's own `saved` config (as
+  `load_run_config(workdir, fallback=the --config file)` reads it) with the command-line
+  `overrides` ({'sample.steps': 50, ...}) applied.
 
-  `requested` is the --config file with the overrides; if it differs from `saved` in a model or
-  diffusion field, the checkpoint cannot be that network, so this raises LockedFieldError listing
-  each differing dotted field with both values.
+  Only the overrides are requests: sample, eval, mesh, ... fields may change, and so may
+  FREE_FIELDS; an override of a model or diffusion field that differs from the run's value
+  would describe another network than the checkpoint's, so it raises LockedFieldError listing
+  each such dotted field with both values. `saved` is not modified.
   """
+  requested = apply_overrides(saved, overrides)
   differences = locked_differences(saved, requested)
   if differences:
-    raise LockedFieldError('The --config / overrides change fields of the trained network relative to '
-                           'the run\'s config.json; drop those overrides (or use the run\'s config):'
-                           + describe_differences(differences))
-  return apply_overrides(saved, overrides)
+    raise LockedFieldError('The command-line overrides change fields of the trained network '
+                           "(model, diffusion) relative to the run's config.json; drop those "
+                           'overrides or use a new --workdir:' + describe_differences(differences))
+  return requested

@@ -15,6 +15,7 @@ from typing import List, Optional
 import jax
 
 from diffusion_jax import objectives
+from diffusion_jax.config import defaults
 from diffusion_jax.config.errors import ConfigError, check_choice
 from diffusion_jax.evaluation import checks
 from diffusion_jax.modes import MODES
@@ -42,6 +43,9 @@ def validate_config(config, mode: str = 'train', num_devices: Optional[int] = No
   check_choice(errors, 'mode', mode, tuple(MODES))
   num_devices = num_devices or jax.device_count()
   num_processes = num_processes or jax.process_count()
+  plugin_sections = ([f'diffusion.{name}' for name in objectives.OBJECTIVES]
+                     + [f'model.{name}' for name in backbones.BACKBONES])
+  errors.extend(defaults.unknown_fields(config, plugin_sections))
   errors.extend(data_checks.check_data_config(config, mode))  # The dataset: train, eval.
   errors.extend(backbones.check_model_config(config.model, config.data.resolution))
   mesh_errors, data_devices = sharding.check_mesh_config(config.mesh, num_devices)
@@ -90,13 +94,9 @@ def _check_sampling_call(errors: List[str], config, data_devices: int,
       errors.append(f'sample.animation_num_images={scfg.animation_num_images} must be >= 1.')
 
 
-def _eval_metrics(ecfg) -> tuple:
-  return (ecfg.metrics,) if isinstance(ecfg.metrics, str) else tuple(ecfg.metrics)
-
-
 def _eval_draws_samples(ecfg) -> bool:
   """--mode=eval draws samples when a sample metric is asked and no eval.samples file given."""
-  return any(m in checks.SAMPLE_METRICS for m in _eval_metrics(ecfg)) and not ecfg.samples
+  return any(m in checks.SAMPLE_METRICS for m in checks.as_tuple(ecfg.metrics)) and not ecfg.samples
 
 
 def _check_eval(errors: List[str], config, data_devices: int, num_processes: int,
@@ -107,7 +107,7 @@ def _check_eval(errors: List[str], config, data_devices: int, num_processes: int
   if isinstance(ecfg.metrics, str):
     errors.append(f'eval.metrics={ecfg.metrics!r} must be a tuple, e.g. ({ecfg.metrics!r},).')
   errors.extend(checks.check_eval_config(config, num_devices))
-  metrics = _eval_metrics(ecfg)
+  metrics = checks.as_tuple(ecfg.metrics)
   objective = config.diffusion.objective
   if objective in objectives.OBJECTIVES:  # Only --mode=eval reads eval.metrics.
     supported = objectives.get(objective).LIKELIHOOD_METRICS

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.nn.layers import conditioning
+from diffusion_jax.nn.layers import Backbone, backbone_fields, conditioning
 
 Dtype = Any
 
@@ -153,8 +153,9 @@ class DiTBlock(nn.Module):
     return x + gate2[:, None, :] * h.astype(jnp.float32)
 
 
-class DiT(nn.Module):
-  """The Diffusion Transformer; fields mirror `config.model` (see diffusion_jax/config/defaults.py)."""
+class DiT(Backbone):
+  """The Diffusion Transformer; its own fields mirror `config.model.dit` (config/defaults.py),
+  the shared ones (`Backbone`) those of `config.model`."""
   hidden_size: int = 384
   depth: int = 12
   num_heads: int = 6
@@ -162,16 +163,6 @@ class DiT(nn.Module):
   patch_size: int = 2
   pos_embed: str = 'sincos'
   dropout: float = 0.0
-  num_classes: int = 0
-  null_class: bool = True
-  learn_sigma: bool = False
-  out_channels: int = 3
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False
-  flip_sin_to_cos: bool = False
-  freq_shift: float = 1.0
-  timestep_scale: float = 1.0
   norm_eps: float = 1e-6
 
   @nn.compact
@@ -222,12 +213,7 @@ def create(model_config, channels: int) -> DiT:
   return DiT(
       hidden_size=d.hidden_size, depth=d.depth, num_heads=d.num_heads,
       mlp_ratio=float(d.mlp_ratio), patch_size=d.patch_size, pos_embed=d.pos_embed,
-      dropout=d.dropout, norm_eps=d.norm_eps, num_classes=model_config.num_classes,
-      null_class=model_config.null_class, learn_sigma=model_config.learn_sigma,
-      out_channels=channels, dtype=jnp.dtype(model_config.dtype),
-      param_dtype=jnp.dtype(model_config.param_dtype), remat=model_config.remat,
-      flip_sin_to_cos=model_config.flip_sin_to_cos, freq_shift=model_config.freq_shift,
-      timestep_scale=model_config.timestep_scale)
+      dropout=d.dropout, norm_eps=d.norm_eps, **backbone_fields(model_config, channels))
 
 
 def check_config(model_config, resolution: int) -> List[str]:

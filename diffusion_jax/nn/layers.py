@@ -75,6 +75,31 @@ class GroupNorm32(nn.Module):
     return y.astype(self.dtype)
 
 
+class Backbone(nn.Module):
+  """The fields every backbone has, set from the shared `config.model` fields
+  (`backbone_fields`): its conditioning (timestep embedding variant, classes, null row), its
+  output (channels, learned variance) and its precision and memory (dtypes, remat)."""
+  num_classes: int = 0
+  null_class: bool = True
+  learn_sigma: bool = False
+  out_channels: int = 3
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  flip_sin_to_cos: bool = False
+  freq_shift: float = 1.0
+  timestep_scale: float = 1.0
+
+
+def backbone_fields(model_config, channels: int) -> dict:
+  """The `Backbone` fields of `config.model` for images with `channels` channels."""
+  return dict(num_classes=model_config.num_classes, null_class=model_config.null_class,
+              learn_sigma=model_config.learn_sigma, out_channels=channels,
+              dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
+              remat=model_config.remat, flip_sin_to_cos=model_config.flip_sin_to_cos,
+              freq_shift=model_config.freq_shift, timestep_scale=model_config.timestep_scale)
+
+
 def conditioning(module: nn.Module, t: jax.Array, y: Optional[jax.Array], *, freq_dim: int,
                  width: int, dense_names: Tuple[str, str],
                  kernel_init: Callable = nn.linear.default_kernel_init,
@@ -82,7 +107,7 @@ def conditioning(module: nn.Module, t: jax.Array, y: Optional[jax.Array], *, fre
   """The conditioning vector [B, width] of a backbone: MLP(sinusoid(t * timestep_scale)) plus
   the class embedding of y [B] (None = the null class; an error without one).
 
-  Called inside `module`'s compact `__call__`, so its layers are the module's own: the two
+  Called inside a `Backbone`'s compact `__call__`, so its layers are the module's own: the two
   Dense layers are named `dense_names` and the embedding 'class_embed', which keeps each
   backbone's parameter names (checkpoints and the converters read them). Reads the module's
   timestep_scale, flip_sin_to_cos, freq_shift, num_classes, null_class, dtype and param_dtype.

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.nn.layers import GroupNorm32, conditioning
+from diffusion_jax.nn.layers import Backbone, GroupNorm32, backbone_fields, conditioning
 
 Dtype = Any
 # model.conv_backend: XLA's convolutions, oneDNN's (CPU), or oneDNN's with Winograd's algorithm
@@ -118,8 +118,9 @@ class AttentionBlock(nn.Module):
     return x + h.reshape(b, height, width, c)
 
 
-class UNet(nn.Module):
-  """The denoising U-Net; fields mirror `config.model` (see diffusion_jax/config/defaults.py)."""
+class UNet(Backbone):
+  """The denoising U-Net; its own fields mirror `config.model.unet` (config/defaults.py), the
+  shared ones (`Backbone`) those of `config.model`."""
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
   num_res_blocks: int = 2
@@ -130,18 +131,8 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   use_scale_shift_norm: bool = False
   num_groups: int = 32
-  num_classes: int = 0
-  learn_sigma: bool = False
-  out_channels: int = 3
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False
-  flip_sin_to_cos: bool = False
-  freq_shift: float = 1.0
-  timestep_scale: float = 1.0
   norm_eps: float = 1e-6
   downsample_padding: int = 0
-  null_class: bool = True
   conv_backend: str = 'xla'            # One of CONV_BACKENDS (onednn*: CPU only).
 
   @nn.compact
@@ -228,11 +219,14 @@ def check_config(model_config, resolution: int) -> List[str]:
                     f'model.unet.num_groups={u.num_groups}.')
       break
   if u.num_head_channels > 0:
-    channels = [u.ch * m for m in u.ch_mult]
-    bad = [c for c in channels if c % u.num_head_channels]
+    # Only the attention levels and the middle block split channels into heads.
+    attended = {u.ch * u.ch_mult[-1]} | {
+        u.ch * m for i, m in enumerate(u.ch_mult)
+        if resolution and resolution // 2**i in u.attn_resolutions}
+    bad = sorted(c for c in attended if c % u.num_head_channels)
     if bad:
       errors.append(f'model.unet.num_head_channels={u.num_head_channels} does not divide the '
-                    f'channel counts {bad}.')
+                    f'channel counts {bad} of the attention blocks.')
   elif u.num_heads < 1:
     errors.append('model.unet.num_heads must be >= 1 (or set model.unet.num_head_channels > 0).')
   if u.downsample_padding not in (0, 1):
@@ -270,9 +264,4 @@ def create(model_config, channels: int) -> UNet:
       num_head_channels=u.num_head_channels, dropout=u.dropout,
       resblock_updown=u.resblock_updown, use_scale_shift_norm=u.use_scale_shift_norm,
       num_groups=u.num_groups, norm_eps=u.norm_eps, downsample_padding=u.downsample_padding,
-      num_classes=model_config.num_classes, null_class=model_config.null_class,
-      learn_sigma=model_config.learn_sigma, out_channels=channels,
-      dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
-      remat=model_config.remat, flip_sin_to_cos=model_config.flip_sin_to_cos,
-      freq_shift=model_config.freq_shift, timestep_scale=model_config.timestep_scale,
-      conv_backend=model_config.conv_backend)
+      conv_backend=model_config.conv_backend, **backbone_fields(model_config, channels))

@@ -11,7 +11,7 @@ Every sampler has the signature
 the schedule the sampler is given (shared by the batch), or `denoise(x_t, timestep, sigma=s)` at
 a continuous noise level. `noise` is x_T [B, H, W, C] (standard normal), `rng` drives any fresh
 noise. The denoiser must be built on the same schedule as the sampler is run on
-(`sample_from_config` does this); the only exception is `ddim_sample(..., steps=S)` and
+(`objectives.ddpm.sample` does this); the only exception is `ddim_sample(..., steps=S)` and
 `dpm_solver_pp_sample(..., steps=S)`, which respace a full schedule themselves and map the indices
 back. Schedules must be concrete (closed over, not jit arguments): every per-step coefficient is
 computed in float64 NumPy at trace time. The loop is a `lax.fori_loop` (a scan), so a whole run
