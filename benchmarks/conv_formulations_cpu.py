@@ -7,10 +7,10 @@ Winograd), and PyTorch's.
 Per layer (NHWC, C -> C channels, 'SAME' padding) it times the forward, the input gradient and
 the weight gradient of `lax.conv_general_dilated` and of the same convolution written as nine
 shifted slices concatenated on channels and one matmul (im2col), of `model.conv_backend='onednn'`'s
-and `'onednn_winograd'`'s custom calls when oneDNN is installed (`diffusion_jax/onednn_conv.py`;
-the Winograd rule may leave a small layer direct), and, when torch is
-installed, torch's Conv2d forward and forward + backward (oneDNN) on as many threads as JAX's CPU
-client.
+and `'onednn_winograd'`'s custom calls when oneDNN is installed
+(`diffusion_jax/contrib/onednn/conv.py`; the Winograd rule may leave a small layer direct), and,
+when torch is installed, torch's Conv2d forward and forward + backward (oneDNN) on as many
+threads as JAX's CPU client.
 With --whole_model it instead times the loss gradient of a whole U-Net config with its
 convolutions swapped for the im2col form (through flax's `nn.Conv(conv_general_dilated=...)`),
 strictly alternating. One JSON line per shape or per variant; median milliseconds.

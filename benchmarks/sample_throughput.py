@@ -6,7 +6,8 @@
 For each sampler in --samplers and each count in --steps, builds `sampler_lib.make_sample_fn(...)`
 (the library's compiled, batch-sharded sampler; parameters are a fresh random init, which costs
 the same as trained ones), measures the first call (compilation + one run) separately from the
-timed calls, and prints one JSON line. Any sampler of `solvers.SAMPLERS` can be named; for
+timed calls, and prints one JSON line. Any sampler of the config's objective can be named
+(`objectives.get(config.diffusion.objective).SAMPLERS`; for ddpm `solvers.SAMPLERS`); for
 `ddpm`, steps 0 means all `diffusion.ddpm.num_timesteps` steps (slow on a CPU for full-size models).
 
 With diffusers + torch installed (`--compare_diffusers`, default auto), ddim and ddpm lines also
@@ -33,12 +34,12 @@ import train_throughput as tt  # pylint: disable=g-import-not-at-top  (also puts
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from diffusion_jax.processes import discrete  # pylint: disable=g-import-not-at-top
+from diffusion_jax import objectives  # pylint: disable=g-import-not-at-top
 from diffusion_jax.nn import backbones
-from diffusion_jax.sampling import solvers
-from diffusion_jax.pipelines import sampler as sampler_lib
 from diffusion_jax.parallel import sharding
-from diffusion_jax.training import train_state
+from diffusion_jax.pipelines import sampler as sampler_lib
+from diffusion_jax.processes import discrete
+from diffusion_jax.sampling import solvers
 
 
 class DiffusersSampler:
@@ -49,13 +50,16 @@ class DiffusersSampler:
     from diffusers import DDIMScheduler, DDPMScheduler  # pylint: disable=g-import-not-at-top
     self.torch = torch
     self.unet = unet.eval()
-    dcfg, scfg = config.diffusion, config.sample
+    dcfg, scfg = config.diffusion.ddpm, config.sample
     spacing = str(scfg.spacing)
     thresholding = scfg.thresholding
     if thresholding == 'auto':
       thresholding = solvers.default_thresholding(sampler)
     if not scfg.clip_denoised:
       thresholding = 'none'
+    if config.diffusion.objective != 'ddpm':
+      raise NotImplementedError('the diffusers loop covers diffusion.objective=ddpm only, not '
+                                f'{config.diffusion.objective!r}.')
     if sampler not in ('ddim', 'ddpm'):
       raise NotImplementedError(f'no like-for-like diffusers loop for sampler {sampler!r}.')
     if dcfg.prediction_type != 'epsilon' or config.model.learn_sigma:
@@ -65,7 +69,7 @@ class DiffusersSampler:
     if thresholding not in ('static', 'none') or float(scfg.guidance_scale) != 1.0:
       raise NotImplementedError('the diffusers loop covers static clipping without guidance.')
     betas = discrete.beta_schedule(dcfg.beta_schedule, dcfg.num_timesteps, dcfg.beta_start,
-                                    dcfg.beta_end).astype(np.float32)
+                                   dcfg.beta_end).astype(np.float32)
     common = dict(num_train_timesteps=dcfg.num_timesteps, trained_betas=betas,
                   clip_sample=thresholding == 'static', prediction_type='epsilon',
                   timestep_spacing=spacing, steps_offset=0)
@@ -114,9 +118,11 @@ def main(argv):
   compare = tt.resolve_compare(f.compare_diffusers)
 
   runs = [(sampler, max(int(s), 0)) for sampler in f.samplers for s in f.steps]
+  known = objectives.get(config.diffusion.objective).SAMPLERS
   for sampler, steps in runs:
-    if sampler not in solvers.SAMPLERS:
-      raise SystemExit(f'--samplers: {sampler!r} is unknown; use some of {sorted(solvers.SAMPLERS)}.')
+    if sampler not in known:
+      raise SystemExit(f'--samplers: {sampler!r} is unknown for diffusion.objective='
+                       f'{config.diffusion.objective}; use some of {sorted(known)}.')
     if steps == 0 and sampler != 'ddpm':
       raise SystemExit(f'--steps must be > 0 for {sampler} (0 = all T is for ddpm only).')
 
@@ -126,8 +132,7 @@ def main(argv):
                      f'{mesh.devices.size} devices of the mesh.')
   res, ch = config.data.resolution, config.data.channels
   model = backbones.create_model(config.model, ch)
-  schedule = discrete.make_schedule(config.diffusion.ddpm)
-  params = jax.jit(lambda k: train_state.init_params(model, k, (res, res, ch)),
+  params = jax.jit(lambda k: backbones.init_params(model, k, (res, res, ch)),
                    out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
   n_params = tt.count_params(params)
   labels = np.zeros((batch_size,), np.int32)
@@ -155,9 +160,9 @@ def main(argv):
   for sampler, steps in runs:
     config.sample.sampler = sampler
     config.sample.steps = steps
-    # Network evaluations per sample: heun makes 2 per step but the last; ddpm 0 = all T.
-    evals = (2 * steps - 1 if sampler == 'heun' else
-             steps or config.diffusion.ddpm.num_timesteps)
+    # Network evaluations per sample, the objective's count: heun makes 2 per step but the
+    # last, flow matching's midpoint 2 per step; ddpm 0 = all T.
+    evals = objectives.get(config.diffusion.objective).network_evaluations(config)
     theirs = None
     skipped = unet_error
     if compare:
@@ -226,7 +231,8 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app, flags as absl_flags  # pylint: disable=g-import-not-at-top
   tt.define_flags(train=False)
-  absl_flags.DEFINE_list('samplers', ['ddim'], 'Samplers to time (names of solvers.SAMPLERS).')
+  absl_flags.DEFINE_list('samplers', ['ddim'], 'Samplers to time (sample.sampler names of the '
+                         "config's objective).")
   absl_flags.DEFINE_list('steps', ['10'], 'Step counts to time, one JSON line per sampler and '
                          'count (ddpm: 0 = all diffusion.ddpm.num_timesteps).')
   absl_flags.DEFINE_integer('repeats', 2, 'Timed sampling calls per side and line.')

@@ -4,7 +4,7 @@
   python benchmarks/train_loop_throughput.py --config=configs/cifar10_ddpm.py --batch_size=16 \\
       --steps=20 --fake_data
 
-Runs `loop.train_and_evaluate` (input pipeline, host-to-device transfer, metric logging,
+Runs `modes.train.train_and_evaluate` (input pipeline, host-to-device transfer, metric logging,
 progress report, the final checkpoint and grid) for 2 x --steps steps in a temporary workdir and
 reads the loop's steps/s over the second half (`train/steps_per_sec_window` of the last
 train_metrics.jsonl row: compilation and the first steps are excluded, the grid and the checkpoint
@@ -37,7 +37,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 from diffusion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-from diffusion_jax.training import loop
+from diffusion_jax.modes import train as train_mode
+from diffusion_jax.training import run_log
 
 
 def fake_step_indexed_dataset(data_config, global_batch_size: int, *, seed: int, rows,
@@ -99,9 +100,9 @@ def main(argv):
   bare = time_bare_step(config, f.batch_size, f.steps) if k == 1 else []
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
-    loop.train_and_evaluate(config, workdir)
+    train_mode.train_and_evaluate(config, workdir)
     loop_wall_s = time.perf_counter() - t0
-    rows = loop.read_train_metrics(workdir)
+    rows = run_log.read_train_metrics(workdir)
   loop_steps_per_s = float(rows['train/steps_per_sec_window'][-1])
   if k == 1:
     bare += time_bare_step(config, f.batch_size, f.steps)

@@ -15,7 +15,8 @@ are timed in alternating rounds, so that load from other processes on a shared m
 about equally and `ratio_ours_over_diffusers` (images/s ours / images/s theirs; > 1 = we are
 faster) stays meaningful even when absolute numbers move.
 
-Any config field can be overridden: `--config.model.unet.dropout=0.0`, `--config.model.dtype=bfloat16`.
+Any config field can be overridden: `--config.model.unet.dropout=0.0`,
+`--config.model.dtype=bfloat16`.
 """
 
 from __future__ import annotations
@@ -164,24 +165,28 @@ def diffusers_unet_kwargs(config) -> Dict[str, Any]:
   stride-2 downsampling (downsample_padding=0) is the same network (as in google/ddpm-cifar10-32).
   Raises NotImplementedError for what UNet2DModel cannot express.
   """
-  m, res = config.model, config.data.resolution
-  if m.resblock_updown:
-    raise NotImplementedError('model.unet.resblock_updown=True has no exact UNet2DModel equivalent.')
-  block_out = tuple(int(m.ch * mult) for mult in m.ch_mult)
-  level_res = [res // 2**i for i in range(len(m.ch_mult))]
-  attn = [r in tuple(m.attn_resolutions) for r in level_res]
+  m, u, res = config.model, config.model.unet, config.data.resolution
+  if m.arch != 'unet':
+    raise NotImplementedError(f'model.arch={m.arch!r} has no UNet2DModel equivalent (unet only).')
+  if u.resblock_updown:
+    raise NotImplementedError('model.unet.resblock_updown=True has no exact UNet2DModel '
+                              'equivalent.')
+  block_out = tuple(int(u.ch * mult) for mult in u.ch_mult)
+  level_res = [res // 2**i for i in range(len(u.ch_mult))]
+  attn = [r in tuple(u.attn_resolutions) for r in level_res]
   down_types = tuple('AttnDownBlock2D' if a else 'DownBlock2D' for a in attn)
   up_types = tuple('AttnUpBlock2D' if a else 'UpBlock2D' for a in reversed(attn))
   # Attention head size: UNet2DModel takes one head size for every attention layer.
   attn_channels = [c for c, a in zip(block_out, attn) if a] + [block_out[-1]]  # + middle block
-  if m.num_head_channels > 0:
-    head_dim = int(m.num_head_channels)
-  elif m.num_heads == 1:
+  if u.num_head_channels > 0:
+    head_dim = int(u.num_head_channels)
+  elif u.num_heads == 1:
     head_dim = None  # One head of all the channels, at every level.
   else:
-    dims = {c // m.num_heads for c in attn_channels}
+    dims = {c // u.num_heads for c in attn_channels}
     if len(dims) != 1:
-      raise NotImplementedError(f'model.unet.num_heads={m.num_heads} gives head sizes {sorted(dims)}; '
+      raise NotImplementedError(f'model.unet.num_heads={u.num_heads} gives head sizes '
+                                f'{sorted(dims)}; '
                                 'UNet2DModel has a single attention_head_dim.')
     head_dim = dims.pop()
   channels = config.data.channels
@@ -190,10 +195,10 @@ def diffusers_unet_kwargs(config) -> Dict[str, Any]:
       out_channels=channels * (2 if m.learn_sigma else 1),
       time_embedding_type='positional', flip_sin_to_cos=False, freq_shift=1,
       down_block_types=down_types, up_block_types=up_types, block_out_channels=block_out,
-      layers_per_block=int(m.num_res_blocks), mid_block_scale_factor=1, downsample_padding=0,
-      dropout=float(m.dropout), act_fn='silu', attention_head_dim=head_dim,
-      norm_num_groups=int(m.num_groups), norm_eps=1e-6,
-      resnet_time_scale_shift='scale_shift' if m.use_scale_shift_norm else 'default',
+      layers_per_block=int(u.num_res_blocks), mid_block_scale_factor=1, downsample_padding=0,
+      dropout=float(u.dropout), act_fn='silu', attention_head_dim=head_dim,
+      norm_num_groups=int(u.num_groups), norm_eps=1e-6,
+      resnet_time_scale_shift='scale_shift' if u.use_scale_shift_norm else 'default',
       add_attention=True)
   if m.num_classes > 0:  # Ours has one extra (null) class for classifier-free guidance.
     kwargs['num_class_embeds'] = int(m.num_classes) + 1
@@ -236,11 +241,8 @@ def build_ours(config, batch_size: int):
     raise SystemExit(f'--batch_size={batch_size} must be divisible by the {n} devices of the mesh.')
   channels, res = config.data.channels, config.data.resolution
   model = backbones.create_model(config.model, channels)
-  schedule = discrete.make_schedule(config.diffusion.ddpm)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
-                                         (res, res, channels), mesh,
-                                         sharding.fsdp_min_size(config.mesh))
+  state = train_state.create_train_state(config, mesh)
   # One optimizer step per call (training.steps_per_call > 1 would scan k steps over [k, B] data).
   train_step = train_state.make_train_step(model, tx, config, mesh, steps_per_call=1)
   images = np.random.default_rng(config.seed).uniform(
@@ -307,9 +309,12 @@ class TorchTrainStep:
     import torch  # pylint: disable=g-import-not-at-top
     self.torch = torch
     self.unet = unet.train()
-    ocfg, dcfg = config.optim, config.diffusion
+    if config.diffusion.objective != 'ddpm':
+      raise NotImplementedError(f'the diffusers train step implements diffusion.objective=ddpm '
+                                f'only, not {config.diffusion.objective!r}.')
+    ocfg, dcfg = config.optim, config.diffusion.ddpm
     betas = discrete.beta_schedule(dcfg.beta_schedule, dcfg.num_timesteps, dcfg.beta_start,
-                                    dcfg.beta_end)
+                                   dcfg.beta_end)
     abar = np.cumprod(1.0 - betas)
     self.sqrt_abar = torch.tensor(np.sqrt(abar), dtype=torch.float32)
     self.sqrt_1m_abar = torch.tensor(np.sqrt(1.0 - abar), dtype=torch.float32)

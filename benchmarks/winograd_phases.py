@@ -1,4 +1,5 @@
-"""The phases of one Winograd convolution in csrc/onednn_conv.cc, against the direct one.
+"""The phases of one Winograd convolution in contrib/onednn/csrc/onednn_conv.cc, against the
+direct one.
 
   python benchmarks/winograd_phases.py                          # the digits and cifar shapes
   python benchmarks/winograd_phases.py --shapes=32x8x32x32 --threads=1
@@ -35,7 +36,8 @@ _THREADS = flags.DEFINE_integer('threads', 1, 'OpenMP threads per call (a device
 _REPEATS = flags.DEFINE_integer('repeats', 100, 'Timed calls per phase.')
 _SOURCE = flags.DEFINE_string(
     'source', None, 'Kernel source to time instead of the package\'s, e.g. an older revision: '
-    '`git show REV:diffusion_jax/csrc/onednn_conv.cc > old.cc`.')
+    '`git show REV:diffusion_jax/contrib/onednn/csrc/onednn_conv.cc > old.cc` (before the '
+    'package layout: diffusion_jax/csrc/onednn_conv.cc).')
 
 # Times each phase of WinogradConvolution / WinogradKernelGradient (one pass of all tiles) and
 # each direction of Run with the Winograd algorithm forced on or off.

@@ -16,7 +16,6 @@ from sklearn import datasets
 from sklearn.linear_model import LogisticRegression
 
 from configs import digits_cond
-from diffusion_jax.processes import discrete
 from diffusion_jax.nn import backbones
 from diffusion_jax.pipelines import sampler
 from diffusion_jax.parallel import sharding
@@ -60,9 +59,8 @@ def test_samples_obey_their_class_labels():
   x, y = _real_digits()
   mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
   model = backbones.create_model(config.model, 1)
-  schedule = discrete.make_schedule(config.diffusion.ddpm)
   tx = train_state.create_optimizer(config.optim, TRAIN_STEPS)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1), mesh)
+  state = train_state.create_train_state(config, mesh, jax.random.PRNGKey(0))
   train_step = train_state.make_train_step(model, tx, config, mesh)
   rng = np.random.default_rng(0)
   for _ in range(TRAIN_STEPS):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from diffusion_jax.objectives import ddpm
 from diffusion_jax.processes import discrete
 
 T = 1000
@@ -283,7 +284,7 @@ def test_output_conversion_recovers_truth(prediction_type):
   target = {'epsilon': eps, 'x0': x0, 'v': a * eps - sig * x0}[prediction_type]
   f32 = lambda z: jnp.asarray(z, jnp.float32)
   np.testing.assert_allclose(
-      _np(discrete.training_target(s, f32(x0), f32(eps), jnp.asarray(t), prediction_type)),
+      _np(ddpm.training_target(s, f32(x0), f32(eps), jnp.asarray(t), prediction_type)),
       target, atol=1e-5)
   x0_hat, eps_hat = discrete.x0_eps_from_output(s, f32(target), f32(xt), jnp.asarray(t),
                                                  prediction_type)
@@ -315,16 +316,16 @@ def test_simple_loss_is_mse(prediction_type):
   target = {'epsilon': eps, 'x0': x0, 'v': a * eps - sig * x0}[prediction_type]
   expected = np.mean((out - target)**2, axis=(1, 2, 3))
   f32 = lambda z: jnp.asarray(z, jnp.float32)
-  loss = discrete.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
+  loss = ddpm.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
                                   prediction_type)
   assert loss.shape == (5,) and loss.dtype == jnp.float32
   np.testing.assert_allclose(_np(loss), expected, rtol=1e-5)
   # The default weighting is 'simple'.
   np.testing.assert_array_equal(
-      _np(loss), _np(discrete.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
+      _np(loss), _np(ddpm.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
                                               prediction_type, weighting='simple')))
   # A bf16 output is upcast before the loss.
-  loss_bf16 = discrete.diffusion_loss(s, f32(out).astype(jnp.bfloat16), f32(x0), f32(eps),
+  loss_bf16 = ddpm.diffusion_loss(s, f32(out).astype(jnp.bfloat16), f32(x0), f32(eps),
                                        jnp.asarray(t), prediction_type)
   assert loss_bf16.dtype == jnp.float32
   np.testing.assert_allclose(_np(loss_bf16), expected, rtol=2e-2)
@@ -356,16 +357,16 @@ def test_min_snr_loss_is_weighted_x0_error(prediction_type, gamma):
     x0_hat = a * xt - sig * out
   expected = np.minimum(snr, gamma) * np.mean((x0 - x0_hat)**2, axis=(1, 2, 3))
   f32 = lambda z: jnp.asarray(z, jnp.float32)
-  loss = discrete.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
+  loss = ddpm.diffusion_loss(s, f32(out), f32(x0), f32(eps), jnp.asarray(t),
                                   prediction_type, weighting='min_snr', min_snr_gamma=gamma)
   # snr() divides by 1 - abar formed in float32, ~2e-4 relative error at t = 0 (see q_sample test).
   np.testing.assert_allclose(_np(loss), expected, rtol=5e-4)
   np.testing.assert_allclose(_np(loss)[1:], expected[1:], rtol=1e-4)
-  w = discrete.loss_weight(s, jnp.asarray(t), 'min_snr', prediction_type, gamma)
+  w = ddpm.loss_weight(s, jnp.asarray(t), 'min_snr', prediction_type, gamma)
   assert w.shape == (len(t),)
   np.testing.assert_allclose(_np(discrete.snr(s, jnp.asarray(t))), snr, rtol=5e-4)
   np.testing.assert_array_equal(
-      _np(discrete.loss_weight(s, jnp.asarray(t), 'simple', prediction_type)), np.ones(len(t)))
+      _np(ddpm.loss_weight(s, jnp.asarray(t), 'simple', prediction_type)), np.ones(len(t)))
 
 
 def test_loss_is_differentiable_and_jittable():
@@ -374,7 +375,7 @@ def test_loss_is_differentiable_and_jittable():
   eps = jnp.cos(jnp.arange(16.0)).reshape(2, 2, 2, 2)
   t = jnp.array([10, 700])
   out = jnp.zeros_like(x0)
-  f = jax.jit(lambda o: discrete.diffusion_loss(s, o, x0, eps, t, 'epsilon').sum())
+  f = jax.jit(lambda o: ddpm.diffusion_loss(s, o, x0, eps, t, 'epsilon').sum())
   g = jax.grad(f)(out)
   # d/do sum_b mean((o - eps)^2) = 2 (o - eps) / (H W C).
   np.testing.assert_allclose(_np(g), 2 * (0 - _np(eps)) / 8, rtol=1e-6)
@@ -387,27 +388,27 @@ def test_unknown_names_raise_naming_the_config_field():
   s = _schedule(n=10)
   x = jnp.zeros((2, 2, 2, 1))
   t = jnp.array([1, 2])
-  with pytest.raises(ValueError, match=r'diffusion\.beta_schedule'):
+  with pytest.raises(ValueError, match=r'diffusion\.ddpm\.beta_schedule'):
     discrete.beta_schedule('quadratic', 10)
   config = ml_collections.ConfigDict(dict(beta_schedule='exp', num_timesteps=10,
                                           beta_start=B0, beta_end=B1))
-  with pytest.raises(ValueError, match=r'diffusion\.beta_schedule'):
+  with pytest.raises(ValueError, match=r'diffusion\.ddpm\.beta_schedule'):
     discrete.make_schedule(config)
-  with pytest.raises(ValueError, match=r'diffusion\.prediction_type'):
+  with pytest.raises(ValueError, match=r'diffusion\.ddpm\.prediction_type'):
     discrete.x0_eps_from_output(s, x, x, t, 'score')
-  with pytest.raises(ValueError, match=r'diffusion\.prediction_type'):
-    discrete.training_target(s, x, x, t, 'score')
-  with pytest.raises(ValueError, match=r'diffusion\.prediction_type'):
-    discrete.loss_weight(s, t, 'min_snr', 'score')
-  with pytest.raises(ValueError, match=r'diffusion\.prediction_type'):
-    discrete.diffusion_loss(s, x, x, x, t, 'score')
-  with pytest.raises(ValueError, match=r'diffusion\.loss_weighting'):
-    discrete.loss_weight(s, t, 'p2', 'epsilon')
-  with pytest.raises(ValueError, match=r'diffusion\.loss_weighting'):
-    discrete.diffusion_loss(s, x, x, x, t, 'epsilon', weighting='p2')
+  with pytest.raises(ValueError, match=r'diffusion\.ddpm\.prediction_type'):
+    ddpm.training_target(s, x, x, t, 'score')
+  with pytest.raises(ValueError, match=r'diffusion\.ddpm\.prediction_type'):
+    ddpm.loss_weight(s, t, 'min_snr', 'score')
+  with pytest.raises(ValueError, match=r'diffusion\.ddpm\.prediction_type'):
+    ddpm.diffusion_loss(s, x, x, x, t, 'score')
+  with pytest.raises(ValueError, match=r'diffusion\.ddpm\.loss_weighting'):
+    ddpm.loss_weight(s, t, 'p2', 'epsilon')
+  with pytest.raises(ValueError, match=r'diffusion\.ddpm\.loss_weighting'):
+    ddpm.diffusion_loss(s, x, x, x, t, 'epsilon', weighting='p2')
   # The names the config documents are all accepted.
   for name in ('linear', 'cosine', 'scaled_linear', 'sigmoid'):
     assert discrete.beta_schedule(name, 10).shape == (10,)
   for pred in ('epsilon', 'x0', 'v'):
     for weighting in ('simple', 'min_snr'):
-      assert discrete.diffusion_loss(s, x, x, x, t, pred, weighting).shape == (2,)
+      assert ddpm.diffusion_loss(s, x, x, x, t, pred, weighting).shape == (2,)

@@ -30,12 +30,15 @@ from test_distributed import assert_trees_close, build, host_batches, small_conf
 
 
 def tiny_dit_config(**model):
-  """configs/tiny.py (digits 8x8x1, T = 100) with a 2-block DiT of width 32 (16 tokens)."""
+  """configs/tiny.py (digits 8x8x1, T = 100) with a 2-block DiT of width 32 (16 tokens);
+  `model` fields named dit_<name> go to model.dit.<name>, the others to model."""
   config = small_config()
   config.model.arch = 'dit'
-  config.model.update(dit_hidden_size=32, dit_depth=2, dit_num_heads=2, dit_patch_size=2,
-                      dit_mlp_ratio=4.0, dit_pos_embed='sincos', num_classes=10)
-  config.model.update(model)
+  config.model.num_classes = 10
+  config.model.dit.update(hidden_size=32, depth=2, num_heads=2, patch_size=2, mlp_ratio=4.0,
+                          pos_embed='sincos')
+  config.model.dit.update({k[len('dit_'):]: v for k, v in model.items() if k.startswith('dit_')})
+  config.model.update({k: v for k, v in model.items() if not k.startswith('dit_')})
   return config
 
 

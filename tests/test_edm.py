@@ -22,7 +22,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default, digits_edm, tiny  # pylint: disable=g-import-not-at-top
-from diffusion_jax.processes import discrete
 from diffusion_jax.objectives import edm
 from diffusion_jax.data import pipeline
 from diffusion_jax.nn import backbones
@@ -38,19 +37,21 @@ N = 4096
 
 
 def _dcfg(**overrides):
-  d = default.get_config().diffusion
-  d.objective = 'edm'
+  """The default config with objective 'edm'; edm_<name>=v sets diffusion.edm.<name>."""
+  config = default.get_config()
+  config.diffusion.objective = 'edm'
   for k, v in overrides.items():
-    d[k] = v
-  return d
+    config.diffusion.edm[k[len('edm_'):]] = v
+  return config
 
 
 def _sample_cfg(sampler='heun', steps=18, **overrides):
-  s = default.get_config().sample
-  s.sampler, s.steps = sampler, steps
+  """_dcfg() with sample.sampler, sample.steps and the sample.* `overrides`."""
+  config = _dcfg()
+  config.sample.sampler, config.sample.steps = sampler, steps
   for k, v in overrides.items():
-    s[k] = v
-  return s
+    config.sample[k] = v
+  return config
 
 
 def ideal_denoiser(x, sigma, mu=MU, s=S):
@@ -209,10 +210,9 @@ def run_sampler(sampler, steps=18, seed=0, **opts):
   dcfg = _dcfg()
   scfg = _sample_cfg(sampler, steps, **opts)
   noise = jax.random.normal(jax.random.PRNGKey(seed), (N,) + MU.shape)
-  fn = jax.jit(lambda n, k: edm.sample_from_config(network_of(ideal_denoiser, 0.5), dcfg, n, k,
-                                                   scfg))
+  fn = jax.jit(lambda n, k: edm.sample(network_of(ideal_denoiser, 0.5), scfg, n, k))
   out = np.asarray(fn(noise, jax.random.PRNGKey(seed + 1)), np.float64)
-  return out, np.asarray(noise, np.float64), edm.sampling_sigmas(dcfg, steps, scfg.rho)
+  return out, np.asarray(noise, np.float64), edm.sampling_sigmas(dcfg, steps, scfg.sample.rho)
 
 
 CHURN = dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)  # The paper's (appendix E).
@@ -271,9 +271,9 @@ def test_churn_makes_the_sampler_stochastic():
   b, _, _ = run_sampler('heun', 18, seed=0, s_churn=40.0, s_tmin=0.05, s_tmax=50.0,
                         s_noise=1.003, rho=7.0)
   np.testing.assert_array_equal(a, b)  # Same rng: same draws.
-  dcfg, scfg = _dcfg(), _sample_cfg('heun', 18, **CHURN)
-  fn = lambda k: edm.sample_from_config(network_of(ideal_denoiser, 0.5), dcfg,
-                                        jnp.zeros((8,) + MU.shape), k, scfg)
+  scfg = _sample_cfg('heun', 18, **CHURN)
+  fn = lambda k: edm.sample(network_of(ideal_denoiser, 0.5), scfg, jnp.zeros((8,) + MU.shape),
+                            k)
   assert np.abs(np.asarray(fn(jax.random.PRNGKey(1)) - fn(jax.random.PRNGKey(2)))).max() > 1e-3
 
 
@@ -289,26 +289,25 @@ def test_one_euler_step_is_the_guided_denoiser_and_trajectories_end_at_the_outpu
 
   noise = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 1))
   scale = 2.5
-  out = edm.sample_from_config(apply_fn, dcfg, noise, jax.random.PRNGKey(1),
-                               _sample_cfg('euler', 1, guidance_scale=scale), labels=labels,
-                               null_label=null)
-  x = noise * dcfg.edm_sigma_max
-  d_c = edm.denoise(apply_fn, x, dcfg.edm_sigma_max, labels, dcfg)
-  d_u = edm.denoise(apply_fn, x, dcfg.edm_sigma_max, jnp.full_like(labels, null), dcfg)
+  out = edm.sample(apply_fn, _sample_cfg('euler', 1, guidance_scale=scale), noise,
+                   jax.random.PRNGKey(1), labels=labels, null_label=null)
+  sigma_max = dcfg.diffusion.edm.sigma_max
+  x = noise * sigma_max
+  d_c = edm.denoise(apply_fn, x, sigma_max, labels, dcfg)
+  d_u = edm.denoise(apply_fn, x, sigma_max, jnp.full_like(labels, null), dcfg)
   np.testing.assert_allclose(out, d_u + scale * (d_c - d_u), rtol=1e-4, atol=1e-4)
   assert np.abs(np.asarray(d_c - d_u)).max() > 1e-2
 
-  x0, traj = edm.sample_from_config(apply_fn, dcfg, noise, jax.random.PRNGKey(1),
-                                    _sample_cfg('heun', 5), labels=labels, null_label=null,
-                                    trajectory_every=2, trajectory_images=3)
+  x0, traj = edm.sample(apply_fn, _sample_cfg('heun', 5), noise, jax.random.PRNGKey(1),
+                        labels=labels, null_label=null, trajectory_every=2, trajectory_images=3)
   assert traj.x_t.shape == (3, 3, 2, 2, 1) and traj.x0.shape == (3, 3, 2, 2, 1)
   np.testing.assert_array_equal(traj.x_t[-1], x0[:3])
 
 
 def test_sampler_rejects_a_ddpm_sampler_name():
   with pytest.raises(ValueError, match=r"sample.sampler='ddim'.*\('heun', 'euler'\)"):
-    edm.sample_from_config(network_of(ideal_denoiser, 0.5), _dcfg(), jnp.zeros((2, 2, 2, 1)),
-                           jax.random.PRNGKey(0), _sample_cfg('ddim', 10))
+    edm.sample(network_of(ideal_denoiser, 0.5), _sample_cfg('ddim', 10), jnp.zeros((2, 2, 2, 1)),
+               jax.random.PRNGKey(0))
 
 
 # ------------------------------------------------------------------ config
@@ -320,13 +319,12 @@ BAD = {
     'learn_sigma': ({'model.learn_sigma': True}, ['model.learn_sigma']),
     'sigma_data': ({'diffusion.edm.sigma_data': 0.0}, ['diffusion.edm.sigma_data']),
     'sigma_range': ({'diffusion.edm.sigma_min': 80.0, 'diffusion.edm.sigma_max': 1.0},
-                    ['diffusion.edm.sigma_min', 'edm_sigma_max']),
+                    ['diffusion.edm.sigma_min', 'sigma_max']),
     'p_std': ({'diffusion.edm.p_std': 0.0}, ['diffusion.edm.p_std']),
     'steps': ({'sample.steps': 0}, ['sample.steps']),
     'churn': ({'sample.s_churn': -1.0}, ['sample.s_churn']),
     'guidance_unconditional': ({'sample.guidance_scale': 2.0}, ['sample.guidance_scale']),
     'thresholding': ({'sample.thresholding': 'static'}, ['sample.thresholding']),
-    'prediction_type': ({'diffusion.ddpm.prediction_type': 'v'}, ['diffusion.ddpm.prediction_type']),
 }
 
 
@@ -336,8 +334,11 @@ def test_bad_edm_config_raises_naming_the_field(name):
   config = digits_edm.get_config()
   validate_config(config, 'sample')  # The base is fine.
   for dotted, value in overrides.items():
-    section, leaf = dotted.split('.')
-    config[section][leaf] = value
+    *parents, leaf = dotted.split('.')
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
   with pytest.raises(ConfigError) as e:
     validate_config(config, 'sample')
   for field in fields:
@@ -389,21 +390,20 @@ def test_tiny_edm_train_step_loss_falls():
   model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
-  shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), shape, mesh)
+  state = train_state.create_train_state(config, mesh, jax.random.PRNGKey(0))
   step = train_state.make_train_step(model, tx, config, mesh)
   images, _ = pipeline.load_digits()
   x0 = images[:16].astype(np.float32) / 127.5 - 1.0
   batch = jax.device_put({'image': x0}, sharding.batch_sharding(mesh))
   fixed = jnp.tile(jnp.asarray(x0), (16, 1, 1, 1))
-  ex = edm.training_example(config.diffusion, fixed,
+  ex = edm.training_example(config, fixed,
                             jax.random.normal(jax.random.PRNGKey(5), fixed.shape),
                             jax.random.PRNGKey(6))
 
   @jax.jit
   def eval_loss(params):
     out = model.apply({'params': params}, ex['x_t'], ex['t'], None, train=False)
-    return jnp.mean(edm.per_example_loss(config.diffusion, out, ex))
+    return jnp.mean(edm.per_example_loss(config, out, ex))
 
   before = float(eval_loss(jax.device_get(state.params)))
   np.testing.assert_allclose(before, float(jnp.mean(ex['weight'] * jnp.mean(

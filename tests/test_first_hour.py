@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import test_checkpoints as tc  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from diffusion_jax import images  # pylint: disable=g-import-not-at-top
-from diffusion_jax.training import loop
+from diffusion_jax.modes import train as train_mode
+from diffusion_jax.training import run_log
 
 
 def _tensorboard_scalars(workdir, tag):
@@ -32,22 +33,22 @@ def _tensorboard_scalars(workdir, tag):
 
 
 def _rows(workdir):
-  with open(os.path.join(workdir, loop.METRICS_FILE), encoding='utf-8') as f:
+  with open(os.path.join(workdir, run_log.METRICS_FILE), encoding='utf-8') as f:
     return [json.loads(line) for line in f]
 
 
 def test_metrics_jsonl_and_loss_curve_follow_a_resumed_run(tmp_path, capfd):
   workdir = str(tmp_path / 'run')
-  loop.train_and_evaluate(tc.loop_config(4), workdir)  # Logs (and checkpoints) steps 2 and 4.
+  train_mode.train_and_evaluate(tc.loop_config(4), workdir)  # Logs (and checkpoints) steps 2 and 4.
   first = _rows(workdir)
   assert [row['step'] for row in first] == [2, 4]
   tb_loss = _tensorboard_scalars(workdir, 'loss')
   np.testing.assert_allclose([row['loss'] for row in first], [tb_loss[2], tb_loss[4]], rtol=1e-6)
   # A run killed after logging a step its checkpoint does not hold: a row for step 6 and half
   # a line. The resume from checkpoint 4 drops both before logging 6 itself.
-  with open(os.path.join(workdir, loop.METRICS_FILE), 'a', encoding='utf-8') as f:
+  with open(os.path.join(workdir, run_log.METRICS_FILE), 'a', encoding='utf-8') as f:
     f.write(json.dumps({'step': 6, 'loss': 123.0}) + '\n{"step": 8, "lo')
-  loop.train_and_evaluate(tc.loop_config(6), workdir)
+  train_mode.train_and_evaluate(tc.loop_config(6), workdir)
   rows = _rows(workdir)
   assert [row['step'] for row in rows] == [2, 4, 6]  # No duplicate, no jump back.
   assert rows[:2] == first
@@ -55,7 +56,7 @@ def test_metrics_jsonl_and_loss_curve_follow_a_resumed_run(tmp_path, capfd):
   assert rows[2]['loss'] != 123.0
   np.testing.assert_allclose(rows[2]['loss'], tb_loss[6], rtol=1e-6)
 
-  metrics = loop.read_train_metrics(workdir)
+  metrics = run_log.read_train_metrics(workdir)
   assert {'step', 'loss', 'grad_norm', 'learning_rate',
           'train/steps_per_sec_window'} <= set(metrics)
   assert metrics['step'].dtype == np.int64 and list(metrics['step']) == [2, 4, 6]
@@ -63,7 +64,7 @@ def test_metrics_jsonl_and_loss_curve_follow_a_resumed_run(tmp_path, capfd):
   np.testing.assert_allclose(metrics['learning_rate'], 2e-3, rtol=1e-6)  # Constant schedule.
   assert np.all(metrics['train/steps_per_sec_window'] > 0)
 
-  with Image.open(os.path.join(workdir, loop.LOSS_CURVE_FILE)) as png:
+  with Image.open(os.path.join(workdir, run_log.LOSS_CURVE_FILE)) as png:
     png.load()
     assert png.format == 'PNG' and png.size == images.CURVE_SIZE and png.mode == 'RGB'
     drawn = np.all(np.asarray(png) == images.CURVE_COLOR, axis=-1)
@@ -74,14 +75,14 @@ def test_metrics_jsonl_and_loss_curve_follow_a_resumed_run(tmp_path, capfd):
 
 
 def test_read_train_metrics_fills_missing_and_nonfinite_with_nan(tmp_path):
-  (tmp_path / loop.METRICS_FILE).write_text(
+  (tmp_path / run_log.METRICS_FILE).write_text(
       '{"step": 10, "loss": 0.5}\n{"step": 20, "loss": null, "skipped_steps": 3}\n')
-  metrics = loop.read_train_metrics(str(tmp_path))
+  metrics = run_log.read_train_metrics(str(tmp_path))
   assert list(metrics['step']) == [10, 20]
   np.testing.assert_array_equal(metrics['loss'], [0.5, np.nan])
   np.testing.assert_array_equal(metrics['skipped_steps'], [np.nan, 3.0])
   with pytest.raises(FileNotFoundError, match='log_every_steps'):
-    loop.read_train_metrics(str(tmp_path / 'none'))
+    run_log.read_train_metrics(str(tmp_path / 'none'))
 
 
 class _Stream(io.StringIO):
@@ -95,24 +96,24 @@ class _Stream(io.StringIO):
 
 
 def test_progress_bar_only_on_a_terminal_of_process_0():
-  assert loop.show_progress_bar(_Stream(True), process_index=0)
-  assert not loop.show_progress_bar(_Stream(False), process_index=0)  # Logs, pipes, CI.
-  assert not loop.show_progress_bar(_Stream(True), process_index=1)
-  assert not loop.show_progress_bar(object(), process_index=0)  # No isatty at all.
+  assert run_log.show_progress_bar(_Stream(True), process_index=0)
+  assert not run_log.show_progress_bar(_Stream(False), process_index=0)  # Logs, pipes, CI.
+  assert not run_log.show_progress_bar(_Stream(True), process_index=1)
+  assert not run_log.show_progress_bar(object(), process_index=0)  # No isatty at all.
   closed = _Stream(True)
   closed.close()
   closed.isatty = io.StringIO().isatty  # A closed stream's isatty raises ValueError.
-  assert not loop.show_progress_bar(closed, process_index=0)
+  assert not run_log.show_progress_bar(closed, process_index=0)
 
 
 def test_progress_line_rate_eta_and_loss():
   # 500 of 3000 steps in 100 s: 5 steps/s, 2500 steps left = 500 s.
-  line = loop.progress_line(500, 3000, 100.0, loss=0.03125)
+  line = run_log.progress_line(500, 3000, 100.0, loss=0.03125)
   assert '500/3000 steps' in line and ' 17%' in line
   assert '01:40 elapsed' in line and 'ETA 08:20' in line and '5.00step/s' in line
   assert 'loss 0.03125' in line
   # Resumed at 2000: only this run's 500 steps count for the rate, so 100 s are left.
-  line = loop.progress_line(2500, 3000, 100.0, start_step=2000)
+  line = run_log.progress_line(2500, 3000, 100.0, start_step=2000)
   assert 'ETA 01:40' in line and '5.00step/s' in line and 'loss' not in line
 
 
@@ -123,7 +124,7 @@ def test_progress_bar_draws_on_stderr_and_clears_for_log_lines(monkeypatch):
   root = logging.getLogger()
   root.addHandler(handler)
   try:
-    bar = loop.TrainProgressBar(0, 100, enabled=True)
+    bar = run_log.TrainProgressBar(0, 100, enabled=True)
     bar.update(10, loss=0.5)
     assert len(handler.filters) == 1  # The bar's clearing filter.
     before = stream.getvalue()
@@ -137,7 +138,7 @@ def test_progress_bar_draws_on_stderr_and_clears_for_log_lines(monkeypatch):
     root.removeHandler(handler)
   quiet = _Stream(False)
   monkeypatch.setattr(sys, 'stderr', quiet)
-  bar = loop.TrainProgressBar(0, 100, enabled=False)
+  bar = run_log.TrainProgressBar(0, 100, enabled=False)
   bar.update(50, loss=0.5)
   bar.close()
   assert quiet.getvalue() == ''

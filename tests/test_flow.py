@@ -18,17 +18,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import default, tiny
-from diffusion_jax.processes import discrete
 from diffusion_jax.objectives import flow_matching
 from diffusion_jax.data import pipeline
 from diffusion_jax.evaluation import likelihood
 from diffusion_jax.nn import backbones
-from diffusion_jax import objectives
 from diffusion_jax.parallel import sharding
 from diffusion_jax.training import train_state
 from diffusion_jax.config.errors import ConfigError
@@ -40,10 +37,12 @@ SHAPE = (2, 2, 1)  # Images of D = 4 dimensions, dimension d = MU[d], S[d].
 LN2 = math.log(2.0)
 
 
-def _dcfg(**overrides):
-  cfg = ml_collections.ConfigDict(default.get_config().diffusion.to_dict())
-  cfg.objective = 'flow_matching'
-  cfg.update(overrides)
+def _dcfg(objective='flow_matching', **overrides):
+  """The default config with `objective`; flow_<name>=v sets diffusion.flow_matching.<name>."""
+  cfg = default.get_config()
+  cfg.diffusion.objective = objective
+  for k, v in overrides.items():
+    cfg.diffusion.flow_matching[k[len('flow_'):]] = v
   return cfg
 
 
@@ -93,11 +92,10 @@ ODE_CASES = [('euler', 1000, 2e-2), ('heun', 40, 5e-2), ('midpoint', 40, 2e-4)]
 def test_ode_samplers_transport_noise_to_the_gaussian(sampler, steps, tol, prediction):
   n = 4096
   noise = _noise(n)
-  dcfg = _dcfg(flow_prediction=prediction, flow_time_shift=3.0)
-  scfg = ml_collections.ConfigDict(default.get_config().sample.to_dict())
-  scfg.update(sampler=sampler, steps=steps)
-  out = jax.jit(lambda z, key: flow_matching.sample_from_config(_network(prediction), dcfg, z, key,
-                                                        scfg))(noise, jax.random.PRNGKey(1))
+  config = _dcfg(flow_prediction=prediction, flow_time_shift=3.0)
+  config.sample.update(sampler=sampler, steps=steps)
+  out = jax.jit(lambda z, key: flow_matching.sample(_network(prediction), config, z, key))(
+      noise, jax.random.PRNGKey(1))
   out = np.asarray(out, np.float64).reshape(n, 4)
   exact = MU + S * np.asarray(noise, np.float64).reshape(n, 4)  # The ODE's exact map.
   err = np.abs(out - exact).max()
@@ -177,7 +175,7 @@ def test_expected_loss_is_a_parabola_with_its_minimum_at_the_optimum(prediction,
   dcfg = _dcfg(flow_prediction=prediction, flow_time_dist=time_dist, flow_time_shift=2.0)
   k0, k1, k2 = jax.random.split(jax.random.PRNGKey(11), 3)
   x0 = _img(MU) + _img(S) * jax.random.normal(k0, (n,) + SHAPE)
-  ex = objectives.training_example(None, dcfg, x0, jax.random.normal(k1, x0.shape), k2)
+  ex = flow_matching.training_example(dcfg, x0, jax.random.normal(k1, x0.shape), k2)
   t = ex['time']
   np.testing.assert_allclose(np.asarray(ex['t']), np.asarray(t) * 1000.0, rtol=1e-6)
   optimal = (v_star if prediction == 'velocity' else x0_star)(ex['x_t'], t)
@@ -185,7 +183,7 @@ def test_expected_loss_is_a_parabola_with_its_minimum_at_the_optimum(prediction,
   deltas = np.array([-0.4, -0.2, 0.0, 0.2, 0.4])
 
   def per_example(out):
-    return np.asarray(objectives.per_example_loss(None, dcfg, out, ex, False), np.float64)
+    return np.asarray(flow_matching.per_example_loss(dcfg, out, ex), np.float64)
 
   for offset in (0.0, 0.15):
     losses = np.stack([per_example(optimal + (offset + d) * g) for d in deltas])  # [5, n]
@@ -204,7 +202,7 @@ def test_x0_loss_is_the_clamped_velocity_loss():
   dcfg = _dcfg(flow_prediction='x0', flow_x0_min_t=0.05, flow_time_dist='uniform')
   k0, k1, k2, k3 = jax.random.split(jax.random.PRNGKey(2), 4)
   x0 = jax.random.normal(k0, (512,) + SHAPE)
-  ex = objectives.training_example(None, dcfg, x0, jax.random.normal(k1, x0.shape), k2)
+  ex = flow_matching.training_example(dcfg, x0, jax.random.normal(k1, x0.shape), k2)
   x0_hat = x0 + 0.1 * jax.random.normal(k3, x0.shape)
   got = np.asarray(flow_matching.per_example_loss(dcfg, x0_hat, ex))
   t = np.asarray(ex['time'], np.float64)
@@ -248,7 +246,8 @@ def test_logit_normal_times_have_the_right_moments(mean, std, shift):
   n = 100_000
   dcfg = _dcfg(flow_time_dist='logit_normal', flow_logit_mean=mean, flow_logit_std=std,
                flow_time_shift=shift)
-  t = np.asarray(flow_matching.sample_times(dcfg, jax.random.PRNGKey(4), n), np.float64)
+  t = np.asarray(flow_matching.sample_times(dcfg.diffusion.flow_matching, jax.random.PRNGKey(4),
+                                            n), np.float64)
   logit = np.log(t) - np.log1p(-t)
   # The shift multiplies t / (1 - t) by s, so it adds log s to the logit.
   assert abs(logit.mean() - (mean + math.log(shift))) < 4 * std / math.sqrt(n)
@@ -258,12 +257,13 @@ def test_logit_normal_times_have_the_right_moments(mean, std, shift):
 
 def test_uniform_times_are_uniform_then_shifted():
   n = 100_000
-  t = np.asarray(flow_matching.sample_times(_dcfg(flow_time_dist='uniform'), jax.random.PRNGKey(5), n))
+  flow = _dcfg(flow_time_dist='uniform').diffusion.flow_matching
+  t = np.asarray(flow_matching.sample_times(flow, jax.random.PRNGKey(5), n))
   assert abs(t.mean() - 0.5) < 4 * math.sqrt(1 / 12 / n)
   hist, _ = np.histogram(t, bins=10, range=(0, 1))
   assert np.all(np.abs(hist / n - 0.1) < 5 * math.sqrt(0.09 / n))
-  shifted = np.asarray(flow_matching.sample_times(_dcfg(flow_time_dist='uniform', flow_time_shift=3.0),
-                                         jax.random.PRNGKey(5), n))
+  flow = _dcfg(flow_time_dist='uniform', flow_time_shift=3.0).diffusion.flow_matching
+  shifted = np.asarray(flow_matching.sample_times(flow, jax.random.PRNGKey(5), n))
   np.testing.assert_allclose(shifted, flow_matching.time_shift(t, 3.0), rtol=1e-5, atol=1e-6)
 
 
@@ -280,19 +280,19 @@ def test_flow_ode_likelihood_is_the_gaussian_density(prediction):
   rng = np.random.default_rng(0)
   y = MU + S * rng.normal(size=(n, 4))
   dcfg = _dcfg(flow_prediction=prediction)
-  result = jax.jit(lambda y_, key: likelihood.objective_log_likelihood(
-      _network(prediction), None, dcfg, y_, key, probe='exact'))(
+  result = jax.jit(lambda y_, key: likelihood.log_likelihood(
+      _network(prediction), dcfg, y_, key, probe='exact'))(
           jnp.asarray(y.reshape((n,) + SHAPE), jnp.float32), jax.random.PRNGKey(0))
   assert bool(result.successful)
-  t0 = 0.0 if prediction == 'velocity' else likelihood.FLOW_X0_T0
+  t0 = 0.0 if prediction == 'velocity' else flow_matching.X0_LIKELIHOOD_T0
   ref = _log_normal(y, (1 - t0) * MU, (1 - t0)**2 * S**2 + t0**2)
   got = np.asarray(result.log_prob, np.float64)
   np.testing.assert_allclose(got / (4 * LN2), ref / (4 * LN2), atol=2e-3)  # bits/dim.
   # The divergence integral is the log-Jacobian sum_d log(1 / s_d) of x1 = (y - mu) / s.
   np.testing.assert_allclose(np.asarray(result.delta_log_prob), -np.sum(np.log(S)), atol=5e-3)
   # A wrong field gives a wrong density (the check can fail).
-  wrong = jax.jit(lambda y_, key: likelihood.flow_log_likelihood(
-      lambda x, t: 1.1 * v_star(x, t), y_, key, probe='exact'))(
+  wrong = jax.jit(lambda y_, key: likelihood.solve_log_likelihood(
+      lambda t, x: 1.1 * v_star(x, t), y_, key, t0=0.0, t1=1.0, probe='exact'))(
           jnp.asarray(y.reshape((n,) + SHAPE), jnp.float32), jax.random.PRNGKey(0))
   assert np.abs(np.asarray(wrong.log_prob) - ref).mean() > 0.05
 
@@ -305,7 +305,8 @@ def test_edm_ode_likelihood_is_the_gaussian_density():
   smin^2))."""
   edm = pytest.importorskip('diffusion_jax.objectives.edm')
   dcfg = _dcfg(objective='edm')
-  sd, smin, smax = dcfg.edm_sigma_data, dcfg.edm_sigma_min, dcfg.edm_sigma_max
+  e = dcfg.diffusion.edm
+  sd, smin, smax = e.sigma_data, e.sigma_min, e.sigma_max
   mu, s2 = _img(MU), _img(S**2)
 
   def apply_fn(x_in, c_noise):  # F with D = c_skip x + c_out F equal to D*.
@@ -318,8 +319,8 @@ def test_edm_ode_likelihood_is_the_gaussian_density():
   n = 16
   rng = np.random.default_rng(1)
   y = MU + np.sqrt(S**2 + smin**2) * rng.normal(size=(n, 4))
-  result = jax.jit(lambda y_, key: likelihood.objective_log_likelihood(
-      apply_fn, None, dcfg, y_, key, probe='exact'))(
+  result = jax.jit(lambda y_, key: likelihood.log_likelihood(
+      apply_fn, dcfg, y_, key, probe='exact'))(
           jnp.asarray(y.reshape((n,) + SHAPE), jnp.float32), jax.random.PRNGKey(0))
   assert bool(result.successful)
   r = np.sqrt((S**2 + smax**2) / (S**2 + smin**2))
@@ -343,21 +344,22 @@ def _flow_config(**overrides):
   config.sample.sampler = 'heun'
   config.eval.metrics = ('ode_nll',)
   for dotted, value in overrides.items():
-    group, field = dotted.split('__')
-    config[group][field] = value
+    *parents, field = dotted.split('__')
+    node = config
+    for name in parents:
+      node = node[name]
+    node[field] = value
   return config
 
 
 BAD = {
-    'time_dist': ({'diffusion__flow_time_dist': 'beta'}, ['diffusion.flow_matching.time_dist', 'beta']),
-    'logit_std': ({'diffusion__flow_logit_std': 0.0}, ['diffusion.flow_matching.logit_std']),
-    'shift': ({'diffusion__flow_time_shift': -1.0}, ['diffusion.flow_matching.time_shift']),
-    'prediction': ({'diffusion__flow_prediction': 'eps'}, ['diffusion.flow_matching.prediction', 'eps']),
-    'x0_min_t': ({'diffusion__flow_x0_min_t': 1.5}, ['diffusion.flow_matching.x0_min_t']),
-    'time_scale': ({'diffusion__flow_time_scale': 0.0}, ['diffusion.flow_matching.time_scale']),
+    'time_dist': ({'diffusion__flow_matching__time_dist': 'beta'}, ['diffusion.flow_matching.time_dist', 'beta']),
+    'logit_std': ({'diffusion__flow_matching__logit_std': 0.0}, ['diffusion.flow_matching.logit_std']),
+    'shift': ({'diffusion__flow_matching__time_shift': -1.0}, ['diffusion.flow_matching.time_shift']),
+    'prediction': ({'diffusion__flow_matching__prediction': 'eps'}, ['diffusion.flow_matching.prediction', 'eps']),
+    'x0_min_t': ({'diffusion__flow_matching__x0_min_t': 1.5}, ['diffusion.flow_matching.x0_min_t']),
+    'time_scale': ({'diffusion__flow_matching__time_scale': 0.0}, ['diffusion.flow_matching.time_scale']),
     'learn_sigma': ({'model__learn_sigma': True}, ['model.learn_sigma']),
-    'ddpm_prediction_type': ({'diffusion__prediction_type': 'v'},
-                             ['diffusion.ddpm.prediction_type', 'flow_prediction']),
     'ddpm_sampler': ({'sample__sampler': 'ddim'},
                      ['sample.sampler', 'ddim', 'euler', 'heun', 'midpoint', 'euler_maruyama']),
     'steps': ({'sample__steps': 0}, ['sample.steps']),
@@ -399,8 +401,7 @@ def test_flow_train_step_loss_falls():
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
   model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
-  image_shape = (config.data.resolution, config.data.resolution, config.data.channels)
-  state = train_state.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape, mesh)
+  state = train_state.create_train_state(config, mesh, jax.random.PRNGKey(0))
   step = train_state.make_train_step(model, tx, config, mesh)
   images, _ = pipeline.load_digits()
   batch = jax.device_put({'image': images[:16].astype(np.float32) / 127.5 - 1.0},

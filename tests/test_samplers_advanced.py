@@ -38,6 +38,8 @@ from diffusion_jax.sampling import loop
 from diffusion_jax.sampling import karras
 from diffusion_jax.config.errors import ConfigError
 from diffusion_jax.modes.validation import validate_config
+from diffusion_jax.objectives import ddpm
+from diffusion_jax.config import run_config
 
 T = 1000
 SHAPE = (4, 4, 1)
@@ -658,9 +660,10 @@ def test_each_sampler_is_one_loop_with_few_model_traces(name, opts, steps, guide
 
 
 def _sample_config(**overrides):
-  cfg = default_config.get_config().sample
+  """The default config (objective ddpm, the linear schedule of SCHEDULE) with sample.* set."""
+  cfg = default_config.get_config()
   for k, v in overrides.items():
-    cfg[k] = v
+    cfg.sample[k] = v
   return cfg
 
 
@@ -678,10 +681,16 @@ def test_sample_from_config_dispatches(monkeypatch):
   big = 3.0 * np.random.default_rng(0).standard_normal((4,) + SHAPE).astype(np.float32)
   x0_model = lambda x, t: jnp.asarray(big)  # An 'x0' model with values outside [-1, 1].
 
-  def dispatch(config, apply_fn=exact_apply_fn(), prediction_type='epsilon', **kw):
-    solvers.sample_from_config(apply_fn, SCHEDULE, noise, _key(0), config,
-                                prediction_type=prediction_type, **kw)
+  def dispatch(config, apply_fn=exact_apply_fn(), prediction_type='epsilon', learn_sigma=False,
+               **kw):
+    config.diffusion.ddpm.prediction_type = prediction_type
+    config.model.learn_sigma = learn_sigma
+    ddpm.sample(apply_fn, config, noise, _key(0), **kw)
     return seen['schedule'], seen['options']
+
+  def assert_full(schedule):  # The training schedule itself, not respaced.
+    np.testing.assert_array_equal(schedule.timesteps, SCHEDULE.timesteps)
+    np.testing.assert_array_equal(schedule.betas, SCHEDULE.betas)
 
   schedule, options = dispatch(_sample_config(sampler='ddim', steps=20, eta=0.5))
   np.testing.assert_array_equal(schedule.timesteps, np.arange(0, T, 50))  # leading
@@ -693,14 +702,14 @@ def test_sample_from_config_dispatches(monkeypatch):
   schedule, options = dispatch(_sample_config(sampler='ddpm', steps=0,
                                               variance='learned_range'), learn_sigma=True,
                                trajectory_every=5)
-  assert schedule is SCHEDULE
+  assert_full(schedule)
   assert options == dict(variance='learned_range', trajectory_every=5)
   schedule, _ = dispatch(_sample_config(sampler='ddpm', steps=0, spacing='ddim25'))
   np.testing.assert_array_equal(schedule.timesteps, np.arange(0, T, 40))
   schedule, _ = dispatch(_sample_config(sampler='ddpm', steps=100, spacing='linspace'))
   np.testing.assert_array_equal(schedule.timesteps, np.round(np.linspace(0, T - 1, 100)))
   schedule, options = dispatch(_sample_config(sampler='heun', steps=12, rho=5.0, s_churn=1.0))
-  assert schedule is SCHEDULE
+  assert_full(schedule)
   assert options == dict(steps=12, rho=5.0, s_churn=1.0, s_tmin=0.0, s_tmax=float('inf'),
                          s_noise=1.0, trajectory_every=0)
   # The denoiser is built on the respaced schedule ...
@@ -740,9 +749,9 @@ def test_sample_from_config_dispatches(monkeypatch):
                                   null_label=10, guidance_scale=2.0)
   np.testing.assert_allclose(jax.jit(seen['denoise'])(noise, 3).eps,
                              jax.jit(guided)(noise, 3).eps, rtol=1e-6)
-  # Configs without the new fields (e.g. saved with an older version) get the defaults.
-  old = ml_collections.ConfigDict(dict(sampler='dpm_solver_pp', steps=20, eta=0.5,
-                                       variance='fixed_small', clip_denoised=True))
+  # Configs saved without the newer sample fields (an older version) read back with the defaults.
+  old = run_config.config_from_json(json.dumps({'sample': dict(
+      sampler='dpm_solver_pp', steps=20, eta=0.5, variance='fixed_small', clip_denoised=True)}))
   schedule, options = dispatch(old)  # 'leading' as DPMSolverMultistepScheduler reads it.
   np.testing.assert_array_equal(schedule.timesteps, np.arange(1, 21) * (T // 21))
   assert options == dict(solver_order=2, solver_type='multistep', trajectory_every=0)
@@ -753,14 +762,14 @@ def test_sample_from_config_end_to_end():
   labels = jnp.zeros((32,), jnp.int32)
   config = _sample_config(sampler='dpm_solver_pp', steps=6, guidance_scale=2.0,
                           spacing='linspace')
-  out, traj = jax.jit(lambda n, k, y: solvers.sample_from_config(
-      _toy_labelled(), SCHEDULE, n, k, config, prediction_type='epsilon', labels=y,
-      null_label=10, trajectory_every=4))(noise, key, labels)
+  out, traj = jax.jit(lambda n, k, y: ddpm.sample(
+      _toy_labelled(), config, n, k, labels=y, null_label=10, trajectory_every=4))(
+          noise, key, labels)
   assert out.shape == noise.shape and traj.x_t.shape == (2, 32) + SHAPE
   np.testing.assert_array_equal(traj.x_t[-1], out)
-  out_5, traj_5 = jax.jit(lambda n, k, y: solvers.sample_from_config(
-      _toy_labelled(), SCHEDULE, n, k, config, prediction_type='epsilon', labels=y,
-      null_label=10, trajectory_every=4, trajectory_images=5))(noise, key, labels)
+  out_5, traj_5 = jax.jit(lambda n, k, y: ddpm.sample(
+      _toy_labelled(), config, n, k, labels=y, null_label=10, trajectory_every=4,
+      trajectory_images=5))(noise, key, labels)
   assert traj_5.x_t.shape == traj_5.x0.shape == (2, 5) + SHAPE
   np.testing.assert_array_equal(out_5, out)
   np.testing.assert_allclose(traj_5.x0, traj.x0[:, :5], atol=1e-6)
@@ -837,7 +846,7 @@ def test_ddim_eta_coefficients_are_float64_exact(eta_is_traced):
   x_t = np.asarray(jax.jit(run)(eta) if eta_is_traced else run(eta), np.float64)
   for i in range(steps - 1):  # The last step (to abar_prev = 1) has no noise and c = 0.
     t = steps - 1 - i
-    z = np.asarray(solvers._normal(rng, i, shape), np.float64).ravel()  # pylint: disable=protected-access
+    z = np.asarray(loop.step_normal(rng, i, shape), np.float64).ravel()
     fit_c, fit_sigma = np.linalg.lstsq(np.stack([np.ones_like(z), z], 1), x_t[i].ravel(),
                                        rcond=None)[0]
     np.testing.assert_allclose([fit_c, fit_sigma], [coef[t], sigma[t]], rtol=2e-6 if not
@@ -885,7 +894,7 @@ def test_variance_noise_replaces_the_rng_draws(name, opts):
   noise, key = _noise(3, 8), _key(4)
   run = jax.jit(lambda n, k, z: solvers.get_sampler(name)(denoise, schedule, n, k,
                                                            variance_noise=z, **opts))
-  drawn = jnp.stack([solvers._normal(key, i, noise.shape)  # pylint: disable=protected-access
+  drawn = jnp.stack([loop.step_normal(key, i, noise.shape)
                      for i in range(schedule.num_timesteps)])
   reference = solvers.get_sampler(name)(denoise, schedule, noise, key, **opts)
   np.testing.assert_allclose(run(noise, key, drawn), reference, atol=1e-6)
@@ -894,9 +903,8 @@ def test_variance_noise_replaces_the_rng_draws(name, opts):
   with pytest.raises(ValueError, match=r'\[steps, B, H, W, C\]'):
     solvers.get_sampler(name)(denoise, schedule, noise, key, variance_noise=drawn[1:], **opts)
   with pytest.raises(ValueError, match='variance_noise'):
-    solvers.sample_from_config(exact_apply_fn(), SCHEDULE, noise, key,
-                                _sample_config(sampler='dpm_solver_pp', steps=40),
-                                prediction_type='epsilon', variance_noise=drawn)
+    ddpm.sample(exact_apply_fn(), _sample_config(sampler='dpm_solver_pp', steps=40), noise, key,
+                variance_noise=drawn)
 
 
 def test_ddim_set_alpha_to_one():
