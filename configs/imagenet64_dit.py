@@ -23,7 +23,10 @@ Choices:
   optimizer state), remat per block. Mesh: FSDP over every device (mesh.data = 1, mesh.fsdp =
   -1: weights, EMA and Adam moments split over all chips, the batch too); on multi-host pods
   `--config.mesh.data=-1 --config.mesh.fsdp=8` shards within each 8-chip host and is data
-  parallel across hosts (130M parameters need ~2 GB of state, so either fits).
+  parallel across hosts. 130M parameters need 2.2 GB of state (parameters, Adam, EMA): 64 MiB
+  per chip at fsdp=32, and the train step peaks at 3.8 GiB of a v5p chip's 95 GiB
+  (`--mode=compile`, libtpu 0.0.42.1, benchmarks/RESULTS.md); fsdp=8 holds 4x that state per
+  chip (~0.27 GB), far inside too.
 - Optimisation: AdamW (no weight decay), lr 2e-4 after 5k warm-up steps, beta2 0.95 as JiT,
   batch 1024, gradient clipping 1, EMA 0.9999; 400k steps (~320 epochs of the 1.28M images).
   Labels are dropped with probability 0.1 for classifier-free guidance; samples use 50 Heun

@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -509,3 +510,15 @@ def test_reference_statistics_are_cached_per_folder_and_reused(tmp_path, monkeyp
   config.data.folder = str(tmp_path / 'images_b') + '/'  # The same folder, written otherwise.
   assert reference()[1] == path_b
   assert len(reads) == 2
+
+
+def test_the_module_entry_point_is_the_cli(tmp_path):
+  """`python -m diffusion_jax.fid` (the command the README types) reaches the metrics CLI: a
+  missing second image set is refused by argparse under that program name, exit 2."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'diffusion_jax.fid', str(tmp_path)], cwd=root,
+                        env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'usage: python -m diffusion_jax.fid' in proc.stderr
+  assert 'the following arguments are required: b' in proc.stderr
