@@ -52,9 +52,9 @@ class DoesNotFitError(ConfigError):
 
 def compile_for_topology(config, workdir: str) -> Dict[str, Any]:
   """Compiles the programs of a run of `config` for `compile.topology` and returns the report
-  (also written as JSON; `format_report` makes the table main.py prints). Raises ConfigError for a bad topology or
-  config before compiling anything, and DoesNotFitError after writing the report when a
-  program does not fit in HBM."""
+  (also written as JSON; `format_report` makes the table main.py prints). Raises ConfigError
+  for a bad topology or config before compiling anything, and DoesNotFitError after writing
+  the report when a program does not fit in HBM."""
   ccfg = config.compile
   errors = topology_lib.check_compile_config(ccfg)
   if errors:
@@ -211,7 +211,7 @@ def _programs(config, mesh: Mesh, abstract: train_state.TrainState) -> Dict[str,
 
   def eval_features():
     ecfg = config.eval
-    num_logits = 1008 if 'is' in eval_checks.as_tuple(ecfg.train_metrics) else 0
+    num_logits = inception.NUM_LOGITS if 'is' in eval_checks.as_tuple(ecfg.train_metrics) else 0
     params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
         inception.abstract_params(num_logits))
@@ -255,10 +255,7 @@ def _compile_and_measure(build, budget: int, peak_flops: float) -> Dict[str, Any
   out = {'memory': m, 'resident_state_bytes': resident, 'peak_bytes': peak,
          'headroom_bytes': budget - peak, 'fits': peak <= budget,
          'compile_seconds': round(seconds, 2), 'collectives': collectives(compiled.as_text())}
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  cost = cost or {}
+  cost = loop.compiled_cost(compiled)
   out['xla_flops'] = float(cost['flops']) if 'flops' in cost else None
   out['xla_bytes_accessed'] = float(cost.get('bytes accessed', 0.0))
   out['xla_estimated_seconds'] = float(cost['optimal_seconds']) if cost.get(

@@ -267,13 +267,19 @@ def abstract_batch(config, mesh, steps_per_call: int) -> Dict[str, jax.ShapeDtyp
   return out
 
 
+def compiled_cost(compiled: jax.stages.Compiled) -> Dict[str, float]:
+  """XLA's cost_analysis() of a compiled program as one dict ({} when the backend gives none;
+  older JAX returned one dict per program)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return dict(cost or {})
+
+
 def describe_compiled(compiled: jax.stages.Compiled) -> str:
   """'1.23 GFLOP per call; per device: arguments 1.2 MiB, outputs ..., temporaries ...'
   from XLA's cost_analysis() and memory_analysis() (a figure a backend does not give: n/a)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get('flops')
+  flops = compiled_cost(compiled).get('flops')
   text = f'{flops / 1e9:.4g} GFLOP per call' if flops is not None else 'FLOPs n/a'
   memory = compiled.memory_analysis()
   if memory is None:
