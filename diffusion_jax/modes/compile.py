@@ -61,11 +61,10 @@ def compile_for_topology(config, workdir: str) -> Dict[str, Any]:
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
   target = topology_lib.parse(ccfg.topology, ccfg.num_slices)
   platform = target.chip.platform
-  if not topology_lib.compiler_available(platform):
-    raise ConfigError(f'--mode=compile needs the {platform} compiler plugin to describe '
-                      f'{target.accelerator_type}: {topology_lib.INSTALL_HINT}.')
   try:
     devices = topology_lib.describe(target)
+  except topology_lib.CompilerMissingError as e:
+    raise ConfigError(str(e)) from None
   except ValueError as e:
     raise ConfigError(f'compile.topology={ccfg.topology!r}: {e}') from e
   num_hosts = len({d.process_index for d in devices})

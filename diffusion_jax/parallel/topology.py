@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+import math
 import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -73,6 +74,11 @@ INSTALL_HINT = ("pip install -e '.[compile]' (libtpu and the CUDA compiler plugi
 PROGRAMS = ('train', 'sample_grid', 'sample', 'eval_features')
 
 
+class CompilerMissingError(RuntimeError):
+  """The compiler plugin that describes a topology's chips is not installed (the message says
+  how to install it)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Slice:
   """A parsed topology: the chip kind, its grid and how many such slices (DCN between)."""
@@ -82,10 +88,7 @@ class Slice:
 
   @property
   def chips_per_slice(self) -> int:
-    n = 1
-    for side in self.grid:
-      n *= side
-    return n
+    return math.prod(self.grid)
 
   @property
   def num_chips(self) -> int:
@@ -175,13 +178,14 @@ def describe(topology: Slice) -> Sequence:
   what `jax.devices()` would return on the pod, with process_index (and a TPU's coords and
   slice_index).
 
-  Raises RuntimeError with the install command when the plugin is missing, and ValueError when
-  it cannot describe the topology (a grid it does not know, multi-slice support).
+  Raises CompilerMissingError with the install command when the plugin is missing, and
+  ValueError when it cannot describe the topology (a grid it does not know, multi-slice
+  support).
   """
   platform = topology.chip.platform
   if not compiler_available(platform):
-    raise RuntimeError(f'--mode=compile needs the {platform} compiler plugin to describe '
-                       f'{topology.accelerator_type}: {INSTALL_HINT}.')
+    raise CompilerMissingError(f'--mode=compile needs the {platform} compiler plugin to '
+                               f'describe {topology.accelerator_type}: {INSTALL_HINT}.')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   if platform == 'tpu':
     kwargs = _tpu_options(topology)
