@@ -108,7 +108,8 @@ def sample(run: Run, num_samples: int, *, seed: int = 0,
   """
   config = sample_config(run, num_samples, **sample_fields)
   batch = config.sample.batch_size
-  num_classes = config.model.num_classes
+  classifier = restore.restore_guidance_classifier(config, run.mesh)  # classifier_scale > 0.
+  num_classes = sampler.label_classes(config, classifier)
   if labels is None:
     wanted = class_labels.parse_class_labels(config.sample.class_labels, num_classes)
     all_labels = class_labels.labels_for(np.arange(batch), wanted, num_classes)
@@ -122,7 +123,8 @@ def sample(run: Run, num_samples: int, *, seed: int = 0,
   model = backbones.create_model(config.model, config.data.channels)
   sample_fn = sampler.make_sample_fn(model, config, run.mesh, batch,
                                       trajectory_every=trajectory_every,
-                                      trajectory_images=min(trajectory_images, num_samples))
+                                      trajectory_images=min(trajectory_images, num_samples),
+                                      classifier=classifier)
   out = sample_fn(run.params, jax.random.fold_in(jax.random.PRNGKey(seed), 0), all_labels)
   x, trajectory = out if trajectory_every else (out, None)
   result = [images.to_uint8(multihost.to_host(x)[:num_samples])]

@@ -121,5 +121,5 @@ def test_unknown_objective_is_refused_by_name():
   config = _config('ddpm', 'unet')
   config.diffusion.objective = 'toy'  # Not registered.
   with pytest.raises(ConfigError, match=r"diffusion.objective='toy' is unknown; use one of "
-                                        r"\('ddpm', 'edm', 'flow_matching'\)"):
+                                        r"\('ddpm', 'edm', 'flow_matching', 'noisy_classifier'\)"):
     validate_config(config, 'sample', num_devices=8, num_processes=1)

@@ -42,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The network (diffusion_jax/nn/): model.arch picks the backbone, whose own fields are the
   # section of that name (model.unet, model.dit); the fields here are read by every backbone.
   config.model = model = ml_collections.ConfigDict()
-  model.arch = 'unet'                  # 'unet' (nn/unet.py) | 'dit' (nn/dit.py).
+  model.arch = 'unet'                  # 'unet' (nn/unet.py) | 'dit' (nn/dit.py) | 'classifier'
+                                       # (nn/classifier.py: a noisy classifier).
   model.num_classes = 0                # > 0: class-conditional; one extra null class is added.
   model.null_class = True              # num_classes > 0: an extra null-class embedding row
                                        # (classifier-free guidance); False = none (labels needed).
@@ -95,6 +96,28 @@ def get_config() -> ml_collections.ConfigDict:
   dit.dropout = 0.0                    # On the attention and MLP outputs (the paper: none).
   dit.norm_eps = 1e-6                  # LayerNorm epsilon.
 
+  # model.classifier (model.arch = 'classifier', nn/classifier.py): the noisy classifier of
+  # classifier guidance, the ADM U-Net's encoder half with a pooling head, trained on x_t with
+  # diffusion.objective = 'noisy_classifier'; model.num_classes is its number of classes. The
+  # defaults are guided-diffusion's classifier_defaults (CLASSIFIER_FLAGS) at 64x64 (their
+  # create_classifier: ch_mult (1, 2, 3, 4) at 64, (1, 1, 2, 3, 4) at 128, (1, 1, 2, 2, 4, 4) at
+  # 256), with their GroupNorm eps 1e-5 and padded stride-2 convolutions.
+  model.classifier = classifier = ml_collections.ConfigDict()
+  classifier.ch = 128                  # classifier_width.
+  classifier.ch_mult = (1, 2, 3, 4)    # Per level; 0.5 allowed (their 512x512).
+  classifier.num_res_blocks = 2        # classifier_depth.
+  classifier.attn_resolutions = (32, 16, 8)  # classifier_attention_resolutions (map sizes).
+  classifier.num_heads = 1             # Attention heads ...
+  classifier.num_head_channels = 64    # ... or channels per head (overrides num_heads if > 0).
+  classifier.pool = 'attention'        # classifier_pool: attention | adaptive | spatial |
+                                       # spatial_v2 (nn/classifier.py).
+  classifier.use_scale_shift_norm = True   # classifier_use_scale_shift_norm.
+  classifier.resblock_updown = True        # classifier_resblock_updown.
+  classifier.dropout = 0.0
+  classifier.num_groups = 32
+  classifier.norm_eps = 1e-5
+  classifier.downsample_padding = 1
+
   # ---------------------------------------------------------------- diffusion
   # The training objective (diffusion_jax/objectives/): diffusion.objective names one, whose
   # fields are the section of that name (diffusion.ddpm, diffusion.edm, diffusion.flow_matching).
@@ -141,6 +164,14 @@ def get_config() -> ml_collections.ConfigDict:
   flow.x0_min_t = 0.05                 # x0: loss ||x0_hat - x0||^2 / max(t, this)^2 (JiT: 0.05).
   flow.time_scale = 1000.0             # The network's time input is this * t (the sinusoidal
                                        # embedding was made for DDPM's t in [0, 1000)).
+
+  # diffusion.noisy_classifier (diffusion.objective = 'noisy_classifier', objectives/
+  # noisy_classifier.py): trains the classifier of classifier guidance (model.arch =
+  # 'classifier') with cross-entropy on x_t at t ~ U{0..T-1} of the diffusion.ddpm schedule,
+  # which must be the one of the diffusion model it will guide. No samplers: a run is read
+  # through sample.classifier_workdir of a diffusion run.
+  diffusion.noisy_classifier = noisy_classifier = ml_collections.ConfigDict()
+  noisy_classifier.noised = True       # False: clean x0 at t = 0 (guided-diffusion's --noised).
 
   # ---------------------------------------------------------------- optimizer
   config.optim = optim = ml_collections.ConfigDict()
@@ -223,6 +254,16 @@ def get_config() -> ml_collections.ConfigDict:
   sample.use_clipped_model_output = True
   sample.dynamic_threshold_percentile = 0.995  # Imagen's p for thresholding='dynamic'.
   sample.guidance_scale = 1.0    # Classifier-free guidance s (num_classes > 0): 1 = conditional.
+  # Classifier guidance (Dhariwal & Nichol 2021; sampling/classifier_guidance.py), DDPM-family
+  # samplers: the gradient s * grad log p(y | x_t) of the noisy classifier of the run in
+  # `classifier_workdir` (trained with diffusion.objective='noisy_classifier', or converted with
+  # `convert --from=openai_classifier`) shifts ddpm's mean by its variance times it
+  # (guided-diffusion's condition_mean) and the others' eps by -sqrt(1 - abar) times it
+  # (condition_score). y: sample.class_labels, over the classifier's classes for an
+  # unconditional model. Combines with classifier-free guidance (guidance_scale).
+  sample.classifier_scale = 0.0  # s; 0 = off (guided-diffusion's classifier_scale).
+  sample.classifier_workdir = ''  # The classifier's run directory.
+  sample.classifier_use_ema = True  # Its EMA parameters (an imported one has the same in both).
   sample.solver_order = 2        # dpm_solver_pp order: 1 | 2 | 3 (3 only multistep).
   sample.solver_type = 'multistep'  # dpm_solver_pp: multistep (2M / 3M) | singlestep (2S).
   sample.rho = 7.0               # euler / heun: Karras sigma schedule exponent.

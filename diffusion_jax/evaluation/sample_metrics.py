@@ -32,7 +32,7 @@ from diffusion_jax.nn import backbones
 from diffusion_jax.parallel import multihost, sharding
 from diffusion_jax.pipelines import sampler
 from diffusion_jax.sampling import class_labels
-from diffusion_jax.training import checkpoints
+from diffusion_jax.training import checkpoints, restore
 
 PyTree = Any
 
@@ -48,13 +48,15 @@ def make_sample_drawer(config, mesh: Mesh
   many times with one drawer).
   """
   scfg = config.sample
-  num_classes = config.model.num_classes
+  classifier = restore.restore_guidance_classifier(config, mesh)  # sample.classifier_scale.
+  num_classes = sampler.label_classes(config, classifier)
   try:
     wanted = class_labels.parse_class_labels(scfg.class_labels, num_classes)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   model = backbones.create_model(config.model, config.data.channels)
-  sample_fn = sampler.make_sample_fn(model, config, mesh, scfg.batch_size)
+  sample_fn = sampler.make_sample_fn(model, config, mesh, scfg.batch_size,
+                                     classifier=classifier)
 
   def draw(params: PyTree, num_samples: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     rng = jax.random.PRNGKey(scfg.seed)

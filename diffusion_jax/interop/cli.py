@@ -7,6 +7,8 @@ a run directory, and export a run as a diffusers folder.
   python -m diffusion_jax.convert --to=diffusers --workdir=RUN --out=DIR
   python -m diffusion_jax.convert --from=openai --source=MODEL.pt --workdir=RUN \\
       --model_flags="..." [--diffusion_flags="..."]   # see interop/openai.py
+  python -m diffusion_jax.convert --from=openai_classifier --source=CLASSIFIER.pt --workdir=RUN \\
+      --classifier_flags="..." [--diffusion_flags="..."]   # see interop/openai_classifier.py
 
 DIR is a UNet2DModel folder or a pipeline root (model_index.json, unet/, scheduler/). A source
 that cannot be converted exactly (a weight file that is corrupt, crafted or of another model,
@@ -23,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax.config import run_config
-from diffusion_jax.interop import common, diffusers, openai, torch_pickle
+from diffusion_jax.interop import common, diffusers, openai, openai_classifier, torch_pickle
 
 # What a bad source or run raises: reported as one line, not a traceback.
 SOURCE_ERRORS = (common.ConversionError, FileNotFoundError, torch_pickle.UnsafePickleError,
@@ -33,8 +35,9 @@ NULL_CLASS = {'auto': None, 'true': True, 'false': False}
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs, so importing this module defines none)."""
-  flags.DEFINE_enum('from', None, ['diffusers', 'openai'], 'Import a model of this format.',
-                    flag_values=flag_values)
+  flags.DEFINE_enum('from', None, ['diffusers', 'openai', 'openai_classifier'],
+                    'Import a model of this format (openai_classifier: a guided-diffusion noisy '
+                    'classifier).', flag_values=flag_values)
   flags.DEFINE_enum('to', None, ['diffusers'], 'Export the run to this format.',
                     flag_values=flag_values)
   flags.DEFINE_string('source', None, '--from=diffusers: a UNet2DModel folder or pipeline root; '
@@ -46,7 +49,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string('model_flags', None, '--from=openai: the MODEL_FLAGS string of the '
                       'improved/guided-diffusion README (diffusion flags may be included).',
                       flag_values=flag_values)
-  flags.DEFINE_string('diffusion_flags', None, '--from=openai: the DIFFUSION_FLAGS string.',
+  flags.DEFINE_string('diffusion_flags', None, '--from=openai / openai_classifier: the '
+                      'DIFFUSION_FLAGS string (the classifier: its noise schedule).',
+                      flag_values=flag_values)
+  flags.DEFINE_string('classifier_flags', None, '--from=openai_classifier: the CLASSIFIER_FLAGS '
+                      'string of the guided-diffusion README (--classifier_scale included).',
                       flag_values=flag_values)
   flags.DEFINE_enum('null_class', 'auto', list(NULL_CLASS),
                     '--from=diffusers, class-conditional UNet2DModel: true = its last class '
@@ -70,14 +77,28 @@ def main(argv: Sequence[str], f: Optional[flags.FlagValues] = None) -> None:
   del argv
   f = flags.FLAGS if f is None else f
   if (f['from'].value is None) == (f['to'].value is None):
-    raise app.UsageError('Give exactly one of --from=diffusers|openai (with --source, --workdir) '
-                         'or --to=diffusers (with --workdir, --out).')
+    raise app.UsageError('Give exactly one of --from=diffusers|openai|openai_classifier (with '
+                         '--source, --workdir) or --to=diffusers (with --workdir, --out).')
   try:
     if f['from'].value is not None:
       if not f['source'].value:
         raise app.UsageError('--from=diffusers needs --source=DIR (a UNet2DModel folder or a '
-                             'pipeline root); --from=openai needs --source=MODEL.pt.')
+                             'pipeline root); --from=openai / openai_classifier need '
+                             '--source=FILE.pt.')
       notes = []
+      if f['from'].value == 'openai_classifier':
+        if not f['classifier_flags'].value:
+          raise app.UsageError('--from=openai_classifier needs --classifier_flags="..." (the '
+                               "CLASSIFIER_FLAGS the guided-diffusion README gives).")
+        config = openai_classifier.import_openai_classifier(
+            f['source'].value, f['workdir'].value, f['classifier_flags'].value,
+            f['diffusion_flags'].value or '', base=f['config'].value)
+        c = config.model.classifier
+        print(f'Imported the classifier {f["source"].value} into {f["workdir"].value}: width '
+              f'{c.ch}, depth {c.num_res_blocks}, ch_mult {tuple(c.ch_mult)}, {c.pool} pool, '
+              f'{config.model.num_classes} classes, {config.data.resolution}px; its config is '
+              f'{f["workdir"].value}/config.json.')
+        return
       if f['from'].value == 'openai':
         if not f['model_flags'].value:
           raise app.UsageError('--from=openai needs --model_flags="..." (the MODEL_FLAGS the '

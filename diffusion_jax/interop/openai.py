@@ -29,7 +29,7 @@ is a ConversionError naming it.
 from __future__ import annotations
 
 import shlex
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Mapping, Optional, Sequence, Tuple
 
 import ml_collections
 import numpy as np
@@ -88,7 +88,8 @@ TRUE_WORDS, FALSE_WORDS = ('yes', 'true', 't', 'y', '1'), ('no', 'false', 'f', '
 
 # ------------------------------------------------------------------ flags
 
-def _value(name: str, kind: type, text: str) -> Any:
+def flag_value(name: str, kind: type, text: str) -> Any:
+  """`text` of flag --name as `kind` (bools as their str2bool reads them), else ConversionError."""
   try:
     if kind is bool:
       if text.lower() in TRUE_WORDS:
@@ -101,30 +102,40 @@ def _value(name: str, kind: type, text: str) -> Any:
     raise ConversionError(f'flag --{name}={text!r} is not a {kind.__name__}.') from None
 
 
-def parse_flags(model_flags: str, diffusion_flags: str = '') -> Dict[str, Any]:
-  """Every flag of FLAGS with its value (given, or the codebase's default), plus 'codebase'.
-
-  `--name value` and `--name=value` both parse; a later repeat wins (argparse). An unknown
-  flag, a flag of the other codebase or a malformed value is a ConversionError naming it.
-  """
-  tokens = shlex.split(model_flags or '') + shlex.split(diffusion_flags or '')
+def split_flags(texts: Sequence[str], known: Collection[str], what: str,
+                hint: Callable[[str], str] = lambda name: '') -> Dict[str, str]:
+  """{name: value text} of flag strings (read one after the other) as their argparse reads
+  them: `--name value` and `--name=value` both parse, a later repeat wins. A name outside
+  `known` is a ConversionError saying it is not `what` (plus `hint(name)`), as is a stray token
+  or a flag without a value."""
+  tokens = [token for text in texts for token in shlex.split(text or '')]
   given: Dict[str, str] = {}
   i = 0
   while i < len(tokens):
     token = tokens[i]
     if not token.startswith('--'):
       raise ConversionError(f'unexpected {token!r} in the flags: give --name value pairs.')
-    name, eq, text = token[2:].partition('=')
-    if name not in FLAGS:
-      raise ConversionError(f'flag --{name} is not a model or diffusion flag of improved/guided-'
-                            f'diffusion that converts; known: {sorted(FLAGS)}.')
+    name, eq, value = token[2:].partition('=')
+    if name not in known:
+      raise ConversionError(f'flag --{name} is not {what}{hint(name)}; known: {sorted(known)}.')
     if not eq:
       if i + 1 >= len(tokens):
         raise ConversionError(f'flag --{name} has no value.')
       i += 1
-      text = tokens[i]
-    given[name] = text
+      value = tokens[i]
+    given[name] = value
     i += 1
+  return given
+
+
+def parse_flags(model_flags: str, diffusion_flags: str = '') -> Dict[str, Any]:
+  """Every flag of FLAGS with its value (given, or the codebase's default), plus 'codebase'.
+
+  `--name value` and `--name=value` both parse; a later repeat wins (argparse). An unknown
+  flag, a flag of the other codebase or a malformed value is a ConversionError naming it.
+  """
+  given = split_flags((model_flags, diffusion_flags), FLAGS,
+                      'a model or diffusion flag of improved/guided-diffusion that converts')
   guided = [n for n in GUIDED_ONLY if n in given]
   improved = [n for n in IMPROVED_ONLY if n in given]
   if guided and improved:
@@ -134,7 +145,7 @@ def parse_flags(model_flags: str, diffusion_flags: str = '') -> Dict[str, Any]:
   flags: Dict[str, Any] = {'codebase': codebase}
   for name, (kind, improved_default, guided_default) in FLAGS.items():
     default = guided_default if codebase == 'guided' else improved_default
-    flags[name] = _value(name, kind, given[name]) if name in given else default
+    flags[name] = flag_value(name, kind, given[name]) if name in given else default
   return flags
 
 
@@ -156,6 +167,31 @@ def _channel_mult(flags: Mapping[str, Any]) -> Tuple[int, ...]:
   return tuple(int(m) for m in mult)
 
 
+def attention_sizes(flag: str, text: str, image_size: int, levels: int) -> Tuple[int, ...]:
+  """Our attn_resolutions (the feature-map sizes of the levels with attention) of their flag
+  --`flag`=`text`: sizes r whose downsample factor image_size // r their model gets attention
+  at (2**level). Listed factors no level reaches add nothing (their model has no weights)."""
+  factors = set()
+  for part in str(text).split(','):
+    if not part.strip().isdigit() or int(part) < 1:
+      raise ConversionError(f'flag --{flag}={text!r} is not a list of feature-map sizes.')
+    factors.add(image_size // int(part))
+  return tuple(image_size // 2**level for level in range(levels) if 2**level in factors)
+
+
+def set_schedule(d: ml_collections.ConfigDict, steps: int, noise_schedule: str) -> None:
+  """diffusion.ddpm `d`'s noise schedule as their create_gaussian_diffusion builds it from
+  --diffusion_steps and --noise_schedule (linear or cosine)."""
+  if noise_schedule not in ('linear', 'cosine'):
+    raise ConversionError(f'flag --noise_schedule={noise_schedule!r} is not linear or cosine.')
+  d.num_timesteps = steps
+  if noise_schedule == 'linear':  # Their linear schedule scales with T (Ho et al.'s at 1000).
+    scale = 1000 / steps  # In their order of operations, so the float64 betas are identical.
+    d.beta_schedule, d.beta_start, d.beta_end = 'linear', scale * 0.0001, scale * 0.02
+  else:
+    d.beta_schedule = 'cosine'
+
+
 def config_from_flags(flags: Mapping[str, Any],
                       base: Optional[ml_collections.ConfigDict] = None
                       ) -> ml_collections.ConfigDict:
@@ -173,23 +209,13 @@ def config_from_flags(flags: Mapping[str, Any],
     raise ConversionError('flag --use_kl=True (the L_vlb objective) has no config.diffusion loss; '
                           'drop it from DIFFUSION_FLAGS to import for sampling (the network is '
                           'the same; fine-tuning then uses the hybrid loss).')
-  if f['noise_schedule'] not in ('linear', 'cosine'):
-    raise ConversionError(f'flag --noise_schedule={f["noise_schedule"]!r} is not linear or cosine.')
   size, steps = int(f['image_size']), int(f['diffusion_steps'])
   mult = _channel_mult(f)
-  factors = set()
-  for text in str(f['attention_resolutions']).split(','):
-    if not text.strip().isdigit() or int(text) < 1:
-      raise ConversionError(f'flag --attention_resolutions={f["attention_resolutions"]!r} is not '
-                            'a list of feature-map sizes.')
-    factors.add(size // int(text))
-  # Their blocks get attention where the downsample factor 2**level is listed; ours names the
-  # feature-map size of those levels. Listed factors no level reaches add nothing (no weights).
   m, u = config.model, config.model.unet
   m.arch = 'unet'  # Their UNetModel, whatever the base config's network was.
   u.ch, u.ch_mult, u.num_res_blocks = int(f['num_channels']), mult, int(f['num_res_blocks'])
-  u.attn_resolutions = tuple(size // 2**level for level in range(len(mult))
-                             if 2**level in factors)
+  u.attn_resolutions = attention_sizes('attention_resolutions', f['attention_resolutions'],
+                                       size, len(mult))
   u.num_heads = int(f['num_heads'])
   u.num_head_channels = -1 if f['num_head_channels'] is None else int(f['num_head_channels'])
   u.dropout = float(f['dropout'])
@@ -206,12 +232,7 @@ def config_from_flags(flags: Mapping[str, Any],
 
   config.diffusion.objective = 'ddpm'  # improved/guided-diffusion's discrete-time objective.
   d = config.diffusion.ddpm
-  d.num_timesteps = steps
-  if f['noise_schedule'] == 'linear':  # Their linear schedule scales with T (Ho et al.'s at 1000).
-    scale = 1000 / steps  # In their order of operations, so the float64 betas are identical.
-    d.beta_schedule, d.beta_start, d.beta_end = 'linear', scale * 0.0001, scale * 0.02
-  else:
-    d.beta_schedule = 'cosine'
+  set_schedule(d, steps, f['noise_schedule'])
   d.prediction_type = 'x0' if f['predict_xstart'] else 'epsilon'
   d.loss_weighting = 'simple'
   # Their hybrid loss adds L_t (MSE) or L_t * T / 1000 (RESCALED_MSE); ours adds vlb_weight T L_t.
@@ -238,19 +259,38 @@ def config_from_flags(flags: Mapping[str, Any],
 
 # ------------------------------------------------------------------ tensors
 
-_RES = {'norm1': 'in_layers.0', 'conv1': 'in_layers.2', 'temb_proj': 'emb_layers.1',
-        'norm2': 'out_layers.0', 'conv2': 'out_layers.3', 'skip': 'skip_connection',
-        'norm': 'norm', 'query': 'qkv', 'key': 'qkv', 'value': 'qkv', 'proj_out': 'proj_out'}
-_TOP = {'conv_in': 'input_blocks.0.0', 'temb_dense0': 'time_embed.0',
-        'temb_dense1': 'time_embed.2', 'class_embed': 'label_emb', 'norm_out': 'out.0',
-        'conv_out': 'out.2', 'mid_res_0': 'middle_block.0', 'mid_attn': 'middle_block.1',
-        'mid_res_1': 'middle_block.2'}
+# Their names of the modules inside our ResBlock / AttentionBlock, and of our top-level modules
+# (the classifier's importer, openai_classifier.py, reads both for its torso).
+BLOCK_SUBMODULES = {
+    'norm1': 'in_layers.0', 'conv1': 'in_layers.2', 'temb_proj': 'emb_layers.1',
+    'norm2': 'out_layers.0', 'conv2': 'out_layers.3', 'skip': 'skip_connection',
+    'norm': 'norm', 'query': 'qkv', 'key': 'qkv', 'value': 'qkv', 'proj_out': 'proj_out'}
+TOP_MODULES = {
+    'conv_in': 'input_blocks.0.0', 'temb_dense0': 'time_embed.0', 'temb_dense1': 'time_embed.2',
+    'class_embed': 'label_emb', 'norm_out': 'out.0', 'conv_out': 'out.2',
+    'mid_res_0': 'middle_block.0', 'mid_attn': 'middle_block.1', 'mid_res_1': 'middle_block.2'}
+
+
+def down_key(name: str, num_res_blocks: int, resblock_updown: bool) -> str:
+  """Their `input_blocks` prefix of our down-path module `name` ('down_1_attn_0' ->
+  'input_blocks.5.1' at 2 res blocks per level): the same in their UNetModel and their
+  classifier's EncoderUNetModel."""
+  parts = name.split('_')
+  if len(parts) not in (3, 4) or parts[0] != 'down' or parts[2] not in ('res', 'attn',
+                                                                        'downsample'):
+    raise ConversionError(f'our parameter {name!r} has no openai counterpart.')
+  level, kind = int(parts[1]), parts[2]
+  index = 1 + level * (num_res_blocks + 1) + (int(parts[3]) if kind in ('res', 'attn')
+                                              else num_res_blocks)
+  position = {'res': '0', 'attn': '1', 'downsample': '0'}[kind]
+  suffix = '.op' if kind == 'downsample' and not resblock_updown else ''
+  return f'input_blocks.{index}.{position}{suffix}'
 
 
 def _module_key(name: str, config: ml_collections.ConfigDict) -> str:
   """Their prefix of our top-level module `name` ('down_1_attn_0' -> 'input_blocks.5.1')."""
-  if name in _TOP:
-    return _TOP[name]
+  if name in TOP_MODULES:
+    return TOP_MODULES[name]
   parts = name.split('_')
   if len(parts) not in (3, 4) or parts[0] not in ('down', 'up'):
     raise ConversionError(f'our parameter {name!r} has no openai counterpart.')
@@ -258,10 +298,7 @@ def _module_key(name: str, config: ml_collections.ConfigDict) -> str:
   m = config.model.unet
   per_level = m.num_res_blocks + 1
   if path == 'down':
-    index = 1 + level * per_level + (int(parts[3]) if kind in ('res', 'attn') else m.num_res_blocks)
-    position = {'res': '0', 'attn': '1', 'downsample': '0'}[kind]
-    suffix = '.op' if kind == 'downsample' and not m.resblock_updown else ''
-    return f'input_blocks.{index}.{position}{suffix}'
+    return down_key(name, m.num_res_blocks, m.resblock_updown)
   block = (len(m.ch_mult) - 1 - level) * per_level
   if kind in ('res', 'attn'):
     return f'output_blocks.{block + int(parts[3])}.{0 if kind == "res" else 1}'
@@ -273,7 +310,7 @@ def _module_key(name: str, config: ml_collections.ConfigDict) -> str:
 def openai_key(path: Sequence[str], config: ml_collections.ConfigDict) -> str:
   """Their state-dict key of our parameter at `path` (('mid_attn', 'query', 'kernel') ->
   'middle_block.1.qkv.weight')."""
-  return common.torch_key(path, _module_key(path[0], config), _RES, 'openai')
+  return common.torch_key(path, _module_key(path[0], config), BLOCK_SUBMODULES, 'openai')
 
 
 def _qkv_rows(which: int, heads: int, dim: int, new_order: bool) -> np.ndarray:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from etils import epath
 from jax.sharding import Mesh
 
+from diffusion_jax import objectives
 from diffusion_jax.config.errors import ConfigError
 from diffusion_jax.evaluation import checks as eval_checks
 from diffusion_jax.evaluation import inception
@@ -220,10 +221,11 @@ def _programs(config, mesh: Mesh, abstract: train_state.TrainState) -> Dict[str,
     program = inception.feature_program(num_logits, ecfg.fid_resize, mesh)
     return program.lower(params, images), None, resident
 
-  programs = {'train': train,
-              'sample_grid': sample_at(hooks.grid_batch_size(config.training.num_grid_samples,
-                                                             mesh.devices.size)),
-              'sample': sample_at(int(config.sample.batch_size))}
+  programs = {'train': train}
+  if objectives.draws_samples(config.diffusion.objective):  # A noisy classifier draws none.
+    programs['sample_grid'] = sample_at(hooks.grid_batch_size(config.training.num_grid_samples,
+                                                              mesh.devices.size))
+    programs['sample'] = sample_at(int(config.sample.batch_size))
   if any(m in eval_checks.INCEPTION_METRICS for m in eval_checks.as_tuple(
       config.eval.train_metrics)):
     programs['eval_features'] = eval_features

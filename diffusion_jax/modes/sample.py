@@ -190,7 +190,8 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
   validate_config(config, mode='sample')
   mesh = mesh or sharding.create_mesh(config.mesh)
   scfg = config.sample
-  num_classes = config.model.num_classes
+  classifier = restore.restore_guidance_classifier(config, mesh)
+  num_classes = sampler.label_classes(config, classifier)
   conditional = num_classes > 0
   try:
     class_labels = parse_class_labels(scfg.class_labels, num_classes)
@@ -199,12 +200,13 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
   params, step = restore.restore_params(config, workdir, mesh, scfg.use_ema, scfg.ema)
   model = backbones.create_model(config.model, config.data.channels)
   batch_size, num_samples = scfg.batch_size, scfg.num_samples
-  sample_fn = sampler.make_sample_fn(model, config, mesh, batch_size)
+  sample_fn = sampler.make_sample_fn(model, config, mesh, batch_size, classifier=classifier)
   animation = bool(scfg.animation)
   if animation:
     animate_fn = sampler.make_sample_fn(model, config, mesh, batch_size,
                                 trajectory_every=scfg.animation_every,
-                                trajectory_images=scfg.animation_num_images)
+                                trajectory_images=scfg.animation_num_images,
+                                classifier=classifier)
 
   out_dir = epath.Path(workdir) / 'samples' / sample_tag(config, step)
   shard_dir = out_dir / 'shards'

@@ -1,7 +1,9 @@
 """The backbone registry (`model.arch`): which network a config builds, and its checks.
 
-Every backbone is called as (x [B,H,W,C], t [B], y [B] | None, train=bool) -> [B,H,W,C or 2C],
-so every objective, sampler and evaluation works with each. A new backbone is one module (its
+Every denoising backbone is called as (x [B,H,W,C], t [B], y [B] | None, train=bool) ->
+[B,H,W,C or 2C], so every objective, sampler and evaluation works with each; 'classifier' takes
+the same call and returns logits [B, num_classes] (objective 'noisy_classifier' trains it, the
+guided samplers read it: sampling/classifier_guidance.py). A new backbone is one module (its
 Flax network, `create(model_config, channels)` and `check_config(model_config, resolution)`)
 plus one entry in `BACKBONES`.
 """
@@ -14,10 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.nn import dit, unet
+from diffusion_jax.nn import classifier, dit, unet
 
 # model.arch -> the module of that network.
-BACKBONES = {'unet': unet, 'dit': dit}
+BACKBONES = {'unet': unet, 'dit': dit, 'classifier': classifier}
 
 
 def get(arch: str):

@@ -103,9 +103,11 @@ def backbone_fields(model_config, channels: int) -> dict:
 def conditioning(module: nn.Module, t: jax.Array, y: Optional[jax.Array], *, freq_dim: int,
                  width: int, dense_names: Tuple[str, str],
                  kernel_init: Callable = nn.linear.default_kernel_init,
-                 embed_init: Callable = nn.linear.default_embed_init) -> jax.Array:
+                 embed_init: Callable = nn.linear.default_embed_init,
+                 class_embedding: bool = True) -> jax.Array:
   """The conditioning vector [B, width] of a backbone: MLP(sinusoid(t * timestep_scale)) plus
-  the class embedding of y [B] (None = the null class; an error without one).
+  the class embedding of y [B] (None = the null class; an error without one). Without
+  `class_embedding` (a noisy classifier, whose num_classes are its outputs) only the time MLP.
 
   Called inside a `Backbone`'s compact `__call__`, so its layers are the module's own: the two
   Dense layers are named `dense_names` and the embedding 'class_embed', which keeps each
@@ -121,7 +123,7 @@ def conditioning(module: nn.Module, t: jax.Array, y: Optional[jax.Array], *, fre
                                 freq_shift=module.freq_shift)
   c = dense(dense_names[0])(features.astype(module.dtype))
   c = dense(dense_names[1])(nn.silu(c))
-  if module.num_classes > 0:
+  if module.num_classes > 0 and class_embedding:
     if y is None:
       if not module.null_class:
         raise ValueError('This class-conditional model has no null class (model.null_class='

@@ -8,7 +8,9 @@ An objective is a module with these names (`Objective` spells out the signatures
   LIKELIHOOD_METRICS    the `eval.metrics` likelihoods it has ('ode_nll'; 'vlb' for ddpm)
   training_example      (config, x0 [B,H,W,C], noise like x0, key) -> {'x_t', 't', ...}: the
                         network input and time, plus what its loss reads
-  per_example_loss      (config, output, example) -> [B]
+  per_example_loss      (config, output, example) -> [B]; the train step adds the batch's true
+                        labels to `example` as 'label' (int32 [B]) when the data has labels
+                        (never dropped to the null class: the network's labels input is)
   sample                (apply_fn, config, noise, rng, *, labels, null_label, trajectory_every,
                         trajectory_images) -> x0 [B,H,W,C] (or (x0, loop.Trajectory)), from
                         `config.sample`; apply_fn(x, t [B], labels or None) -> network output
@@ -16,6 +18,20 @@ An objective is a module with these names (`Objective` spells out the signatures
   network_evaluations   (config) -> network calls per sample, guidance not counted
   probability_flow      (apply_fn, config) -> ProbabilityFlow: the ODE of its exact likelihood
   check_config          (config) -> [error, ...]: its section and its sampler fields
+
+Optional names (the train step and the checks work without them):
+
+  step_metrics          (config, output, example) -> {name: (sum, count)}: extra train-step
+                        metrics as a sum over the examples and their count (float32 scalars);
+                        the step adds both over micro-batches and devices, the log window over
+                        steps, and logs `name` = sum / count (a count of 0 weighs nothing)
+  ARCHS                 the model.arch values it trains, and that no other objective may train
+                        (noisy_classifier: the classifier, whose output is logits)
+  USE_INSTEAD           with SAMPLERS = (): what its runs are for, in the message that refuses
+                        --mode=sample / eval / export on one
+
+An objective with SAMPLERS = () (a noisy classifier) draws no sample grid and has no sampling,
+eval or export mode.
 
 The train step, the sampling program, the likelihood evaluation and the config checks call only
 these, so a new objective is one module plus one registry entry.
@@ -66,6 +82,13 @@ class Objective(Protocol):
                        config) -> ProbabilityFlow: ...
 
   def check_config(self, config) -> List[str]: ...
+
+
+class HasStepMetrics(Protocol):
+  """The optional train-step metrics of an objective (see the module docstring)."""
+
+  def step_metrics(self, config, output: jax.Array, example: Dict[str, jax.Array]
+                   ) -> Dict[str, Tuple[jax.Array, jax.Array]]: ...
 
 
 def weighted_mse(output: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:

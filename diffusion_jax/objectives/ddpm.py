@@ -150,7 +150,8 @@ def _sampler_options(config, sched: Schedule, name: str,
 def sample(apply_fn: Callable[..., jax.Array], config, noise: jax.Array, rng: jax.Array, *,
            labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
            trajectory_every: int = 0, trajectory_images: Optional[int] = None,
-           variance_noise: Optional[jax.Array] = None):
+           variance_noise: Optional[jax.Array] = None,
+           classifier_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
   """Runs `config.sample`'s DDPM-family sampler from x_T = `noise` [B,H,W,C]: respaces the
   schedule (`solvers.sampling_schedule`), builds the denoiser, dispatches.
 
@@ -159,6 +160,9 @@ def sample(apply_fn: Callable[..., jax.Array], config, noise: jax.Array, rng: ja
   variance_noise [steps, B, H, W, C]: the per-step noise of ddpm / ddim instead of draws from
   `rng`. sample.clip_denoised=False turns thresholding off; otherwise sample.thresholding
   decides ('auto': `solvers.default_thresholding` of the sampler).
+  classifier_fn(x_t, timesteps [B]) -> logits [B, K]: classifier guidance towards `labels` with
+  sample.classifier_scale, in the mean form for ddpm and the score form for the other samplers
+  (guided-diffusion's p_sample / ddim_sample; sampling/classifier_guidance.py).
   """
   scfg = config.sample
   name = scfg.sampler
@@ -173,7 +177,9 @@ def sample(apply_fn: Callable[..., jax.Array], config, noise: jax.Array, rng: ja
       dynamic_threshold_percentile=scfg.dynamic_threshold_percentile, labels=labels,
       null_label=null_label, guidance_scale=scfg.guidance_scale,
       learn_sigma=config.model.learn_sigma,
-      use_clipped_model_output=bool(scfg.use_clipped_model_output))
+      use_clipped_model_output=bool(scfg.use_clipped_model_output),
+      classifier_fn=classifier_fn, classifier_scale=float(scfg.classifier_scale),
+      classifier_form='mean' if name == 'ddpm' else 'score')
   options = _sampler_options(config, full, name, variance_noise)
   if trajectory_images is not None:
     options['trajectory_images'] = trajectory_images

@@ -105,6 +105,8 @@ def check_guidance_and_labels(sample_config, model_config) -> List[str]:
     errors.append(f'sample.guidance_scale={guidance} needs the null-class embedding, which this '
                   'model has not (model.null_class=False, e.g. an imported guided-diffusion '
                   'model); use 1.0.')
+  if model_config.num_classes == 0 and sample_config.classifier_scale > 0:
+    return errors  # The labels name the guiding classifier's classes (checked with its run).
   try:
     class_labels.parse_class_labels(sample_config.class_labels, model_config.num_classes)
   except ValueError as e:

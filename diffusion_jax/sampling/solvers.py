@@ -40,7 +40,7 @@ import numpy as np
 from diffusion_jax.config.errors import check_choice
 from diffusion_jax.processes import discrete, respacing
 from diffusion_jax.processes.discrete import Schedule
-from diffusion_jax.sampling import guidance, karras, loop
+from diffusion_jax.sampling import classifier_guidance, guidance, karras, loop
 
 VARIANCES = ('fixed_small', 'fixed_large', 'learned_range')
 THRESHOLDINGS = ('static', 'dynamic', 'none')
@@ -55,10 +55,13 @@ class Prediction(NamedTuple):
 
   log_variance: the learned reverse-step variance (learn_sigma models at schedule indices),
   else None.
+  classifier_gradient: s * grad log p(y | x_t) of classifier guidance in its 'mean' form
+  (ddpm_sample adds the step's variance times it to the mean), else None.
   """
   x0: jax.Array
   eps: jax.Array
   log_variance: Optional[jax.Array] = None
+  classifier_gradient: Optional[jax.Array] = None
 
 
 Denoiser = Callable[..., Prediction]
@@ -101,7 +104,9 @@ def make_denoiser(apply_fn: Callable[..., jax.Array], schedule: Schedule, predic
                   labels: Optional[jax.Array] = None, null_label: Optional[int] = None,
                   guidance_scale: float = 1.0, learn_sigma: bool = False,
                   takes_labels: Optional[bool] = None,
-                  use_clipped_model_output: bool = True) -> Denoiser:
+                  use_clipped_model_output: bool = True,
+                  classifier_fn: Optional[classifier_guidance.ClassifierFn] = None,
+                  classifier_scale: float = 0.0, classifier_form: str = 'score') -> Denoiser:
   """Turns `apply_fn(x_t, timesteps [B][, labels [B]]) -> output` into a `Denoiser`.
 
   denoise(x_t, t) -> Prediction: t is an int32 index into `schedule` (shared by the batch); the
@@ -117,6 +122,10 @@ def make_denoiser(apply_fn: Callable[..., jax.Array], schedule: Schedule, predic
   eps = (x_t - a x0) / s', so (x0, eps) stay consistent with x_t; without it eps is the model's
   own (diffusers' DDIMScheduler default). Only DDIM uses eps; the other samplers read x0 alone.
   labels / null_label / guidance_scale / learn_sigma / takes_labels: see `make_network_fn`.
+  classifier_fn (logits of (x_t, network timesteps)) with classifier_scale s: classifier
+  guidance towards `labels` (sampling/classifier_guidance.py), after thresholding as
+  guided-diffusion applies it; classifier_form 'score' shifts (x0, eps) by the gradient,
+  'mean' returns it as Prediction.classifier_gradient for ddpm_sample's mean.
   """
   if prediction_type not in discrete.PREDICTION_TYPES:
     raise ValueError(f'diffusion.ddpm.prediction_type={prediction_type!r} is unknown; '
@@ -125,6 +134,10 @@ def make_denoiser(apply_fn: Callable[..., jax.Array], schedule: Schedule, predic
   if method == 'dynamic' and not 0.0 < dynamic_threshold_percentile <= 1.0:
     raise ValueError(f'sample.dynamic_threshold_percentile={dynamic_threshold_percentile} '
                      'must be in (0, 1].')
+  if classifier_form not in classifier_guidance.FORMS:
+    raise ValueError(f'classifier_form={classifier_form!r} is unknown; use one of '
+                     f'{classifier_guidance.FORMS}.')
+  classifier_guidance.guided_labels(labels, classifier_fn)
   net = guidance.make_network_fn(apply_fn, labels=labels, null_label=null_label,
                         guidance_scale=guidance_scale, learn_sigma=learn_sigma,
                         takes_labels=takes_labels)
@@ -150,7 +163,14 @@ def make_denoiser(apply_fn: Callable[..., jax.Array], schedule: Schedule, predic
     log_var = None
     if v is not None and sigma is None:
       log_var = discrete.learned_log_variance(schedule, v, jnp.full((batch,), t, jnp.int32))
-    return Prediction(x0, eps, log_var)
+    gradient = None
+    if classifier_fn is not None:
+      gradient = classifier_scale * classifier_guidance.log_prob_gradient(
+          classifier_fn, x_t, timesteps, labels)
+      if classifier_form == 'score':
+        x0, eps = classifier_guidance.guide_score(x0, eps, gradient, a, s)
+        gradient = None
+    return Prediction(x0, eps, log_var, gradient)
   return denoise
 
 
@@ -212,6 +232,9 @@ def ddpm_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: ja
   x_{t-1} = c1_t x0_hat + c2_t x_t + sigma_t z, the posterior mean of `discrete.q_posterior`;
   sigma_t^2: 'fixed_small' beta~_t, 'fixed_large' beta_t (beta~_1 at t = 0, as guided-diffusion),
   'learned_range' exp(Prediction.log_variance) of a learn_sigma model. No noise at the last step.
+  Classifier guidance in the mean form (Prediction.classifier_gradient g) adds Sigma_t g, Sigma_t
+  the step's variance before the last-step cut (guided-diffusion's condition_mean: beta~_t,
+  which is 0 at t = 0, for fixed_small; [beta~_1, beta_1..] for fixed_large; the learned one).
   z of loop step i is variance_noise[i] if given ([steps, B, H, W, C]), else drawn from `rng`.
   Options other than `variance` (e.g. steps) are ignored.
   """
@@ -222,10 +245,12 @@ def ddpm_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: ja
   post_var, betas = _np(schedule.posterior_variance), _np(schedule.betas)
   if variance == 'fixed_small':
     std = np.exp(0.5 * _np(schedule.posterior_log_variance_clipped))
+    var = post_var
   else:
-    std = np.sqrt(np.append(post_var[1] if n > 1 else betas[0], betas[1:]))
+    var = np.append(post_var[1] if n > 1 else betas[0], betas[1:])
+    std = np.sqrt(var)
   std[0] = 0.0
-  std, coef1 = _f32(std), _f32(schedule.posterior_mean_coef1)
+  std, var, coef1 = _f32(std), _f32(var), _f32(schedule.posterior_mean_coef1)
   coef2 = _f32(schedule.posterior_mean_coef2)
   z_of = _step_noise(rng, variance_noise, n, noise.shape)
 
@@ -240,7 +265,11 @@ def ddpm_sample(denoise: Denoiser, schedule: Schedule, noise: jax.Array, rng: ja
       sigma = jnp.where(t > 0, jnp.exp(0.5 * pred.log_variance), 0.0)
     else:
       sigma = std[t]
-    x = coef1[t] * pred.x0 + coef2[t] * x + sigma * z_of(i)
+    mean = coef1[t] * pred.x0 + coef2[t] * x
+    if pred.classifier_gradient is not None:
+      step_var = jnp.exp(pred.log_variance) if variance == 'learned_range' else var[t]
+      mean = mean + step_var * pred.classifier_gradient
+    x = mean + sigma * z_of(i)
     return (x,), x, pred.x0
 
   return loop.run_loop(step, (noise.astype(jnp.float32),), n, trajectory_every, trajectory_images)

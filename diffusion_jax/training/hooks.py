@@ -36,6 +36,7 @@ from diffusion_jax.training import checkpoints
 from diffusion_jax.training import ema as ema_lib
 from diffusion_jax.training import posthoc_ema
 from diffusion_jax.training import run_log
+from diffusion_jax.training import train_state
 
 PyTree = Any
 
@@ -86,14 +87,24 @@ def mean_metrics(history: List[Dict[str, jax.Array]]) -> Dict[str, float]:
   """Window means; every metric but 'nonfinite' averages the finite (applied) steps only.
 
   'nonfinite' is the fraction of skipped steps; a window of only skipped steps gives NaN
-  for the others.
+  for the others. An objective's step metric, a 'name/sum' and 'name/count' pair
+  (train_state.make_train_step), becomes 'name' = the window's sum over its count: the mean
+  over every example it counted, whatever each step's count (a t quarter no example of a step
+  fell in weighs nothing; NaN when none of the window's did).
   """
   stacked = jax.device_get(history)
   skipped = np.concatenate([np.ravel(h['nonfinite']) for h in stacked]) > 0
   means = {'nonfinite': float(np.mean(skipped))}
+  column = lambda key: np.concatenate([np.ravel(h[key]) for h in stacked]).astype(np.float64)
   for key in stacked[0]:
-    if key != 'nonfinite':
-      values = np.concatenate([np.ravel(h[key]) for h in stacked]).astype(np.float64)
+    if key == 'nonfinite' or key.endswith(train_state.COUNT_SUFFIX):
+      continue
+    values = column(key)
+    if key.endswith(train_state.SUM_SUFFIX):
+      name = key[:-len(train_state.SUM_SUFFIX)]
+      count = float(np.sum(column(name + train_state.COUNT_SUFFIX)[~skipped]))
+      means[name] = float(np.sum(values[~skipped]) / count) if count > 0 else float('nan')
+    else:
       means[key] = float(np.mean(values[~skipped])) if np.any(~skipped) else float('nan')
   return means
 
@@ -149,11 +160,18 @@ def grid_labels(config, batch_size: int) -> np.ndarray:
   return default_labels(config.model.num_classes, 0, batch_size)
 
 
+def draws_grids(config) -> bool:
+  """Whether the run has sample grids: its objective has samplers (a noisy classifier has
+  none) and training.sample_every_steps > 0."""
+  return (config.training.sample_every_steps > 0
+          and objectives.draws_samples(config.diffusion.objective))
+
+
 def sample_grid_due(config, step: int, is_last: bool) -> bool:
-  """training.sample_every_steps = N > 0: at every multiple of N and at the last step; 0:
-  never."""
+  """training.sample_every_steps = N > 0: at every multiple of N and at the last step; 0, or an
+  objective without samplers (`draws_grids`): never."""
   every = config.training.sample_every_steps
-  return every > 0 and (step % every == 0 or is_last)
+  return draws_grids(config) and (step % every == 0 or is_last)
 
 
 def write_sample_grid(sample_fn: Callable[..., jax.Array], params: PyTree, config, workdir: str,
@@ -187,10 +205,11 @@ def write_sample_grid(sample_fn: Callable[..., jax.Array], params: PyTree, confi
 
 def sample_and_evaluate(outputs: RunOutputs, policy: policy_lib.BackendPolicy, config,
                         workdir: str, step: int, state: PyTree, is_last: bool,
-                        grid_fn: Callable[..., jax.Array], grid_batch: int) -> None:
+                        grid_fn: Optional[Callable[..., jax.Array]], grid_batch: int) -> None:
   """The EMA sample grid (`sample_grid_due`) and the in-training eval (`evaluator.due`), each
-  timed in clu's report; `grid_fn` is the compiled grid sampler of batch `grid_batch`."""
-  sample_due = sample_grid_due(config, step, is_last)
+  timed in clu's report; `grid_fn` is the compiled grid sampler of batch `grid_batch` (None: the
+  run has no grids, `draws_grids`)."""
+  sample_due = grid_fn is not None and sample_grid_due(config, step, is_last)
   eval_due = outputs.evaluator is not None and outputs.evaluator.due(step, is_last)
   if not (sample_due or eval_due):
     return

@@ -5,8 +5,10 @@ modes/train.py, which checks the config first). It resumes from the newest check
 `<workdir>/checkpoints` when there is one, compiles the train step and the grid sampler ahead
 of time, then after each compiled call runs the hooks of hooks.py: TensorBoard events and log
 lines through clu, each log step's scalars to `<workdir>/train_metrics.jsonl` with the loss
-curve `<workdir>/loss_curve.png` and a progress bar on an interactive terminal (run_log.py), a
-PNG sample grid (EMA parameters) every `training.sample_every_steps` (0: never), the injected
+curve `<workdir>/loss_curve.png` and a progress bar on an interactive terminal (run_log.py;
+with the objective's `step_metrics`, e.g. a noisy classifier's accuracy per t quarter), a
+PNG sample grid (EMA parameters) every `training.sample_every_steps` (0: never; no grid, and
+no grid sampler, for an objective without samplers), the injected
 in-training eval, checkpoints, EMA snapshots, and on a NaN/Inf loss either an error keeping the
 last good checkpoint (`training.on_nonfinite='stop'`) or a skipped, counted update ('skip').
 
@@ -29,6 +31,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.sharding import Mesh
 
+from diffusion_jax import objectives
 from diffusion_jax.config import run_config
 from diffusion_jax.data import pipeline
 from diffusion_jax.nn import backbones
@@ -164,22 +167,28 @@ def describe_run(config, mesh: Mesh, state: train_state.TrainState, start_step: 
 
 
 def compile_programs(config, mesh: Mesh, abstract: train_state.TrainState
-                     ) -> Tuple[Any, Any, int]:
+                     ) -> Tuple[Any, Optional[Any], int]:
   """(compiled train step, compiled grid sampler, the grid's sampling batch), compiled ahead
   of time before any data is read: an OOM shows here, and a restarted run loads them from the
-  persistent compilation cache. Every process has its programs before the first collective."""
+  persistent compilation cache. Every process has its programs before the first collective.
+  An objective without samplers (a noisy classifier) has no grid: (train step, None, 0)."""
   k = int(config.training.steps_per_call)
   model = backbones.create_model(config.model, config.data.channels)
   tx = train_state.create_optimizer(config.optim, config.training.num_train_steps)
   train_step = train_state.make_train_step(model, tx, config, mesh, steps_per_call=k).lower(
       abstract, abstract_batch(config, mesh, k)).compile()
   logging.info('Train step (%d step(s) per call): %s', k, describe_compiled(train_step))
-  grid_batch = hooks.grid_batch_size(config.training.num_grid_samples, mesh.devices.size)
-  grid_fn = sampler.make_sample_fn(model, config, mesh, grid_batch).lower(
-      abstract.ema_params, jax.random.PRNGKey(config.sample.seed),
-      hooks.grid_labels(config, grid_batch)).compile()
-  logging.info('Sample grid (%d images, batch %d): %s', config.training.num_grid_samples,
-               grid_batch, describe_compiled(grid_fn))
+  grid_fn, grid_batch = None, 0
+  if objectives.draws_samples(config.diffusion.objective):
+    grid_batch = hooks.grid_batch_size(config.training.num_grid_samples, mesh.devices.size)
+    grid_fn = sampler.make_sample_fn(model, config, mesh, grid_batch).lower(
+        abstract.ema_params, jax.random.PRNGKey(config.sample.seed),
+        hooks.grid_labels(config, grid_batch)).compile()
+    logging.info('Sample grid (%d images, batch %d): %s', config.training.num_grid_samples,
+                 grid_batch, describe_compiled(grid_fn))
+  else:
+    logging.info('No sample grid: diffusion.objective=%r draws no samples.',
+                 config.diffusion.objective)
   # A process that loaded its programs from the cache must not enter the first collective
   # long before one that compiles them (gloo gives a peer 30 s).
   wait_for_all_processes('train_compiled')

@@ -1,14 +1,19 @@
 """Reading trained parameters back: the newest checkpoint's EMA (or raw) parameters, an extra
-EMA, or a post-hoc reconstruction, straight into the FSDP layout of the run's mesh."""
+EMA, or a post-hoc reconstruction, straight into the FSDP layout of the run's mesh; and the
+noisy classifier of classifier guidance (sample.classifier_workdir)."""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from diffusion_jax.config import run_config
+from diffusion_jax.config.errors import ConfigError
+from diffusion_jax.nn import backbones
+from diffusion_jax.pipelines import sampler
 from diffusion_jax.training import ema as ema_lib
 from diffusion_jax.training import posthoc_ema
 from diffusion_jax.training import train_state
@@ -83,3 +88,22 @@ def restore_extra_ema(workdir: str, key: str, name: str, abstract_params: PyTree
           target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True))
   return restored[key], step
+
+
+def restore_guidance_classifier(config: ml_collections.ConfigDict, mesh: Mesh
+                                ) -> Optional[sampler.GuidanceClassifier]:
+  """The noisy classifier that guides sampling with `config.sample` (None when
+  sample.classifier_scale is 0): the run in sample.classifier_workdir, its network from its
+  own config.json and its EMA (sample.classifier_use_ema) or raw parameters from its newest
+  checkpoint, in its FSDP layout on `mesh`. The pairing is checked first by validate_config."""
+  scfg = config.sample
+  if not scfg.classifier_scale:
+    return None
+  classifier_config = run_config.load_run_config(scfg.classifier_workdir)
+  if classifier_config is None:
+    raise ConfigError(f'sample.classifier_workdir={scfg.classifier_workdir!r} holds no run '
+                      'config (config.json): train or convert a noisy classifier there.')
+  model = backbones.create_model(classifier_config.model, classifier_config.data.channels)
+  params, _ = restore_params(classifier_config, scfg.classifier_workdir, mesh,
+                             bool(scfg.classifier_use_ema))
+  return sampler.GuidanceClassifier(model, params, int(classifier_config.model.num_classes))

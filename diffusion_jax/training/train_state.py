@@ -225,43 +225,78 @@ def _step_labels(config: ml_collections.ConfigDict, batch: Dict[str, jax.Array],
   return labels
 
 
+# Step metrics (an objective's `step_metrics`) travel in the train step's metrics as these two
+# entries per name, so that every mean is over the examples it counts (hooks.mean_metrics).
+SUM_SUFFIX, COUNT_SUFFIX = '/sum', '/count'
+# {name: (sum over examples, count of examples)}, float32 scalars.
+StepSums = Dict[str, Tuple[jax.Array, jax.Array]]
+GradFn = Callable[..., Tuple[Tuple[jax.Array, StepSums], PyTree]]
+
+
+def _step_sums(objective, config: ml_collections.ConfigDict, output: jax.Array,
+               example: Dict[str, jax.Array]) -> StepSums:
+  """The objective's optional `step_metrics` of one (micro-)batch as float32 (sum, count)
+  pairs ({} for an objective without them)."""
+  step_metrics = getattr(objective, 'step_metrics', None)
+  if step_metrics is None:
+    return {}
+  return {name: (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
+          for name, (total, count) in step_metrics(config, output, example).items()}
+
+
+def _with_true_labels(example: Dict[str, jax.Array],
+                      batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+  """`example` with the batch's true labels as 'label' (int32 [B]) when the data has labels:
+  what a loss on the labels reads (a noisy classifier's cross-entropy). Per-example like the
+  rest of `example`, so it is split into micro-batches and over devices with it; the
+  network's own labels input (`_step_labels`, possibly dropped to the null class) is apart."""
+  if 'label' not in batch or 'label' in example:
+    return example
+  return {**example, 'label': batch['label'].astype(jnp.int32)}
+
+
 def _gradient_fn(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh,
-                 policy: policy_lib.BackendPolicy) -> Callable[..., Tuple[jax.Array, PyTree]]:
-  """`grads(params, example, labels, drop_key) -> (mean loss, its gradient)` of one
-  (micro-)batch.
+                 policy: policy_lib.BackendPolicy) -> GradFn:
+  """`grads(params, example, labels, drop_key) -> ((mean loss, step sums), its gradient)` of
+  one (micro-)batch.
 
   `example` holds per-example arrays (leading axis B): the network input 'x_t' at network time
-  't', and what the objective's loss needs (`objectives.training_example`). With
-  `policy.per_device_grads` each device differentiates its own rows inside a `shard_map` and the
-  devices average the gradient as one flat vector (one all-reduce instead of one per tensor).
+  't', what the objective's loss needs (`objectives.training_example`) and the true labels
+  'label' of labelled data. The step sums are the objective's `step_metrics` ({name: (sum,
+  count)}, `_step_sums`) over the (micro-)batch. With `policy.per_device_grads` each device
+  differentiates its own rows inside a `shard_map` and the devices average the gradient as one
+  flat vector (one all-reduce instead of one per tensor) and add the step sums.
   """
   objective = objectives.get(config.diffusion.objective)
 
   def loss_fn(params, example, labels, drop_key):
     out = model.apply({'params': params}, example['x_t'], example['t'], labels, train=True,
                       rngs={'dropout': drop_key})
-    return jnp.mean(objective.per_example_loss(config, out, example))
+    loss = jnp.mean(objective.per_example_loss(config, out, example))
+    return loss, _step_sums(objective, config, jax.lax.stop_gradient(out), example)
 
   if not policy.per_device_grads:
-    return jax.value_and_grad(loss_fn)
+    return jax.value_and_grad(loss_fn, has_aux=True)
   axes = sharding.batch_sharding(mesh).spec[0]
 
   def device_mean(params, example, labels, drop_key):  # On one device's rows of the batch.
     if policy.check_vma:  # Per-device gradients: the flat pmean below is the one reduction.
       params = jax.lax.pcast(params, axes, to='varying')
-    loss, grads = jax.value_and_grad(loss_fn)(params, example, labels, drop_key)
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, example, labels,
+                                                                     drop_key)
     flat, unflatten = ravel_pytree(grads)
-    return jax.lax.pmean(loss, axes), unflatten(jax.lax.pmean(flat, axes))
+    # Sums over each device's rows add up to the sums over the batch (psum, not pmean).
+    return ((jax.lax.pmean(loss, axes), jax.lax.psum(sums, axes)),
+            unflatten(jax.lax.pmean(flat, axes)))
 
   return jax.shard_map(device_mean, mesh=mesh, in_specs=(P(), P(axes), P(axes), P()),
                        out_specs=P(), check_vma=policy.check_vma)
 
 
-def _accumulated_fn(grad_fn: Callable[..., Tuple[jax.Array, PyTree]], accum: int, mesh: Mesh,
-                    params_sharding: PyTree, unroll: bool) -> Callable[..., Tuple[jax.Array,
-                                                                                  PyTree]]:
+def _accumulated_fn(grad_fn: GradFn, accum: int, mesh: Mesh, params_sharding: PyTree,
+                    unroll: bool) -> GradFn:
   """`grad_fn` averaged over `accum` equal micro-batches of the global batch (micro-batch i =
-  rows i, i + accum, ...; dropout key folded with i).
+  rows i, i + accum, ...; dropout key folded with i); the step sums are added over them.
 
   The float32 gradient sum lives in the parameters' layout `params_sharding`: under FSDP each
   device keeps only its shard of the sum (the micro-batch gradients are reduce-scattered into
@@ -280,16 +315,16 @@ def _accumulated_fn(grad_fn: Callable[..., Tuple[jax.Array, PyTree]], accum: int
     def body(carry, micro):
       loss_sum, grad_sum = carry
       mexample, mlabels, i = micro
-      loss, grads = grad_fn(params, mexample, mlabels, jax.random.fold_in(drop_key, i))
+      (loss, sums), grads = grad_fn(params, mexample, mlabels, jax.random.fold_in(drop_key, i))
       grad_sum = as_params(jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads))
-      return (loss_sum + loss, grad_sum), None
+      return (loss_sum + loss, grad_sum), sums  # Each micro-batch's step sums: [accum] each.
 
     zeros = as_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     micro = (jax.tree.map(split, example), split(labels), jnp.arange(accum))
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro,
-                                           unroll=accum if unroll else 1)
+    (loss_sum, grad_sum), micro_sums = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros), micro, unroll=accum if unroll else 1)
     grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
-    return loss_sum / accum, grads
+    return (loss_sum / accum, jax.tree.map(lambda x: jnp.sum(x, axis=0), micro_sums)), grads
 
   return accumulated
 
@@ -342,9 +377,9 @@ def _train_step_fn(model: nn.Module, tx: optax.GradientTransformation,
         jax.random.fold_in(base_key, state.step), 4)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     # The corrupted input, the network's time input and the loss targets of the objective.
-    example = objective.training_example(config, x0, noise, t_key)
+    example = _with_true_labels(objective.training_example(config, x0, noise, t_key), batch)
     labels = _step_labels(config, batch, label_key)
-    loss, grads = grad_fn(state.params, example, labels, drop_key)
+    (loss, step_sums), grads = grad_fn(state.params, example, labels, drop_key)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = _unless_nonfinite(
@@ -352,9 +387,25 @@ def _train_step_fn(model: nn.Module, tx: optax.GradientTransformation,
     metrics = {'loss': loss, 'grad_norm': grad_norm,
                'learning_rate': applied_learning_rate(state.opt_state, lr_schedule),
                'nonfinite': 1.0 - finite.astype(jnp.float32)}
+    for name, (total, count) in step_sums.items():
+      metrics[name + SUM_SUFFIX], metrics[name + COUNT_SUFFIX] = total, count
     return new_state, metrics
 
   return train_step
+
+
+def step_metric_means(metrics: Dict[str, Any]) -> Dict[str, Any]:
+  """`metrics` of the train step with each 'name/sum', 'name/count' pair replaced by 'name' =
+  sum / count (NaN where the count is 0), elementwise (per step of a steps_per_call > 1 call).
+  Host or device arrays; the step's other metrics are passed through."""
+  out = {k: v for k, v in metrics.items()
+         if not (k.endswith(SUM_SUFFIX) or k.endswith(COUNT_SUFFIX))}
+  for key in metrics:
+    if key.endswith(SUM_SUFFIX):
+      name = key[:-len(SUM_SUFFIX)]
+      count = jnp.asarray(metrics[name + COUNT_SUFFIX], jnp.float32)
+      out[name] = jnp.where(count > 0, metrics[key] / jnp.maximum(count, 1.0), jnp.nan)
+  return out
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -373,7 +424,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   metrics: 'loss', 'grad_norm' (before clipping), 'learning_rate' (the one this update uses:
   the schedule counts applied updates, optax's count, which a skipped step does not advance),
   'nonfinite' (1 when the loss or gradients were NaN/Inf; the update is then not applied, only
-  `step` advances).
+  `step` advances), and for each metric `name` of the objective's optional `step_metrics` (a
+  noisy classifier's accuracy per t quarter) 'name/sum' and 'name/count' over the whole batch
+  (`step_metric_means` or hooks.mean_metrics turn them into means). Labelled batches' true
+  labels reach the loss as example['label'] (`_with_true_labels`).
   `policy` (default `policy_for(mesh, config)`) shapes the program, never its result (up to the
   order of float sums).
   """
