@@ -64,5 +64,5 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   return adm_g_imagenet64.adm_g(
       128, ch=256, ch_mult=(1, 1, 2, 3, 4), num_res_blocks=2, num_heads=4, num_head_channels=-1,
       dropout=0.0, noise_schedule='linear', class_cond=True,
-      classifier_scale=1.0 if ddim25 else 0.5, batch_size=128, ddim25=ddim25,
+      classifier_scale=1.0 if ddim25 else 0.5, batch_size=256, ddim25=ddim25,
       dataset='imagenet2012')

@@ -68,5 +68,5 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   return adm_g_imagenet64.adm_g(
       256, ch=256, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, num_heads=4,
       num_head_channels=64, dropout=0.0, noise_schedule='linear', class_cond=not uncond,
-      classifier_scale=10.0 if uncond else 1.0, batch_size=64, ddim25='ddim25' in options,
+      classifier_scale=10.0 if uncond else 1.0, batch_size=256, ddim25='ddim25' in options,
       dataset='imagenet2012')

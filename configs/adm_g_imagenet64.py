@@ -128,6 +128,7 @@ def adm_g(resolution: int, *, ch: int, ch_mult: Sequence[int], num_res_blocks: i
   s.batch_size = batch_size
   config.eval.metrics = ('fid',)
   config.eval.num_samples = NUM_SAMPLES
+  config.eval.feature_batch_size = 256  # Inception batch: a multiple of up to 256 chips.
   return config
 
 

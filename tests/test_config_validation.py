@@ -154,6 +154,9 @@ def test_shipped_configs_validate(name):
   """Every config in configs/ passes for training and sampling on the 8 test devices (tfds
   names are checked against tfds.list_builders: nothing is downloaded)."""
   config = importlib.import_module(f'configs.{name}').get_config()
+  # Classifier-guided configs (ADM-G) need their classifier's run, and are validated with one
+  # in tests/test_classifier_import.py; here their model and sampler fields are.
+  config.sample.classifier_scale = 0.0
   assert jax.device_count() == 8
   validate_config(config, mode='train')
   if objectives.draws_samples(config.diffusion.objective):  # Not a noisy classifier's run.
@@ -197,6 +200,7 @@ def test_shipped_configs_validate_at_pod_scales(name, monkeypatch):
   dataset-metadata check is done once per config in test_shipped_configs_validate."""
   monkeypatch.setattr(data_checks, '_check_data_source', lambda *args: None)
   config = importlib.import_module(f'configs.{name}').get_config()
+  config.sample.classifier_scale = 0.0  # As in test_shipped_configs_validate.
   checked = 0
   draws = objectives.draws_samples(config.diffusion.objective)
   for mode in ('train', 'sample', 'eval') if draws else ('train',):
