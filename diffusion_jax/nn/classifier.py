@@ -4,8 +4,8 @@ head, time-conditioned, trained on x_t (Dhariwal & Nichol 2021, guided-diffusion
 
 `NoisyClassifier(...)(x [B,H,W,C], t [B], y=None, train=bool)` returns logits [B, num_classes]
 of p(y | x_t, t). `y` is accepted so that the model has every backbone's call, and ignored: the
-classifier predicts it. The torso is the U-Net's down path and middle block (nn/unet.py's
-ResBlock and AttentionBlock under the same parameter names); the head (`model.classifier.pool`):
+classifier predicts it. The torso is the U-Net's encoder, its down path and middle block
+(`unet.encode`, the same code and parameter names); the head (`model.classifier.pool`):
   attention   GroupNorm, SiLU, then one query (the mean token) attends over the H*W tokens plus
               itself with a learned position embedding (CLIP's attention pooling); `c_proj` maps
               its output to the logits. guided-diffusion's published classifiers use it.
@@ -82,44 +82,14 @@ class NoisyClassifier(Backbone):
                train: bool = False) -> jax.Array:
     """Logits [B, num_classes] (float32) of x [B,H,W,C] at noise level t [B]; y is ignored."""
     del y
-    block_cls = nn.remat(unet.ResBlock, static_argnums=(3,)) if self.remat else unet.ResBlock
-    attn_cls = nn.remat(unet.AttentionBlock) if self.remat else unet.AttentionBlock
-    common = dict(num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype,
-                  norm_eps=self.norm_eps)
-    res_block = lambda out_ch, name, resample=None: block_cls(
-        out_ch, self.dropout, self.use_scale_shift_norm, resample, name=name,
-        conv_backend=self.conv_backend, **common)
-    attention = lambda name: attn_cls(self.num_heads, self.num_head_channels, name=name, **common)
     temb = conditioning(self, t, None, freq_dim=self.ch, width=4 * self.ch,
                         dense_names=('temb_dense0', 'temb_dense1'), class_embedding=False)
-
-    spatial = self.pool.startswith('spatial')
-    means: List[jax.Array] = []
-    keep = lambda h: means.append(h.astype(jnp.float32).mean(axis=(1, 2))) if spatial else None
-    h = unet._conv(int(self.ch_mult[0] * self.ch), self, name='conv_in')(x.astype(self.dtype))  # pylint: disable=protected-access
-    keep(h)
-    for level, mult in enumerate(self.ch_mult):
-      for i in range(self.num_res_blocks):
-        h = res_block(int(mult * self.ch), f'down_{level}_res_{i}')(h, temb, train)
-        if h.shape[1] in self.attn_resolutions:
-          h = attention(f'down_{level}_attn_{i}')(h)
-        keep(h)
-      if level != len(self.ch_mult) - 1:
-        if self.resblock_updown:
-          h = res_block(h.shape[-1], f'down_{level}_downsample', 'down')(h, temb, train)
-        else:
-          padding = ((1, 1), (1, 1)) if self.downsample_padding else 'SAME'
-          h = unet._conv(h.shape[-1], self, stride=2, name=f'down_{level}_downsample',  # pylint: disable=protected-access
-                         padding=padding)(h)
-        keep(h)
-    h = res_block(h.shape[-1], 'mid_res_0')(h, temb, train)
-    h = attention('mid_attn')(h)
-    h = res_block(h.shape[-1], 'mid_res_1')(h, temb, train)
+    h, outputs = unet.encode(self, x, temb, train, in_channels=int(self.ch_mult[0] * self.ch))
 
     dense = lambda features, name, **kw: nn.Dense(features, dtype=self.dtype,
                                                  param_dtype=self.param_dtype, name=name, **kw)
-    if spatial:
-      keep(h)
+    if self.pool.startswith('spatial'):
+      means = [o.astype(jnp.float32).mean(axis=(1, 2)) for o in outputs + [h]]
       h = dense(SPATIAL_WIDTH, 'spatial_0')(jnp.concatenate(means, axis=-1).astype(self.dtype))
       if self.pool == 'spatial':
         h = nn.relu(h)

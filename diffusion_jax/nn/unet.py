@@ -9,7 +9,7 @@ are computed in float32 whatever `dtype` the convolutions use.
 from __future__ import annotations
 
 import functools
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -118,6 +118,59 @@ class AttentionBlock(nn.Module):
     return x + h.reshape(b, height, width, c)
 
 
+def block_builders(module: nn.Module) -> Tuple[Callable[..., nn.Module],
+                                               Callable[[str], nn.Module]]:
+  """(res_block(out_ch, name, resample=None), attention(name)): the ResBlock and AttentionBlock
+  constructors of `module`'s fields (width-independent: dropout, scale-shift, heads, GroupNorm,
+  dtypes, conv backend, remat), called inside its compact `__call__`."""
+  block_cls = nn.remat(ResBlock, static_argnums=(3,)) if module.remat else ResBlock
+  attn_cls = nn.remat(AttentionBlock) if module.remat else AttentionBlock
+  common = dict(num_groups=module.num_groups, dtype=module.dtype,
+                param_dtype=module.param_dtype, norm_eps=module.norm_eps)
+  res_block = lambda out_ch, name, resample=None: block_cls(
+      out_ch, module.dropout, module.use_scale_shift_norm, resample, name=name,
+      conv_backend=module.conv_backend, **common)
+  attention = lambda name: attn_cls(module.num_heads, module.num_head_channels, name=name,
+                                    **common)
+  return res_block, attention
+
+
+def encode(module: nn.Module, x: jax.Array, temb: jax.Array, train: bool,
+           in_channels: int) -> Tuple[jax.Array, List[jax.Array]]:
+  """The encoder of the ADM family, shared by the U-Net and the noisy classifier: conv_in
+  (`in_channels` wide), per level num_res_blocks ResBlocks of ch * mult channels (attention at
+  the sizes in attn_resolutions) and a downsampling (BigGAN ResBlock or stride-2 conv) between
+  levels, then the middle block (ResBlock, attention, ResBlock).
+
+  Returns the middle block's output and every output before it (conv_in, each block, each
+  downsampling): the U-Net's skip connections. Called inside `module`'s compact `__call__`,
+  whose fields (ch, ch_mult, num_res_blocks, attn_resolutions, resblock_updown,
+  downsample_padding, ...) it reads; the parameter names are the U-Net's.
+  """
+  res_block, attention = block_builders(module)
+  h = _conv(in_channels, module, name='conv_in')(x.astype(module.dtype))
+  outputs = [h]
+  num_levels = len(module.ch_mult)
+  for level, mult in enumerate(module.ch_mult):
+    for i in range(module.num_res_blocks):
+      h = res_block(int(mult * module.ch), f'down_{level}_res_{i}')(h, temb, train)
+      if h.shape[1] in module.attn_resolutions:
+        h = attention(f'down_{level}_attn_{i}')(h)
+      outputs.append(h)
+    if level != num_levels - 1:
+      if module.resblock_updown:
+        h = res_block(h.shape[-1], f'down_{level}_downsample', 'down')(h, temb, train)
+      else:
+        padding = ((1, 1), (1, 1)) if module.downsample_padding else 'SAME'
+        h = _conv(h.shape[-1], module, stride=2, name=f'down_{level}_downsample',
+                  padding=padding)(h)
+      outputs.append(h)
+  h = res_block(h.shape[-1], 'mid_res_0')(h, temb, train)
+  h = attention('mid_attn')(h)
+  h = res_block(h.shape[-1], 'mid_res_1')(h, temb, train)
+  return h, outputs
+
+
 class UNet(Backbone):
   """The denoising U-Net; its own fields mirror `config.model.unet` (config/defaults.py), the
   shared ones (`Backbone`) those of `config.model`."""
@@ -140,39 +193,10 @@ class UNet(Backbone):
                train: bool = False) -> jax.Array:
     """x [B,H,W,C] in [-1,1] at noise level t [B] (int or float); y [B] class ids (num_classes =
     null, with model.null_class). The network embeds t * timestep_scale."""
-    block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-    attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
-    common = dict(num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype,
-                  norm_eps=self.norm_eps)
-    res_block = lambda out_ch, name, resample=None: block_cls(
-        out_ch, self.dropout, self.use_scale_shift_norm, resample, name=name,
-        conv_backend=self.conv_backend, **common)
-    attention = lambda name: attn_cls(self.num_heads, self.num_head_channels, name=name, **common)
-
+    res_block, attention = block_builders(self)
     temb = conditioning(self, t, y, freq_dim=self.ch, width=4 * self.ch,
                         dense_names=('temb_dense0', 'temb_dense1'))
-
-    h = _conv(self.ch, self, name='conv_in')(x.astype(self.dtype))
-    skips = [h]
-    num_levels = len(self.ch_mult)
-    for level, mult in enumerate(self.ch_mult):
-      for i in range(self.num_res_blocks):
-        h = res_block(self.ch * mult, f'down_{level}_res_{i}')(h, temb, train)
-        if h.shape[1] in self.attn_resolutions:
-          h = attention(f'down_{level}_attn_{i}')(h)
-        skips.append(h)
-      if level != num_levels - 1:
-        if self.resblock_updown:
-          h = res_block(h.shape[-1], f'down_{level}_downsample', 'down')(h, temb, train)
-        else:
-          padding = ((1, 1), (1, 1)) if self.downsample_padding else 'SAME'
-          h = _conv(h.shape[-1], self, stride=2, name=f'down_{level}_downsample',
-                    padding=padding)(h)
-        skips.append(h)
-
-    h = res_block(h.shape[-1], 'mid_res_0')(h, temb, train)
-    h = attention('mid_attn')(h)
-    h = res_block(h.shape[-1], 'mid_res_1')(h, temb, train)
+    h, skips = encode(self, x, temb, train, in_channels=self.ch)
 
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
