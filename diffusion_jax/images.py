@@ -87,8 +87,10 @@ def _label_band(label: str, width: int, channels: int, background: int,
 
 
 def grid_label(step: int, sampler: str, steps: int, ema: Union[bool, str] = True,
-               guidance_scale: Optional[float] = None) -> str:
-  """The caption of a sample grid: 'step 3000, ddim 100 steps, EMA[, guidance 3]'.
+               guidance_scale: Optional[float] = None,
+               classifier_scale: Optional[float] = None) -> str:
+  """The caption of a sample grid: 'step 3000, ddim 100 steps, EMA[, guidance 3][, classifier
+  guidance 1]' (classifier-free, then classifier guidance scale).
 
   `ema`: False (raw parameters), True (the primary EMA) or the name of another EMA
   (`sample.ema`, e.g. 'posthoc:0.08' -> 'EMA posthoc:0.08').
@@ -97,6 +99,8 @@ def grid_label(step: int, sampler: str, steps: int, ema: Union[bool, str] = True
   parts = [f'step {step}', f'{sampler} {steps} steps'] + ema_part
   if guidance_scale is not None:
     parts.append(f'guidance {guidance_scale:g}')
+  if classifier_scale:
+    parts.append(f'classifier guidance {classifier_scale:g}')
   return ', '.join(parts)
 
 

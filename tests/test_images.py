@@ -58,6 +58,8 @@ def test_grid_label_band_only_when_asked_and_below_the_tiles():
   assert label == 'step 3000, ddim 100 steps, EMA'
   assert images.grid_label(20, 'heun', 10, ema=False, guidance_scale=3.0) == (
       'step 20, heun 10 steps, guidance 3')
+  assert images.grid_label(20, 'ddpm', 1000, ema=True, classifier_scale=2.5) == (
+      'step 20, ddpm 1000 steps, EMA, classifier guidance 2.5')
   assert images.grid_label(5, 'ddim', 50, ema='posthoc:0.08') == (
       'step 5, ddim 50 steps, EMA posthoc:0.08')
   band_rows = images.label_band_height()

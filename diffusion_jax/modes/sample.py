@@ -257,7 +257,9 @@ def generate(config, workdir: str, mesh: Optional[Mesh] = None) -> epath.Path:
     steps = objectives.get(config.diffusion.objective).sampling_steps(config)
     label = images.grid_label(step, scfg.sampler, steps,
                               ema=(scfg.ema or True) if scfg.use_ema else False,
-                              guidance_scale=scfg.guidance_scale if conditional else None)
+                              guidance_scale=(scfg.guidance_scale if config.model.num_classes > 0
+                                              else None),
+                              classifier_scale=scfg.classifier_scale)
     images.write_png(str(out_dir / 'grid.png'),
                      images.make_grid(grid, ncols=ncols, upscale=_grid_upscale(config),
                                       label=label))
